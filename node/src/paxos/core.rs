@@ -1,0 +1,1080 @@
+//! The sans-I/O Multi-Paxos replica.
+//!
+//! [`Paxos`] is a plain state machine. The driver feeds it messages
+//! ([`Paxos::step`]), clock ticks ([`Paxos::tick`]) and client commands
+//! ([`Paxos::propose`]), then collects the effects with [`Paxos::ready`]:
+//! writes to make durable, messages to send and decided batches to apply.
+//! The driver must persist a `Ready`'s writes (one sync) before sending its
+//! messages, because promises and acceptances are only valid once durable.
+//!
+//! Protocol outline (one distinguished leader per ballot):
+//! - A candidate picks a ballot above every round it has seen and sends one
+//!   `Prepare` for all slots above its commit index. A majority of `Promise`s
+//!   tells it every value that may have been chosen; it re-proposes those in
+//!   its own ballot and fills holes with no-ops.
+//! - In steady state each batch of commands costs one `Accept` to every
+//!   follower and one `Accepted` back: 2(n-1) messages. The commit index rides
+//!   on the next `Accept` or heartbeat, so deciding needs no extra messages.
+//! - Up to `pipeline_window_slots` slots are in flight at once; commands that
+//!   arrive while the window is full wait and go out together as one batch.
+//! - A follower treats a slot as decided when the leader's commit index covers
+//!   it and its own copy was accepted in the leader's ballot (so it is the
+//!   leader's value); otherwise it asks for the decided value (catch-up).
+//! - Each replica reports the slot through which its state machine has taken
+//!   a snapshot (`done`); the leader spreads the minimum over all replicas and
+//!   the log below it is forgotten (the lab's Done/Min). A replica that falls
+//!   further behind than `log_retain_slots_max` receives a snapshot instead.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use bytes::Bytes;
+
+use super::storage::{DurableState, PersistBatch};
+use super::types::{Ballot, Batch, Command, Message, NodeId, PromisedEntry, Slot, Snapshot};
+
+/// Tunables. Timeouts count ticks: the driver decides how long a tick is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Config {
+    /// This replica's index in the group.
+    pub id: NodeId,
+    /// Number of replicas in the group (ids are `0..peers`).
+    pub peers: u32,
+    /// A leader sends at least one message to every follower this often.
+    pub heartbeat_interval_ticks: u64,
+    /// A follower that hears nothing from a leader for a random time in this
+    /// range starts an election. Randomised so candidates rarely collide.
+    pub election_timeout_min_ticks: u64,
+    pub election_timeout_max_ticks: u64,
+    /// Unanswered Prepares and Accepts are sent again after this long.
+    pub retry_interval_ticks: u64,
+    /// Slots proposed but not yet decided, at most.
+    pub pipeline_window_slots: usize,
+    /// Limits on one slot's batch.
+    pub batch_commands_max: usize,
+    pub batch_bytes_max: usize,
+    /// Commands waiting for a slot, at most; past it `propose` says `Busy`.
+    pub proposal_queue_max: usize,
+    /// Decided entries in one catch-up reply, at most (a replica further
+    /// behind asks again).
+    pub catchup_entries_max: usize,
+    /// Entries kept above the low-water mark for lagging replicas; past it the
+    /// log is cut at this replica's snapshot and laggards get the snapshot.
+    pub log_retain_slots_max: u64,
+    /// Seeds the election-timeout jitter, so simulations replay exactly.
+    pub seed: u64,
+    /// First proposal id; differs per incarnation so ids are never reused
+    /// across restarts (the driver passes e.g. a clock reading).
+    pub proposal_id_start: u64,
+}
+
+impl Config {
+    pub fn new(id: NodeId, peers: u32) -> Self {
+        Config {
+            id,
+            peers,
+            heartbeat_interval_ticks: 2,
+            election_timeout_min_ticks: 10,
+            election_timeout_max_ticks: 20,
+            retry_interval_ticks: 4,
+            pipeline_window_slots: 32,
+            batch_commands_max: 4096,
+            batch_bytes_max: 4 << 20,
+            proposal_queue_max: 65536,
+            catchup_entries_max: 512,
+            log_retain_slots_max: 10_000,
+            seed: 0,
+            proposal_id_start: 1,
+        }
+    }
+
+    fn quorum(&self) -> usize {
+        self.peers as usize / 2 + 1
+    }
+}
+
+/// Why a proposal was not taken.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    #[error("not the leader (leader hint: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    #[error("proposal queue is full ({queued} commands waiting)")]
+    Busy { queued: usize },
+}
+
+/// The effects of everything fed in since the last call to [`Paxos::ready`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ready {
+    /// Make these durable before sending `messages`.
+    pub persist: PersistBatch,
+    pub messages: Vec<(NodeId, Message)>,
+    /// Install this in the state machine before applying `committed`.
+    pub snapshot: Option<Snapshot>,
+    /// Decided batches, in slot order, not yet handed out.
+    pub committed: Vec<(Slot, Batch)>,
+    /// Proposals from this replica that were dropped before getting a slot
+    /// (leadership lost): they will never be decided.
+    pub dropped: Vec<u64>,
+}
+
+impl Ready {
+    pub fn is_empty(&self) -> bool {
+        self.persist.is_empty()
+            && self.messages.is_empty()
+            && self.snapshot.is_none()
+            && self.committed.is_empty()
+            && self.dropped.is_empty()
+    }
+}
+
+/// What a replica is doing, for status displays and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoleKind {
+    Follower,
+    Candidate,
+    Leader,
+}
+
+/// Counters a driver exports as metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Stats {
+    pub elections_started: u64,
+    pub slots_proposed: u64,
+    pub commands_proposed: u64,
+    pub catchup_requests_sent: u64,
+    pub snapshots_installed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct LogEntry {
+    ballot: Ballot,
+    batch: Batch,
+    decided: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct InFlight {
+    /// Bit i set: replica i has accepted this slot in the current ballot.
+    acks: u64,
+    sent_tick: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Candidacy {
+    ballot: Ballot,
+    promises: BTreeMap<NodeId, Vec<PromisedEntry>>,
+    sent_tick: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Leadership {
+    ballot: Ballot,
+    next_slot: Slot,
+    inflight: BTreeMap<Slot, InFlight>,
+    pending: VecDeque<Command>,
+    /// Last tick each replica was heard from in this ballot (own entry unused).
+    heard_tick: Vec<u64>,
+    /// Last tick a message went to each replica, for heartbeats.
+    sent_tick: Vec<u64>,
+    /// Commit index last sent to each replica, to send news promptly.
+    commit_sent: Vec<Slot>,
+    /// Each replica's reported snapshot point.
+    done: Vec<Slot>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Role {
+    Follower { leader: Option<NodeId> },
+    Candidate(Candidacy),
+    Leader(Leadership),
+}
+
+/// A small deterministic generator (SplitMix64): jitter needs no crypto, and
+/// a seeded simulation must replay bit for bit.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Jitter(u64);
+
+impl Jitter {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// One Multi-Paxos replica. See the module documentation.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Paxos {
+    config: Config,
+    now_tick: u64,
+    jitter: Jitter,
+    election_deadline_tick: u64,
+    /// Highest round seen in any message, so a new ballot out-bids them all.
+    max_round_seen: u64,
+    promised: Ballot,
+    log: BTreeMap<Slot, LogEntry>,
+    /// Every slot at or below this was decided and is no longer in `log`.
+    compacted_through: Slot,
+    /// Every slot at or below this is decided.
+    commit: Slot,
+    /// Slots at or below this were handed out in a `Ready`.
+    applied: Slot,
+    /// Latest snapshot from the state machine (or installed from a peer).
+    snapshot: Option<Snapshot>,
+    /// The group-wide low-water mark: every replica has snapshotted through it.
+    min_done: Slot,
+    role: Role,
+    next_proposal_id: u64,
+    catchup_sent_tick: Option<u64>,
+    out: Ready,
+    stats: Stats,
+}
+
+impl Paxos {
+    /// Builds a replica from what its storage holds (empty for a new one).
+    pub fn new(config: Config, durable: DurableState) -> Self {
+        assert!(config.peers >= 1 && config.peers <= 64, "1 to 64 replicas");
+        assert!(config.id < config.peers, "id out of range");
+        assert!(config.election_timeout_min_ticks >= 1);
+        assert!(config.election_timeout_max_ticks >= config.election_timeout_min_ticks);
+        let compacted_through = durable.snapshot.as_ref().map_or(0, |s| s.index);
+        let commit = durable.commit.max(compacted_through);
+        let log = durable
+            .entries
+            .into_iter()
+            .filter(|(slot, _)| *slot > compacted_through)
+            .map(|(slot, (ballot, batch))| {
+                let decided = slot <= commit;
+                (slot, LogEntry { ballot, batch, decided })
+            })
+            .collect::<BTreeMap<_, _>>();
+        // A commit index with holes below it cannot be trusted; recompute it.
+        let mut contiguous = compacted_through;
+        while contiguous < commit && log.contains_key(&(contiguous + 1)) {
+            contiguous += 1;
+        }
+        let jitter = Jitter(config.seed ^ (u64::from(config.id) << 32) ^ 0x5eed);
+        let mut paxos = Paxos {
+            next_proposal_id: config.proposal_id_start,
+            now_tick: 0,
+            jitter,
+            election_deadline_tick: 0,
+            max_round_seen: durable.promised.round,
+            promised: durable.promised,
+            log,
+            compacted_through,
+            commit: contiguous,
+            applied: 0,
+            snapshot: durable.snapshot.clone(),
+            min_done: 0,
+            role: Role::Follower { leader: None },
+            catchup_sent_tick: None,
+            out: Ready::default(),
+            stats: Stats::default(),
+            config,
+        };
+        if let Some(snapshot) = durable.snapshot {
+            paxos.applied = snapshot.index;
+            paxos.out.snapshot = Some(snapshot);
+        }
+        paxos.reset_election_deadline();
+        if paxos.config.peers == 1 {
+            // Alone, there is nobody to wait for.
+            paxos.start_election();
+        }
+        paxos
+    }
+
+    // ----- Inputs -----
+
+    /// Advances the logical clock by one tick.
+    pub fn tick(&mut self) {
+        self.now_tick += 1;
+        match &self.role {
+            Role::Follower { .. } => {
+                if self.now_tick >= self.election_deadline_tick {
+                    self.start_election();
+                }
+            }
+            Role::Candidate(c) => {
+                if self.now_tick >= self.election_deadline_tick {
+                    self.start_election();
+                } else if self.now_tick - c.sent_tick >= self.config.retry_interval_ticks {
+                    self.send_prepares(false);
+                }
+            }
+            Role::Leader(_) => self.leader_tick(),
+        }
+    }
+
+    /// Offers a command. The leader queues it for the next slot; anyone else
+    /// refuses with a hint. Returns the id the command will carry when decided.
+    pub fn propose(&mut self, data: Bytes) -> Result<u64, ProposeError> {
+        let id = self.config.id;
+        let leadership = match &mut self.role {
+            Role::Leader(l) => l,
+            Role::Follower { leader } => return Err(ProposeError::NotLeader { leader: *leader }),
+            Role::Candidate(_) => return Err(ProposeError::NotLeader { leader: None }),
+        };
+        if leadership.pending.len() >= self.config.proposal_queue_max {
+            return Err(ProposeError::Busy {
+                queued: leadership.pending.len(),
+            });
+        }
+        let proposal_id = self.next_proposal_id;
+        self.next_proposal_id += 1;
+        leadership.pending.push_back(Command {
+            origin: id,
+            id: proposal_id,
+            data,
+        });
+        self.stats.commands_proposed += 1;
+        self.flush_proposals();
+        Ok(proposal_id)
+    }
+
+    /// Handles one message from replica `from`.
+    pub fn step(&mut self, from: NodeId, msg: Message) {
+        if from >= self.config.peers || from == self.config.id {
+            return; // not a member of this group: ignore rather than trust it
+        }
+        if let Some(ballot) = msg.ballot() {
+            self.max_round_seen = self.max_round_seen.max(ballot.round);
+        }
+        match msg {
+            Message::Prepare { ballot, from_slot } => self.on_prepare(from, ballot, from_slot),
+            Message::Promise {
+                ballot,
+                entries,
+                commit,
+                compacted_through,
+                behind,
+            } => self.on_promise(from, ballot, entries, commit, compacted_through, behind),
+            Message::Accept {
+                ballot,
+                entries,
+                commit,
+                min_done,
+            } => self.on_accept(from, ballot, entries, commit, min_done),
+            Message::Accepted {
+                ballot,
+                slots,
+                done,
+            } => self.on_accepted(from, ballot, slots, done),
+            Message::Nack { promised } => self.on_nack(promised),
+            Message::CatchUpRequest { from_slot } => self.on_catchup_request(from, from_slot),
+            Message::CatchUpReply {
+                snapshot,
+                entries,
+                commit,
+            } => self.on_catchup_reply(from, snapshot, entries, commit),
+        }
+    }
+
+    /// The state machine has captured everything through `index` in `data`:
+    /// the log up to there may be forgotten once every replica is done too.
+    /// `index` is clamped to what has been handed out.
+    pub fn compact(&mut self, index: Slot, data: Bytes) {
+        let index = index.min(self.applied);
+        if self.snapshot.as_ref().is_some_and(|s| s.index >= index) || index == 0 {
+            return;
+        }
+        let snapshot = Snapshot { index, data };
+        self.out.persist.snapshot = Some(snapshot.clone());
+        self.snapshot = Some(snapshot);
+        if let Role::Leader(l) = &mut self.role {
+            l.done[self.config.id as usize] = index;
+            self.min_done = self.min_done.max(l.done.iter().copied().min().unwrap_or(0));
+        }
+        self.truncate_log();
+    }
+
+    /// Takes the effects accumulated since the last call.
+    pub fn ready(&mut self) -> Ready {
+        if self.commit > self.applied {
+            let start = self.applied + 1;
+            self.out.committed.extend(
+                self.log
+                    .range(start..=self.commit)
+                    .map(|(slot, e)| (*slot, e.batch.clone())),
+            );
+            self.applied = self.commit;
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    // ----- Queries -----
+
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    pub fn role(&self) -> RoleKind {
+        match self.role {
+            Role::Follower { .. } => RoleKind::Follower,
+            Role::Candidate(_) => RoleKind::Candidate,
+            Role::Leader(_) => RoleKind::Leader,
+        }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        matches!(self.role, Role::Leader(_))
+    }
+
+    /// Who this replica believes leads, if anyone.
+    pub fn leader_hint(&self) -> Option<NodeId> {
+        match &self.role {
+            Role::Follower { leader } => *leader,
+            Role::Candidate(_) => None,
+            Role::Leader(_) => Some(self.config.id),
+        }
+    }
+
+    pub fn ballot(&self) -> Ballot {
+        match &self.role {
+            Role::Leader(l) => l.ballot,
+            Role::Candidate(c) => c.ballot,
+            Role::Follower { .. } => self.promised,
+        }
+    }
+
+    pub fn promised(&self) -> Ballot {
+        self.promised
+    }
+
+    /// Highest slot such that it and every slot below are decided.
+    pub fn commit_index(&self) -> Slot {
+        self.commit
+    }
+
+    /// Highest slot handed out through `ready`.
+    pub fn applied_index(&self) -> Slot {
+        self.applied
+    }
+
+    /// The decided value of `slot`, if this replica still has it.
+    pub fn decided_value(&self, slot: Slot) -> Option<&Batch> {
+        self.log
+            .get(&slot)
+            .filter(|e| e.decided || slot <= self.commit)
+            .map(|e| &e.batch)
+    }
+
+    /// The lab's `Min()`: one above the slot every replica has snapshotted.
+    pub fn min_slot(&self) -> Slot {
+        self.min_done + 1
+    }
+
+    /// Slots below and including this were forgotten.
+    pub fn compacted_through(&self) -> Slot {
+        self.compacted_through
+    }
+
+    /// Entries held in memory (and on disk) right now.
+    pub fn log_len(&self) -> usize {
+        self.log.len()
+    }
+
+    /// Payload bytes held in the log.
+    pub fn log_bytes(&self) -> usize {
+        self.log.values().map(|e| e.batch.size_bytes()).sum()
+    }
+
+    pub fn snapshot_index(&self) -> Slot {
+        self.snapshot.as_ref().map_or(0, |s| s.index)
+    }
+
+    /// Commands waiting for a slot on a leader.
+    pub fn queued_commands(&self) -> usize {
+        match &self.role {
+            Role::Leader(l) => l.pending.len(),
+            _ => 0,
+        }
+    }
+
+    pub fn inflight_slots(&self) -> usize {
+        match &self.role {
+            Role::Leader(l) => l.inflight.len(),
+            _ => 0,
+        }
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn now_tick(&self) -> u64 {
+        self.now_tick
+    }
+
+    // ----- Elections -----
+
+    fn reset_election_deadline(&mut self) {
+        let span = self.config.election_timeout_max_ticks - self.config.election_timeout_min_ticks + 1;
+        let timeout = self.config.election_timeout_min_ticks + self.jitter.next() % span;
+        self.election_deadline_tick = self.now_tick + timeout;
+    }
+
+    fn start_election(&mut self) {
+        self.drop_leadership();
+        let ballot = Ballot::new(self.max_round_seen.max(self.promised.round) + 1, self.config.id);
+        self.max_round_seen = ballot.round;
+        self.set_promised(ballot);
+        self.stats.elections_started += 1;
+        let own = self.promised_entries(self.commit + 1);
+        let mut promises = BTreeMap::new();
+        promises.insert(self.config.id, own);
+        self.role = Role::Candidate(Candidacy {
+            ballot,
+            promises,
+            sent_tick: self.now_tick,
+        });
+        self.reset_election_deadline();
+        self.send_prepares(true);
+        self.maybe_win();
+    }
+
+    fn send_prepares(&mut self, all: bool) {
+        let Role::Candidate(c) = &mut self.role else { return };
+        c.sent_tick = self.now_tick;
+        let msg = Message::Prepare {
+            ballot: c.ballot,
+            from_slot: self.commit + 1,
+        };
+        let targets: Vec<NodeId> = (0..self.config.peers)
+            .filter(|p| *p != self.config.id && (all || !c.promises.contains_key(p)))
+            .collect();
+        for peer in targets {
+            self.out.messages.push((peer, msg.clone()));
+        }
+    }
+
+    fn promised_entries(&self, from_slot: Slot) -> Vec<PromisedEntry> {
+        self.log
+            .range(from_slot.max(1)..)
+            .map(|(slot, e)| PromisedEntry {
+                slot: *slot,
+                ballot: e.ballot,
+                batch: e.batch.clone(),
+                decided: e.decided || *slot <= self.commit,
+            })
+            .collect()
+    }
+
+    fn on_prepare(&mut self, from: NodeId, ballot: Ballot, from_slot: Slot) {
+        if ballot < self.promised {
+            self.out.messages.push((
+                from,
+                Message::Nack {
+                    promised: self.promised,
+                },
+            ));
+            return;
+        }
+        if ballot > self.promised {
+            self.step_down(Some(ballot.node));
+            self.set_promised(ballot);
+            self.reset_election_deadline();
+        }
+        // A candidate we are far ahead of could not rebuild the slots we
+        // compacted, and a huge list would not fit a message: it must catch up.
+        let behind = from_slot <= self.compacted_through
+            || self.commit.saturating_sub(from_slot) >= self.config.catchup_entries_max as u64;
+        let entries = if behind {
+            Vec::new()
+        } else {
+            self.promised_entries(from_slot)
+        };
+        self.out.messages.push((
+            from,
+            Message::Promise {
+                ballot,
+                entries,
+                commit: self.commit,
+                compacted_through: self.compacted_through,
+                behind,
+            },
+        ));
+    }
+
+    fn on_promise(
+        &mut self,
+        from: NodeId,
+        ballot: Ballot,
+        entries: Vec<PromisedEntry>,
+        commit: Slot,
+        _compacted_through: Slot,
+        behind: bool,
+    ) {
+        let Role::Candidate(c) = &mut self.role else { return };
+        if ballot != c.ballot {
+            return;
+        }
+        if behind {
+            // Catch up from that replica first; a later election will do.
+            self.role = Role::Follower { leader: None };
+            self.request_catchup(from);
+            return;
+        }
+        c.promises.insert(from, entries);
+        if commit > self.commit {
+            self.request_catchup(from);
+        }
+        self.maybe_win();
+    }
+
+    fn maybe_win(&mut self) {
+        let Role::Candidate(c) = &self.role else { return };
+        if c.promises.len() < self.config.quorum() {
+            return;
+        }
+        let ballot = c.ballot;
+        // For each open slot: a value known decided wins, else the one
+        // accepted in the highest ballot, else a no-op.
+        let mut chosen: BTreeMap<Slot, (bool, Ballot, Batch)> = BTreeMap::new();
+        for entry in c.promises.values().flatten() {
+            if entry.slot <= self.commit {
+                continue;
+            }
+            let candidate = (entry.decided, entry.ballot);
+            match chosen.get(&entry.slot) {
+                Some((d, b, _)) if (*d, *b) >= candidate => {}
+                _ => {
+                    chosen.insert(entry.slot, (entry.decided, entry.ballot, entry.batch.clone()));
+                }
+            }
+        }
+        let last = chosen.keys().next_back().copied().unwrap_or(self.commit);
+        let peers = self.config.peers as usize;
+        let mut leadership = Leadership {
+            ballot,
+            next_slot: last + 1,
+            inflight: BTreeMap::new(),
+            pending: VecDeque::new(),
+            heard_tick: vec![self.now_tick; peers],
+            sent_tick: vec![0; peers],
+            commit_sent: vec![0; peers],
+            done: vec![0; peers],
+        };
+        leadership.done[self.config.id as usize] = self.snapshot_index();
+        let mut entries = Vec::new();
+        for slot in self.commit + 1..=last {
+            let batch = chosen.remove(&slot).map(|(_, _, b)| b).unwrap_or_default();
+            self.accept_locally(slot, ballot, batch.clone());
+            leadership.inflight.insert(
+                slot,
+                InFlight {
+                    acks: 1 << self.config.id,
+                    sent_tick: self.now_tick,
+                },
+            );
+            entries.push((slot, batch));
+        }
+        tracing::debug!(id = self.config.id, ?ballot, recovered = entries.len(), "elected leader");
+        self.role = Role::Leader(leadership);
+        self.broadcast_accept(entries);
+        self.try_decide_all();
+        self.flush_proposals();
+    }
+
+    fn on_nack(&mut self, promised: Ballot) {
+        let mine = match &self.role {
+            Role::Leader(l) => l.ballot,
+            Role::Candidate(c) => c.ballot,
+            Role::Follower { .. } => return,
+        };
+        if promised > mine {
+            self.step_down(Some(promised.node));
+            self.reset_election_deadline();
+        }
+    }
+
+    /// Leaves leader or candidate state; queued proposals can never be decided.
+    fn step_down(&mut self, leader: Option<NodeId>) {
+        self.drop_leadership();
+        self.role = Role::Follower { leader };
+    }
+
+    fn drop_leadership(&mut self) {
+        if let Role::Leader(l) = &mut self.role {
+            self.out.dropped.extend(l.pending.drain(..).map(|c| c.id));
+        }
+    }
+
+    fn set_promised(&mut self, ballot: Ballot) {
+        if ballot > self.promised {
+            self.promised = ballot;
+            self.out.persist.promised = Some(ballot);
+        }
+    }
+
+    // ----- Phase 2 -----
+
+    fn accept_locally(&mut self, slot: Slot, ballot: Ballot, batch: Batch) {
+        if slot <= self.compacted_through {
+            return;
+        }
+        if let Some(existing) = self.log.get(&slot) {
+            if existing.decided || slot <= self.commit {
+                return; // a chosen value never changes
+            }
+        }
+        self.out.persist.entries.push((slot, ballot, batch.clone()));
+        self.log.insert(
+            slot,
+            LogEntry {
+                ballot,
+                batch,
+                decided: false,
+            },
+        );
+    }
+
+    /// Moves queued commands into new slots while the pipeline has room.
+    fn flush_proposals(&mut self) {
+        let id = self.config.id;
+        loop {
+            let Role::Leader(l) = &mut self.role else { return };
+            if l.pending.is_empty() || l.inflight.len() >= self.config.pipeline_window_slots {
+                return;
+            }
+            let mut commands = Vec::new();
+            let mut bytes = 0;
+            while let Some(cmd) = l.pending.front() {
+                let size = cmd.data.len() + 16;
+                if !commands.is_empty()
+                    && (commands.len() >= self.config.batch_commands_max
+                        || bytes + size > self.config.batch_bytes_max)
+                {
+                    break;
+                }
+                bytes += size;
+                commands.extend(l.pending.pop_front());
+            }
+            let slot = l.next_slot;
+            l.next_slot += 1;
+            let ballot = l.ballot;
+            l.inflight.insert(
+                slot,
+                InFlight {
+                    acks: 1 << id,
+                    sent_tick: self.now_tick,
+                },
+            );
+            let batch = Batch { commands };
+            self.stats.slots_proposed += 1;
+            self.accept_locally(slot, ballot, batch.clone());
+            self.broadcast_accept(vec![(slot, batch)]);
+            self.try_decide(slot);
+        }
+    }
+
+    fn broadcast_accept(&mut self, entries: Vec<(Slot, Batch)>) {
+        for peer in 0..self.config.peers {
+            if peer != self.config.id {
+                self.send_accept(peer, entries.clone());
+            }
+        }
+    }
+
+    fn send_accept(&mut self, peer: NodeId, entries: Vec<(Slot, Batch)>) {
+        let Role::Leader(l) = &mut self.role else { return };
+        l.sent_tick[peer as usize] = self.now_tick;
+        l.commit_sent[peer as usize] = self.commit;
+        self.out.messages.push((
+            peer,
+            Message::Accept {
+                ballot: l.ballot,
+                entries,
+                commit: self.commit,
+                min_done: self.min_done,
+            },
+        ));
+    }
+
+    fn on_accept(
+        &mut self,
+        from: NodeId,
+        ballot: Ballot,
+        entries: Vec<(Slot, Batch)>,
+        commit: Slot,
+        min_done: Slot,
+    ) {
+        if ballot < self.promised {
+            self.out.messages.push((
+                from,
+                Message::Nack {
+                    promised: self.promised,
+                },
+            ));
+            return;
+        }
+        if ballot > self.promised || !matches!(self.role, Role::Follower { .. }) {
+            self.step_down(Some(from));
+        }
+        self.set_promised(ballot);
+        self.role = Role::Follower { leader: Some(from) };
+        self.reset_election_deadline();
+        let mut slots = Vec::with_capacity(entries.len());
+        for (slot, batch) in entries {
+            self.accept_locally(slot, ballot, batch);
+            slots.push(slot);
+        }
+        self.out.messages.push((
+            from,
+            Message::Accepted {
+                ballot,
+                slots,
+                done: self.snapshot_index(),
+            },
+        ));
+        // Commit what we hold from this very ballot; anything else must be fetched.
+        while self.commit < commit {
+            let next = self.commit + 1;
+            match self.log.get_mut(&next) {
+                Some(e) if e.decided || e.ballot == ballot => {
+                    e.decided = true;
+                    self.commit = next;
+                }
+                _ => break,
+            }
+        }
+        self.note_commit();
+        if self.commit < commit {
+            self.request_catchup(from);
+        }
+        if min_done > self.min_done {
+            self.min_done = min_done;
+            self.truncate_log();
+        }
+    }
+
+    fn on_accepted(&mut self, from: NodeId, ballot: Ballot, slots: Vec<Slot>, done: Slot) {
+        let now = self.now_tick;
+        let Role::Leader(l) = &mut self.role else { return };
+        if ballot != l.ballot {
+            return;
+        }
+        l.heard_tick[from as usize] = now;
+        l.done[from as usize] = done;
+        let group_done = l.done.iter().copied().min().unwrap_or(0);
+        for slot in &slots {
+            if let Some(f) = l.inflight.get_mut(slot) {
+                f.acks |= 1 << from;
+            }
+        }
+        for slot in slots {
+            self.try_decide(slot);
+        }
+        if group_done > self.min_done {
+            self.min_done = group_done;
+            self.truncate_log();
+        }
+        self.flush_proposals();
+    }
+
+    fn try_decide_all(&mut self) {
+        let slots: Vec<Slot> = match &self.role {
+            Role::Leader(l) => l.inflight.keys().copied().collect(),
+            _ => return,
+        };
+        for slot in slots {
+            self.try_decide(slot);
+        }
+    }
+
+    fn try_decide(&mut self, slot: Slot) {
+        let quorum = self.config.quorum();
+        let Role::Leader(l) = &mut self.role else { return };
+        let Some(f) = l.inflight.get(&slot) else { return };
+        if (f.acks.count_ones() as usize) < quorum {
+            return;
+        }
+        l.inflight.remove(&slot);
+        if let Some(e) = self.log.get_mut(&slot) {
+            e.decided = true;
+        }
+        while self.log.get(&(self.commit + 1)).is_some_and(|e| e.decided) {
+            self.commit += 1;
+        }
+        self.note_commit();
+    }
+
+    /// Records a new commit index durably (lets a restart re-apply at once).
+    fn note_commit(&mut self) {
+        if self.out.persist.commit.is_none_or(|c| c < self.commit) {
+            self.out.persist.commit = Some(self.commit);
+        }
+    }
+
+    fn leader_tick(&mut self) {
+        let now = self.now_tick;
+        let quorum = self.config.quorum();
+        let me = self.config.id as usize;
+        let Role::Leader(l) = &mut self.role else { return };
+        // Step aside when a majority has been silent for a whole election
+        // timeout: we are probably cut off, and clients should go elsewhere.
+        let heard = l
+            .heard_tick
+            .iter()
+            .enumerate()
+            .filter(|(i, t)| *i == me || now - **t <= self.config.election_timeout_max_ticks)
+            .count();
+        if heard < quorum {
+            tracing::debug!(id = self.config.id, "leader lost contact with a majority; stepping down");
+            self.step_down(None);
+            self.reset_election_deadline();
+            return;
+        }
+        // Resend what a follower has not acknowledged, in one message per follower.
+        let retry = self.config.retry_interval_ticks;
+        let mut resend: Vec<Vec<(Slot, Batch)>> = vec![Vec::new(); self.config.peers as usize];
+        for (slot, f) in l.inflight.iter_mut() {
+            if now - f.sent_tick < retry {
+                continue;
+            }
+            f.sent_tick = now;
+            let Some(entry) = self.log.get(slot) else { continue };
+            for (peer, entries) in resend.iter_mut().enumerate() {
+                if peer != me && f.acks & (1 << peer) == 0 {
+                    entries.push((*slot, entry.batch.clone()));
+                }
+            }
+        }
+        let heartbeat = self.config.heartbeat_interval_ticks;
+        for (peer, entries) in resend.into_iter().enumerate() {
+            if peer == me {
+                continue;
+            }
+            let Role::Leader(l) = &self.role else { return };
+            let idle = now - l.sent_tick[peer] >= heartbeat;
+            let news = l.commit_sent[peer] < self.commit;
+            if !entries.is_empty() || idle || news {
+                self.send_accept(peer as NodeId, entries);
+            }
+        }
+        self.flush_proposals();
+    }
+
+    // ----- Catch-up and compaction -----
+
+    fn request_catchup(&mut self, from: NodeId) {
+        if self
+            .catchup_sent_tick
+            .is_some_and(|t| self.now_tick - t < self.config.retry_interval_ticks)
+        {
+            return;
+        }
+        self.catchup_sent_tick = Some(self.now_tick);
+        self.stats.catchup_requests_sent += 1;
+        self.out.messages.push((
+            from,
+            Message::CatchUpRequest {
+                from_slot: self.commit + 1,
+            },
+        ));
+    }
+
+    fn on_catchup_request(&mut self, from: NodeId, from_slot: Slot) {
+        if from_slot > self.commit {
+            return; // nothing decided to offer
+        }
+        let snapshot = if from_slot <= self.compacted_through {
+            self.snapshot.clone()
+        } else {
+            None
+        };
+        let start = snapshot.as_ref().map_or(from_slot, |s| s.index + 1);
+        let entries: Vec<(Slot, Batch)> = self
+            .log
+            .range(start..=self.commit)
+            .take(self.config.catchup_entries_max)
+            .map(|(s, e)| (*s, e.batch.clone()))
+            .collect();
+        self.out.messages.push((
+            from,
+            Message::CatchUpReply {
+                snapshot,
+                entries,
+                commit: self.commit,
+            },
+        ));
+    }
+
+    fn on_catchup_reply(
+        &mut self,
+        from: NodeId,
+        snapshot: Option<Snapshot>,
+        entries: Vec<(Slot, Batch)>,
+        commit: Slot,
+    ) {
+        self.catchup_sent_tick = None;
+        if let Some(snapshot) = snapshot {
+            if snapshot.index > self.commit {
+                self.install_snapshot(snapshot);
+            }
+        }
+        for (slot, batch) in entries {
+            if slot <= self.compacted_through {
+                continue;
+            }
+            let known = self.log.get(&slot).is_some_and(|e| e.decided);
+            if !known {
+                // A decided value may be recorded under any ballot: every
+                // later proposal for this slot carries the same value.
+                let ballot = self.log.get(&slot).map_or(Ballot::default(), |e| e.ballot);
+                self.out.persist.entries.push((slot, ballot, batch.clone()));
+                self.log.insert(
+                    slot,
+                    LogEntry {
+                        ballot,
+                        batch,
+                        decided: true,
+                    },
+                );
+            }
+        }
+        while self.log.get(&(self.commit + 1)).is_some_and(|e| e.decided) {
+            self.commit += 1;
+        }
+        self.note_commit();
+        if self.commit < commit {
+            self.request_catchup(from);
+        }
+    }
+
+    fn install_snapshot(&mut self, snapshot: Snapshot) {
+        let index = snapshot.index;
+        self.log = self.log.split_off(&(index + 1));
+        self.compacted_through = index;
+        self.commit = index;
+        self.applied = index;
+        self.stats.snapshots_installed += 1;
+        self.out.persist.snapshot = Some(snapshot.clone());
+        self.out.persist.truncate_through = Some(index);
+        self.out.persist.entries.retain(|(s, _, _)| *s > index);
+        // Committed entries not yet handed out are superseded by the snapshot.
+        self.out.committed.clear();
+        self.out.snapshot = Some(snapshot.clone());
+        self.snapshot = Some(snapshot);
+        self.note_commit();
+    }
+
+    /// Forgets log entries every replica has snapshotted, or, past the
+    /// retention limit, everything this replica's snapshot covers.
+    fn truncate_log(&mut self) {
+        let done = self.snapshot_index();
+        let through = self
+            .min_done
+            .min(done)
+            .max(done.saturating_sub(self.config.log_retain_slots_max));
+        if through <= self.compacted_through {
+            return;
+        }
+        self.log = self.log.split_off(&(through + 1));
+        self.compacted_through = through;
+        self.out.persist.truncate_through = Some(through);
+        self.out.persist.entries.retain(|(s, _, _)| *s > through);
+    }
+}

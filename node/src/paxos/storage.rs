@@ -1,0 +1,112 @@
+//! Durable acceptor state behind a trait, so the core stays free of I/O.
+//!
+//! The core never writes anything itself: each `Ready` carries a
+//! [`PersistBatch`] that the driver hands to [`Storage::persist`] (one sync)
+//! before it sends the messages that depend on it.
+
+use std::collections::BTreeMap;
+
+use super::types::{Ballot, Batch, Slot, Snapshot};
+
+/// Everything an acceptor must remember across a crash.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DurableState {
+    /// The highest ballot promised: the acceptor must never go back on it.
+    pub promised: Ballot,
+    /// Accepted values above the snapshot, with the ballot they were accepted in.
+    pub entries: BTreeMap<Slot, (Ballot, Batch)>,
+    /// Slots up to here are known decided; lets a restarted replica re-apply at once.
+    pub commit: Slot,
+    /// The newest snapshot; the log below it may be gone.
+    pub snapshot: Option<Snapshot>,
+}
+
+/// The writes produced by one round of `step`/`tick`/`propose`, applied atomically.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PersistBatch {
+    pub promised: Option<Ballot>,
+    pub entries: Vec<(Slot, Ballot, Batch)>,
+    pub commit: Option<Slot>,
+    /// Replaces the stored snapshot. Applied before `truncate_through`.
+    pub snapshot: Option<Snapshot>,
+    /// Forget every entry at or below this slot. Applied before `entries`.
+    pub truncate_through: Option<Slot>,
+}
+
+impl PersistBatch {
+    pub fn is_empty(&self) -> bool {
+        self.promised.is_none()
+            && self.entries.is_empty()
+            && self.commit.is_none()
+            && self.snapshot.is_none()
+            && self.truncate_through.is_none()
+    }
+
+    /// Folds `self` into a loaded state, in the order `persist` must use.
+    pub fn apply_to(&self, state: &mut DurableState) {
+        if let Some(snapshot) = &self.snapshot {
+            state.snapshot = Some(snapshot.clone());
+        }
+        if let Some(through) = self.truncate_through {
+            state.entries = state.entries.split_off(&(through + 1));
+        }
+        for (slot, ballot, batch) in &self.entries {
+            state.entries.insert(*slot, (*ballot, batch.clone()));
+        }
+        if let Some(promised) = self.promised {
+            state.promised = promised;
+        }
+        if let Some(commit) = self.commit {
+            state.commit = commit;
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage I/O failed: {0}")]
+    Io(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Stable storage for one acceptor.
+pub trait Storage: Send {
+    /// Reads back everything persisted so far (an empty state if nothing was).
+    fn load(&mut self) -> Result<DurableState, StorageError>;
+    /// Applies `batch` atomically; when this returns `Ok` the writes survive a crash.
+    fn persist(&mut self, batch: &PersistBatch) -> Result<(), StorageError>;
+}
+
+/// Storage in memory, for tests and simulations: it "survives" a simulated
+/// crash because the simulator keeps it while dropping the node.
+#[derive(Clone, Debug, Default)]
+pub struct MemStorage {
+    state: DurableState,
+    /// Number of successful `persist` calls: one per sync, for group-commit tests.
+    pub syncs: u64,
+}
+
+impl MemStorage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn state(&self) -> &DurableState {
+        &self.state
+    }
+}
+
+impl Storage for MemStorage {
+    fn load(&mut self) -> Result<DurableState, StorageError> {
+        Ok(self.state.clone())
+    }
+
+    fn persist(&mut self, batch: &PersistBatch) -> Result<(), StorageError> {
+        if !batch.is_empty() {
+            batch.apply_to(&mut self.state);
+            self.syncs += 1;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,145 @@
+//! Values and messages of the Multi-Paxos protocol.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Index of a replica within its group (its position in the peer list).
+pub type NodeId = u32;
+
+/// Position in the replicated log. Slot 0 is never used: an index of 0 means "nothing".
+pub type Slot = u64;
+
+/// A proposal number. Ordered by round first, so a node can always out-bid
+/// any ballot it has seen; the node id breaks ties so ballots are unique.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Ballot {
+    pub round: u64,
+    pub node: NodeId,
+}
+
+impl Ballot {
+    pub fn new(round: u64, node: NodeId) -> Self {
+        Ballot { round, node }
+    }
+}
+
+/// One client command inside a batch. `origin` and `id` let the proposing
+/// replica recognise its own command when it is decided and wake the waiter.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Command {
+    pub origin: NodeId,
+    pub id: u64,
+    pub data: Bytes,
+}
+
+/// The value of one slot: a batch of commands. An empty batch is a no-op,
+/// used by a new leader to fill holes left by its predecessors.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Batch {
+    pub commands: Vec<Command>,
+}
+
+impl Batch {
+    pub fn noop() -> Self {
+        Batch::default()
+    }
+
+    pub fn is_noop(&self) -> bool {
+        self.commands.is_empty()
+    }
+
+    /// Payload bytes, used to bound batches and catch-up replies.
+    pub fn size_bytes(&self) -> usize {
+        self.commands.iter().map(|c| c.data.len() + 16).sum()
+    }
+}
+
+/// Application state at a slot, taken by the state machine above the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Every slot up to and including this one is reflected in `data`.
+    pub index: Slot,
+    pub data: Bytes,
+}
+
+/// An accepted value as reported in a promise.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PromisedEntry {
+    pub slot: Slot,
+    pub ballot: Ballot,
+    pub batch: Batch,
+    /// The reporter knows this value is chosen; the new leader takes it as is.
+    pub decided: bool,
+}
+
+/// Everything replicas say to each other.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Message {
+    /// Phase 1a for every slot from `from_slot` on: one per ballot, not per slot.
+    Prepare { ballot: Ballot, from_slot: Slot },
+    /// Phase 1b. `behind` means the candidate is too far behind this replica
+    /// to lead (it must catch up first), so no entries are listed.
+    Promise {
+        ballot: Ballot,
+        entries: Vec<PromisedEntry>,
+        commit: Slot,
+        compacted_through: Slot,
+        behind: bool,
+    },
+    /// Phase 2a for some slots, carrying the leader's commit index and the
+    /// group-wide low-water mark. With no entries it is the heartbeat.
+    Accept {
+        ballot: Ballot,
+        entries: Vec<(Slot, Batch)>,
+        commit: Slot,
+        min_done: Slot,
+    },
+    /// Phase 2b, also the heartbeat reply: proves liveness and reports the
+    /// sender's compaction point (`done`) for the low-water mark.
+    Accepted {
+        ballot: Ballot,
+        slots: Vec<Slot>,
+        done: Slot,
+    },
+    /// A Prepare or Accept was refused because a higher ballot was promised.
+    Nack { promised: Ballot },
+    /// "Send me the decided values from this slot on."
+    CatchUpRequest { from_slot: Slot },
+    /// Decided values, preceded by a snapshot when the sender has forgotten
+    /// the requested slots.
+    CatchUpReply {
+        snapshot: Option<Snapshot>,
+        entries: Vec<(Slot, Batch)>,
+        commit: Slot,
+    },
+}
+
+impl Message {
+    /// The ballot a message speaks for, if any, so receivers learn of higher rounds.
+    pub fn ballot(&self) -> Option<Ballot> {
+        match self {
+            Message::Prepare { ballot, .. }
+            | Message::Promise { ballot, .. }
+            | Message::Accept { ballot, .. }
+            | Message::Accepted { ballot, .. } => Some(*ballot),
+            Message::Nack { promised } => Some(*promised),
+            Message::CatchUpRequest { .. } | Message::CatchUpReply { .. } => None,
+        }
+    }
+
+    /// A short name for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Prepare { .. } => "prepare",
+            Message::Promise { .. } => "promise",
+            Message::Accept { entries, .. } if entries.is_empty() => "heartbeat",
+            Message::Accept { .. } => "accept",
+            Message::Accepted { .. } => "accepted",
+            Message::Nack { .. } => "nack",
+            Message::CatchUpRequest { .. } => "catchup_request",
+            Message::CatchUpReply { .. } => "catchup_reply",
+        }
+    }
+}
