@@ -1,5 +1,13 @@
 //! shardkv: a sharded key/value store replicated with Multi-Paxos.
 //!
 //! - [`paxos`]: the replication core (sans-I/O), storage, simulator.
+//! - [`replica`]: the driver that runs a core on a thread with real storage and transport.
 
 pub mod paxos;
+pub mod replica;
+
+/// Generated gRPC types.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("shardkv.paxos");
+}

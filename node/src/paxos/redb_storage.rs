@@ -85,7 +85,8 @@ impl Storage for RedbStorage {
             let mut meta = tx.open_table(META).map_err(io)?;
             let mut log = tx.open_table(LOG).map_err(io)?;
             if let Some(snapshot) = &batch.snapshot {
-                meta.insert(SNAPSHOT, encode(snapshot)?.as_slice()).map_err(io)?;
+                meta.insert(SNAPSHOT, encode(snapshot)?.as_slice())
+                    .map_err(io)?;
             }
             if let Some(through) = batch.truncate_through {
                 log.retain_in(..=through, |_, _| false).map_err(io)?;
@@ -95,10 +96,12 @@ impl Storage for RedbStorage {
                     .map_err(io)?;
             }
             if let Some(promised) = &batch.promised {
-                meta.insert(PROMISED, encode(promised)?.as_slice()).map_err(io)?;
+                meta.insert(PROMISED, encode(promised)?.as_slice())
+                    .map_err(io)?;
             }
             if let Some(commit) = &batch.commit {
-                meta.insert(COMMIT, encode(commit)?.as_slice()).map_err(io)?;
+                meta.insert(COMMIT, encode(commit)?.as_slice())
+                    .map_err(io)?;
             }
         }
         // Durability::Immediate is redb's default: commit returns after fsync.
@@ -130,12 +133,17 @@ mod tests {
         let batches = vec![
             PersistBatch {
                 promised: Some(Ballot::new(1, 0)),
-                entries: (1..=5).map(|s| (s, Ballot::new(1, 0), batch(&format!("v{s}")))).collect(),
+                entries: (1..=5)
+                    .map(|s| (s, Ballot::new(1, 0), batch(&format!("v{s}"))))
+                    .collect(),
                 commit: Some(3),
                 ..Default::default()
             },
             PersistBatch {
-                snapshot: Some(Snapshot { index: 3, data: Bytes::from_static(b"state@3") }),
+                snapshot: Some(Snapshot {
+                    index: 3,
+                    data: Bytes::from_static(b"state@3"),
+                }),
                 truncate_through: Some(3),
                 entries: vec![(6, Ballot::new(2, 1), batch("v6"))],
                 promised: Some(Ballot::new(2, 1)),
@@ -153,7 +161,10 @@ mod tests {
         let mut reopened = RedbStorage::open(&path).unwrap();
         let loaded = reopened.load().unwrap();
         assert_eq!(loaded, expected);
-        assert_eq!(loaded.entries.keys().copied().collect::<Vec<_>>(), vec![4, 5, 6]);
+        assert_eq!(
+            loaded.entries.keys().copied().collect::<Vec<_>>(),
+            vec![4, 5, 6]
+        );
         assert_eq!(loaded.promised, Ballot::new(2, 1));
     }
 }

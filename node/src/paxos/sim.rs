@@ -328,7 +328,11 @@ impl Sim {
             for (slot, batch) in &self.applied[id as usize].entries {
                 if batch.commands.iter().any(|c| c.data.as_ref() == data) {
                     if let Some(s) = slot_seen {
-                        assert_eq!(s, *slot, "seed {}: a command decided in two slots", self.seed);
+                        assert_eq!(
+                            s, *slot,
+                            "seed {}: a command decided in two slots",
+                            self.seed
+                        );
                     }
                     slot_seen = Some(*slot);
                     count += 1;
@@ -358,7 +362,9 @@ impl Sim {
     }
 
     fn drain(&mut self, id: NodeId) {
-        let Some(node) = self.nodes[id as usize].as_mut() else { return };
+        let Some(node) = self.nodes[id as usize].as_mut() else {
+            return;
+        };
         let ready = node.ready();
         self.handle_ready(id, ready);
     }
@@ -401,7 +407,10 @@ impl Sim {
         let applied = &mut self.applied[id as usize];
         if let Some(snapshot) = ready.snapshot {
             applied.install(&snapshot.data);
-            assert_eq!(applied.last_slot, snapshot.index, "seed {seed}: snapshot index");
+            assert_eq!(
+                applied.last_slot, snapshot.index,
+                "seed {seed}: snapshot index"
+            );
         }
         for (slot, batch) in ready.committed {
             assert_eq!(

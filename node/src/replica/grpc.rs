@@ -1,0 +1,170 @@
+//! Replica-to-replica messages over gRPC (tonic).
+//!
+//! Each replica keeps one long-lived client stream to every peer and sends
+//! its messages down it. A peer's address is resolved on every (re)connect,
+//! so a pod that comes back with a new IP is found again. Messages queue in a
+//! bounded channel per peer; when it is full (peer slow or down) new messages
+//! are dropped, which Paxos tolerates by retrying.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::transport::Endpoint;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{Replica, Transport};
+use crate::paxos::{Message, NodeId};
+use crate::proto::paxos_peer_client::PaxosPeerClient;
+use crate::proto::paxos_peer_server::{PaxosPeer, PaxosPeerServer};
+use crate::proto::{DeliverAck, PeerMessage};
+
+/// Messages queued for one peer, at most.
+const PEER_QUEUE_MAX: usize = 8192;
+/// Reconnect backoff bounds.
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(20);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Sends one replica's messages to its peers over gRPC.
+pub struct GrpcTransport {
+    /// One queue per peer (None for ourselves).
+    queues: Vec<Option<mpsc::Sender<Message>>>,
+}
+
+impl GrpcTransport {
+    /// Starts a sender task per peer on the current tokio runtime.
+    /// `peers[i]` is replica i's `host:port`; `group` names the replica group.
+    pub fn start(group: &str, me: NodeId, peers: &[String]) -> Self {
+        let queues = peers
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| {
+                if i == me as usize {
+                    return None;
+                }
+                let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+                tokio::spawn(peer_sender(addr.clone(), group.to_string(), me, rx));
+                Some(tx)
+            })
+            .collect();
+        GrpcTransport { queues }
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn send(&self, to: NodeId, msg: Message) {
+        if let Some(Some(queue)) = self.queues.get(to as usize) {
+            // Full or closed: drop; the protocol resends what it needs.
+            let _ = queue.try_send(msg);
+        }
+    }
+}
+
+async fn peer_sender(addr: String, group: String, me: NodeId, mut rx: mpsc::Receiver<Message>) {
+    let mut backoff = RECONNECT_BACKOFF_MIN;
+    loop {
+        let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
+            Ok(e) => e.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true),
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "invalid peer address; not sending to it");
+                return;
+            }
+        };
+        let channel = match endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "peer unreachable");
+                // What queued while the peer was away is stale: discard it.
+                while rx.try_recv().is_ok() {}
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = RECONNECT_BACKOFF_MIN;
+        let (stream_tx, stream_rx) = mpsc::channel::<PeerMessage>(256);
+        let mut client = PaxosPeerClient::new(channel);
+        let call = client.deliver(ReceiverStream::new(stream_rx));
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                result = &mut call => {
+                    if let Err(e) = result {
+                        tracing::debug!(%addr, error = %e, "peer stream ended");
+                    }
+                    break;
+                }
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { return };
+                    let payload = match postcard::to_allocvec(&msg) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot encode a Paxos message");
+                            continue;
+                        }
+                    };
+                    let envelope = PeerMessage { group: group.clone(), from: me, payload: payload.into() };
+                    if stream_tx.send(envelope).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The receiving side: hands each message to the local replica.
+#[derive(Clone)]
+pub struct PaxosPeerService {
+    /// Must match the sender's group: a misrouted stream is refused.
+    group: String,
+    /// Group size, to refuse senders that cannot be members.
+    peers: u32,
+    replica: Replica,
+}
+
+impl PaxosPeerService {
+    pub fn new(group: impl Into<String>, peers: u32, replica: Replica) -> Self {
+        PaxosPeerService {
+            group: group.into(),
+            peers,
+            replica,
+        }
+    }
+
+    pub fn into_server(self) -> PaxosPeerServer<Self> {
+        // Snapshots and catch-up replies can be large.
+        PaxosPeerServer::new(self).max_decoding_message_size(256 << 20)
+    }
+}
+
+#[tonic::async_trait]
+impl PaxosPeer for PaxosPeerService {
+    async fn deliver(
+        &self,
+        request: Request<Streaming<PeerMessage>>,
+    ) -> Result<Response<DeliverAck>, Status> {
+        let mut stream = request.into_inner();
+        while let Some(item) = stream.next().await {
+            let envelope = item?;
+            if envelope.group != self.group {
+                return Err(Status::failed_precondition(format!(
+                    "message for group {:?} reached group {:?}",
+                    envelope.group, self.group
+                )));
+            }
+            if envelope.from >= self.peers {
+                return Err(Status::invalid_argument(format!(
+                    "sender {} is not a member of a {}-replica group",
+                    envelope.from, self.peers
+                )));
+            }
+            let msg: Message = postcard::from_bytes(&envelope.payload)
+                .map_err(|e| Status::invalid_argument(format!("undecodable Paxos message: {e}")))?;
+            self.replica.deliver(envelope.from, msg);
+        }
+        Ok(Response::new(DeliverAck {}))
+    }
+}

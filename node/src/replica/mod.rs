@@ -1,0 +1,403 @@
+//! The driver: runs a [`Paxos`] core against real time, storage, a transport
+//! and the state machine it replicates.
+//!
+//! Each replica runs on a dedicated OS thread: storage syncs block, and must
+//! not stall an async runtime. Inputs (peer messages, proposals) arrive
+//! through one bounded channel. The loop takes whatever has queued up (up to
+//! `inbox_burst_max`), feeds it to the core, then handles the single `Ready`:
+//! one storage sync for the whole burst (group commit), then the messages,
+//! then the decided commands, applied in order to the [`StateMachine`].
+//! A command's result goes back to the caller of [`Replica::propose`] on the
+//! replica that proposed it.
+
+pub mod grpc;
+pub mod local;
+
+use std::collections::HashMap;
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{oneshot, watch};
+
+use crate::paxos::{
+    Ballot, Config, Message, NodeId, Paxos, ProposeError, RoleKind, Slot, Storage, StorageError,
+};
+
+/// The replicated application. Called only from the replica's thread, in
+/// slot order, identically on every replica.
+pub trait StateMachine: Send + 'static {
+    /// Applies one decided command and returns its result for the proposer.
+    fn apply(&mut self, slot: Slot, command: &[u8]) -> Bytes;
+    /// Serialises the whole state, for compaction and for lagging peers.
+    fn snapshot(&self) -> Bytes;
+    /// Replaces the whole state with a snapshot taken by [`Self::snapshot`].
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+}
+
+/// Carries messages to peers. Must not block: drop when congested (Paxos
+/// retries what matters).
+pub trait Transport: Send + 'static {
+    fn send(&self, to: NodeId, msg: Message);
+}
+
+/// Driver settings.
+#[derive(Clone, Debug)]
+pub struct ReplicaOptions {
+    /// Wall-clock length of one core tick: sets heartbeat and election timing.
+    pub tick: Duration,
+    /// Take a snapshot and compact after this many applied slots.
+    pub snapshot_every_slots: u64,
+    /// Inputs queued for the replica thread, at most; past it, peer messages
+    /// are dropped and proposals refused as busy.
+    pub inbox_capacity: usize,
+    /// Inputs handled before one `Ready`, at most (bounds a group commit).
+    pub inbox_burst_max: usize,
+}
+
+impl Default for ReplicaOptions {
+    fn default() -> Self {
+        ReplicaOptions {
+            tick: Duration::from_millis(10),
+            snapshot_every_slots: 1000,
+            inbox_capacity: 16384,
+            inbox_burst_max: 4096,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("not the leader (leader hint: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    #[error("replica is overloaded; retry later")]
+    Busy,
+    #[error("leadership changed before the command was decided; it may or may not take effect")]
+    OutcomeUnknown,
+    #[error("replica has stopped")]
+    Stopped,
+    #[error("storage failed: {0}")]
+    Storage(String),
+}
+
+impl From<ProposeError> for ReplicaError {
+    fn from(e: ProposeError) -> Self {
+        match e {
+            ProposeError::NotLeader { leader } => ReplicaError::NotLeader { leader },
+            ProposeError::Busy { .. } => ReplicaError::Busy,
+        }
+    }
+}
+
+/// A snapshot of the replica's progress, published after every loop turn.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub id: NodeId,
+    pub role: RoleKind,
+    pub leader: Option<NodeId>,
+    pub ballot: Ballot,
+    pub commit: Slot,
+    pub applied: Slot,
+    pub snapshot_index: Slot,
+    pub log_len: usize,
+    /// Peer messages dropped because the inbox was full.
+    pub inbox_dropped: u64,
+    /// Storage syncs performed.
+    pub syncs: u64,
+    /// False once the replica thread has stopped (shut down or failed).
+    pub running: bool,
+}
+
+enum Input {
+    Message(NodeId, Message),
+    Propose(Bytes, oneshot::Sender<Result<Bytes, ReplicaError>>),
+    Shutdown,
+}
+
+/// A cheap-to-clone handle to a running replica.
+#[derive(Clone)]
+pub struct Replica {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    /// The replica thread's only input: bounded, so a flood cannot exhaust memory.
+    inbox: SyncSender<Input>,
+    /// Latest status; `watch` lets callers await a condition instead of polling.
+    status: watch::Receiver<Status>,
+    /// Counts peer messages dropped at a full inbox (for metrics).
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl Replica {
+    /// Starts a replica thread. Loads durable state from `storage`; the state
+    /// machine is rebuilt from the stored snapshot and decided log.
+    pub fn start<S, M, T>(
+        config: Config,
+        mut storage: S,
+        machine: M,
+        transport: T,
+        options: ReplicaOptions,
+    ) -> Result<(Replica, JoinHandle<()>), ReplicaError>
+    where
+        S: Storage + 'static,
+        M: StateMachine,
+        T: Transport,
+    {
+        let durable = storage
+            .load()
+            .map_err(|e| ReplicaError::Storage(e.to_string()))?;
+        let paxos = Paxos::new(config, durable);
+        let (inbox, rx) = mpsc::sync_channel(options.inbox_capacity);
+        let (status_tx, status_rx) = watch::channel(status_of(&paxos, 0, 0, true));
+        let replica = Replica {
+            inner: Arc::new(Shared {
+                inbox,
+                status: status_rx,
+                dropped: Default::default(),
+            }),
+        };
+        let handle = replica.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("paxos-{}", paxos.id()))
+            .spawn(move || {
+                let mut driver = Driver {
+                    paxos,
+                    storage,
+                    machine,
+                    transport,
+                    options,
+                    waiters: HashMap::new(),
+                    status: status_tx,
+                    handle,
+                    syncs: 0,
+                    last_snapshot: 0,
+                };
+                if let Err(e) = driver.run(rx) {
+                    tracing::error!(error = %e, "replica stopped on a storage failure");
+                }
+                driver.stop();
+            })
+            .map_err(|e| ReplicaError::Storage(format!("cannot start replica thread: {e}")))?;
+        Ok((replica, thread))
+    }
+
+    /// Proposes a command; resolves with the state machine's result once it is
+    /// decided and applied here. Only the leader accepts proposals.
+    pub async fn propose(&self, command: Bytes) -> Result<Bytes, ReplicaError> {
+        let (tx, rx) = oneshot::channel();
+        match self.inner.inbox.try_send(Input::Propose(command, tx)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(ReplicaError::Busy),
+            Err(TrySendError::Disconnected(_)) => return Err(ReplicaError::Stopped),
+        }
+        rx.await.unwrap_or(Err(ReplicaError::Stopped))
+    }
+
+    /// Hands a message from a peer to the replica; dropped if the inbox is full.
+    pub fn deliver(&self, from: NodeId, msg: Message) {
+        if let Err(TrySendError::Full(_)) = self.inner.inbox.try_send(Input::Message(from, msg)) {
+            self.inner
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        self.inner.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status change, to await conditions.
+    pub fn watch(&self) -> watch::Receiver<Status> {
+        self.inner.status.clone()
+    }
+
+    /// Waits until `pred` holds for the status, or `timeout` passes.
+    pub async fn wait_for(&self, timeout: Duration, pred: impl Fn(&Status) -> bool) -> bool {
+        let mut rx = self.watch();
+        tokio::time::timeout(timeout, rx.wait_for(|s| pred(s)))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Asks the replica thread to stop after syncing; join its handle to wait.
+    pub fn shutdown(&self) {
+        let _ = self.inner.inbox.send(Input::Shutdown);
+    }
+}
+
+fn status_of(paxos: &Paxos, dropped: u64, syncs: u64, running: bool) -> Status {
+    Status {
+        id: paxos.id(),
+        role: paxos.role(),
+        leader: paxos.leader_hint(),
+        ballot: paxos.ballot(),
+        commit: paxos.commit_index(),
+        applied: paxos.applied_index(),
+        snapshot_index: paxos.snapshot_index(),
+        log_len: paxos.log_len(),
+        inbox_dropped: dropped,
+        syncs,
+        running,
+    }
+}
+
+struct Driver<S, M, T> {
+    paxos: Paxos,
+    storage: S,
+    machine: M,
+    transport: T,
+    options: ReplicaOptions,
+    /// Callers of `propose` on this replica, by proposal id.
+    waiters: HashMap<u64, oneshot::Sender<Result<Bytes, ReplicaError>>>,
+    status: watch::Sender<Status>,
+    handle: Replica,
+    syncs: u64,
+    /// Slot of the last snapshot taken here, to space snapshots out.
+    last_snapshot: Slot,
+}
+
+impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
+    fn run(&mut self, rx: mpsc::Receiver<Input>) -> Result<(), StorageError> {
+        let mut next_tick = Instant::now() + self.options.tick;
+        self.handle_ready()?;
+        loop {
+            let timeout = next_tick.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(timeout) {
+                Ok(input) => {
+                    if !self.handle_input(input) {
+                        return Ok(());
+                    }
+                    // Take whatever else has queued: one sync for all of it.
+                    for _ in 1..self.options.inbox_burst_max {
+                        match rx.try_recv() {
+                            Ok(input) => {
+                                if !self.handle_input(input) {
+                                    return self.handle_ready();
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            if Instant::now() >= next_tick {
+                self.paxos.tick();
+                next_tick += self.options.tick;
+                // After a long stall, do not replay every missed tick at once.
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + self.options.tick;
+                }
+            }
+            self.handle_ready()?;
+        }
+    }
+
+    /// Returns false on shutdown.
+    fn handle_input(&mut self, input: Input) -> bool {
+        match input {
+            Input::Message(from, msg) => self.paxos.step(from, msg),
+            Input::Propose(command, reply) => match self.paxos.propose(command) {
+                Ok(id) => {
+                    self.waiters.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
+            Input::Shutdown => return false,
+        }
+        true
+    }
+
+    fn handle_ready(&mut self) -> Result<(), StorageError> {
+        let was_leader = self.paxos.is_leader();
+        let ready = self.paxos.ready();
+        if !ready.persist.is_empty() {
+            self.storage.persist(&ready.persist)?;
+            self.syncs += 1;
+        }
+        for (to, msg) in ready.messages {
+            self.transport.send(to, msg);
+        }
+        if let Some(snapshot) = ready.snapshot {
+            if let Err(e) = self.machine.restore(&snapshot.data) {
+                // A snapshot we cannot read means our state would diverge:
+                // stop rather than serve wrong data.
+                return Err(StorageError::Corrupt(format!(
+                    "snapshot at {}: {e}",
+                    snapshot.index
+                )));
+            }
+            self.last_snapshot = snapshot.index;
+        }
+        let me = self.paxos.id();
+        let mut last_applied = None;
+        for (slot, batch) in ready.committed {
+            for command in &batch.commands {
+                let result = self.machine.apply(slot, &command.data);
+                if command.origin == me {
+                    if let Some(waiter) = self.waiters.remove(&command.id) {
+                        let _ = waiter.send(Ok(result));
+                    }
+                }
+            }
+            last_applied = Some(slot);
+        }
+        for id in ready.dropped {
+            if let Some(waiter) = self.waiters.remove(&id) {
+                let _ = waiter.send(Err(ReplicaError::NotLeader {
+                    leader: self.paxos.leader_hint(),
+                }));
+            }
+        }
+        if was_leader && !self.paxos.is_leader() {
+            // Slotted but undecided commands may still be decided by the next
+            // leader: the caller must retry with deduplication.
+            for (_, waiter) in self.waiters.drain() {
+                let _ = waiter.send(Err(ReplicaError::OutcomeUnknown));
+            }
+        }
+        if let Some(applied) = last_applied {
+            if applied - self.last_snapshot >= self.options.snapshot_every_slots {
+                let data = self.machine.snapshot();
+                self.paxos.compact(applied, data);
+                self.last_snapshot = applied;
+                // The compaction's writes go out with the next Ready.
+            }
+        }
+        let dropped = self
+            .handle
+            .inner
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let status = status_of(&self.paxos, dropped, self.syncs, true);
+        self.status.send_if_modified(|s| {
+            if *s != status {
+                *s = status;
+                true
+            } else {
+                false
+            }
+        });
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        for (_, waiter) in self.waiters.drain() {
+            let _ = waiter.send(Err(ReplicaError::Stopped));
+        }
+        let dropped = self
+            .handle
+            .inner
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let _ = self
+            .status
+            .send(status_of(&self.paxos, dropped, self.syncs, false));
+    }
+}

@@ -1,0 +1,13 @@
+//! The Paxos core's test suite: the lab's Paxos tests ported to Multi-Paxos,
+//! plus message economy, crash-restart and an exhaustive model check.
+//! Every randomised test prints its seed; `SHARDKV_SEED=N` replays it.
+
+mod common;
+
+mod agreement;
+mod compaction;
+mod crash;
+mod economy;
+mod faults;
+mod model;
+mod partitions;
