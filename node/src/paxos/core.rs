@@ -331,8 +331,9 @@ impl Paxos {
         }
     }
 
-    /// Offers a command. The leader queues it for the next slot; anyone else
-    /// refuses with a hint. Returns the id the command will carry when decided.
+    /// Offers a command. The leader queues it for the next slot (cut at the
+    /// next [`Paxos::ready`]); anyone else refuses with a hint. Returns the id
+    /// the command will carry when decided.
     pub fn propose(&mut self, data: Bytes) -> Result<u64, ProposeError> {
         let id = self.config.id;
         let leadership = match &mut self.role {
@@ -353,7 +354,8 @@ impl Paxos {
             data,
         });
         self.stats.commands_proposed += 1;
-        self.flush_proposals();
+        // Slots are cut in `ready`, so everything proposed in one burst of
+        // input shares a slot (and a sync, and a round trip).
         Ok(proposal_id)
     }
 
@@ -415,6 +417,7 @@ impl Paxos {
 
     /// Takes the effects accumulated since the last call.
     pub fn ready(&mut self) -> Ready {
+        self.flush_proposals();
         if self.commit > self.applied {
             let start = self.applied + 1;
             self.out.committed.extend(
@@ -536,7 +539,14 @@ impl Paxos {
     fn reset_election_deadline(&mut self) {
         let span =
             self.config.election_timeout_max_ticks - self.config.election_timeout_min_ticks + 1;
-        let timeout = self.config.election_timeout_min_ticks + self.jitter.next() % span;
+        // Draw only when there is a choice: replicas that differ in nothing
+        // but unused draws then stay identical (for the model checker).
+        let jitter = if span > 1 {
+            self.jitter.next() % span
+        } else {
+            0
+        };
+        let timeout = self.config.election_timeout_min_ticks + jitter;
         self.election_deadline_tick = self.now_tick + timeout;
     }
 
