@@ -2,9 +2,11 @@
 //!
 //! - [`paxos`]: the replication core (sans-I/O), storage, simulator.
 //! - [`replica`]: the driver that runs a core on a thread with real storage and transport.
+//! - [`shardmaster`]: the configuration service (which group serves which shard).
 
 pub mod paxos;
 pub mod replica;
+pub mod shardmaster;
 
 /// Generated gRPC types.
 pub mod proto {

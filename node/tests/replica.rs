@@ -61,6 +61,24 @@ async fn await_leader(replicas: &[Replica]) -> Replica {
     }
 }
 
+/// Waits until every replica has applied everything any of them has
+/// committed. (Right after an election two replicas may both still claim to
+/// lead; the stale one's commit index is lower, so take the highest.)
+async fn await_all_applied(replicas: &[Replica]) {
+    let target = replicas
+        .iter()
+        .map(|r| r.status().commit)
+        .max()
+        .unwrap_or(0);
+    for r in replicas {
+        assert!(
+            r.wait_for(WAIT, |s| s.applied >= target).await,
+            "replica {} behind",
+            r.status().id
+        );
+    }
+}
+
 /// Proposes through the leader, retrying across leader changes like a client.
 async fn propose(replicas: &[Replica], command: &str) -> Bytes {
     for _ in 0..100 {
@@ -189,14 +207,8 @@ async fn grpc_group_survives_full_restart_from_disk() {
     for i in 0..120 {
         propose(&replicas, &format!("before-{i}")).await;
     }
-    let before = {
-        let leader = await_leader(&replicas).await;
-        let commit = leader.status().commit;
-        for r in &replicas {
-            assert!(r.wait_for(WAIT, |s| s.applied >= commit).await);
-        }
-        nodes[0].shared.lock().unwrap().clone()
-    };
+    await_all_applied(&replicas).await;
+    let before = nodes[0].shared.lock().unwrap().clone();
     assert_eq!(before.len(), 120);
 
     // Stop everything, then start again on the same files and ports.
@@ -226,11 +238,7 @@ async fn grpc_group_survives_full_restart_from_disk() {
     }
     let replicas: Vec<Replica> = nodes.iter().map(|n| n.replica.clone()).collect();
     propose(&replicas, "after").await;
-    let leader = await_leader(&replicas).await;
-    let commit = leader.status().commit;
-    for r in &replicas {
-        assert!(r.wait_for(WAIT, |s| s.applied >= commit).await);
-    }
+    await_all_applied(&replicas).await;
     for n in &nodes {
         let log = n.shared.lock().unwrap().clone();
         assert_eq!(

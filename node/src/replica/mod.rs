@@ -337,12 +337,15 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
         }
         let me = self.paxos.id();
         let mut last_applied = None;
+        // Callers are answered after the status is published, so whoever
+        // learns that its command was applied also sees it in `status()`.
+        let mut answers = Vec::new();
         for (slot, batch) in ready.committed {
             for command in &batch.commands {
                 let result = self.machine.apply(slot, &command.data);
                 if command.origin == me {
                     if let Some(waiter) = self.waiters.remove(&command.id) {
-                        let _ = waiter.send(Ok(result));
+                        answers.push((waiter, Ok(result)));
                     }
                 }
             }
@@ -350,16 +353,15 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
         }
         for id in ready.dropped {
             if let Some(waiter) = self.waiters.remove(&id) {
-                let _ = waiter.send(Err(ReplicaError::NotLeader {
-                    leader: self.paxos.leader_hint(),
-                }));
+                let leader = self.paxos.leader_hint();
+                answers.push((waiter, Err(ReplicaError::NotLeader { leader })));
             }
         }
         if was_leader && !self.paxos.is_leader() {
             // Slotted but undecided commands may still be decided by the next
             // leader: the caller must retry with deduplication.
             for (_, waiter) in self.waiters.drain() {
-                let _ = waiter.send(Err(ReplicaError::OutcomeUnknown));
+                answers.push((waiter, Err(ReplicaError::OutcomeUnknown)));
             }
         }
         if let Some(applied) = last_applied {
@@ -384,6 +386,9 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
                 false
             }
         });
+        for (waiter, answer) in answers {
+            let _ = waiter.send(answer);
+        }
         Ok(())
     }
 
