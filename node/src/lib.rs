@@ -12,4 +12,9 @@ pub mod shardmaster;
 pub mod proto {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("shardkv.paxos");
+
+    pub mod shardmaster {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("shardkv.shardmaster");
+    }
 }

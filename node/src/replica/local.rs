@@ -11,13 +11,31 @@ use crate::paxos::{Message, NodeId};
 pub struct LocalNetwork {
     /// Indexed by replica id; `None` until started (or after removal).
     replicas: Arc<RwLock<Vec<Option<Replica>>>>,
+    /// Replicas cut off from all others (for partition tests).
+    isolated: Arc<RwLock<Vec<bool>>>,
 }
 
 impl LocalNetwork {
     pub fn new(size: usize) -> Self {
         LocalNetwork {
             replicas: Arc::new(RwLock::new(vec![None; size])),
+            isolated: Arc::new(RwLock::new(vec![false; size])),
         }
+    }
+
+    /// Cuts replica `id` off from every other (or reconnects it).
+    pub fn set_isolated(&self, id: NodeId, isolated: bool) {
+        if let Ok(mut i) = self.isolated.write() {
+            i[id as usize] = isolated;
+        }
+    }
+
+    fn is_isolated(&self, id: NodeId) -> bool {
+        self.isolated
+            .read()
+            .ok()
+            .and_then(|i| i.get(id as usize).copied())
+            .unwrap_or(false)
     }
 
     /// Makes `replica` reachable as `id`.
@@ -44,6 +62,9 @@ pub struct LocalTransport {
 
 impl Transport for LocalTransport {
     fn send(&self, to: NodeId, msg: Message) {
+        if self.network.is_isolated(self.from) || self.network.is_isolated(to) {
+            return;
+        }
         let target = self
             .network
             .replicas

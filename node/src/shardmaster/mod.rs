@@ -4,7 +4,9 @@
 //! included, goes through the log, so every replica computes the same
 //! configurations and a query reflects every change decided before it.
 
+pub mod client;
 pub mod rebalance;
+pub mod service;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -13,6 +15,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::paxos::Slot;
 use crate::replica::StateMachine;
+
+/// Shards in a new deployment unless configured otherwise. Fixed for the
+/// life of the shardmaster group: keys map to shards by hash modulo this.
+pub const DEFAULT_SHARDS: usize = 64;
 
 /// A replica group's id. 0 means "no group".
 pub type Gid = u64;
@@ -204,5 +210,52 @@ impl StateMachine for ShardMasterState {
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
         *self = postcard::from_bytes(snapshot).map_err(|e| e.to_string())?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join(client: u64, seq: u64, gid: Gid) -> Request {
+        Request {
+            client,
+            seq,
+            op: Op::Join {
+                gid,
+                servers: vec![format!("s{gid}")],
+            },
+        }
+    }
+
+    #[test]
+    fn a_retried_request_is_applied_once() {
+        let mut state = ShardMasterState::new(10);
+        let first = state.execute(join(7, 1, 1)).unwrap();
+        state
+            .execute(Request {
+                client: 8,
+                seq: 1,
+                op: Op::Leave { gid: 1 },
+            })
+            .unwrap();
+        // Client 7 retries its join after client 8's leave: it must not
+        // re-join; it gets its original answer.
+        assert_eq!(state.execute(join(7, 1, 1)).unwrap(), first);
+        assert!(state.latest().groups.is_empty());
+        assert_eq!(state.latest().num, 2);
+        // An older sequence number than the last applied changes nothing.
+        state.execute(join(7, 2, 3)).unwrap();
+        let num = state.latest().num;
+        state.execute(join(7, 1, 1)).unwrap();
+        assert_eq!(state.latest().num, num);
+    }
+
+    #[test]
+    fn undecodable_commands_are_refused_without_effect() {
+        let mut state = ShardMasterState::new(4);
+        let reply: Reply = postcard::from_bytes(&state.apply(1, b"\xff\xff garbage")).unwrap();
+        assert!(matches!(reply, Err(ShardMasterError::Malformed(_))));
+        assert_eq!(state.latest().num, 0);
     }
 }

@@ -1,0 +1,196 @@
+//! The shardmaster's gRPC API. Every request goes through the Paxos log;
+//! a follower forwards it to the leader (one hop), so any replica may be asked.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request as GrpcRequest, Response, Status};
+
+use super::{Config, Op, Reply, Request};
+use crate::proto::shardmaster as pb;
+use crate::proto::shardmaster::shard_master_client::ShardMasterClient as PbClient;
+use crate::proto::shardmaster::shard_master_server::{ShardMaster, ShardMasterServer};
+use crate::replica::{Replica, ReplicaError};
+
+/// Metadata set on a forwarded request, so it is never forwarded twice.
+const FORWARDED: &str = "x-shardkv-forwarded";
+/// Metadata naming the leader's index when a request is refused.
+pub const LEADER_HINT: &str = "x-shardkv-leader";
+/// How long a forwarded request may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves one shardmaster replica's client API.
+#[derive(Clone)]
+pub struct ShardMasterService {
+    /// The local replica: requests are proposed through it.
+    replica: Replica,
+    /// Client-API channels to every replica, by id, for forwarding to the
+    /// leader. Lazy: connected (and the name resolved) on first use.
+    peers: Vec<Channel>,
+}
+
+impl ShardMasterService {
+    /// `peers[i]` is replica i's client-API address (`host:port`).
+    pub fn new(replica: Replica, peers: &[String]) -> Result<Self, String> {
+        let peers = peers
+            .iter()
+            .map(|addr| {
+                Endpoint::from_shared(format!("http://{addr}"))
+                    .map(|e| e.connect_timeout(Duration::from_secs(2)).connect_lazy())
+                    .map_err(|e| format!("invalid address {addr}: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(ShardMasterService { replica, peers })
+    }
+
+    pub fn into_server(self) -> ShardMasterServer<Self> {
+        ShardMasterServer::new(self)
+    }
+
+    async fn execute<T: Clone + Send + 'static>(
+        &self,
+        grpc: GrpcRequest<T>,
+        tag: Option<pb::ClientTag>,
+        op: Op,
+        forward: impl AsyncFnOnce(
+            PbClient<Channel>,
+            GrpcRequest<T>,
+        ) -> Result<Response<pb::Config>, Status>,
+    ) -> Result<Response<pb::Config>, Status> {
+        let forwarded = grpc.metadata().contains_key(FORWARDED);
+        let tag = tag.ok_or_else(|| Status::invalid_argument("missing client tag"))?;
+        let request = Request {
+            client: tag.client,
+            seq: tag.seq,
+            op,
+        };
+        let command = postcard::to_allocvec(&request)
+            .map_err(|e| Status::internal(format!("cannot encode request: {e}")))?;
+        match self.replica.propose(Bytes::from(command)).await {
+            Ok(bytes) => {
+                let reply: Reply = postcard::from_bytes(&bytes)
+                    .map_err(|e| Status::internal(format!("undecodable reply: {e}")))?;
+                match reply {
+                    Ok(config) => Ok(Response::new(to_proto(&config))),
+                    Err(e) => Err(Status::invalid_argument(e.to_string())),
+                }
+            }
+            Err(ReplicaError::NotLeader {
+                leader: Some(leader),
+            }) if !forwarded => {
+                let Some(channel) = self.peers.get(leader as usize) else {
+                    return Err(not_leader(Some(leader)));
+                };
+                let mut inner = GrpcRequest::new(grpc.into_inner());
+                inner
+                    .metadata_mut()
+                    .insert(FORWARDED, MetadataValue::from_static("1"));
+                inner.set_timeout(FORWARD_TIMEOUT);
+                forward(PbClient::new(channel.clone()), inner).await
+            }
+            Err(ReplicaError::NotLeader { leader }) => Err(not_leader(leader)),
+            Err(ReplicaError::Busy) => Err(Status::resource_exhausted("shardmaster is overloaded")),
+            Err(ReplicaError::OutcomeUnknown) => Err(Status::unavailable(
+                "leader changed before the request was decided; retry with the same tag",
+            )),
+            Err(ReplicaError::Stopped) => Err(Status::unavailable("replica is shutting down")),
+            Err(ReplicaError::Storage(e)) => Err(Status::internal(format!("storage failure: {e}"))),
+        }
+    }
+}
+
+fn not_leader(leader: Option<u32>) -> Status {
+    let mut status = Status::unavailable("not the leader");
+    if let Some(l) = leader {
+        if let Ok(v) = l.to_string().parse() {
+            status.metadata_mut().insert(LEADER_HINT, v);
+        }
+    }
+    status
+}
+
+/// Converts a configuration to its wire form.
+pub fn to_proto(config: &Config) -> pb::Config {
+    pb::Config {
+        num: config.num,
+        shards: config.shards.clone(),
+        groups: config
+            .groups
+            .iter()
+            .map(|(gid, servers)| {
+                (
+                    *gid,
+                    pb::ServerList {
+                        servers: servers.clone(),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Converts a configuration from its wire form.
+pub fn from_proto(config: pb::Config) -> Config {
+    Config {
+        num: config.num,
+        shards: config.shards,
+        groups: config
+            .groups
+            .into_iter()
+            .map(|(gid, list)| (gid, list.servers))
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl ShardMaster for ShardMasterService {
+    async fn join(
+        &self,
+        request: GrpcRequest<pb::JoinRequest>,
+    ) -> Result<Response<pb::Config>, Status> {
+        let r = request.get_ref().clone();
+        let op = Op::Join {
+            gid: r.gid,
+            servers: r.servers,
+        };
+        self.execute(request, r.tag, op, async |mut c, req| c.join(req).await)
+            .await
+    }
+
+    async fn leave(
+        &self,
+        request: GrpcRequest<pb::LeaveRequest>,
+    ) -> Result<Response<pb::Config>, Status> {
+        let r = *request.get_ref();
+        let op = Op::Leave { gid: r.gid };
+        self.execute(request, r.tag, op, async |mut c, req| c.leave(req).await)
+            .await
+    }
+
+    async fn r#move(
+        &self,
+        request: GrpcRequest<pb::MoveRequest>,
+    ) -> Result<Response<pb::Config>, Status> {
+        let r = *request.get_ref();
+        let op = Op::Move {
+            shard: r.shard,
+            gid: r.gid,
+        };
+        self.execute(request, r.tag, op, async |mut c, req| c.r#move(req).await)
+            .await
+    }
+
+    async fn query(
+        &self,
+        request: GrpcRequest<pb::QueryRequest>,
+    ) -> Result<Response<pb::Config>, Status> {
+        let r = *request.get_ref();
+        let op = Op::Query {
+            num: u64::try_from(r.num).ok(),
+        };
+        self.execute(request, r.tag, op, async |mut c, req| c.query(req).await)
+            .await
+    }
+}
