@@ -285,3 +285,25 @@ async fn garbage_on_the_peer_port_is_refused_and_the_replica_keeps_running() {
     let result = propose(std::slice::from_ref(&node.replica), "still-alive").await;
     assert_eq!(result.as_ref(), b"1");
 }
+
+#[test]
+fn invalid_config_is_an_error_not_a_panic() {
+    let network = LocalNetwork::new(3);
+    for config in [Config::new(3, 3), Config::new(0, 0), {
+        let mut c = Config::new(0, 3);
+        c.election_timeout_max_ticks = 0;
+        c
+    }] {
+        let result = Replica::start(
+            config,
+            MemStorage::new(),
+            Recorder::default(),
+            network.transport(0),
+            options(),
+        );
+        assert!(
+            matches!(result, Err(ReplicaError::Config(_))),
+            "accepted an invalid config"
+        );
+    }
+}

@@ -90,6 +90,28 @@ impl Config {
         }
     }
 
+    /// Checks what [`Paxos::new`] requires, as an error a caller can report.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=64).contains(&self.peers) {
+            return Err(format!("a group has 1 to 64 replicas, not {}", self.peers));
+        }
+        if self.id >= self.peers {
+            return Err(format!(
+                "replica id {} is not below the group size {}",
+                self.id, self.peers
+            ));
+        }
+        if self.election_timeout_min_ticks == 0
+            || self.election_timeout_max_ticks < self.election_timeout_min_ticks
+        {
+            return Err("election timeout range must be non-empty and at least 1 tick".into());
+        }
+        if self.pipeline_window_slots == 0 || self.batch_commands_max == 0 {
+            return Err("pipeline window and batch size must be at least 1".into());
+        }
+        Ok(())
+    }
+
     fn quorum(&self) -> usize {
         self.peers as usize / 2 + 1
     }
@@ -249,11 +271,11 @@ pub struct Paxos {
 
 impl Paxos {
     /// Builds a replica from what its storage holds (empty for a new one).
+    /// Panics on a config that fails [`Config::validate`]: check it first.
     pub fn new(config: Config, durable: DurableState) -> Self {
-        assert!(config.peers >= 1 && config.peers <= 64, "1 to 64 replicas");
-        assert!(config.id < config.peers, "id out of range");
-        assert!(config.election_timeout_min_ticks >= 1);
-        assert!(config.election_timeout_max_ticks >= config.election_timeout_min_ticks);
+        if let Err(e) = config.validate() {
+            panic!("invalid Paxos config: {e}");
+        }
         let compacted_through = durable.snapshot.as_ref().map_or(0, |s| s.index);
         let commit = durable.commit.max(compacted_through);
         let log = durable

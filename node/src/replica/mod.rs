@@ -80,6 +80,8 @@ pub enum ReplicaError {
     Stopped,
     #[error("storage failed: {0}")]
     Storage(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 impl From<ProposeError> for ReplicaError {
@@ -146,6 +148,7 @@ impl Replica {
         M: StateMachine,
         T: Transport,
     {
+        config.validate().map_err(ReplicaError::Config)?;
         let durable = storage
             .load()
             .map_err(|e| ReplicaError::Storage(e.to_string()))?;

@@ -96,7 +96,9 @@ impl ShardMasterService {
                 "leader changed before the request was decided; retry with the same tag",
             )),
             Err(ReplicaError::Stopped) => Err(Status::unavailable("replica is shutting down")),
-            Err(ReplicaError::Storage(e)) => Err(Status::internal(format!("storage failure: {e}"))),
+            Err(ReplicaError::Storage(e) | ReplicaError::Config(e)) => {
+                Err(Status::internal(format!("replica failure: {e}")))
+            }
         }
     }
 }

@@ -70,3 +70,24 @@ pub fn all_caught_up(sim: &Sim) -> bool {
             .filter(|id| sim.is_up(*id))
             .all(|id| sim.applied[id as usize].last_slot >= commit)
 }
+
+/// Runs until everyone has caught up, then checks that every live replica's
+/// state machine holds exactly the same commands.
+pub fn assert_converged(sim: &mut Sim) {
+    assert!(
+        sim.run_until(PATIENCE_TICKS, all_caught_up),
+        "seed {}: replicas never caught up",
+        sim.seed
+    );
+    let live: Vec<usize> = (0..sim.len())
+        .filter(|id| sim.is_up(*id))
+        .map(|id| id as usize)
+        .collect();
+    for id in &live[1..] {
+        assert_eq!(
+            sim.applied[*id].digest, sim.applied[live[0]].digest,
+            "seed {}: replica {id} diverged from replica {}",
+            sim.seed, live[0]
+        );
+    }
+}
