@@ -307,3 +307,34 @@ fn invalid_config_is_an_error_not_a_panic() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proposals_at_a_deposed_leader_fail_instead_of_hanging() {
+    let network = LocalNetwork::new(3);
+    let mut replicas = Vec::new();
+    for id in 0..3 {
+        let (replica, _thread) = Replica::start(
+            Config::new(id, 3),
+            MemStorage::new(),
+            Recorder::default(),
+            network.transport(id),
+            options(),
+        )
+        .unwrap();
+        network.register(id, replica.clone());
+        replicas.push(replica);
+    }
+    let leader = await_leader(&replicas).await;
+    let id = leader.status().id;
+    // Cut the leader off: it takes the proposal, can never decide it, and
+    // must step aside; the caller must then hear so, not wait forever.
+    network.set_isolated(id, true);
+    let outcome = tokio::time::timeout(WAIT, leader.propose(Bytes::from_static(b"orphan"))).await;
+    match outcome {
+        Ok(Err(ReplicaError::OutcomeUnknown | ReplicaError::NotLeader { .. })) => {}
+        other => panic!("a deposed leader's proposal ended as {other:?}"),
+    }
+    for r in &replicas {
+        r.shutdown();
+    }
+}

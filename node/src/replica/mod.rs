@@ -177,6 +177,7 @@ impl Replica {
                     handle,
                     syncs: 0,
                     last_snapshot: 0,
+                    led_in: None,
                 };
                 if let Err(e) = driver.run(rx) {
                     tracing::error!(error = %e, "replica stopped on a storage failure");
@@ -260,6 +261,9 @@ struct Driver<S, M, T> {
     syncs: u64,
     /// Slot of the last snapshot taken here, to space snapshots out.
     last_snapshot: Slot,
+    /// The ballot this replica led in at the end of the last turn: when it
+    /// changes, outstanding proposals lose their only witness.
+    led_in: Option<Ballot>,
 }
 
 impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
@@ -318,7 +322,6 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
     }
 
     fn handle_ready(&mut self) -> Result<(), StorageError> {
-        let was_leader = self.paxos.is_leader();
         let ready = self.paxos.ready();
         if !ready.persist.is_empty() {
             self.storage.persist(&ready.persist)?;
@@ -360,13 +363,16 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
                 answers.push((waiter, Err(ReplicaError::NotLeader { leader })));
             }
         }
-        if was_leader && !self.paxos.is_leader() {
-            // Slotted but undecided commands may still be decided by the next
-            // leader: the caller must retry with deduplication.
+        let leading = self.paxos.is_leader().then(|| self.paxos.ballot());
+        if self.led_in.is_some() && self.led_in != leading {
+            // Leadership was lost (or lost and regained) since the last turn.
+            // Slotted but undecided commands may still be decided by another
+            // leader, or not: the caller must retry with deduplication.
             for (_, waiter) in self.waiters.drain() {
                 answers.push((waiter, Err(ReplicaError::OutcomeUnknown)));
             }
         }
+        self.led_in = leading;
         if let Some(applied) = last_applied {
             if applied - self.last_snapshot >= self.options.snapshot_every_slots {
                 let data = self.machine.snapshot();
