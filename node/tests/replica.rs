@@ -19,7 +19,7 @@ const WAIT: Duration = Duration::from_secs(20);
 #[derive(Default)]
 struct Recorder {
     commands: Vec<Bytes>,
-    shared: std::sync::Arc<std::sync::Mutex<Vec<Bytes>>>,
+    shared: SharedLog,
 }
 
 impl StateMachine for Recorder {
@@ -79,23 +79,10 @@ async fn await_all_applied(replicas: &[Replica]) {
     }
 }
 
-/// Proposes through the leader, retrying across leader changes like a client.
-async fn propose(replicas: &[Replica], command: &str) -> Bytes {
-    for _ in 0..100 {
-        let leader = await_leader(replicas).await;
-        match leader.propose(Bytes::from(command.to_string())).await {
-            Ok(result) => return result,
-            Err(ReplicaError::NotLeader { .. } | ReplicaError::Busy) => {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Err(e) => panic!("propose {command}: {e}"),
-        }
-    }
-    panic!("propose {command}: no leader took it");
-}
+type SharedLog = std::sync::Arc<std::sync::Mutex<Vec<Bytes>>>;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_process_group_decides_concurrent_proposals_in_one_order() {
+/// Three in-process replicas with memory storage, and each one's applied log.
+fn local_group() -> (LocalNetwork, Vec<Replica>, Vec<SharedLog>) {
     let network = LocalNetwork::new(3);
     let mut replicas = Vec::new();
     let mut logs = Vec::new();
@@ -113,6 +100,27 @@ async fn in_process_group_decides_concurrent_proposals_in_one_order() {
         network.register(id, replica.clone());
         replicas.push(replica);
     }
+    (network, replicas, logs)
+}
+
+/// Proposes through the leader, retrying across leader changes like a client.
+async fn propose(replicas: &[Replica], command: &str) -> Bytes {
+    for _ in 0..100 {
+        let leader = await_leader(replicas).await;
+        match leader.propose(Bytes::from(command.to_string())).await {
+            Ok(result) => return result,
+            Err(ReplicaError::NotLeader { .. } | ReplicaError::Busy) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("propose {command}: {e}"),
+        }
+    }
+    panic!("propose {command}: no leader took it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_group_decides_concurrent_proposals_in_one_order() {
+    let (_network, replicas, logs) = local_group();
     let leader = await_leader(&replicas).await;
     let tasks: Vec<_> = (0..500)
         .map(|i| {
@@ -148,7 +156,7 @@ async fn in_process_group_decides_concurrent_proposals_in_one_order() {
 
 struct GrpcNode {
     replica: Replica,
-    shared: std::sync::Arc<std::sync::Mutex<Vec<Bytes>>>,
+    shared: SharedLog,
     stop: tokio::sync::oneshot::Sender<()>,
     thread: std::thread::JoinHandle<()>,
 }
@@ -310,20 +318,7 @@ fn invalid_config_is_an_error_not_a_panic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proposals_at_a_deposed_leader_fail_instead_of_hanging() {
-    let network = LocalNetwork::new(3);
-    let mut replicas = Vec::new();
-    for id in 0..3 {
-        let (replica, _thread) = Replica::start(
-            Config::new(id, 3),
-            MemStorage::new(),
-            Recorder::default(),
-            network.transport(id),
-            options(),
-        )
-        .unwrap();
-        network.register(id, replica.clone());
-        replicas.push(replica);
-    }
+    let (network, replicas, _logs) = local_group();
     let leader = await_leader(&replicas).await;
     let id = leader.status().id;
     // Cut the leader off: it takes the proposal, can never decide it, and
