@@ -395,9 +395,8 @@ impl Paxos {
                 ballot,
                 entries,
                 commit,
-                compacted_through,
                 behind,
-            } => self.on_promise(from, ballot, entries, commit, compacted_through, behind),
+            } => self.on_promise(from, ballot, entries, commit, behind),
             Message::Accept {
                 ballot,
                 entries,
@@ -653,7 +652,6 @@ impl Paxos {
                 ballot,
                 entries,
                 commit: self.commit,
-                compacted_through: self.compacted_through,
                 behind,
             },
         ));
@@ -665,7 +663,6 @@ impl Paxos {
         ballot: Ballot,
         entries: Vec<PromisedEntry>,
         commit: Slot,
-        _compacted_through: Slot,
         behind: bool,
     ) {
         let Role::Candidate(c) = &mut self.role else {
@@ -748,7 +745,6 @@ impl Paxos {
         self.role = Role::Leader(leadership);
         self.broadcast_accept(entries);
         self.try_decide_all();
-        self.flush_proposals();
     }
 
     fn on_nack(&mut self, promised: Ballot) {
@@ -805,6 +801,8 @@ impl Paxos {
     }
 
     /// Moves queued commands into new slots while the pipeline has room.
+    /// Called only from `ready`, so whatever arrived since the last one
+    /// (including while the window was full) leaves together.
     fn flush_proposals(&mut self) {
         let id = self.config.id;
         loop {
@@ -950,7 +948,6 @@ impl Paxos {
             self.min_done = group_done;
             self.truncate_log();
         }
-        self.flush_proposals();
     }
 
     fn try_decide_all(&mut self) {
@@ -1044,7 +1041,6 @@ impl Paxos {
                 self.send_accept(peer as NodeId, entries);
             }
         }
-        self.flush_proposals();
     }
 
     // ----- Catch-up and compaction -----

@@ -85,7 +85,6 @@ pub enum Message {
         ballot: Ballot,
         entries: Vec<PromisedEntry>,
         commit: Slot,
-        compacted_through: Slot,
         behind: bool,
     },
     /// Phase 2a for some slots, carrying the leader's commit index and the
