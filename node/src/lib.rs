@@ -3,9 +3,13 @@
 //! - [`paxos`]: the replication core (sans-I/O), storage, simulator.
 //! - [`replica`]: the driver that runs a core on a thread with real storage and transport.
 //! - [`shardmaster`]: the configuration service (which group serves which shard).
+//! - [`shardkv`]: the key/value service: replica groups, shard handoff, the client.
+//! - [`linearizability`]: a checker for recorded histories.
 
+pub mod linearizability;
 pub mod paxos;
 pub mod replica;
+pub mod shardkv;
 pub mod shardmaster;
 
 /// Generated gRPC types.
@@ -16,5 +20,10 @@ pub mod proto {
     pub mod shardmaster {
         #![allow(clippy::all, missing_docs)]
         tonic::include_proto!("shardkv.shardmaster");
+    }
+
+    pub mod kv {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("shardkv.kv");
     }
 }

@@ -1,0 +1,617 @@
+//! The replicated state of one replica group: its shards' data, their
+//! duplicate tables, and where it stands in the sequence of configurations.
+//!
+//! Every change arrives as a [`Command`] decided in the group's log, so all
+//! replicas make the same changes in the same order, client operations and
+//! reconfiguration steps interleaved identically. The handoff protocol:
+//!
+//! 1. The leader sees configuration `num + 1` at the shardmaster and proposes
+//!    [`Command::Reconfigure`]. It applies only once every shard owned in
+//!    `num` is present (none is still being pulled), so configurations are
+//!    taken strictly in order. Shards kept are served throughout; shards
+//!    lost become *outgoing* copies, frozen, keyed by the new number; shards
+//!    gained are *pulling* until their data arrives.
+//! 2. The leader pulls each pulling shard from the group that holds it and
+//!    proposes [`Command::InstallShard`]; the shard is served from then on,
+//!    whatever the state of other shards.
+//! 3. It then tells the old holder, which proposes [`Command::DeleteShard`]
+//!    in its own log and drops the copy; once that is acknowledged the new
+//!    owner proposes [`Command::DeleteAcknowledged`]. Data thus lives on
+//!    both groups only until the new owner has it durably.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::{key_to_shard, put_hash_value};
+use crate::paxos::Slot;
+use crate::replica::StateMachine;
+use crate::shardmaster::{Config, Gid};
+
+/// A stored value may grow by Append up to this size, and no further. A
+/// constant, not a flag: every replica must make the same decision.
+pub const STORED_VALUE_BYTES_MAX: usize = 64 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpKind {
+    Get,
+    Put,
+    Append,
+    PutHash,
+    Delete,
+}
+
+/// A client operation as logged.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientOp {
+    pub client: u64,
+    /// Unique per client for writes; 0 for Gets, which are not deduplicated.
+    pub seq: u64,
+    /// The client has its replies for every seq below this.
+    pub first_unacked: u64,
+    pub kind: OpKind,
+    pub key: Bytes,
+    pub value: Bytes,
+}
+
+/// The result of a client operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpReply {
+    /// Get: the value, if any. PutHash: the previous value (empty if none).
+    Value(Option<Bytes>),
+    /// Put, Append, Delete applied.
+    Done,
+    /// This group does not serve the key's shard at this point of its log.
+    WrongGroup,
+    /// The client already acknowledged this seq, so its reply is gone; the
+    /// operation was applied once, or never will be. Only a delayed copy of
+    /// an old request gets this.
+    Stale,
+    /// The Append would make the value larger than [`STORED_VALUE_BYTES_MAX`].
+    ValueTooLarge,
+}
+
+/// Where a shard's previous copy lives, so its holder can be told to drop it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Source {
+    pub gid: Gid,
+    /// The holder's key for the copy: the first configuration in which it
+    /// no longer owned the shard.
+    pub config_num: u64,
+    pub servers: Vec<String>,
+}
+
+/// Everything in the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Client(ClientOp),
+    Reconfigure(Config),
+    /// A pulled shard's data, for configuration `config_num`. `source` is
+    /// `None` for a shard that never had data anywhere.
+    InstallShard {
+        config_num: u64,
+        shard: u64,
+        data: ShardData,
+        source: Option<Source>,
+    },
+    /// The new owner has the copy outgoing at (`config_num`, `shard`).
+    DeleteShard {
+        config_num: u64,
+        shard: u64,
+    },
+    /// The old holder dropped its copy: stop telling it to.
+    DeleteAcknowledged {
+        shard: u64,
+        source: Source,
+    },
+}
+
+/// What applying a [`Command`] returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandReply {
+    Op(OpReply),
+    /// A reconfiguration step took effect (false: it was stale or early and
+    /// changed nothing; the leader retries if still needed).
+    Step(bool),
+    /// DeleteShard for a configuration this replica has not reached yet.
+    NotYet,
+    /// The command could not be decoded.
+    Malformed(String),
+}
+
+/// One client's duplicate table within one shard.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// Replies to every seq below this were received by the client.
+    pub acked_below: u64,
+    /// Replies the client may still ask for again.
+    pub replies: BTreeMap<u64, OpReply>,
+}
+
+/// A shard's contents: they move between groups as one unit, so a retry
+/// that reaches the new owner is still recognised.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardData {
+    pub kv: BTreeMap<Bytes, Bytes>,
+    pub sessions: BTreeMap<u64, Session>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardStatus {
+    /// Present and served.
+    Serving,
+    /// Owned in the current configuration; waiting for its data.
+    Pulling,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnedShard {
+    pub status: ShardStatus,
+    pub data: ShardData,
+}
+
+/// The group's replicated state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvState {
+    pub gid: Gid,
+    /// The configuration applied last, and the one before it (which says
+    /// where pulling shards come from).
+    pub config: Config,
+    pub prev_config: Config,
+    /// Shards owned in `config`.
+    pub owned: BTreeMap<u64, OwnedShard>,
+    /// Copies handed off, by (first configuration not owning it, shard),
+    /// frozen until the new owner confirms it has them.
+    pub outgoing: BTreeMap<(u64, u64), ShardData>,
+    /// Installed shards whose previous holder must still drop its copy.
+    /// A shard can have several: it may move away and back before an old
+    /// holder answers.
+    pub pending_deletes: BTreeSet<(u64, Source)>,
+}
+
+fn empty_config() -> Config {
+    // The shard count is learnt from the first configuration.
+    Config::initial(0)
+}
+
+impl KvState {
+    pub fn new(gid: Gid) -> Self {
+        KvState {
+            gid,
+            config: empty_config(),
+            prev_config: empty_config(),
+            owned: BTreeMap::new(),
+            outgoing: BTreeMap::new(),
+            pending_deletes: BTreeSet::new(),
+        }
+    }
+
+    /// The shard a key maps to in this group's configuration.
+    pub fn shard_of(&self, key: &[u8]) -> u64 {
+        key_to_shard(key, self.config.shards.len()) as u64
+    }
+
+    /// True when the key's shard is owned and present here.
+    pub fn serves(&self, key: &[u8]) -> bool {
+        !self.config.shards.is_empty()
+            && self
+                .owned
+                .get(&self.shard_of(key))
+                .is_some_and(|s| s.status == ShardStatus::Serving)
+    }
+
+    /// True when the next configuration may be applied.
+    pub fn ready_for_next_config(&self) -> bool {
+        self.owned
+            .values()
+            .all(|s| s.status == ShardStatus::Serving)
+    }
+
+    pub fn apply_command(&mut self, command: Command) -> CommandReply {
+        match command {
+            Command::Client(op) => CommandReply::Op(self.apply_client(op)),
+            Command::Reconfigure(next) => CommandReply::Step(self.apply_reconfigure(next)),
+            Command::InstallShard {
+                config_num,
+                shard,
+                data,
+                source,
+            } => CommandReply::Step(self.apply_install(config_num, shard, data, source)),
+            Command::DeleteShard { config_num, shard } => {
+                if self.config.num < config_num {
+                    return CommandReply::NotYet;
+                }
+                CommandReply::Step(self.outgoing.remove(&(config_num, shard)).is_some())
+            }
+            Command::DeleteAcknowledged { shard, source } => {
+                CommandReply::Step(self.pending_deletes.remove(&(shard, source)))
+            }
+        }
+    }
+
+    fn apply_client(&mut self, op: ClientOp) -> OpReply {
+        let shard = self.shard_of(&op.key);
+        let Some(owned) = self.owned.get_mut(&shard) else {
+            return OpReply::WrongGroup;
+        };
+        if owned.status != ShardStatus::Serving || self.config.shards.is_empty() {
+            return OpReply::WrongGroup;
+        }
+        let data = &mut owned.data;
+        if op.kind == OpKind::Get {
+            return OpReply::Value(data.kv.get(&op.key).cloned());
+        }
+        let session = data.sessions.entry(op.client).or_default();
+        if op.seq < session.acked_below {
+            return OpReply::Stale;
+        }
+        if let Some(reply) = session.replies.get(&op.seq) {
+            return reply.clone();
+        }
+        let reply = match op.kind {
+            OpKind::Get => unreachable!("handled above"),
+            OpKind::Put => {
+                data.kv.insert(op.key, op.value);
+                OpReply::Done
+            }
+            OpKind::Append => match data.kv.get(&op.key) {
+                Some(old) if old.len() + op.value.len() > STORED_VALUE_BYTES_MAX => {
+                    OpReply::ValueTooLarge
+                }
+                Some(old) => {
+                    let mut joined = Vec::with_capacity(old.len() + op.value.len());
+                    joined.extend_from_slice(old);
+                    joined.extend_from_slice(&op.value);
+                    data.kv.insert(op.key, Bytes::from(joined));
+                    OpReply::Done
+                }
+                None => {
+                    data.kv.insert(op.key, op.value);
+                    OpReply::Done
+                }
+            },
+            OpKind::PutHash => {
+                let previous = data.kv.get(&op.key).cloned().unwrap_or_default();
+                data.kv.insert(op.key, put_hash_value(&previous, &op.value));
+                OpReply::Value(Some(previous))
+            }
+            OpKind::Delete => {
+                data.kv.remove(&op.key);
+                OpReply::Done
+            }
+        };
+        session.replies.insert(op.seq, reply.clone());
+        if op.first_unacked > session.acked_below {
+            session.acked_below = op.first_unacked;
+            session.replies = session.replies.split_off(&op.first_unacked);
+        }
+        reply
+    }
+
+    fn apply_reconfigure(&mut self, next: Config) -> bool {
+        if next.num != self.config.num + 1 || !self.ready_for_next_config() {
+            return false;
+        }
+        if self.config.num > 0 && next.shards.len() != self.config.shards.len() {
+            // The shardmaster never changes its shard count; refuse rather
+            // than remap every key.
+            tracing::error!(
+                have = self.config.shards.len(),
+                got = next.shards.len(),
+                "configuration changes the number of shards; ignored"
+            );
+            return false;
+        }
+        let me = self.gid;
+        for (shard, &owner) in next.shards.iter().enumerate() {
+            let shard = shard as u64;
+            let was_mine = self.config.shards.get(shard as usize) == Some(&me);
+            let is_mine = owner == me;
+            if was_mine && !is_mine {
+                if let Some(s) = self.owned.remove(&shard) {
+                    self.outgoing.insert((next.num, shard), s.data);
+                }
+            } else if is_mine && !was_mine {
+                // In configuration 1 every shard is new: nothing to pull.
+                let status = if self.config.num == 0 {
+                    ShardStatus::Serving
+                } else {
+                    ShardStatus::Pulling
+                };
+                self.owned.insert(
+                    shard,
+                    OwnedShard {
+                        status,
+                        data: ShardData::default(),
+                    },
+                );
+            }
+        }
+        self.prev_config = std::mem::replace(&mut self.config, next);
+        true
+    }
+
+    fn apply_install(
+        &mut self,
+        config_num: u64,
+        shard: u64,
+        data: ShardData,
+        source: Option<Source>,
+    ) -> bool {
+        if config_num != self.config.num {
+            return false;
+        }
+        match self.owned.get_mut(&shard) {
+            Some(owned) if owned.status == ShardStatus::Pulling => {
+                owned.data = data;
+                owned.status = ShardStatus::Serving;
+                if let Some(source) = source {
+                    self.pending_deletes.insert((shard, source));
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Number of keys stored, owned and outgoing.
+    pub fn key_count(&self) -> usize {
+        self.owned.values().map(|s| s.data.kv.len()).sum::<usize>()
+            + self.outgoing.values().map(|d| d.kv.len()).sum::<usize>()
+    }
+}
+
+/// The state machine the replica applies to, shared with the gRPC service
+/// (which reads shard status and outgoing copies without going through the
+/// log). Clones share the state.
+#[derive(Clone)]
+pub struct SharedKvState {
+    inner: Arc<Mutex<KvState>>,
+}
+
+impl SharedKvState {
+    pub fn new(gid: Gid) -> Self {
+        SharedKvState {
+            inner: Arc::new(Mutex::new(KvState::new(gid))),
+        }
+    }
+
+    /// The state as last applied. Hold the guard briefly: the replica's
+    /// apply loop waits for it.
+    pub fn lock(&self) -> MutexGuard<'_, KvState> {
+        // A panic while holding the lock cannot leave a half-applied
+        // command visible to anyone but the dead thread; keep going.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Bytes {
+    // Our own types always encode; an empty result would be refused by the
+    // reader as malformed rather than misread.
+    postcard::to_allocvec(value)
+        .map(Bytes::from)
+        .unwrap_or_default()
+}
+
+impl StateMachine for SharedKvState {
+    fn apply(&mut self, _slot: Slot, command: &[u8]) -> Bytes {
+        let reply = match postcard::from_bytes::<Command>(command) {
+            Ok(command) => self.lock().apply_command(command),
+            Err(e) => CommandReply::Malformed(e.to_string()),
+        };
+        encode(&reply)
+    }
+
+    fn snapshot(&self) -> Bytes {
+        encode(&*self.lock())
+    }
+
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+        let state: KvState = postcard::from_bytes(snapshot).map_err(|e| e.to_string())?;
+        let mut guard = self.lock();
+        if state.gid != guard.gid {
+            return Err(format!(
+                "snapshot is of group {}, this is group {}",
+                state.gid, guard.gid
+            ));
+        }
+        *guard = state;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(num: u64, shards: Vec<Gid>) -> Config {
+        let mut groups = BTreeMap::new();
+        for g in &shards {
+            if *g != 0 {
+                groups.insert(*g, vec![format!("g{g}")]);
+            }
+        }
+        Config {
+            num,
+            shards,
+            groups,
+        }
+    }
+
+    fn op(client: u64, seq: u64, kind: OpKind, key: &str, value: &str) -> Command {
+        Command::Client(ClientOp {
+            client,
+            seq,
+            first_unacked: seq,
+            kind,
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            value: Bytes::copy_from_slice(value.as_bytes()),
+        })
+    }
+
+    fn get(state: &mut KvState, key: &str) -> CommandReply {
+        state.apply_command(op(0, 0, OpKind::Get, key, ""))
+    }
+
+    /// A key of shard `shard` out of `n`.
+    fn key_in(shard: u64, n: usize) -> String {
+        (0..)
+            .map(|i| format!("k{i}"))
+            .find(|k| key_to_shard(k.as_bytes(), n) as u64 == shard)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_retried_write_is_applied_once_and_old_replies_are_forgotten() {
+        let mut s = KvState::new(1);
+        assert!(
+            s.apply_command(Command::Reconfigure(config(1, vec![1, 1])))
+                == CommandReply::Step(true)
+        );
+        let append = op(7, 1, OpKind::Append, "k", "x");
+        assert_eq!(
+            s.apply_command(append.clone()),
+            CommandReply::Op(OpReply::Done)
+        );
+        assert_eq!(
+            s.apply_command(append.clone()),
+            CommandReply::Op(OpReply::Done)
+        );
+        assert_eq!(
+            get(&mut s, "k"),
+            CommandReply::Op(OpReply::Value(Some(Bytes::from("x"))))
+        );
+        // Seq 2 acknowledges seq 1: a delayed copy of 1 is now refused.
+        s.apply_command(op(7, 2, OpKind::Append, "k", "y"));
+        assert_eq!(s.apply_command(append), CommandReply::Op(OpReply::Stale));
+        assert_eq!(
+            get(&mut s, "k"),
+            CommandReply::Op(OpReply::Value(Some(Bytes::from("xy"))))
+        );
+        let shard = s.shard_of(b"k");
+        let session = &s.owned[&shard].data.sessions[&7];
+        assert_eq!(session.replies.keys().copied().collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn put_hash_returns_the_previous_value_and_stores_the_hash() {
+        let mut s = KvState::new(1);
+        s.apply_command(Command::Reconfigure(config(1, vec![1])));
+        assert_eq!(
+            s.apply_command(op(1, 1, OpKind::PutHash, "k", "a")),
+            CommandReply::Op(OpReply::Value(Some(Bytes::new())))
+        );
+        assert_eq!(
+            s.apply_command(op(1, 2, OpKind::PutHash, "k", "b")),
+            CommandReply::Op(OpReply::Value(Some(Bytes::from("3826002220"))))
+        );
+        s.apply_command(op(1, 3, OpKind::Delete, "k", ""));
+        assert_eq!(get(&mut s, "k"), CommandReply::Op(OpReply::Value(None)));
+    }
+
+    #[test]
+    fn a_shard_moves_with_its_duplicate_table_and_both_sides_clean_up() {
+        let n = 2;
+        let moving = key_in(1, n);
+        let staying = key_in(0, n);
+        let mut a = KvState::new(1);
+        let mut b = KvState::new(2);
+        let c1 = config(1, vec![1, 1]);
+        let c2 = config(2, vec![1, 2]);
+        for s in [&mut a, &mut b] {
+            s.apply_command(Command::Reconfigure(c1.clone()));
+        }
+        a.apply_command(op(9, 1, OpKind::Append, &moving, "x"));
+        for s in [&mut a, &mut b] {
+            assert_eq!(
+                s.apply_command(Command::Reconfigure(c2.clone())),
+                CommandReply::Step(true)
+            );
+        }
+        // The old owner refuses the moved shard, serves the other one.
+        assert_eq!(get(&mut a, &moving), CommandReply::Op(OpReply::WrongGroup));
+        assert!(a.serves(staying.as_bytes()));
+        // The new owner refuses until the data arrives, and cannot take a
+        // further configuration before that.
+        assert_eq!(get(&mut b, &moving), CommandReply::Op(OpReply::WrongGroup));
+        assert_eq!(
+            b.apply_command(Command::Reconfigure(config(3, vec![2, 2]))),
+            CommandReply::Step(false)
+        );
+        let data = a.outgoing[&(2, 1)].clone();
+        let source = Source {
+            gid: 1,
+            config_num: 2,
+            servers: vec!["g1".into()],
+        };
+        let install = Command::InstallShard {
+            config_num: 2,
+            shard: 1,
+            data,
+            source: Some(source.clone()),
+        };
+        assert_eq!(b.apply_command(install.clone()), CommandReply::Step(true));
+        assert_eq!(b.apply_command(install), CommandReply::Step(false));
+        // The retried append (reply lost before the move) is not re-applied.
+        assert_eq!(
+            b.apply_command(op(9, 1, OpKind::Append, &moving, "x")),
+            CommandReply::Op(OpReply::Done)
+        );
+        assert_eq!(
+            get(&mut b, &moving),
+            CommandReply::Op(OpReply::Value(Some(Bytes::from("x"))))
+        );
+        // Deleting at the old owner, then acknowledging at the new one.
+        assert_eq!(
+            a.apply_command(Command::DeleteShard {
+                config_num: 2,
+                shard: 1
+            }),
+            CommandReply::Step(true)
+        );
+        assert!(a.outgoing.is_empty());
+        b.apply_command(Command::DeleteAcknowledged { shard: 1, source });
+        assert!(b.pending_deletes.is_empty());
+    }
+
+    #[test]
+    fn a_delete_for_a_future_configuration_waits() {
+        let mut a = KvState::new(1);
+        assert_eq!(
+            a.apply_command(Command::DeleteShard {
+                config_num: 3,
+                shard: 0
+            }),
+            CommandReply::NotYet
+        );
+    }
+
+    #[test]
+    fn configurations_apply_in_order_only() {
+        let mut a = KvState::new(1);
+        assert_eq!(
+            a.apply_command(Command::Reconfigure(config(2, vec![1]))),
+            CommandReply::Step(false)
+        );
+        assert_eq!(
+            a.apply_command(Command::Reconfigure(config(1, vec![1]))),
+            CommandReply::Step(true)
+        );
+        assert_eq!(
+            a.apply_command(Command::Reconfigure(config(1, vec![1]))),
+            CommandReply::Step(false)
+        );
+        assert_eq!(a.config.num, 1);
+    }
+
+    #[test]
+    fn undecodable_commands_change_nothing() {
+        let mut shared = SharedKvState::new(1);
+        let before = shared.lock().clone();
+        let reply: CommandReply = postcard::from_bytes(&shared.apply(1, b"\xff\xfe")).unwrap();
+        assert!(matches!(reply, CommandReply::Malformed(_)));
+        assert_eq!(*shared.lock(), before);
+    }
+}
