@@ -302,7 +302,7 @@ mod tests {
         let h = vec![op(0, put("1"), None, 0, 5), other];
         assert!(matches!(
             check(&h, LIMIT),
-            Verdict::NotLinearizable { key, .. } if key == Bytes::from("y")
+            Verdict::NotLinearizable { key, .. } if key == "y"
         ));
     }
 

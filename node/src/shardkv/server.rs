@@ -268,9 +268,8 @@ impl KvServer {
                     gid: self.inner.gid,
                 };
                 let reply = self
-                    .call_group(&source.servers, |mut c| {
-                        let request = request;
-                        async move { c.pull_shard(request).await }
+                    .call_group(&source.servers, |mut c| async move {
+                        c.pull_shard(request).await
                     })
                     .await?;
                 postcard::from_bytes(&reply.data)
@@ -301,9 +300,8 @@ impl KvServer {
                 shard,
                 gid: self.inner.gid,
             };
-            self.call_group(&source.servers, |mut c| {
-                let request = request;
-                async move { c.delete_shard(request).await }
+            self.call_group(&source.servers, |mut c| async move {
+                c.delete_shard(request).await
             })
             .await?;
         }
