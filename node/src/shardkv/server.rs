@@ -118,15 +118,19 @@ impl KvServer {
         let server = self.clone();
         tokio::spawn(async move {
             tokio::pin!(shutdown);
+            let mut progress = false;
             loop {
-                tokio::select! {
-                    _ = &mut shutdown => return,
-                    _ = tokio::time::sleep(server.inner.options.poll_interval) => {}
+                if !progress {
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        _ = tokio::time::sleep(server.inner.options.poll_interval) => {}
+                    }
                 }
+                progress = false;
                 if server.inner.replica.status().role == RoleKind::Leader {
                     tokio::select! {
                         _ = &mut shutdown => return,
-                        _ = server.reconfigure_step() => {}
+                        p = server.reconfigure_step() => progress = p,
                     }
                 }
             }
@@ -165,9 +169,29 @@ impl KvServer {
 
     /// One round of the leader's work: take the next configuration if the
     /// group is ready, pull the shards it is owed, release the shards others
-    /// have taken.
-    async fn reconfigure_step(&self) {
-        let (num, ready, prev, pulling, deletes) = {
+    /// have taken. Returns true if anything moved on, so the caller goes
+    /// again at once instead of waiting a poll interval.
+    async fn reconfigure_step(&self) -> bool {
+        let mut progress = false;
+        let (num, ready) = {
+            let s = self.inner.state.lock();
+            (s.config.num, s.ready_for_next_config())
+        };
+        if ready {
+            match self.inner.masters.query(Some(num + 1)).await {
+                Ok(next) if next.num == num + 1 => {
+                    tracing::info!(gid = self.inner.gid, num = next.num, "taking configuration");
+                    match self.propose(&Command::Reconfigure(next)).await {
+                        Ok(CommandReply::Step(took)) => progress = took,
+                        Ok(other) => tracing::warn!(?other, "unexpected reply to Reconfigure"),
+                        Err(e) => tracing::debug!(error = %e, "could not propose a configuration"),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "shardmaster unavailable"),
+            }
+        }
+        let (num, prev, pulling, deletes) = {
             let s = self.inner.state.lock();
             let pulling: Vec<u64> = s
                 .owned
@@ -177,44 +201,37 @@ impl KvServer {
                 .collect();
             (
                 s.config.num,
-                s.ready_for_next_config(),
                 s.prev_config.clone(),
                 pulling,
                 s.pending_deletes.clone(),
             )
         };
-        if ready {
-            match self.inner.masters.query(Some(num + 1)).await {
-                Ok(next) if next.num == num + 1 => {
-                    tracing::info!(gid = self.inner.gid, num = next.num, "taking configuration");
-                    if let Err(e) = self.propose(&Command::Reconfigure(next)).await {
-                        tracing::debug!(error = %e, "could not propose a configuration");
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => tracing::debug!(error = %e, "shardmaster unavailable"),
-            }
-            // Pulls start next round, from the state this one produced.
-        }
         let mut tasks = JoinSet::new();
         for shard in pulling {
             let server = self.clone();
             let prev = prev.clone();
             tasks.spawn(async move {
-                if let Err(e) = server.pull(num, shard, &prev).await {
+                let result = server.pull(num, shard, &prev).await;
+                if let Err(e) = &result {
                     tracing::debug!(shard, num, error = %e, "shard pull failed; will retry");
                 }
+                result.is_ok()
             });
         }
         for (shard, source) in deletes {
             let server = self.clone();
             tasks.spawn(async move {
-                if let Err(e) = server.release(shard, source).await {
+                let result = server.release(shard, source).await;
+                if let Err(e) = &result {
                     tracing::debug!(shard, error = %e, "delete notice failed; will retry");
                 }
+                result.is_ok()
             });
         }
-        while tasks.join_next().await.is_some() {}
+        while let Some(done) = tasks.join_next().await {
+            progress |= done.unwrap_or(false);
+        }
+        progress
     }
 
     /// Where shard `shard`, owned here from configuration `num`, lives now:
