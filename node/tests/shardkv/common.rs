@@ -1,7 +1,6 @@
 //! A whole deployment in one process.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use shardkv::paxos::{Config as PaxosConfig, MemStorage, RedbStorage, RoleKind};
@@ -304,9 +303,6 @@ impl Cluster {
         }
     }
 }
-
-/// Shared across client tasks.
-pub type Shared<T> = Arc<std::sync::Mutex<T>>;
 
 pub fn key(i: usize) -> String {
     format!("key-{i}")
