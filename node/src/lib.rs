@@ -5,7 +5,9 @@
 //! - [`shardmaster`]: the configuration service (which group serves which shard).
 //! - [`shardkv`]: the key/value service: replica groups, shard handoff, the client.
 //! - [`linearizability`]: a checker for recorded histories.
+//! - [`daemon`]: running a role as a process (storage, health, metrics, shutdown).
 
+pub mod daemon;
 pub mod linearizability;
 pub mod paxos;
 pub mod replica;

@@ -532,6 +532,11 @@ impl Paxos {
         self.snapshot.as_ref().map_or(0, |s| s.index)
     }
 
+    /// Size of the latest snapshot.
+    pub fn snapshot_bytes(&self) -> usize {
+        self.snapshot.as_ref().map_or(0, |s| s.data.len())
+    }
+
     /// Commands waiting for a slot on a leader.
     pub fn queued_commands(&self) -> usize {
         match &self.role {

@@ -103,6 +103,7 @@ pub struct Status {
     pub commit: Slot,
     pub applied: Slot,
     pub snapshot_index: Slot,
+    pub snapshot_bytes: usize,
     pub log_len: usize,
     /// Peer messages dropped because the inbox was full.
     pub inbox_dropped: u64,
@@ -149,6 +150,15 @@ impl Replica {
         T: Transport,
     {
         config.validate().map_err(ReplicaError::Config)?;
+        // Proposal ids must not repeat across incarnations: a command
+        // proposed before a crash may be decided after the restart, and must
+        // not answer a new caller that happens to get the same id.
+        let mut config = config;
+        let now_nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        config.proposal_id_start = config.proposal_id_start.max(now_nanos);
         let durable = storage
             .load()
             .map_err(|e| ReplicaError::Storage(e.to_string()))?;
@@ -241,6 +251,7 @@ fn status_of(paxos: &Paxos, dropped: u64, syncs: u64, running: bool) -> Status {
         commit: paxos.commit_index(),
         applied: paxos.applied_index(),
         snapshot_index: paxos.snapshot_index(),
+        snapshot_bytes: paxos.snapshot_bytes(),
         log_len: paxos.log_len(),
         inbox_dropped: dropped,
         syncs,

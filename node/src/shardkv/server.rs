@@ -79,6 +79,8 @@ struct Shared {
     options: KvServerOptions,
     /// The random source for `options.unreliable`.
     faults: Mutex<SimRng>,
+    /// Where operations are counted and timed, if the node exports metrics.
+    metrics: Option<crate::daemon::metrics::Metrics>,
 }
 
 impl KvServer {
@@ -99,8 +101,27 @@ impl KvServer {
                 pool: ChannelPool::new(options.peer_call_timeout),
                 faults: Mutex::new(SimRng::new(seed)),
                 options,
+                metrics: None,
             }),
         }
+    }
+
+    /// Counts and times client operations in `metrics`. Call before cloning.
+    pub fn with_metrics(mut self, metrics: crate::daemon::metrics::Metrics) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.metrics = Some(metrics);
+        }
+        self
+    }
+
+    /// The replica this server proposes through.
+    pub fn replica(&self) -> &Replica {
+        &self.inner.replica
+    }
+
+    /// The state the replica has applied.
+    pub fn state(&self) -> &SharedKvState {
+        &self.inner.state
     }
 
     pub fn into_server(self) -> ShardKvServer<Self> {
@@ -362,50 +383,7 @@ impl KvServer {
         }
         Err(last_error)
     }
-}
-
-/// The leader index a refusal names, if any.
-pub fn leader_hint(status: &Status) -> Option<usize> {
-    status
-        .metadata()
-        .get(LEADER_HINT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-}
-
-fn not_leader(leader: Option<u32>) -> Status {
-    let mut status = Status::unavailable("not the leader");
-    if let Some(Ok(v)) = leader.map(|l| l.to_string().parse()) {
-        status.metadata_mut().insert(LEADER_HINT, v);
-    }
-    status
-}
-
-fn op_kind(op: i32) -> Result<OpKind, Status> {
-    match pb::OpKind::try_from(op) {
-        Ok(pb::OpKind::Get) => Ok(OpKind::Get),
-        Ok(pb::OpKind::Put) => Ok(OpKind::Put),
-        Ok(pb::OpKind::Append) => Ok(OpKind::Append),
-        Ok(pb::OpKind::PutHash) => Ok(OpKind::PutHash),
-        Ok(pb::OpKind::Delete) => Ok(OpKind::Delete),
-        Err(_) => Err(Status::invalid_argument(format!("unknown operation {op}"))),
-    }
-}
-
-fn reply(outcome: pb::Outcome, value: Bytes) -> Response<pb::KvReply> {
-    Response::new(pb::KvReply {
-        outcome: outcome as i32,
-        value,
-    })
-}
-
-#[tonic::async_trait]
-impl ShardKv for KvServer {
-    async fn execute(
-        &self,
-        request: Request<pb::KvRequest>,
-    ) -> Result<Response<pb::KvReply>, Status> {
-        let r = request.into_inner();
+    async fn execute_op(&self, r: pb::KvRequest) -> Result<Response<pb::KvReply>, Status> {
         let kind = op_kind(r.op)?;
         self.inner
             .options
@@ -458,6 +436,75 @@ impl ShardKv for KvServer {
                 Err(Status::internal("unexpected reply to a client operation"))
             }
         }
+    }
+}
+
+/// The leader index a refusal names, if any.
+pub fn leader_hint(status: &Status) -> Option<usize> {
+    status
+        .metadata()
+        .get(LEADER_HINT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn not_leader(leader: Option<u32>) -> Status {
+    let mut status = Status::unavailable("not the leader");
+    if let Some(Ok(v)) = leader.map(|l| l.to_string().parse()) {
+        status.metadata_mut().insert(LEADER_HINT, v);
+    }
+    status
+}
+
+fn op_kind(op: i32) -> Result<OpKind, Status> {
+    match pb::OpKind::try_from(op) {
+        Ok(pb::OpKind::Get) => Ok(OpKind::Get),
+        Ok(pb::OpKind::Put) => Ok(OpKind::Put),
+        Ok(pb::OpKind::Append) => Ok(OpKind::Append),
+        Ok(pb::OpKind::PutHash) => Ok(OpKind::PutHash),
+        Ok(pb::OpKind::Delete) => Ok(OpKind::Delete),
+        Err(_) => Err(Status::invalid_argument(format!("unknown operation {op}"))),
+    }
+}
+
+fn reply(outcome: pb::Outcome, value: Bytes) -> Response<pb::KvReply> {
+    Response::new(pb::KvReply {
+        outcome: outcome as i32,
+        value,
+    })
+}
+
+#[tonic::async_trait]
+impl ShardKv for KvServer {
+    async fn execute(
+        &self,
+        request: Request<pb::KvRequest>,
+    ) -> Result<Response<pb::KvReply>, Status> {
+        let start = std::time::Instant::now();
+        let op = request.get_ref().op;
+        let result = self.execute_op(request.into_inner()).await;
+        if let Some(metrics) = &self.inner.metrics {
+            let op = match pb::OpKind::try_from(op) {
+                Ok(pb::OpKind::Get) => "get",
+                Ok(pb::OpKind::Put) => "put",
+                Ok(pb::OpKind::Append) => "append",
+                Ok(pb::OpKind::PutHash) => "puthash",
+                Ok(pb::OpKind::Delete) => "delete",
+                Err(_) => "invalid",
+            };
+            let outcome = match &result {
+                Ok(r) => match pb::Outcome::try_from(r.get_ref().outcome) {
+                    Ok(pb::Outcome::Ok) => "ok",
+                    Ok(pb::Outcome::NotFound) => "not_found",
+                    _ => "wrong_group",
+                },
+                Err(s) if s.code() == tonic::Code::InvalidArgument => "invalid",
+                Err(s) if s.code() == tonic::Code::Unavailable => "unavailable",
+                Err(_) => "error",
+            };
+            metrics.observe(op, outcome, start.elapsed());
+        }
+        result
     }
 
     async fn pull_shard(

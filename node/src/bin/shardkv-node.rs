@@ -1,0 +1,186 @@
+//! `shardkv-node`: runs a shardmaster replica, a kvserver, or a whole local
+//! cluster. Every flag can also be set from a `SHARDKV_*` environment
+//! variable, which is how a pod template passes them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use shardkv::daemon::local::{self, LocalOptions};
+use shardkv::daemon::{run_kv, run_master, terminate_signal, NodeOptions};
+use shardkv::shardkv::Limits;
+
+#[derive(Parser)]
+#[command(
+    name = "shardkv-node",
+    version,
+    about = "A shardkv node: shardmaster, kvserver, or a local cluster"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A shardmaster replica.
+    Master {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Shards in the deployment; fixed once the data directory exists.
+        #[arg(long, env = "SHARDKV_SHARDS", default_value_t = shardkv::shardmaster::DEFAULT_SHARDS)]
+        shards: usize,
+    },
+    /// A kvserver: one replica of a replica group.
+    Kv {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// The replica group's id (> 0).
+        #[arg(long, env = "SHARDKV_GID")]
+        gid: u64,
+        /// The shardmaster replicas, host:port, comma-separated.
+        #[arg(long, env = "SHARDKV_MASTERS", value_delimiter = ',', required = true)]
+        masters: Vec<String>,
+        #[arg(long, env = "SHARDKV_KEY_BYTES_MAX", default_value_t = Limits::default().key_bytes_max)]
+        key_bytes_max: usize,
+        #[arg(long, env = "SHARDKV_VALUE_BYTES_MAX", default_value_t = Limits::default().value_bytes_max)]
+        value_bytes_max: usize,
+    },
+    /// A shardmaster group of 3 and replica groups on loopback, in this
+    /// process. Started again on the same data directory, it resumes.
+    Local {
+        #[arg(long, default_value_t = 3)]
+        groups: usize,
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
+        /// The address every node listens on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// The first port; the cluster uses ports from here up.
+        #[arg(long, default_value_t = 7000)]
+        port: u16,
+        #[arg(long, default_value = "./shardkv-data")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// This replica's index in --peers: a number, or a name ending in
+    /// `-N` (a StatefulSet pod name), whose N is taken.
+    #[arg(long, env = "SHARDKV_ID")]
+    id: String,
+    /// Every replica of the group, host:port, comma-separated, in id order.
+    #[arg(long, env = "SHARDKV_PEERS", value_delimiter = ',', required = true)]
+    peers: Vec<String>,
+    #[arg(long, env = "SHARDKV_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Where to listen (default: this replica's entry in --peers).
+    #[arg(long, env = "SHARDKV_LISTEN")]
+    listen: Option<String>,
+    /// Serve Prometheus metrics on http://ADDR/metrics.
+    #[arg(long, env = "SHARDKV_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// The Paxos tick; elections take 10 to 20 ticks.
+    #[arg(long, env = "SHARDKV_TICK_MS", default_value_t = 10)]
+    tick_ms: u64,
+}
+
+fn parse_id(id: &str) -> anyhow::Result<u32> {
+    let digits = id.rsplit('-').next().unwrap_or(id);
+    digits
+        .parse()
+        .with_context(|| format!("--id {id:?} is neither a number nor a name ending in -N"))
+}
+
+impl NodeArgs {
+    fn into_options(self) -> anyhow::Result<NodeOptions> {
+        if self.tick_ms == 0 {
+            anyhow::bail!("--tick-ms must be at least 1");
+        }
+        Ok(NodeOptions {
+            id: parse_id(&self.id)?,
+            peers: self.peers,
+            data_dir: self.data_dir,
+            listen: self.listen,
+            metrics_addr: self.metrics_addr,
+            tick: Duration::from_millis(self.tick_ms),
+        })
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Master { node, shards } => {
+            run_master(node.into_options()?, shards, terminate_signal()).await?;
+        }
+        Command::Kv {
+            node,
+            gid,
+            masters,
+            key_bytes_max,
+            value_bytes_max,
+        } => {
+            let limits = Limits {
+                key_bytes_max,
+                value_bytes_max,
+            };
+            run_kv(
+                node.into_options()?,
+                gid,
+                masters,
+                limits,
+                terminate_signal(),
+            )
+            .await?;
+        }
+        Command::Local {
+            groups,
+            replicas,
+            host,
+            port,
+            data_dir,
+        } => {
+            let options = LocalOptions {
+                groups,
+                replicas,
+                host,
+                port,
+                data_dir: data_dir.clone(),
+            };
+            let on_ready = |cluster: &local::LocalCluster| {
+                let masters = cluster.masters.join(",");
+                println!(
+                    "shardkv local cluster is up: 3 shardmasters and {} groups of {} kvservers, data in {}",
+                    cluster.groups.len(),
+                    replicas,
+                    data_dir.display()
+                );
+                println!("masters: {masters}");
+                for (gid, addrs) in &cluster.groups {
+                    println!("group {gid}: {}", addrs.join(","));
+                }
+                println!("try, in another shell:");
+                println!("  export SHARDKV_MASTERS={masters}");
+                println!("  shardkvctl put greeting hello");
+                println!("  shardkvctl get greeting");
+                println!("  shardkvctl query");
+                println!(
+                    "Ctrl-C stops the cluster; started again on the same data dir it resumes."
+                );
+            };
+            local::run(options, on_ready, terminate_signal()).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! `shardkvctl`: the command-line client. Exit status: 0 on success, 1 when
+//! `get` finds no such key, 2 on any other failure (with one line on stderr).
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use shardkv::shardkv::clerk::{Clerk, ClerkOptions};
+use shardkv::shardkv::key_to_shard;
+use shardkv::shardmaster::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "shardkvctl",
+    version,
+    about = "Read and write shardkv, and manage its groups"
+)]
+struct Cli {
+    /// The shardmaster replicas, host:port, comma-separated.
+    #[arg(long, env = "SHARDKV_MASTERS", value_delimiter = ',', required = true)]
+    masters: Vec<String>,
+    /// Give up after this many seconds.
+    #[arg(long, env = "SHARDKV_TIMEOUT", default_value_t = 10.0)]
+    timeout: f64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a key's value.
+    Get { key: OsString },
+    /// Set a key (VALUE `-` reads it from stdin).
+    Put { key: OsString, value: OsString },
+    /// Append to a key's value (VALUE `-` reads it from stdin).
+    Append { key: OsString, value: OsString },
+    /// Store hash(previous + VALUE) and print the previous value.
+    Puthash { key: OsString, value: OsString },
+    /// Remove a key.
+    Delete { key: OsString },
+    /// Print the shard a key belongs to.
+    Shard { key: OsString },
+    /// Add a replica group with its servers (host:port,...).
+    Join { gid: u64, servers: String },
+    /// Remove a replica group; its shards move to the others.
+    Leave { gid: u64 },
+    /// Assign one shard to a group.
+    Move { shard: u64, gid: u64 },
+    /// Print configuration NUM (default: the latest) as JSON.
+    Query { num: Option<u64> },
+}
+
+fn bytes_of(arg: OsString) -> Bytes {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStringExt;
+        Bytes::from(arg.into_vec())
+    }
+    #[cfg(not(unix))]
+    {
+        Bytes::from(arg.to_string_lossy().into_owned())
+    }
+}
+
+fn value_of(arg: OsString) -> anyhow::Result<Bytes> {
+    if arg == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf)?;
+        Ok(Bytes::from(buf))
+    } else {
+        Ok(bytes_of(arg))
+    }
+}
+
+fn config_json(config: &Config) -> serde_json::Value {
+    let groups: serde_json::Map<String, serde_json::Value> = config
+        .groups
+        .iter()
+        .map(|(gid, servers)| (gid.to_string(), serde_json::json!(servers)))
+        .collect();
+    serde_json::json!({"num": config.num, "shards": config.shards, "groups": groups})
+}
+
+fn print_line(bytes: &[u8]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(())
+}
+
+enum Outcome {
+    Done,
+    NotFound,
+}
+
+async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    if !(cli.timeout > 0.0 && cli.timeout.is_finite()) {
+        anyhow::bail!("--timeout must be a positive number of seconds");
+    }
+    let options = ClerkOptions {
+        timeout: Duration::from_secs_f64(cli.timeout),
+        ..Default::default()
+    };
+    let clerk = Clerk::new(&cli.masters, options)?;
+    match cli.command {
+        Command::Get { key } => match clerk.get(bytes_of(key)).await? {
+            Some(value) => print_line(&value)?,
+            None => return Ok(Outcome::NotFound),
+        },
+        Command::Put { key, value } => clerk.put(bytes_of(key), value_of(value)?).await?,
+        Command::Append { key, value } => clerk.append(bytes_of(key), value_of(value)?).await?,
+        Command::Puthash { key, value } => {
+            let previous = clerk.put_hash(bytes_of(key), value_of(value)?).await?;
+            print_line(&previous)?;
+        }
+        Command::Delete { key } => clerk.delete(bytes_of(key)).await?,
+        Command::Shard { key } => {
+            let config = clerk.masters().query(None).await?;
+            print_line(
+                key_to_shard(&bytes_of(key), config.shards.len())
+                    .to_string()
+                    .as_bytes(),
+            )?;
+        }
+        Command::Join { gid, servers } => {
+            let servers: Vec<String> = servers
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+            clerk.masters().join(gid, servers).await?;
+        }
+        Command::Leave { gid } => {
+            clerk.masters().leave(gid).await?;
+        }
+        Command::Move { shard, gid } => {
+            clerk.masters().r#move(shard, gid).await?;
+        }
+        Command::Query { num } => {
+            let config = clerk.masters().query(num).await?;
+            print_line(config_json(&config).to_string().as_bytes())?;
+        }
+    }
+    Ok(Outcome::Done)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(Outcome::Done) => ExitCode::SUCCESS,
+        Ok(Outcome::NotFound) => {
+            eprintln!("not found");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            // One line: the chain of causes, joined.
+            eprintln!("shardkvctl: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::from(2)
+        }
+    }
+}

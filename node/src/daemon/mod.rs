@@ -1,0 +1,476 @@
+//! Running a role as a long-lived process: storage in a data directory,
+//! one gRPC port for peers and clients, health, metrics and a clean
+//! shutdown. The binaries are thin wrappers over [`run_master`],
+//! [`run_kv`] and [`local`].
+
+pub mod local;
+pub mod metrics;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::paxos::{Config as PaxosConfig, RedbStorage};
+use crate::replica::grpc::{GrpcTransport, PaxosPeerService};
+use crate::replica::{Replica, ReplicaOptions, StateMachine, Status};
+use crate::shardkv::server::{KvServer, KvServerOptions};
+use crate::shardkv::state::SharedKvState;
+use crate::shardkv::Limits;
+use crate::shardmaster::client::ShardMasterClient;
+use crate::shardmaster::service::ShardMasterService;
+use crate::shardmaster::{Gid, ShardMasterState};
+
+use self::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("invalid setting: {0}")]
+    Config(String),
+    #[error("data directory {path}: {message}")]
+    DataDir { path: PathBuf, message: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("replica failed: {0}")]
+    Replica(String),
+    #[error("server failed: {0}")]
+    Serve(String),
+}
+
+/// Settings shared by both roles.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// This replica's index in `peers`.
+    pub id: u32,
+    /// Every replica of the group, `host:port`, in id order. Names are
+    /// resolved on every connection, so a pod that returns with a new IP is
+    /// found again.
+    pub peers: Vec<String>,
+    pub data_dir: PathBuf,
+    /// Where to listen; defaults to `peers[id]`.
+    pub listen: Option<String>,
+    pub metrics_addr: Option<SocketAddr>,
+    /// The Paxos tick: heartbeats and election timeouts are counted in it.
+    pub tick: Duration,
+}
+
+impl NodeOptions {
+    fn check(&self) -> Result<(), NodeError> {
+        if self.peers.is_empty() {
+            return Err(NodeError::Config(
+                "--peers must name at least one replica".into(),
+            ));
+        }
+        if self.id as usize >= self.peers.len() {
+            return Err(NodeError::Config(format!(
+                "--id {} is out of range: --peers names {} replicas (ids 0..{})",
+                self.id,
+                self.peers.len(),
+                self.peers.len()
+            )));
+        }
+        for p in &self.peers {
+            if p.rsplit_once(':')
+                .is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err())
+            {
+                return Err(NodeError::Config(format!(
+                    "peer address {p:?} is not host:port"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn listen_addr(&self) -> String {
+        self.listen
+            .clone()
+            .unwrap_or_else(|| self.peers[self.id as usize].clone())
+    }
+}
+
+/// What a data directory belongs to. Written on first start; a later start
+/// with other settings is refused rather than mixing two groups' data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub role: String,
+    /// 0 for the shardmaster.
+    pub gid: Gid,
+    pub id: u32,
+    pub replicas: usize,
+    /// The shardmaster's shard count, fixed for its life.
+    pub shards: Option<usize>,
+}
+
+const IDENTITY_FILE: &str = "shardkv-node.json";
+
+/// How long requests in flight at shutdown may take to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+fn data_dir_error(path: &Path, message: impl Into<String>) -> NodeError {
+    NodeError::DataDir {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// Creates the data directory if needed and checks it belongs to `identity`.
+pub fn claim_data_dir(dir: &Path, identity: &Identity) -> Result<(), NodeError> {
+    std::fs::create_dir_all(dir).map_err(|e| data_dir_error(dir, format!("cannot create: {e}")))?;
+    let file = dir.join(IDENTITY_FILE);
+    match std::fs::read(&file) {
+        Ok(bytes) => {
+            let found: Identity = serde_json::from_slice(&bytes)
+                .map_err(|e| data_dir_error(dir, format!("unreadable {IDENTITY_FILE}: {e}")))?;
+            if &found != identity {
+                return Err(data_dir_error(
+                    dir,
+                    format!(
+                        "belongs to {found:?}, but this node was started as {identity:?}; \
+                         use another directory, or the original settings"
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Write then rename: a crash leaves either no file or a whole one.
+            let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
+            let json = serde_json::to_vec_pretty(identity)
+                .map_err(|e| data_dir_error(dir, e.to_string()))?;
+            let write = || -> std::io::Result<()> {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&json)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &file)?;
+                std::fs::File::open(dir)?.sync_all()
+            };
+            write().map_err(|e| data_dir_error(dir, format!("cannot write {IDENTITY_FILE}: {e}")))
+        }
+        Err(e) => Err(data_dir_error(
+            dir,
+            format!("cannot read {IDENTITY_FILE}: {e}"),
+        )),
+    }
+}
+
+async fn bind(addr: &str) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+fn start_replica<M: StateMachine>(
+    group: &str,
+    options: &NodeOptions,
+    machine: M,
+) -> Result<(Replica, std::thread::JoinHandle<()>), NodeError> {
+    let storage = RedbStorage::open(options.data_dir.join("paxos.redb"))
+        .map_err(|e| data_dir_error(&options.data_dir, format!("cannot open storage: {e}")))?;
+    let transport = GrpcTransport::start(group, options.id, &options.peers);
+    let replica_options = ReplicaOptions {
+        tick: options.tick,
+        ..Default::default()
+    };
+    Replica::start(
+        PaxosConfig::new(options.id, options.peers.len() as u32),
+        storage,
+        machine,
+        transport,
+        replica_options,
+    )
+    .map_err(|e| NodeError::Replica(e.to_string()))
+}
+
+/// A future that resolves once `rx` turns true.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// True when a replica can serve: it knows a leader and has applied all it
+/// knows to be decided.
+fn caught_up(s: &Status) -> bool {
+    s.running && s.leader.is_some() && s.applied >= s.commit
+}
+
+/// Keeps health and metrics current until `stop`; returns early with an
+/// error if the replica thread dies on its own (storage failure).
+async fn watch_replica(
+    replica: Replica,
+    health: tonic_health::server::HealthReporter,
+    metrics: Metrics,
+    extra: impl Fn(&Metrics) + Send,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), NodeError> {
+    let mut serving = None;
+    loop {
+        let status = replica.status();
+        if !status.running && !*stop.borrow() {
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            return Err(NodeError::Replica(
+                "the replica thread stopped; see the log for the cause".into(),
+            ));
+        }
+        metrics.update_replica(&status);
+        extra(&metrics);
+        let now = caught_up(&status);
+        if serving != Some(now) {
+            let s = if now {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status("", s).await;
+            tracing::info!(serving = now, "health changed");
+            serving = Some(now);
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+/// Runs `router` until `stop`, then stops the replica and waits for its thread.
+#[allow(clippy::too_many_arguments)]
+async fn serve_until_stopped(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    replica: Replica,
+    thread: std::thread::JoinHandle<()>,
+    health: tonic_health::server::HealthReporter,
+    metrics: Metrics,
+    extra: impl Fn(&Metrics) + Send + 'static,
+    metrics_addr: Option<SocketAddr>,
+    stop_tx: watch::Sender<bool>,
+) -> Result<(), NodeError> {
+    let stop_rx = stop_tx.subscribe();
+    if let Some(addr) = metrics_addr {
+        metrics::serve(addr, metrics.clone(), stopped(stop_rx.clone()))
+            .await
+            .map_err(|source| NodeError::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
+    }
+    let watcher = tokio::spawn(watch_replica(
+        replica.clone(),
+        health.clone(),
+        metrics,
+        extra,
+        stop_rx.clone(),
+    ));
+    let server =
+        tokio::spawn(router.serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            stopped(stop_rx.clone()),
+        ));
+    // Either a stop request, or the replica failing, ends the node.
+    let watched = watcher.await.map_err(|e| NodeError::Serve(e.to_string()))?;
+    let _ = stop_tx.send(true);
+    // In-flight requests get a grace period to finish (the replica still
+    // runs, so their proposals complete); long-lived peer streams never
+    // finish on their own, so past it the server is dropped.
+    let abort = server.abort_handle();
+    let served = match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(joined) => joined.map_err(|e| NodeError::Serve(e.to_string()))?,
+        Err(_) => {
+            abort.abort();
+            Ok(())
+        }
+    };
+    replica.shutdown();
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .map_err(|e| NodeError::Serve(e.to_string()))?
+        .map_err(|_| NodeError::Replica("replica thread panicked".into()))?;
+    watched?;
+    served.map_err(|e| NodeError::Serve(e.to_string()))?;
+    Ok(())
+}
+
+/// Runs a shardmaster replica until `shutdown` resolves.
+pub async fn run_master(
+    options: NodeOptions,
+    shards: usize,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    options.check()?;
+    if shards == 0 {
+        return Err(NodeError::Config("--shards must be at least 1".into()));
+    }
+    claim_data_dir(
+        &options.data_dir,
+        &Identity {
+            role: "master".into(),
+            gid: 0,
+            id: options.id,
+            replicas: options.peers.len(),
+            shards: Some(shards),
+        },
+    )?;
+    let listen = options.listen_addr();
+    let listener = bind(&listen).await?;
+    let (replica, thread) = start_replica("shardmaster", &options, ShardMasterState::new(shards))?;
+    let service =
+        ShardMasterService::new(replica.clone(), &options.peers).map_err(NodeError::Config)?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let peers = PaxosPeerService::new("shardmaster", options.peers.len() as u32, replica.clone());
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(peers.into_server())
+        .add_service(service.into_server());
+    let metrics = Metrics::new("master", "shardmaster", options.id);
+    tracing::info!(id = options.id, %listen, shards, "shardmaster replica started");
+    let (stop_tx, _) = watch::channel(false);
+    let stopper = stop_tx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stopper.send(true);
+    });
+    serve_until_stopped(
+        router,
+        listener,
+        replica,
+        thread,
+        health,
+        metrics,
+        |_| {},
+        options.metrics_addr,
+        stop_tx,
+    )
+    .await
+}
+
+/// Runs a kvserver until `shutdown` resolves.
+pub async fn run_kv(
+    options: NodeOptions,
+    gid: Gid,
+    masters: Vec<String>,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    options.check()?;
+    if gid == 0 {
+        return Err(NodeError::Config(
+            "--gid must be positive (0 means no group)".into(),
+        ));
+    }
+    if masters.is_empty() {
+        return Err(NodeError::Config(
+            "--masters must name at least one shardmaster".into(),
+        ));
+    }
+    claim_data_dir(
+        &options.data_dir,
+        &Identity {
+            role: "kv".into(),
+            gid,
+            id: options.id,
+            replicas: options.peers.len(),
+            shards: None,
+        },
+    )?;
+    let listen = options.listen_addr();
+    let listener = bind(&listen).await?;
+    let group = format!("kv-{gid}");
+    let state = SharedKvState::new(gid);
+    let (replica, thread) = start_replica(&group, &options, state.clone())?;
+    let master_client = ShardMasterClient::new(&masters, Duration::from_secs(10))
+        .map_err(|e| NodeError::Config(e.to_string()))?;
+    let metrics = Metrics::new("kv", &group, options.id);
+    let server_options = KvServerOptions {
+        limits,
+        ..Default::default()
+    };
+    let server = KvServer::new(
+        gid,
+        replica.clone(),
+        state.clone(),
+        master_client,
+        server_options,
+    )
+    .with_metrics(metrics.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    server.spawn_background(stopped(stop_rx));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let peers = PaxosPeerService::new(group.clone(), options.peers.len() as u32, replica.clone());
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(peers.into_server())
+        .add_service(server.into_server());
+    tracing::info!(gid, id = options.id, %listen, "kvserver started");
+    let stopper = stop_tx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stopper.send(true);
+    });
+    let extra = move |m: &Metrics| {
+        let s = state.lock();
+        let pulling = s
+            .owned
+            .values()
+            .filter(|o| o.status == crate::shardkv::state::ShardStatus::Pulling)
+            .count();
+        m.config_num.set(s.config.num as i64);
+        m.shards_serving.set((s.owned.len() - pulling) as i64);
+        m.shards_pulling.set(pulling as i64);
+        m.shards_outgoing.set(s.outgoing.len() as i64);
+    };
+    serve_until_stopped(
+        router,
+        listener,
+        replica,
+        thread,
+        health,
+        metrics,
+        extra,
+        options.metrics_addr,
+        stop_tx,
+    )
+    .await
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn terminate_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutting down");
+}

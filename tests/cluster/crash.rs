@@ -1,0 +1,187 @@
+//! kill -9, restarts and pauses of real processes: the cluster recovers and
+//! every acknowledged write reads back.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use shardkv::shardkv::clerk::ClerkError;
+use shardkv_cluster_tests::{await_serving, Cluster, WAIT};
+use tokio::sync::watch;
+
+/// Writes unique keys until stopped; returns the acknowledged ones.
+fn start_writer(
+    cluster: &Cluster,
+    name: &'static str,
+) -> (
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<Vec<(String, String)>>,
+) {
+    let clerk = cluster.clerk(Duration::from_secs(5));
+    let (stop, mut stopped) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let mut i = 0u64;
+        while !*stopped.borrow_and_update() {
+            i += 1;
+            let (k, v) = (format!("{name}-{i}"), format!("value-{i}"));
+            match clerk.put(k.clone(), v.clone()).await {
+                Ok(()) => acked.lock().unwrap().push((k, v)),
+                // Unknown outcome during a fault: not acknowledged, so not
+                // required to survive.
+                Err(ClerkError::Timeout { .. }) => {}
+                Err(e) => panic!("writer: {e}"),
+            }
+        }
+        let acked = acked.lock().unwrap().clone();
+        acked
+    });
+    (stop, task)
+}
+
+async fn check_acked(cluster: &Cluster, acked: &[(String, String)]) {
+    let clerk = cluster.clerk(WAIT);
+    for (k, v) in acked {
+        let got = clerk.get(k.clone()).await.expect("read back");
+        assert_eq!(
+            got,
+            Some(Bytes::from(v.clone())),
+            "acknowledged write {k} lost"
+        );
+    }
+}
+
+/// Lets the writer run through `fault`, then checks everything it got
+/// acknowledged, and that it made progress after the fault.
+async fn through(cluster: &mut Cluster, name: &'static str, fault: impl AsyncFnOnce(&mut Cluster)) {
+    let (stop, writer) = start_writer(cluster, name);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fault(cluster).await;
+    // Progress after recovery: a fresh write must succeed.
+    cluster
+        .clerk(WAIT)
+        .put(format!("{name}-after"), "x")
+        .await
+        .expect("cluster recovered");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = stop.send(true);
+    let acked = writer.await.unwrap();
+    assert!(
+        acked.len() > 5,
+        "{name}: only {} writes acknowledged",
+        acked.len()
+    );
+    check_acked(cluster, &acked).await;
+    println!("{name}: {} acknowledged writes all read back", acked.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_and_restart_followers_leaders_groups_and_masters() {
+    let mut cluster = Cluster::start("127.0.0.13", 1, 3).await;
+    cluster.join(1).await;
+
+    through(&mut cluster, "follower", async |c: &mut Cluster| {
+        let leader = c.await_kv_leader(1).await;
+        let follower = (leader + 1) % 3;
+        c.groups[0][follower].kill9();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.groups[0][follower].start();
+        await_serving(&c.groups[0][follower].addr).await;
+    })
+    .await;
+
+    through(&mut cluster, "leader", async |c: &mut Cluster| {
+        let leader = c.await_kv_leader(1).await;
+        c.groups[0][leader].kill9();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.groups[0][leader].start();
+        await_serving(&c.groups[0][leader].addr).await;
+    })
+    .await;
+
+    through(&mut cluster, "whole-group", async |c: &mut Cluster| {
+        for n in c.groups[0].iter_mut() {
+            n.kill9();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for n in c.groups[0].iter_mut() {
+            n.start();
+        }
+    })
+    .await;
+
+    through(&mut cluster, "masters", async |c: &mut Cluster| {
+        for n in c.masters.iter_mut() {
+            n.kill9();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for n in c.masters.iter_mut() {
+            n.start();
+        }
+        // Reconfiguration still works after the masters' restart.
+        let config = c.admin().query(None).await.expect("masters recovered");
+        assert_eq!(config.num, 1);
+    })
+    .await;
+
+    through(&mut cluster, "everything", async |c: &mut Cluster| {
+        for n in c.masters.iter_mut().chain(c.groups.iter_mut().flatten()) {
+            n.kill9();
+        }
+        for n in c.masters.iter_mut().chain(c.groups.iter_mut().flatten()) {
+            n.start();
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_is_replaced_and_rejoins() {
+    let mut cluster = Cluster::start("127.0.0.14", 1, 3).await;
+    cluster.join(1).await;
+    through(&mut cluster, "paused", async |c: &mut Cluster| {
+        let leader = c.await_kv_leader(1).await;
+        c.groups[0][leader].pause();
+        // The others elect a new leader and carry on meanwhile.
+        c.clerk(WAIT)
+            .put("during-pause", "x")
+            .await
+            .expect("served without the paused leader");
+        c.groups[0][leader].resume();
+        await_serving(&c.groups[0][leader].addr).await;
+    })
+    .await;
+    // The resumed old leader's replica agrees with the rest.
+    assert_eq!(
+        cluster.clerk(WAIT).get("during-pause").await.unwrap(),
+        Some(Bytes::from("x"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_cleanly() {
+    let mut cluster = Cluster::start("127.0.0.15", 1, 3).await;
+    cluster.join(1).await;
+    let clerk = cluster.clerk(WAIT);
+    clerk.put("k", "v").await.unwrap();
+    for n in cluster.groups[0]
+        .iter_mut()
+        .chain(cluster.masters.iter_mut())
+    {
+        let status = n.terminate();
+        assert!(
+            status.success(),
+            "{} exited with {status}: {}",
+            n.name,
+            n.log_tail()
+        );
+    }
+    for n in cluster
+        .masters
+        .iter_mut()
+        .chain(cluster.groups[0].iter_mut())
+    {
+        n.start();
+    }
+    assert_eq!(clerk.get("k").await.unwrap(), Some(Bytes::from("v")));
+}

@@ -1,0 +1,339 @@
+//! Drives the real `shardkv-node` and `shardkvctl` binaries as processes.
+//!
+//! Each test file uses its own loopback address (127.0.0.N) with fixed
+//! ports, so tests running at once never race for ports.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use shardkv::proto::kv::shard_kv_client::ShardKvClient;
+use shardkv::proto::kv::GroupStatusRequest;
+use shardkv::shardkv::clerk::{Clerk, ClerkOptions};
+use shardkv::shardmaster::client::ShardMasterClient;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// A binary built alongside the tests (`cargo nextest run --workspace`
+/// builds the node crate's binaries for its own integration tests).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>-<hash>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built; run the tests with `cargo nextest run --workspace` (or `cargo build --bins` first)",
+        path.display()
+    );
+    path
+}
+
+/// One node process, restartable with the same arguments.
+pub struct Node {
+    pub name: String,
+    pub addr: String,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn new(name: &str, addr: &str, args: Vec<String>, log_dir: &Path) -> Node {
+        Node {
+            name: name.to_string(),
+            addr: addr.to_string(),
+            args,
+            log: log_dir.join(format!("{name}.log")),
+            child: None,
+        }
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(bin("shardkv-node"))
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start shardkv-node");
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("not running").id()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// True if started and not exited since.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM; waits for the exit and returns its status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("not running");
+        signal(child.id(), "TERM");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{} ignored SIGTERM", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pause(&self) {
+        signal(self.pid(), "STOP");
+    }
+
+    pub fn resume(&self) {
+        signal(self.pid(), "CONT");
+    }
+
+    /// The node's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A paused process must be resumed to die promptly.
+            signal(child.id(), "CONT");
+        }
+        self.kill9();
+    }
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} {pid} failed");
+}
+
+/// Waits until the node's gRPC health check says SERVING.
+pub async fn await_serving(addr: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("address");
+        if let Ok(channel) = endpoint.connect().await {
+            let mut client = HealthClient::new(channel);
+            let request = HealthCheckRequest {
+                service: String::new(),
+            };
+            if let Ok(reply) = client.check(request).await {
+                if reply.into_inner().status == ServingStatus::Serving as i32 {
+                    return;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "{addr} never became SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A deployment of processes: 3 masters and some kv groups, gids 1, 2, ...
+/// Master i listens on HOST:7000+i; group g replica i on HOST:7000+10g+i.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub host: String,
+    pub masters: Vec<Node>,
+    pub groups: Vec<Vec<Node>>,
+}
+
+impl Cluster {
+    pub fn master_addrs(&self) -> Vec<String> {
+        self.masters.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    pub fn group_addrs(&self, gid: u64) -> Vec<String> {
+        self.groups[gid as usize - 1]
+            .iter()
+            .map(|n| n.addr.clone())
+            .collect()
+    }
+
+    /// Starts every process (groups not joined).
+    pub async fn start(host: &str, groups: usize, replicas: usize) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let masters_addrs: Vec<String> = (0..3).map(|i| format!("{host}:{}", 7000 + i)).collect();
+        let mut masters = Vec::new();
+        for i in 0..3 {
+            let args = vec![
+                "master".into(),
+                "--id".into(),
+                i.to_string(),
+                "--peers".into(),
+                masters_addrs.join(","),
+                "--data-dir".into(),
+                dir.path().join(format!("master-{i}")).display().to_string(),
+                "--tick-ms".into(),
+                "5".into(),
+            ];
+            masters.push(Node::new(
+                &format!("master-{i}"),
+                &masters_addrs[i],
+                args,
+                dir.path(),
+            ));
+        }
+        let mut all_groups = Vec::new();
+        for g in 1..=groups {
+            let addrs: Vec<String> = (0..replicas)
+                .map(|i| format!("{host}:{}", 7000 + 10 * g + i))
+                .collect();
+            let mut nodes = Vec::new();
+            for (i, addr) in addrs.iter().enumerate() {
+                let args = vec![
+                    "kv".into(),
+                    "--gid".into(),
+                    g.to_string(),
+                    "--id".into(),
+                    i.to_string(),
+                    "--peers".into(),
+                    addrs.join(","),
+                    "--masters".into(),
+                    masters_addrs.join(","),
+                    "--data-dir".into(),
+                    dir.path()
+                        .join(format!("group-{g}-{i}"))
+                        .display()
+                        .to_string(),
+                    "--tick-ms".into(),
+                    "5".into(),
+                ];
+                nodes.push(Node::new(&format!("group-{g}-{i}"), addr, args, dir.path()));
+            }
+            all_groups.push(nodes);
+        }
+        let mut cluster = Cluster {
+            dir,
+            host: host.to_string(),
+            masters,
+            groups: all_groups,
+        };
+        for n in cluster
+            .masters
+            .iter_mut()
+            .chain(cluster.groups.iter_mut().flatten())
+        {
+            n.start();
+        }
+        for n in cluster
+            .masters
+            .iter()
+            .chain(cluster.groups.iter().flatten())
+        {
+            await_serving(&n.addr).await;
+        }
+        cluster
+    }
+
+    pub fn admin(&self) -> ShardMasterClient {
+        ShardMasterClient::new(&self.master_addrs(), WAIT).expect("admin client")
+    }
+
+    pub async fn join(&self, gid: u64) {
+        self.admin()
+            .join(gid, self.group_addrs(gid))
+            .await
+            .expect("join");
+    }
+
+    pub fn clerk(&self, timeout: Duration) -> Clerk {
+        let options = ClerkOptions {
+            timeout,
+            ..Default::default()
+        };
+        Clerk::new(&self.master_addrs(), options).expect("clerk")
+    }
+
+    /// Runs shardkvctl against this cluster.
+    pub fn ctl(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        ctl(&self.master_addrs().join(","), args, stdin)
+    }
+
+    /// The replica of group `gid` that says it leads, if any.
+    pub async fn kv_leader(&self, gid: u64) -> Option<usize> {
+        for (i, n) in self.groups[gid as usize - 1].iter().enumerate() {
+            if !n.is_running() {
+                continue;
+            }
+            if let Ok(mut c) = ShardKvClient::connect(format!("http://{}", n.addr)).await {
+                if let Ok(s) = c.group_status(GroupStatusRequest {}).await {
+                    if s.into_inner().leader {
+                        return Some(i);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    pub async fn await_kv_leader(&self, gid: u64) -> usize {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(i) = self.kv_leader(gid).await {
+                return i;
+            }
+            assert!(Instant::now() < deadline, "group {gid} elected no leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Runs shardkvctl with `--masters masters`.
+pub fn ctl(masters: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(bin("shardkvctl"))
+        .arg("--masters")
+        .arg(masters)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start shardkvctl");
+    if let Some(input) = stdin {
+        use std::io::Write;
+        let mut pipe = child.stdin.take().expect("stdin");
+        pipe.write_all(input).expect("write stdin");
+    }
+    child.wait_with_output().expect("shardkvctl output")
+}
