@@ -77,9 +77,15 @@ fn start<S: Storage + 'static, T: Transport>(id: u32, storage: S, transport: T) 
         snapshot_every_slots: 10_000,
         ..Default::default()
     };
-    Replica::start(Config::new(id, 3), storage, Counter(0), transport, options)
-        .expect("start")
-        .0
+    Replica::start(
+        Config::new_group(id, 3),
+        storage,
+        Counter(0),
+        transport,
+        options,
+    )
+    .expect("start")
+    .0
 }
 
 async fn leader(replicas: &[Replica]) -> Replica {

@@ -90,7 +90,7 @@ fn local_group() -> (LocalNetwork, Vec<Replica>, Vec<SharedLog>) {
         let machine = Recorder::default();
         logs.push(machine.shared.clone());
         let (replica, _thread) = Replica::start(
-            Config::new(id, 3),
+            Config::new_group(id, 3),
             MemStorage::new(),
             machine,
             network.transport(id),
@@ -167,7 +167,7 @@ async fn start_grpc_node(id: u32, listener: TcpListener, peers: &[String], dir: 
     let shared = machine.shared.clone();
     let transport = GrpcTransport::start("test-group", id, peers);
     let (replica, thread) = Replica::start(
-        Config::new(id, peers.len() as u32),
+        Config::new_group(id, peers.len() as u32),
         storage,
         machine,
         transport,

@@ -44,7 +44,7 @@ impl Cluster {
                 ..Default::default()
             };
             let (replica, _thread) = Replica::start(
-                PaxosConfig::new(id, 3),
+                PaxosConfig::new_group(id, 3),
                 MemStorage::new(),
                 ShardMasterState::new(SHARDS),
                 net.transport(id),

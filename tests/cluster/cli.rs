@@ -163,3 +163,54 @@ async fn garbage_on_the_port_leaves_the_node_serving() {
         shardkv_cluster_tests::await_serving(&node.addr).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_in_prometheus_text() {
+    let cluster = Cluster::start("127.0.0.18", 1, 3).await;
+    cluster.join(1).await;
+    assert_eq!(ok(&cluster.ctl(&["put", "k", "v"], None)), "");
+    assert_eq!(ok(&cluster.ctl(&["get", "k"], None)), "v\n");
+    let leader = cluster.await_kv_leader(1).await;
+    // Gauges refresh every 200 ms: wait for the configuration to show.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let response =
+            shardkv_cluster_tests::http_get(&cluster.groups[0][leader].metrics_addr, "/metrics");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        let config_num = response
+            .lines()
+            .find(|l| l.starts_with("shardkv_config_num{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok());
+        if config_num == Some(1) {
+            break response;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "config number never exported: {response}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for series in [
+        "shardkv_operations_total{",
+        "op=\"put\",result=\"ok\"",
+        "op=\"get\",result=\"ok\"",
+        "shardkv_operation_latency_seconds_bucket{",
+        "shardkv_is_leader{",
+        "shardkv_applied_slot{",
+        "shardkv_decided_slot{",
+        "shardkv_ballot_round{",
+        "shardkv_shards_serving{",
+        "shardkv_shards_pulling{",
+        "shardkv_shards_outgoing{",
+        "shardkv_snapshot_bytes{",
+        "shardkv_log_entries{",
+    ] {
+        assert!(text.contains(series), "missing {series} in:\n{text}");
+    }
+    let master = shardkv_cluster_tests::http_get(&cluster.masters[0].metrics_addr, "/metrics");
+    assert!(
+        master.contains("shardkv_applied_slot{role=\"master\""),
+        "{master}"
+    );
+}

@@ -185,3 +185,51 @@ async fn sigterm_shuts_down_cleanly() {
     }
     assert_eq!(clerk.get("k").await.unwrap(), Some(Bytes::from("v")));
 }
+
+/// A replica whose disk is lost must not vote until it has recovered what
+/// it may have promised or accepted; otherwise writes that only it and one
+/// other replica held could vanish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_a_lost_disk_recovers_before_it_votes() {
+    let mut cluster = Cluster::start("127.0.0.17", 1, 3).await;
+    cluster.join(1).await;
+    let clerk = cluster.clerk(WAIT);
+    let leader = cluster.await_kv_leader(1).await;
+    let (x, y) = ((leader + 1) % 3, (leader + 2) % 3);
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        clerk.put(format!("a{i}"), format!("{i}")).await.unwrap();
+        acked.push((format!("a{i}"), format!("{i}")));
+    }
+    // Y stops: the next writes live only on the leader and X.
+    cluster.groups[0][y].kill9();
+    for i in 0..20 {
+        clerk.put(format!("b{i}"), format!("{i}")).await.unwrap();
+        acked.push((format!("b{i}"), format!("{i}")));
+    }
+    // X loses its disk. The leader is paused, so Y, which comes back
+    // without the b writes, cannot catch up from it.
+    cluster.groups[0][x].kill9();
+    let x_dir = cluster.dir.path().join(format!("group-1-{x}"));
+    std::fs::remove_dir_all(&x_dir).unwrap();
+    cluster.groups[0][leader].pause();
+    cluster.groups[0][y].start();
+    cluster.groups[0][x].start();
+    // Had X come back as an empty voter, X and Y would now form a majority
+    // without the b writes, and this write would take one of their slots.
+    let impatient = cluster.clerk(Duration::from_secs(3));
+    let _ = impatient.put("during-pause", "x").await;
+    cluster.groups[0][leader].resume();
+    await_serving(&cluster.groups[0][x].addr).await;
+    await_serving(&cluster.groups[0][y].addr).await;
+    // Now only X and Y remain: X must hold what it recovered.
+    cluster.groups[0][leader].kill9();
+    check_acked(&cluster, &acked).await;
+    let log = std::fs::read_to_string(cluster.dir.path().join(format!("group-1-{x}.log"))).unwrap();
+    // Once at the group's first start (all blank), once after the loss.
+    assert_eq!(
+        log.matches("recovered acceptor state").count(),
+        2,
+        "X's log: {log}"
+    );
+}

@@ -39,16 +39,24 @@ pub fn bin(name: &str) -> PathBuf {
 pub struct Node {
     pub name: String,
     pub addr: String,
+    /// Where the node serves `/metrics`.
+    pub metrics_addr: String,
     args: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
 }
 
 impl Node {
-    pub fn new(name: &str, addr: &str, args: Vec<String>, log_dir: &Path) -> Node {
+    /// Metrics listen 1000 ports above `addr`.
+    pub fn new(name: &str, addr: &str, mut args: Vec<String>, log_dir: &Path) -> Node {
+        let (host, port) = addr.rsplit_once(':').expect("host:port");
+        let port: u16 = port.parse().expect("port");
+        let metrics_addr = format!("{host}:{}", port + 1000);
+        args.extend(["--metrics-addr".to_string(), metrics_addr.clone()]);
         Node {
             name: name.to_string(),
             addr: addr.to_string(),
+            metrics_addr,
             args,
             log: log_dir.join(format!("{name}.log")),
             child: None,
@@ -141,6 +149,21 @@ pub fn signal(pid: u32, sig: &str) {
         .status()
         .expect("run kill");
     assert!(status.success(), "kill -{sig} {pid} failed");
+}
+
+/// GETs `http://addr/path` (HTTP/1.1, no client library needed).
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
 }
 
 /// Waits until the node's gRPC health check says SERVING.

@@ -24,6 +24,22 @@
 //!   a snapshot (`done`); the leader spreads the minimum over all replicas and
 //!   the log below it is forgotten (the lab's Done/Min). A replica that falls
 //!   further behind than `log_retain_slots_max` receives a snapshot instead.
+//!
+//! Recovery from a lost disk. An acceptor that forgets its promises and
+//! acceptances could vote twice and break agreement. So a replica whose
+//! storage is blank (and `recover_when_empty` is set) does not vote: it asks
+//! every peer for its acceptor state. Once floor(n/2)+1 *initialised* peers
+//! have answered, it adopts the highest promise among them, the newest
+//! snapshot, and for each slot above it the value accepted in the highest
+//! ballot, persists that with the `initialized` mark, and joins as a
+//! follower. Any quorum the lost acceptor was part of (for a promise or an
+//! acceptance) shares a member with those answers, so what it adopts covers
+//! everything it may have promised or helped choose. If instead every other
+//! replica has answered and none has ever accepted a value (each is blank,
+//! or initialised but empty), no value can have been chosen: the group is
+//! new, and the replica starts with the highest promise it heard. A new
+//! group therefore needs all its members up once; a lost disk needs a
+//! majority of the others.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -67,6 +83,10 @@ pub struct Config {
     /// First proposal id; differs per incarnation so ids are never reused
     /// across restarts (the driver passes e.g. a clock reading).
     pub proposal_id_start: u64,
+    /// Blank storage may mean a lost disk: recover from the peers before
+    /// voting. Only a caller that knows the group is brand new (a test, a
+    /// simulation) may turn this off.
+    pub recover_when_empty: bool,
 }
 
 impl Config {
@@ -87,6 +107,16 @@ impl Config {
             log_retain_slots_max: 10_000,
             seed: 0,
             proposal_id_start: 1,
+            recover_when_empty: true,
+        }
+    }
+
+    /// A member of a group known to be brand new, whose blank storage
+    /// cannot be a lost disk: it votes at once. For tests and simulations.
+    pub fn new_group(id: NodeId, peers: u32) -> Self {
+        Config {
+            recover_when_empty: false,
+            ..Config::new(id, peers)
         }
     }
 
@@ -154,6 +184,8 @@ impl Ready {
 /// What a replica is doing, for status displays and tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RoleKind {
+    /// Started on blank storage; not voting until it has recovered.
+    Recovering,
     Follower,
     Candidate,
     Leader,
@@ -167,6 +199,8 @@ pub struct Stats {
     pub commands_proposed: u64,
     pub catchup_requests_sent: u64,
     pub snapshots_installed: u64,
+    /// Times this replica recovered its acceptor state from peers.
+    pub recoveries: u64,
 }
 
 // Counters are observations, not protocol state: two replicas that differ
@@ -219,8 +253,24 @@ struct Leadership {
     done: Vec<Slot>,
 }
 
+/// What a peer reported to a recovering replica.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PeerState {
+    promised: Ballot,
+    entries: Vec<(Slot, Ballot, Batch)>,
+    snapshot: Option<Snapshot>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Recovery {
+    /// Each peer's answer; `None` if that peer is blank itself.
+    replies: BTreeMap<NodeId, Option<PeerState>>,
+    sent_tick: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Role {
+    Recovering(Recovery),
     Follower { leader: Option<NodeId> },
     Candidate(Candidacy),
     Leader(Leadership),
@@ -276,6 +326,7 @@ impl Paxos {
         if let Err(e) = config.validate() {
             panic!("invalid Paxos config: {e}");
         }
+        let blank = durable.is_blank();
         let compacted_through = durable.snapshot.as_ref().map_or(0, |s| s.index);
         let commit = durable.commit.max(compacted_through);
         let log = durable
@@ -324,6 +375,18 @@ impl Paxos {
             paxos.out.snapshot = Some(snapshot);
         }
         paxos.reset_election_deadline();
+        if blank {
+            if paxos.config.recover_when_empty && paxos.config.peers > 1 {
+                paxos.role = Role::Recovering(Recovery {
+                    replies: BTreeMap::new(),
+                    sent_tick: 0,
+                });
+                paxos.send_recover_requests();
+                return paxos;
+            }
+            // A member of a new group: it may vote from the start.
+            paxos.out.persist.initialized = true;
+        }
         if paxos.config.peers == 1 {
             // Alone, there is nobody to wait for.
             paxos.start_election();
@@ -337,6 +400,11 @@ impl Paxos {
     pub fn tick(&mut self) {
         self.now_tick += 1;
         match &self.role {
+            Role::Recovering(r) => {
+                if self.now_tick - r.sent_tick >= self.config.retry_interval_ticks {
+                    self.send_recover_requests();
+                }
+            }
             Role::Follower { .. } => {
                 if self.now_tick >= self.election_deadline_tick {
                     self.start_election();
@@ -361,7 +429,9 @@ impl Paxos {
         let leadership = match &mut self.role {
             Role::Leader(l) => l,
             Role::Follower { leader } => return Err(ProposeError::NotLeader { leader: *leader }),
-            Role::Candidate(_) => return Err(ProposeError::NotLeader { leader: None }),
+            Role::Candidate(_) | Role::Recovering(_) => {
+                return Err(ProposeError::NotLeader { leader: None })
+            }
         };
         if leadership.pending.len() >= self.config.proposal_queue_max {
             return Err(ProposeError::Busy {
@@ -389,6 +459,35 @@ impl Paxos {
         if let Some(ballot) = msg.ballot() {
             self.max_round_seen = self.max_round_seen.max(ballot.round);
         }
+        if let Role::Recovering(_) = self.role {
+            // Not a voter yet: answer recovery questions, ignore the rest.
+            match msg {
+                Message::RecoverRequest => self.out.messages.push((
+                    from,
+                    Message::RecoverReply {
+                        initialized: false,
+                        promised: Ballot::default(),
+                        entries: Vec::new(),
+                        snapshot: None,
+                    },
+                )),
+                Message::RecoverReply {
+                    initialized,
+                    promised,
+                    entries,
+                    snapshot,
+                } => {
+                    let state = initialized.then_some(PeerState {
+                        promised,
+                        entries,
+                        snapshot,
+                    });
+                    self.on_recover_reply(from, state);
+                }
+                _ => {}
+            }
+            return;
+        }
         match msg {
             Message::Prepare { ballot, from_slot } => self.on_prepare(from, ballot, from_slot),
             Message::Promise {
@@ -415,6 +514,8 @@ impl Paxos {
                 entries,
                 commit,
             } => self.on_catchup_reply(from, snapshot, entries, commit),
+            Message::RecoverRequest => self.on_recover_request(from),
+            Message::RecoverReply { .. } => {} // we are not recovering
         }
     }
 
@@ -459,6 +560,7 @@ impl Paxos {
 
     pub fn role(&self) -> RoleKind {
         match self.role {
+            Role::Recovering(_) => RoleKind::Recovering,
             Role::Follower { .. } => RoleKind::Follower,
             Role::Candidate(_) => RoleKind::Candidate,
             Role::Leader(_) => RoleKind::Leader,
@@ -473,7 +575,7 @@ impl Paxos {
     pub fn leader_hint(&self) -> Option<NodeId> {
         match &self.role {
             Role::Follower { leader } => *leader,
-            Role::Candidate(_) => None,
+            Role::Candidate(_) | Role::Recovering(_) => None,
             Role::Leader(_) => Some(self.config.id),
         }
     }
@@ -482,7 +584,7 @@ impl Paxos {
         match &self.role {
             Role::Leader(l) => l.ballot,
             Role::Candidate(c) => c.ballot,
-            Role::Follower { .. } => self.promised,
+            Role::Follower { .. } | Role::Recovering(_) => self.promised,
         }
     }
 
@@ -756,7 +858,7 @@ impl Paxos {
         let mine = match &self.role {
             Role::Leader(l) => l.ballot,
             Role::Candidate(c) => c.ballot,
-            Role::Follower { .. } => return,
+            Role::Follower { .. } | Role::Recovering(_) => return,
         };
         if promised > mine {
             self.step_down(Some(promised.node));
@@ -1141,6 +1243,96 @@ impl Paxos {
         if self.commit < commit {
             self.request_catchup(from);
         }
+    }
+
+    // ----- Recovery from blank storage -----
+
+    fn send_recover_requests(&mut self) {
+        let now = self.now_tick;
+        let Role::Recovering(r) = &mut self.role else {
+            return;
+        };
+        r.sent_tick = now;
+        for peer in 0..self.config.peers {
+            // Ask again whoever has not answered as initialised: a blank
+            // peer may have started since.
+            if peer != self.config.id && !r.replies.get(&peer).is_some_and(Option::is_some) {
+                self.out.messages.push((peer, Message::RecoverRequest));
+            }
+        }
+    }
+
+    fn on_recover_request(&mut self, from: NodeId) {
+        let entries = self
+            .log
+            .iter()
+            .map(|(slot, e)| (*slot, e.ballot, e.batch.clone()))
+            .collect();
+        self.out.messages.push((
+            from,
+            Message::RecoverReply {
+                initialized: true,
+                promised: self.promised,
+                entries,
+                snapshot: self.snapshot.clone(),
+            },
+        ));
+    }
+
+    fn on_recover_reply(&mut self, from: NodeId, state: Option<PeerState>) {
+        let peers = self.config.peers as usize;
+        let Role::Recovering(r) = &mut self.role else {
+            return;
+        };
+        r.replies.insert(from, state);
+        let initialized: Vec<PeerState> = r.replies.values().flatten().cloned().collect();
+        let nothing_accepted = initialized
+            .iter()
+            .all(|p| p.entries.is_empty() && p.snapshot.is_none());
+        if initialized.len() > peers / 2 {
+            self.adopt(initialized);
+        } else if r.replies.len() == peers - 1 && nothing_accepted {
+            // No other replica has ever accepted anything, so no value was
+            // ever chosen: a new group (or one that has lost a majority of
+            // its disks, which nothing can repair). Start from the promises.
+            self.adopt(initialized);
+        }
+    }
+
+    /// Becomes a voter holding everything the answering peers hold.
+    fn adopt(&mut self, peers: Vec<PeerState>) {
+        let promised = peers.iter().map(|p| p.promised).max().unwrap_or_default();
+        let snapshot = peers
+            .iter()
+            .filter_map(|p| p.snapshot.clone())
+            .max_by_key(|s| s.index);
+        let floor = snapshot.as_ref().map_or(0, |s| s.index);
+        let mut best: BTreeMap<Slot, (Ballot, Batch)> = BTreeMap::new();
+        for (slot, ballot, batch) in peers.into_iter().flat_map(|p| p.entries) {
+            if slot > floor && best.get(&slot).is_none_or(|(b, _)| ballot > *b) {
+                best.insert(slot, (ballot, batch));
+            }
+        }
+        self.role = Role::Follower { leader: None };
+        self.max_round_seen = self.max_round_seen.max(promised.round);
+        self.set_promised(promised);
+        if let Some(snapshot) = snapshot {
+            self.install_snapshot(snapshot);
+        }
+        for (slot, (ballot, batch)) in best {
+            self.out.persist.entries.push((slot, ballot, batch.clone()));
+            self.log.insert(
+                slot,
+                LogEntry {
+                    ballot,
+                    batch,
+                    decided: false,
+                },
+            );
+        }
+        self.out.persist.initialized = true;
+        self.stats.recoveries += 1;
+        self.reset_election_deadline();
     }
 
     fn install_snapshot(&mut self, snapshot: Snapshot) {

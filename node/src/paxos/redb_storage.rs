@@ -22,6 +22,7 @@ const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("paxos_log");
 const PROMISED: &str = "promised";
 const COMMIT: &str = "commit";
 const SNAPSHOT: &str = "snapshot";
+const INITIALIZED: &str = "initialized";
 
 /// A replica's acceptor state in one redb file.
 pub struct RedbStorage {
@@ -68,6 +69,7 @@ impl Storage for RedbStorage {
         if let Some(v) = meta.get(SNAPSHOT).map_err(io)? {
             state.snapshot = Some(decode::<Snapshot>(v.value(), "snapshot")?);
         }
+        state.initialized = meta.get(INITIALIZED).map_err(io)?.is_some();
         for item in log.iter().map_err(io)? {
             let (slot, value) = item.map_err(io)?;
             let entry: (Ballot, Batch) = decode(value.value(), "log entry")?;
@@ -103,6 +105,9 @@ impl Storage for RedbStorage {
                 meta.insert(COMMIT, encode(commit)?.as_slice())
                     .map_err(io)?;
             }
+            if batch.initialized {
+                meta.insert(INITIALIZED, [1u8].as_slice()).map_err(io)?;
+            }
         }
         // Durability::Immediate is redb's default: commit returns after fsync.
         tx.commit().map_err(io)
@@ -133,6 +138,7 @@ mod tests {
         let batches = vec![
             PersistBatch {
                 promised: Some(Ballot::new(1, 0)),
+                initialized: true,
                 entries: (1..=5)
                     .map(|s| (s, Ballot::new(1, 0), batch(&format!("v{s}"))))
                     .collect(),
@@ -148,6 +154,7 @@ mod tests {
                 entries: vec![(6, Ballot::new(2, 1), batch("v6"))],
                 promised: Some(Ballot::new(2, 1)),
                 commit: Some(5),
+                initialized: false,
             },
         ];
         {
@@ -166,5 +173,6 @@ mod tests {
             vec![4, 5, 6]
         );
         assert_eq!(loaded.promised, Ballot::new(2, 1));
+        assert!(loaded.initialized);
     }
 }

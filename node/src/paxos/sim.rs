@@ -154,7 +154,7 @@ impl Sim {
     pub fn with_config(n: u32, seed: u64, tweak: impl Fn(&mut Config)) -> Self {
         let configs: Vec<Config> = (0..n)
             .map(|id| {
-                let mut c = Config::new(id, n);
+                let mut c = Config::new_group(id, n);
                 c.seed = seed;
                 tweak(&mut c);
                 c

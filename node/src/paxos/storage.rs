@@ -19,6 +19,21 @@ pub struct DurableState {
     pub commit: Slot,
     /// The newest snapshot; the log below it may be gone.
     pub snapshot: Option<Snapshot>,
+    /// This acceptor may vote: it belongs to a new group, or it has
+    /// recovered what it might have forgotten (see `Paxos` on recovery).
+    pub initialized: bool,
+}
+
+impl DurableState {
+    /// True if anything at all was ever persisted. An acceptor that holds
+    /// anything has voted, so it counts as initialised whatever the flag says.
+    pub fn is_blank(&self) -> bool {
+        !self.initialized
+            && self.promised == Ballot::default()
+            && self.entries.is_empty()
+            && self.commit == 0
+            && self.snapshot.is_none()
+    }
 }
 
 /// The writes produced by one round of `step`/`tick`/`propose`, applied atomically.
@@ -31,6 +46,8 @@ pub struct PersistBatch {
     pub snapshot: Option<Snapshot>,
     /// Forget every entry at or below this slot. Applied before `entries`.
     pub truncate_through: Option<Slot>,
+    /// Record that the acceptor may vote (set once, never cleared).
+    pub initialized: bool,
 }
 
 impl PersistBatch {
@@ -40,6 +57,7 @@ impl PersistBatch {
             && self.commit.is_none()
             && self.snapshot.is_none()
             && self.truncate_through.is_none()
+            && !self.initialized
     }
 
     /// Folds `self` into a loaded state, in the order `persist` must use.
@@ -58,6 +76,9 @@ impl PersistBatch {
         }
         if let Some(commit) = self.commit {
             state.commit = commit;
+        }
+        if self.initialized {
+            state.initialized = true;
         }
     }
 }

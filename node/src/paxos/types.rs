@@ -113,6 +113,17 @@ pub enum Message {
         entries: Vec<(Slot, Batch)>,
         commit: Slot,
     },
+    /// From a replica that started with empty storage: "tell me what you
+    /// hold as an acceptor" (see `Paxos` on recovery).
+    RecoverRequest,
+    /// The sender's acceptor state; `initialized` false (and the rest
+    /// empty) if it is itself new or recovering.
+    RecoverReply {
+        initialized: bool,
+        promised: Ballot,
+        entries: Vec<(Slot, Ballot, Batch)>,
+        snapshot: Option<Snapshot>,
+    },
 }
 
 impl Message {
@@ -124,7 +135,10 @@ impl Message {
             | Message::Accept { ballot, .. }
             | Message::Accepted { ballot, .. } => Some(*ballot),
             Message::Nack { promised } => Some(*promised),
-            Message::CatchUpRequest { .. } | Message::CatchUpReply { .. } => None,
+            Message::CatchUpRequest { .. }
+            | Message::CatchUpReply { .. }
+            | Message::RecoverRequest
+            | Message::RecoverReply { .. } => None,
         }
     }
 
@@ -139,6 +153,8 @@ impl Message {
             Message::Nack { .. } => "nack",
             Message::CatchUpRequest { .. } => "catchup_request",
             Message::CatchUpReply { .. } => "catchup_reply",
+            Message::RecoverRequest => "recover_request",
+            Message::RecoverReply { .. } => "recover_reply",
         }
     }
 }

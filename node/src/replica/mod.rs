@@ -163,6 +163,12 @@ impl Replica {
             .load()
             .map_err(|e| ReplicaError::Storage(e.to_string()))?;
         let paxos = Paxos::new(config, durable);
+        if paxos.role() == RoleKind::Recovering {
+            tracing::warn!(
+                replica = paxos.id(),
+                "storage is blank: recovering from peers before voting (a new group needs every member up once)"
+            );
+        }
         let (inbox, rx) = mpsc::sync_channel(options.inbox_capacity);
         let (status_tx, status_rx) = watch::channel(status_of(&paxos, 0, 0, true));
         let replica = Replica {
@@ -398,6 +404,13 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
             .dropped
             .load(std::sync::atomic::Ordering::Relaxed);
         let status = status_of(&self.paxos, dropped, self.syncs, true);
+        let was_recovering = self.status.borrow().role == RoleKind::Recovering;
+        if was_recovering && status.role != RoleKind::Recovering {
+            tracing::info!(
+                replica = status.id,
+                "recovered acceptor state from peers; voting again"
+            );
+        }
         self.status.send_if_modified(|s| {
             if *s != status {
                 *s = status;

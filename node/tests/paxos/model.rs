@@ -4,7 +4,8 @@
 //! flight, in any order (reordering; a message never delivered is lost),
 //! delivering one again later (duplication, within a budget), ticking any
 //! replica (which starts elections), proposing at any leader, and crashing a
-//! replica and restarting it from its storage. States are deduplicated by a
+//! replica and restarting it from its storage, or with its disk lost (blank
+//! storage: it must recover from its peers before it votes again). States are deduplicated by a
 //! 64-bit fingerprint, so memory is 8 bytes per state plus the current path. Along every path we check:
 //! - agreement: no slot is ever decided with two different values, on any
 //!   replica, before or after a crash;
@@ -44,10 +45,16 @@ struct Bounds {
     duplicates: u8,
     /// Start from replica 0 elected (see `elect_replica_zero`).
     pre_elected: bool,
+    /// A crashed replica comes back with blank storage instead of its own.
+    lose_disk: bool,
+    /// Only this replica may crash (all may, if `None`).
+    crash_only: Option<NodeId>,
+    /// Only this replica may tick, i.e. start an election (all may, if `None`).
+    tick_only: Option<NodeId>,
 }
 
 fn config(id: NodeId) -> Config {
-    let mut c = Config::new(id, PEERS);
+    let mut c = Config::new_group(id, PEERS);
     // One tick of silence starts an election; heartbeats and retries are off
     // because redelivery from the network already models them.
     c.election_timeout_min_ticks = 1;
@@ -134,7 +141,7 @@ fn successors(state: &State, bounds: &Bounds) -> Result<Vec<State>, String> {
         let i = id as usize;
         match &state.nodes[i] {
             Some(node) => {
-                if state.ticks_left > 0 {
+                if state.ticks_left > 0 && bounds.tick_only.is_none_or(|t| t == id) {
                     let mut s = state.clone();
                     s.ticks_left -= 1;
                     s.nodes[i].as_mut().unwrap().tick();
@@ -153,7 +160,7 @@ fn successors(state: &State, bounds: &Bounds) -> Result<Vec<State>, String> {
                     drain(&mut s, id, bounds)?;
                     next.push(s);
                 }
-                if state.crashes_left > 0 {
+                if state.crashes_left > 0 && bounds.crash_only.is_none_or(|c| c == id) {
                     let mut s = state.clone();
                     s.crashes_left -= 1;
                     s.nodes[i] = None;
@@ -162,7 +169,13 @@ fn successors(state: &State, bounds: &Bounds) -> Result<Vec<State>, String> {
             }
             None => {
                 let mut s = state.clone();
-                s.nodes[i] = Some(Paxos::new(config(id), s.storage[i].clone()));
+                if bounds.lose_disk {
+                    s.storage[i] = DurableState::default();
+                }
+                let mut c = config(id);
+                // Blank storage after a crash is a lost disk, never a new group.
+                c.recover_when_empty = true;
+                s.nodes[i] = Some(Paxos::new(c, s.storage[i].clone()));
                 drain(&mut s, id, bounds)?;
                 next.push(s);
             }
@@ -268,6 +281,9 @@ fn model_check_competing_ballots() {
             ticks: 1,
             duplicates: 1,
             pre_elected: true,
+            lose_disk: false,
+            crash_only: None,
+            tick_only: None,
         },
     );
 }
@@ -284,6 +300,28 @@ fn model_check_crash_restart() {
             ticks: 1,
             duplicates: 0,
             pre_elected: true,
+            lose_disk: false,
+            crash_only: None,
+            tick_only: None,
+        },
+    );
+}
+
+#[test]
+fn model_check_lost_disk() {
+    // As above, but the crashed replica loses its disk: it must recover
+    // what it promised and accepted from the others before it votes again.
+    check(
+        "2 proposals, 1 competing election, 1 crash losing the disk",
+        Bounds {
+            proposals: 2,
+            crashes: 1,
+            ticks: 1,
+            duplicates: 0,
+            pre_elected: true,
+            lose_disk: true,
+            crash_only: Some(1),
+            tick_only: Some(2),
         },
     );
 }
@@ -299,12 +337,15 @@ fn model_check_first_election() {
             ticks: 1,
             duplicates: 1,
             pre_elected: false,
+            lose_disk: false,
+            crash_only: None,
+            tick_only: None,
         },
     );
 }
 
 /// Larger bounds for a long run by hand:
-/// `SHARDKV_MC_BOUNDS=proposals,ticks,crashes,duplicates cargo test model_check_custom -- --ignored --nocapture`
+/// `SHARDKV_MC_BOUNDS=proposals,ticks,crashes,duplicates[,lose_disk[,crash_only[,tick_only]]] cargo test model_check_custom -- --ignored --nocapture`
 #[test]
 #[ignore = "long: bounds chosen by hand"]
 fn model_check_custom() {
@@ -321,6 +362,9 @@ fn model_check_custom() {
             crashes: v[2],
             duplicates: v[3],
             pre_elected: true,
+            lose_disk: v.get(4).is_some_and(|x| *x == 1),
+            crash_only: v.get(5).map(|x| NodeId::from(*x)),
+            tick_only: v.get(6).map(|x| NodeId::from(*x)),
         },
     );
 }

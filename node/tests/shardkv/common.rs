@@ -88,7 +88,7 @@ impl Cluster {
         let mut master_stops = Vec::new();
         for (id, listener) in listeners.into_iter().enumerate() {
             let (replica, _thread) = Replica::start(
-                PaxosConfig::new(id as u32, 3),
+                PaxosConfig::new_group(id as u32, 3),
                 MemStorage::new(),
                 ShardMasterState::new(SHARDS),
                 net.transport(id as u32),
@@ -140,7 +140,7 @@ impl Cluster {
         let storage = RedbStorage::open(self.storage_path(group.gid, i)).unwrap();
         let state = SharedKvState::new(group.gid);
         let (replica, thread) = Replica::start(
-            PaxosConfig::new(i as u32, group.addrs.len() as u32),
+            PaxosConfig::new_group(i as u32, group.addrs.len() as u32),
             storage,
             state.clone(),
             group.net.transport(i as u32),

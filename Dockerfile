@@ -1,0 +1,20 @@
+# One runtime image with the shardkv binaries.
+#   docker build -t shardkv .
+#   docker run --rm shardkv local --host 0.0.0.0
+# The operator's binary joins this image when the operator lands.
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p shardkv --bins
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/shardkv-node /src/target/release/shardkvctl /usr/local/bin/
+# Not root; data lives in a volume the orchestrator mounts.
+USER 65532:65532
+VOLUME /data
+ENV SHARDKV_DATA_DIR=/data
+ENTRYPOINT ["/usr/local/bin/shardkv-node"]
