@@ -4,8 +4,13 @@
 //! ([`Paxos::step`]), clock ticks ([`Paxos::tick`]) and client commands
 //! ([`Paxos::propose`]), then collects the effects with [`Paxos::ready`]:
 //! writes to make durable, messages to send and decided batches to apply.
-//! The driver must persist a `Ready`'s writes (one sync) before sending its
-//! messages, because promises and acceptances are only valid once durable.
+//! The driver must persist a `Ready`'s writes (one sync) before sending the
+//! messages that report its acceptor state (`Message::reports_acceptor_state`:
+//! promises and acceptances are only valid once durable) and before applying
+//! what it decided. Other messages, such as a leader's Accepts, may go out
+//! before the sync: the leader counts its own acceptance only when it handles
+//! later input, by which time its sync is done, so its sync and the
+//! followers' run at once.
 //!
 //! Protocol outline (one distinguished leader per ballot):
 //! - A candidate picks a ballot above every round it has seen and sends one

@@ -142,6 +142,20 @@ impl Message {
         }
     }
 
+    /// True for messages that vouch for the sender's acceptor state: they
+    /// may leave only once the `Ready` they came with is durable. The rest
+    /// (a leader's Accepts, Prepares, catch-up) may go out first, so the
+    /// followers' syncs overlap the sender's.
+    pub fn reports_acceptor_state(&self) -> bool {
+        matches!(
+            self,
+            Message::Promise { .. }
+                | Message::Accepted { .. }
+                | Message::Nack { .. }
+                | Message::RecoverReply { .. }
+        )
+    }
+
     /// A short name for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -340,11 +340,22 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
 
     fn handle_ready(&mut self) -> Result<(), StorageError> {
         let ready = self.paxos.ready();
+        // Accepts and Prepares go out before our sync, so the followers'
+        // syncs overlap ours; what vouches for our acceptor state waits for
+        // it. This loop handles no input in between, so our own acceptance
+        // is counted only after it is durable.
+        let (after_sync, before_sync): (Vec<_>, Vec<_>) = ready
+            .messages
+            .into_iter()
+            .partition(|(_, msg)| msg.reports_acceptor_state());
+        for (to, msg) in before_sync {
+            self.transport.send(to, msg);
+        }
         if !ready.persist.is_empty() {
             self.storage.persist(&ready.persist)?;
             self.syncs += 1;
         }
-        for (to, msg) in ready.messages {
+        for (to, msg) in after_sync {
             self.transport.send(to, msg);
         }
         if let Some(snapshot) = ready.snapshot {
