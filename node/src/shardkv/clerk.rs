@@ -18,11 +18,11 @@ use tokio::sync::Semaphore;
 use tonic::Code;
 
 use super::pool::ChannelPool;
-use super::server::leader_hint;
 use super::{key_to_shard, InvalidRequest, Limits};
 use crate::proto::kv as pb;
 use crate::proto::kv::shard_kv_client::ShardKvClient;
 use crate::shardmaster::client::{ClientError, ShardMasterClient};
+use crate::shardmaster::service::leader_hint;
 use crate::shardmaster::{Config, Gid};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(5);

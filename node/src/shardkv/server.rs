@@ -21,7 +21,7 @@ use crate::proto::kv::shard_kv_client::ShardKvClient;
 use crate::proto::kv::shard_kv_server::{ShardKv, ShardKvServer};
 use crate::replica::{Replica, ReplicaError};
 use crate::shardmaster::client::ShardMasterClient;
-use crate::shardmaster::service::LEADER_HINT;
+use crate::shardmaster::service::{leader_hint, not_leader};
 use crate::shardmaster::{Config, Gid};
 
 /// Shard transfers can be large; client requests are bounded by [`Limits`].
@@ -437,23 +437,6 @@ impl KvServer {
             }
         }
     }
-}
-
-/// The leader index a refusal names, if any.
-pub fn leader_hint(status: &Status) -> Option<usize> {
-    status
-        .metadata()
-        .get(LEADER_HINT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-}
-
-fn not_leader(leader: Option<u32>) -> Status {
-    let mut status = Status::unavailable("not the leader");
-    if let Some(Ok(v)) = leader.map(|l| l.to_string().parse()) {
-        status.metadata_mut().insert(LEADER_HINT, v);
-    }
-    status
 }
 
 fn op_kind(op: i32) -> Result<OpKind, Status> {

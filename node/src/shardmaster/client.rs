@@ -8,7 +8,7 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use super::service::{from_proto, LEADER_HINT};
+use super::service::{from_proto, leader_hint};
 use super::{Config, Gid};
 use crate::proto::shardmaster as pb;
 use crate::proto::shardmaster::shard_master_client::ShardMasterClient as PbClient;
@@ -145,12 +145,7 @@ impl ShardMasterClient {
                 }
                 Ok(Err(status)) => {
                     last_error = format!("replica {index}: {}", status.message());
-                    let hint = status
-                        .metadata()
-                        .get(LEADER_HINT)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<usize>().ok())
-                        .filter(|h| *h < n && *h != index);
+                    let hint = leader_hint(&status).filter(|h| *h < n && *h != index);
                     index = hint.unwrap_or((index + 1) % n);
                 }
                 Err(_) => {

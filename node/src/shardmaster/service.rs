@@ -103,7 +103,9 @@ impl ShardMasterService {
     }
 }
 
-fn not_leader(leader: Option<u32>) -> Status {
+/// "Not the leader", naming the leader's index in the group when known.
+/// Shared by every replicated service.
+pub fn not_leader(leader: Option<u32>) -> Status {
     let mut status = Status::unavailable("not the leader");
     if let Some(l) = leader {
         if let Ok(v) = l.to_string().parse() {
@@ -111,6 +113,15 @@ fn not_leader(leader: Option<u32>) -> Status {
         }
     }
     status
+}
+
+/// The leader index a refusal names, if any.
+pub fn leader_hint(status: &Status) -> Option<usize> {
+    status
+        .metadata()
+        .get(LEADER_HINT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Converts a configuration to its wire form.
