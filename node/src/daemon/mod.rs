@@ -257,7 +257,13 @@ async fn serve_until_stopped(
     extra: impl Fn(&Metrics) + Send + 'static,
     metrics_addr: Option<SocketAddr>,
     stop_tx: watch::Sender<bool>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
+    let stopper = stop_tx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stopper.send(true);
+    });
     let stop_rx = stop_tx.subscribe();
     if let Some(addr) = metrics_addr {
         metrics::serve(addr, metrics.clone(), stopped(stop_rx.clone()))
@@ -340,11 +346,6 @@ pub async fn run_master(
     let metrics = Metrics::new("master", "shardmaster", options.id);
     tracing::info!(id = options.id, %listen, shards, "shardmaster replica started");
     let (stop_tx, _) = watch::channel(false);
-    let stopper = stop_tx.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stopper.send(true);
-    });
     serve_until_stopped(
         router,
         listener,
@@ -355,6 +356,7 @@ pub async fn run_master(
         |_| {},
         options.metrics_addr,
         stop_tx,
+        shutdown,
     )
     .await
 }
@@ -420,11 +422,6 @@ pub async fn run_kv(
         .add_service(peers.into_server())
         .add_service(server.into_server());
     tracing::info!(gid, id = options.id, %listen, "kvserver started");
-    let stopper = stop_tx.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stopper.send(true);
-    });
     let extra = move |m: &Metrics| {
         let s = state.lock();
         let pulling = s
@@ -447,6 +444,7 @@ pub async fn run_kv(
         extra,
         options.metrics_addr,
         stop_tx,
+        shutdown,
     )
     .await
 }

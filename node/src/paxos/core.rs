@@ -1325,15 +1325,7 @@ impl Paxos {
             self.install_snapshot(snapshot);
         }
         for (slot, (ballot, batch)) in best {
-            self.out.persist.entries.push((slot, ballot, batch.clone()));
-            self.log.insert(
-                slot,
-                LogEntry {
-                    ballot,
-                    batch,
-                    decided: false,
-                },
-            );
+            self.accept_locally(slot, ballot, batch);
         }
         self.out.persist.initialized = true;
         self.stats.recoveries += 1;
