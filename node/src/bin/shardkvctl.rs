@@ -19,8 +19,9 @@ use shardkv::shardmaster::Config;
     about = "Read and write shardkv, and manage its groups"
 )]
 struct Cli {
-    /// The shardmaster replicas, host:port, comma-separated.
-    #[arg(long, env = "SHARDKV_MASTERS", value_delimiter = ',', required = true)]
+    /// The shardmaster replicas, host:port, comma-separated (every command
+    /// but `health` needs them).
+    #[arg(long, env = "SHARDKV_MASTERS", value_delimiter = ',')]
     masters: Vec<String>,
     /// Give up after this many seconds.
     #[arg(long, env = "SHARDKV_TIMEOUT", default_value_t = 10.0)]
@@ -51,6 +52,9 @@ enum Command {
     Move { shard: u64, gid: u64 },
     /// Print configuration NUM (default: the latest) as JSON.
     Query { num: Option<u64> },
+    /// Exit 0 if the node at ADDR (host:port) reports SERVING on the gRPC
+    /// health service: a readiness probe.
+    Health { addr: String },
 }
 
 fn bytes_of(arg: OsString) -> Bytes {
@@ -105,6 +109,12 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         timeout: Duration::from_secs_f64(cli.timeout),
         ..Default::default()
     };
+    if let Command::Health { addr } = &cli.command {
+        return health(addr, options.timeout).await;
+    }
+    if cli.masters.is_empty() {
+        anyhow::bail!("--masters (or SHARDKV_MASTERS) is required");
+    }
     let clerk = Clerk::new(&cli.masters, options)?;
     match cli.command {
         Command::Get { key } => match clerk.get(bytes_of(key)).await? {
@@ -144,6 +154,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let config = clerk.masters().query(num).await?;
             print_line(config_json(&config).to_string().as_bytes())?;
         }
+        Command::Health { .. } => unreachable!("answered above"),
     }
     Ok(Outcome::Done)
 }

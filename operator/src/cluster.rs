@@ -1,0 +1,95 @@
+//! The operator's view of the database: the shardmaster's configuration and
+//! each kvserver's `GroupStatus`. Every call is bounded in time.
+
+use std::time::Duration;
+
+use shardkv::proto::kv::shard_kv_client::ShardKvClient;
+use shardkv::proto::kv::GroupStatusRequest;
+use shardkv::shardmaster::client::ShardMasterClient;
+use shardkv::shardmaster::Config;
+use tonic::transport::Endpoint;
+
+use crate::decide::{GroupView, MasterView, ReplicaReport};
+
+/// A whole shardmaster call, retries across replicas included.
+const MASTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// One kvserver's status call, connection included.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn master(addresses: &[String]) -> Result<ShardMasterClient, String> {
+    ShardMasterClient::new(addresses, MASTER_TIMEOUT).map_err(|e| e.to_string())
+}
+
+/// What the latest configuration says about `gid`.
+pub fn view_of(config: &Config, gid: u64) -> MasterView {
+    MasterView {
+        config_num: config.num,
+        joined: config.groups.contains_key(&gid),
+        shards: (0..config.shards.len() as u64)
+            .filter(|&s| config.shards[s as usize] == gid)
+            .collect(),
+        groups: config.groups.len(),
+    }
+}
+
+pub async fn latest_config(masters: &[String]) -> Result<Config, String> {
+    master(masters)?
+        .query(None)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+pub async fn join(masters: &[String], gid: u64, servers: Vec<String>) -> Result<Config, String> {
+    master(masters)?
+        .join(gid, servers)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+pub async fn leave(masters: &[String], gid: u64) -> Result<Config, String> {
+    master(masters)?.leave(gid).await.map_err(|e| e.to_string())
+}
+
+async fn replica_status(address: &str) -> Result<ReplicaReport, String> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| format!("{address}: {e}"))?
+        .connect_timeout(STATUS_TIMEOUT)
+        .timeout(STATUS_TIMEOUT);
+    let call = async {
+        let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+        ShardKvClient::new(channel)
+            .group_status(GroupStatusRequest {})
+            .await
+            .map_err(|s| s.message().to_string())
+    };
+    let reply = tokio::time::timeout(STATUS_TIMEOUT, call)
+        .await
+        .map_err(|_| format!("{address}: no answer within {STATUS_TIMEOUT:?}"))?
+        .map_err(|e| format!("{address}: {e}"))?
+        .into_inner();
+    Ok(ReplicaReport {
+        config_num: reply.config_num,
+        serving: reply.serving.len(),
+        pulling: reply.pulling.len(),
+        outgoing: reply.outgoing.len(),
+        keys: reply.keys,
+    })
+}
+
+/// Every replica's status, asked at once; the unreachable ones are left out.
+pub async fn group_view(addresses: &[String]) -> GroupView {
+    let answers = futures::future::join_all(addresses.iter().map(|a| replica_status(a))).await;
+    let mut reports = Vec::new();
+    let mut last_error = String::from("the group has no replicas");
+    for answer in answers {
+        match answer {
+            Ok(r) => reports.push(r),
+            Err(e) => last_error = e,
+        }
+    }
+    if reports.is_empty() {
+        GroupView::Unreachable(last_error)
+    } else {
+        GroupView::Reported(reports)
+    }
+}

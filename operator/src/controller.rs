@@ -1,0 +1,439 @@
+//! The reconcile loop: observe a ReplicaGroup, its StatefulSet and the
+//! shardmaster, [`decide`], carry out the one step, write the status.
+//!
+//! Every step is idempotent and re-derived from the world, not from memory,
+//! so the operator converges after a crash at any point: a Join whose status
+//! was never written is seen in the shardmaster's configuration; a Leave
+//! whose drain was never watched is seen as a group absent from it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::{watcher, Controller};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::cluster;
+use crate::crd::{ReplicaGroup, ReplicaGroupStatus, ALLOW_DATA_LOSS_ANNOTATION, FINALIZER};
+use crate::decide::{self, decide, merge_conditions, GroupView, Observed, Step};
+use crate::metrics::Metrics;
+use crate::resources::{self, Settings};
+
+/// The field manager for server-side apply, and the events' reporter.
+pub const MANAGER: &str = "shardkv-operator";
+/// After a failed reconcile, try again this soon.
+const RETRY_AFTER_ERROR: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("the ReplicaGroup has no namespace")]
+    NoNamespace,
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        metrics: Metrics,
+        instance: Option<String>,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance,
+            },
+        );
+        Context {
+            client,
+            settings,
+            recorder,
+            metrics,
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (groups, statefulsets, services) = match &namespace {
+        Some(ns) => (
+            Api::<ReplicaGroup>::namespaced(client.clone(), ns),
+            Api::<StatefulSet>::namespaced(client.clone(), ns),
+            Api::<Service>::namespaced(client, ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client),
+        ),
+    };
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=shardkv-operator");
+    Controller::new(groups, watcher::Config::default())
+        .owns(statefulsets, owned.clone())
+        .owns(services, owned)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                warn!("reconcile failed: {e}");
+            }
+        })
+        .await;
+}
+
+fn error_policy(rg: Arc<ReplicaGroup>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(group = %rg.name_any(), "reconcile error: {error}");
+    Action::requeue(RETRY_AFTER_ERROR)
+}
+
+async fn reconcile(rg: Arc<ReplicaGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&rg, &ctx).await;
+    ctx.metrics.reconciled(started.elapsed(), result.is_ok());
+    result
+}
+
+async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Error> {
+    let ns = rg.namespace().ok_or(Error::NoNamespace)?;
+    let name = rg.name_any();
+    let groups: Api<ReplicaGroup> = Api::namespaced(ctx.client.clone(), &ns);
+    let deleting = rg.meta().deletion_timestamp.is_some();
+    let has_finalizer = rg.finalizers().iter().any(|f| f == FINALIZER);
+
+    if !has_finalizer {
+        if deleting {
+            return Ok(Action::await_change()); // not ours to hold
+        }
+        // The finalizer goes on before anything exists that needs draining.
+        // The resourceVersion makes the patch fail on a concurrent change.
+        let mut finalizers = rg.finalizers().to_vec();
+        finalizers.push(FINALIZER.into());
+        let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": rg.resource_version()}});
+        groups
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        return Ok(Action::requeue(Duration::ZERO));
+    }
+
+    let mut observed = observe(rg, ctx, deleting).await?;
+    let mut decision = decide(&observed);
+
+    if decision.apply_children {
+        observed.pdb_api_missing = !apply_children(rg, ctx, &decision, &observed).await?;
+        decision = decide(&observed);
+    }
+
+    let old_conditions = rg
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let masters = resources::master_addresses(rg, &ctx.settings).ok();
+    match (&decision.step, &masters) {
+        (Step::Join, Some(masters)) => {
+            let servers = resources::group_addresses(rg, decision.replicas, &ctx.settings);
+            match cluster::join(masters, decision.gid, servers).await {
+                Ok(config) => {
+                    info!(group = %name, gid = decision.gid, config = config.num, "joined");
+                    ctx.metrics.step("join");
+                    publish(
+                        ctx,
+                        rg,
+                        EventType::Normal,
+                        "Joined",
+                        "Join",
+                        format!(
+                            "gid {} joined the shardmaster in configuration {}",
+                            decision.gid, config.num
+                        ),
+                    )
+                    .await;
+                    observed.master = Ok(cluster::view_of(&config, decision.gid));
+                }
+                Err(e) => {
+                    publish(
+                        ctx,
+                        rg,
+                        EventType::Warning,
+                        "JoinFailed",
+                        "Join",
+                        format!("could not join gid {}: {e}", decision.gid),
+                    )
+                    .await;
+                    observed.master = Err(e);
+                }
+            }
+            decision = decide(&observed);
+        }
+        (Step::Leave, Some(masters)) => {
+            match cluster::leave(masters, decision.gid).await {
+                Ok(config) => {
+                    info!(group = %name, gid = decision.gid, config = config.num, "left");
+                    ctx.metrics.step("leave");
+                    publish(
+                        ctx,
+                        rg,
+                        EventType::Normal,
+                        "Left",
+                        "Leave",
+                        format!(
+                        "gid {} left the shardmaster in configuration {}; its shards are moving",
+                        decision.gid, config.num
+                    ),
+                    )
+                    .await;
+                    observed.master = Ok(cluster::view_of(&config, decision.gid));
+                }
+                Err(e) => {
+                    publish(
+                        ctx,
+                        rg,
+                        EventType::Warning,
+                        "LeaveFailed",
+                        "Leave",
+                        format!("could not leave gid {}: {e}", decision.gid),
+                    )
+                    .await;
+                    observed.master = Err(e);
+                }
+            }
+            decision = decide(&observed);
+        }
+        (Step::ReleaseFinalizer, _) => {
+            let finalizers: Vec<String> = rg
+                .finalizers()
+                .iter()
+                .filter(|f| *f != FINALIZER)
+                .cloned()
+                .collect();
+            let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": rg.resource_version()}});
+            groups
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            ctx.metrics.step("release");
+            info!(group = %name, gid = decision.gid, "drained; finalizer released");
+            publish(
+                ctx,
+                rg,
+                EventType::Normal,
+                "Drained",
+                "Release",
+                format!(
+                    "gid {} holds no shards; released the finalizer",
+                    decision.gid
+                ),
+            )
+            .await;
+            return Ok(Action::await_change());
+        }
+        _ => {}
+    }
+
+    // An event for every condition whose reason changed: the steps a person
+    // sees in `kubectl describe`, without one event per requeue.
+    for c in &decision.conditions {
+        let before = old_conditions.iter().find(|o| o.type_ == c.type_);
+        if before.is_some_and(|b| b.reason == c.reason) || c.reason == "NotDeleted" {
+            continue;
+        }
+        let warning = matches!(
+            (c.type_, c.status),
+            ("Degraded", Some(true)) | ("Joined", None) | ("Ready", Some(false))
+        ) || c.reason == "LastGroupHoldsData";
+        if before.is_none() && !warning {
+            continue;
+        }
+        let kind = if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(ctx, rg, kind, c.reason, c.type_, c.message.clone()).await;
+    }
+
+    let now = Timestamp::now().to_string();
+    let status = ReplicaGroupStatus {
+        observed_generation: observed.generation,
+        gid: Some(decision.gid),
+        replicas: decision.replicas,
+        ready_replicas: observed.ready_replicas,
+        joined: decision.joined,
+        config_num: decision.config_num,
+        shards: decision.shards.clone(),
+        conditions: merge_conditions(
+            &old_conditions,
+            &decision.conditions,
+            observed.generation,
+            &now,
+        ),
+    };
+    let patch = json!({
+        "apiVersion": "shardkv.io/v1alpha1",
+        "kind": "ReplicaGroup",
+        "status": status,
+    });
+    groups
+        .patch_status(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    Ok(Action::requeue(decision.requeue))
+}
+
+async fn observe(rg: &ReplicaGroup, ctx: &Context, deleting: bool) -> Result<Observed, Error> {
+    let ns = rg.namespace().ok_or(Error::NoNamespace)?;
+    let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let sts = statefulsets.get_opt(&rg.name_any()).await?;
+    let existing_replicas = sts
+        .as_ref()
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.replicas)
+        .map(|r| r.max(0) as u32);
+    let ready_replicas = sts
+        .as_ref()
+        .and_then(|s| s.status.as_ref())
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0)
+        .max(0) as u32;
+    let status = rg.status.clone().unwrap_or_default();
+    let recorded_gid = status.gid;
+    let gid = recorded_gid.unwrap_or(rg.spec.gid);
+    let masters = resources::master_addresses(rg, &ctx.settings);
+    let invalid_spec = masters.as_ref().err().map(|e| e.to_string());
+    let master = match &masters {
+        Ok(m) => cluster::latest_config(m)
+            .await
+            .map(|c| cluster::view_of(&c, gid)),
+        Err(e) => Err(e.to_string()),
+    };
+    let joined = master.as_ref().is_ok_and(|m| m.joined);
+    let last_group = master.as_ref().is_ok_and(|m| m.groups == 1);
+    // Only a deletion needs the replicas' own account of what they hold.
+    let group = if deleting && (!joined || last_group) {
+        let replicas = existing_replicas.unwrap_or(rg.spec.replicas);
+        let mut addressed = rg.clone();
+        addressed.spec.gid = gid;
+        cluster::group_view(&resources::group_addresses(
+            &addressed,
+            replicas,
+            &ctx.settings,
+        ))
+        .await
+    } else {
+        GroupView::NotAsked
+    };
+    Ok(Observed {
+        generation: rg.meta().generation,
+        deleting,
+        allow_data_loss: rg
+            .annotations()
+            .get(ALLOW_DATA_LOSS_ANNOTATION)
+            .is_some_and(|v| v == "true"),
+        spec_gid: rg.spec.gid,
+        recorded_gid,
+        spec_replicas: rg.spec.replicas,
+        existing_replicas,
+        ready_replicas,
+        was_joined: status.joined,
+        invalid_spec,
+        master,
+        group,
+        pdb_api_missing: false,
+    })
+}
+
+/// Applies the Service, StatefulSet and PodDisruptionBudget. Returns whether
+/// the API server serves policy/v1 PodDisruptionBudget.
+async fn apply_children(
+    rg: &ReplicaGroup,
+    ctx: &Context,
+    decision: &decide::Decision,
+    observed: &Observed,
+) -> Result<bool, Error> {
+    let ns = rg.namespace().ok_or(Error::NoNamespace)?;
+    let name = rg.name_any();
+    let params = PatchParams::apply(MANAGER).force();
+    let masters = match resources::master_addresses(rg, &ctx.settings) {
+        Ok(m) => m,
+        Err(_) => return Ok(!observed.pdb_api_missing),
+    };
+    let created = observed.existing_replicas.is_none();
+    Api::<Service>::namespaced(ctx.client.clone(), &ns)
+        .patch(&name, &params, &Patch::Apply(&resources::service(rg)))
+        .await?;
+    let sts = resources::statefulset(rg, decision.replicas, &masters, &ctx.settings);
+    Api::<StatefulSet>::namespaced(ctx.client.clone(), &ns)
+        .patch(&name, &params, &Patch::Apply(&sts))
+        .await?;
+    if created {
+        publish(
+            ctx,
+            rg,
+            EventType::Normal,
+            "Created",
+            "Apply",
+            format!(
+                "created the Service and StatefulSet {name} with {} replicas",
+                decision.replicas
+            ),
+        )
+        .await;
+    }
+    let pdb = resources::pod_disruption_budget(rg, decision.replicas);
+    match Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), &ns)
+        .patch(&name, &params, &Patch::Apply(&pdb))
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.is_not_found() => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn publish(
+    ctx: &Context,
+    rg: &ReplicaGroup,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    // An event is a record for people; failing to write one must not stop
+    // the reconcile, but it is logged.
+    if let Err(e) = ctx.recorder.publish(&event, &rg.object_ref(&())).await {
+        warn!(group = %rg.name_any(), "could not publish event {reason}: {e}");
+    }
+}

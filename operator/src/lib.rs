@@ -1,0 +1,16 @@
+//! The shardkv Kubernetes operator.
+//!
+//! - [`crd`]: the `ReplicaGroup` resource.
+//! - [`resources`]: the objects a group owns, built from its spec (pure).
+//! - [`decide`]: the Join / Leave / drain decision table (pure).
+//! - [`cluster`]: calls to the shardmaster and the kvservers.
+//! - [`controller`]: the reconcile loop that ties them to the API server.
+//! - [`lease`]: optional leader election; [`metrics`]: `/metrics`, `/healthz`.
+
+pub mod cluster;
+pub mod controller;
+pub mod crd;
+pub mod decide;
+pub mod lease;
+pub mod metrics;
+pub mod resources;
