@@ -47,6 +47,11 @@ pub struct Context {
     pub settings: Settings,
     pub recorder: Recorder,
     pub metrics: Metrics,
+    /// A failpoint for tests: exit the process right after this step
+    /// ("join" or "leave") succeeds, before the status records it, to show
+    /// that a restarted operator converges. Set by
+    /// `SHARDKV_OPERATOR_CRASH_AFTER`; never in production.
+    pub crash_after: Option<String>,
 }
 
 impl Context {
@@ -68,6 +73,7 @@ impl Context {
             settings,
             recorder,
             metrics,
+            crash_after: std::env::var("SHARDKV_OPERATOR_CRASH_AFTER").ok(),
         }
     }
 }
@@ -105,8 +111,8 @@ pub async fn run(
         .await;
 }
 
-fn error_policy(rg: Arc<ReplicaGroup>, error: &Error, _ctx: Arc<Context>) -> Action {
-    warn!(group = %rg.name_any(), "reconcile error: {error}");
+/// The failure itself is logged once, by [`run`]'s stream.
+fn error_policy(_rg: Arc<ReplicaGroup>, _error: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(RETRY_AFTER_ERROR)
 }
 
@@ -160,6 +166,7 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
                 Ok(config) => {
                     info!(group = %name, gid = decision.gid, config = config.num, "joined");
                     ctx.metrics.step("join");
+                    crash_point(ctx, "join");
                     publish(
                         ctx,
                         rg,
@@ -194,6 +201,7 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
                 Ok(config) => {
                     info!(group = %name, gid = decision.gid, config = config.num, "left");
                     ctx.metrics.step("leave");
+                    crash_point(ctx, "leave");
                     publish(
                         ctx,
                         rg,
@@ -413,6 +421,13 @@ async fn apply_children(
         Ok(_) => Ok(true),
         Err(kube::Error::Api(s)) if s.is_not_found() => Ok(false),
         Err(e) => Err(e.into()),
+    }
+}
+
+fn crash_point(ctx: &Context, step: &str) {
+    if ctx.crash_after.as_deref() == Some(step) {
+        warn!("SHARDKV_OPERATOR_CRASH_AFTER={step}: exiting after the step");
+        std::process::exit(86);
     }
 }
 

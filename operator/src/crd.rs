@@ -30,15 +30,14 @@ pub const ALLOW_DATA_LOSS_ANNOTATION: &str = "shardkv.io/allow-data-loss";
 #[serde(rename_all = "camelCase")]
 pub struct ReplicaGroupSpec {
     /// The group's id in the shardmaster's configurations. Immutable.
-    /// (Kubernetes 1.25+ enforces immutability in the API; older servers
-    /// drop the rule, and the operator refuses the change with a condition.)
+    /// The operator refuses a change with a condition. (No CEL rule: the
+    /// CRD must install on Kubernetes before 1.25, whose server-side apply
+    /// rejects `x-kubernetes-validations`.)
     #[schemars(range(min = 1))]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "gid is immutable"}]))]
     pub gid: u64,
     /// Replicas in the Paxos group: 1, 3 or 5. Fixed once the group exists.
     #[serde(default = "default_replicas")]
     #[schemars(extend("enum" = [1, 3, 5]))]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "replicas cannot change until a Paxos group can change its membership; add a new ReplicaGroup instead"}]))]
     pub replicas: u32,
     /// The shardkv image; the operator's default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -266,11 +266,28 @@ pub fn decide(o: &Observed) -> Decision {
     }
 
     if !o.deleting {
-        leaving = cond("Leaving", Some(false), "NotDeleted", "");
+        leaving = cond(
+            "Leaving",
+            Some(false),
+            "NotDeleted",
+            "the ReplicaGroup is not being deleted",
+        );
     } else {
         busy = true;
         step = Step::Nothing;
+        // No StatefulSet was ever made and no Join recorded: nothing can
+        // hold data, whatever the spec or the shardmaster say.
+        let never_created = o.existing_replicas.is_none() && !o.was_joined;
         leaving = match &o.master {
+            _ if never_created => {
+                step = Step::ReleaseFinalizer;
+                cond(
+                    "Leaving",
+                    Some(true),
+                    "Drained",
+                    "the group's pods were never created; releasing the finalizer",
+                )
+            }
             Err(e) => cond(
                 "Leaving",
                 Some(true),
@@ -363,7 +380,7 @@ pub fn decide(o: &Observed) -> Decision {
     }
 
     let degraded_cond = if degraded.is_empty() {
-        cond("Degraded", Some(false), "Healthy", "")
+        cond("Degraded", Some(false), "Healthy", "nothing to report")
     } else {
         let message = degraded
             .iter()
@@ -714,6 +731,19 @@ mod tests {
             ..Default::default()
         }]);
         assert_eq!(decide(&o).step, Step::Nothing);
+    }
+
+    #[test]
+    fn a_group_never_created_is_released_even_with_a_bad_spec() {
+        let mut o = observed();
+        o.deleting = true;
+        o.was_joined = false;
+        o.existing_replicas = None;
+        o.invalid_spec = Some("spec.shardmaster: set service or addresses".into());
+        o.master = Err("spec.shardmaster: set service or addresses".into());
+        assert_eq!(decide(&o).step, Step::ReleaseFinalizer);
+        o.existing_replicas = Some(3);
+        assert_eq!(decide(&o).step, Step::Nothing, "pods existed: ask first");
     }
 
     #[test]

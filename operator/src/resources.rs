@@ -152,12 +152,16 @@ pub fn service(rg: &ReplicaGroup) -> Service {
                     name: Some("grpc".into()),
                     port: GRPC_PORT.into(),
                     target_port: Some(IntOrString::String("grpc".into())),
+                    // Explicit: server-side apply before Kubernetes 1.21
+                    // requires it in list keys.
+                    protocol: Some("TCP".into()),
                     ..ServicePort::default()
                 },
                 ServicePort {
                     name: Some("metrics".into()),
                     port: METRICS_PORT.into(),
                     target_port: Some(IntOrString::String("metrics".into())),
+                    protocol: Some("TCP".into()),
                     ..ServicePort::default()
                 },
             ]),
@@ -217,11 +221,13 @@ pub fn statefulset(
             ContainerPort {
                 name: Some("grpc".into()),
                 container_port: GRPC_PORT.into(),
+                protocol: Some("TCP".into()),
                 ..ContainerPort::default()
             },
             ContainerPort {
                 name: Some("metrics".into()),
                 container_port: METRICS_PORT.into(),
+                protocol: Some("TCP".into()),
                 ..ContainerPort::default()
             },
         ]),

@@ -159,6 +159,30 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     Ok(Outcome::Done)
 }
 
+async fn health(addr: &str, timeout: Duration) -> anyhow::Result<Outcome> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {addr}: {e}"))?;
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{addr}: {}", s.message()))?
+        .into_inner();
+    match ServingStatus::try_from(reply.status) {
+        Ok(ServingStatus::Serving) => Ok(Outcome::Done),
+        Ok(other) => anyhow::bail!("{addr} is {}", other.as_str_name()),
+        Err(_) => anyhow::bail!("{addr} reported unknown status {}", reply.status),
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -1,0 +1,774 @@
+//! The operator, the CRDs and the Helm chart against a real kube-apiserver
+//! and etcd (`tests/envtest/`), with the real node binaries.
+//!
+//! There is no kubelet: this test stands in for it. It starts the processes
+//! each StatefulSet describes, on loopback addresses formed by the same
+//! pod-address template the operator and the chart are given, and patches
+//! the StatefulSet's status with the replicas that report SERVING. There is
+//! no garbage collector either, so owned objects are checked for their owner
+//! references, not for their cascading deletion.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Event, Service, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use shardkv_cluster_tests::{bin, ctl};
+use shardkv_operator::crd::{ReplicaGroup, ALLOW_DATA_LOSS_ANNOTATION, FINALIZER};
+
+const NS: &str = "default";
+const RELEASE: &str = "skv";
+/// Every pod's address; the shardmaster's pods have gid 0.
+const TEMPLATE: &str = "127.60.{gid}.{ordinal}:{port}";
+const OPERATOR_METRICS: &str = "127.0.0.19:18080";
+const WAIT: Duration = Duration::from_secs(90);
+const KEYS: usize = 40;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn log(msg: &str) {
+    eprintln!("[operator test] {msg}");
+}
+
+/// etcd and kube-apiserver, started by `tests/envtest/up.sh`.
+struct Envtest {
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+impl Envtest {
+    fn up() -> Envtest {
+        let envtest = std::env::var("ENVTEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/shardkv-envtest")
+            });
+        assert!(
+            envtest.join("bin/kube-apiserver").exists() && envtest.join("venv/bin/python").exists(),
+            "no envtest in {}: run tests/envtest/install.sh (the README's test command does)",
+            envtest.display()
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = Command::new(repo().join("tests/envtest/up.sh"))
+            .arg(dir.path().join("api"))
+            .output()
+            .expect("run up.sh");
+        assert!(
+            out.status.success(),
+            "up.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let kubeconfig = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Envtest { dir, kubeconfig }
+    }
+
+    fn helm(&self, args: &[&str]) -> std::process::Output {
+        let envtest = std::env::var("ENVTEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/shardkv-envtest")
+            });
+        Command::new(envtest.join("venv/bin/python"))
+            .arg(repo().join("tests/envtest/helm.py"))
+            .args(args)
+            .output()
+            .expect("run helm.py")
+    }
+
+    async fn client(&self, kubeconfig: &Path) -> Client {
+        let config = kube::Config::from_custom_kubeconfig(
+            Kubeconfig::read_from(kubeconfig).expect("kubeconfig"),
+            &KubeConfigOptions::default(),
+        )
+        .await
+        .expect("client config");
+        Client::try_from(config).expect("client")
+    }
+}
+
+impl Drop for Envtest {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("tests/envtest/down.sh"))
+            .arg(self.dir.path().join("api"))
+            .status();
+    }
+}
+
+/// One pod's process.
+struct Pod {
+    child: Child,
+    addr: String,
+    paused: bool,
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = signal_quiet(self.child.id(), "CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn signal_quiet(pid: u32, sig: &str) -> bool {
+    Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The kubelet stand-in: runs the pods of every shardkv StatefulSet.
+#[derive(Clone)]
+struct Kubelet {
+    pods: Arc<Mutex<HashMap<String, Vec<Pod>>>>,
+    dir: PathBuf,
+}
+
+impl Kubelet {
+    /// The StatefulSet's pods as processes: the container's command with
+    /// its environment, the pod's address where it would bind 0.0.0.0, and
+    /// a data directory of its own where the volume would be mounted.
+    fn start_pods(&self, sts: &StatefulSet) {
+        let name = sts.name_any();
+        let spec = sts.spec.as_ref().expect("spec");
+        let replicas = spec.replicas.unwrap_or(1) as usize;
+        let mut pods = self.pods.lock().unwrap();
+        let running = pods.entry(name.clone()).or_default();
+        let container = &spec.template.spec.as_ref().expect("pod spec").containers[0];
+        let command = container.command.clone().expect("command");
+        for ordinal in running.len()..replicas {
+            let pod = format!("{name}-{ordinal}");
+            let mut env = BTreeMap::new();
+            for e in container.env.iter().flatten() {
+                let value = match (&e.value, &e.value_from) {
+                    (Some(v), _) => v.clone(),
+                    (None, Some(from)) => {
+                        let field = &from.field_ref.as_ref().expect("fieldRef").field_path;
+                        assert_eq!(field, "metadata.name");
+                        pod.clone()
+                    }
+                    (None, None) => String::new(),
+                };
+                env.insert(e.name.clone(), value);
+            }
+            let peers: Vec<&str> = env["SHARDKV_PEERS"].split(',').collect();
+            let addr = peers[ordinal].to_string();
+            let ip = addr.rsplit_once(':').unwrap().0.to_string();
+            for v in env.values_mut() {
+                *v = v.replace("0.0.0.0", &ip);
+            }
+            let data = self.dir.join(&pod);
+            std::fs::create_dir_all(&data).unwrap();
+            env.insert("SHARDKV_DATA_DIR".into(), data.display().to_string());
+            let log = std::fs::File::create(self.dir.join(format!("{pod}.log"))).unwrap();
+            let child = Command::new(bin(&command[0]))
+                .args(&command[1..])
+                .envs(&env)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start pod");
+            running.push(Pod {
+                child,
+                addr,
+                paused: false,
+            });
+        }
+    }
+
+    fn addrs(&self, sts: &str) -> Vec<(String, bool)> {
+        let pods = self.pods.lock().unwrap();
+        pods.get(sts)
+            .map(|p| p.iter().map(|p| (p.addr.clone(), p.paused)).collect())
+            .unwrap_or_default()
+    }
+
+    fn set_paused(&self, sts: &str, paused: bool) {
+        let mut pods = self.pods.lock().unwrap();
+        for p in pods.get_mut(sts).expect("no such StatefulSet's pods") {
+            assert!(signal_quiet(
+                p.child.id(),
+                if paused { "STOP" } else { "CONT" }
+            ));
+            p.paused = paused;
+        }
+    }
+
+    fn stop(&self, sts: &str) {
+        self.pods.lock().unwrap().remove(sts);
+    }
+
+    /// Starts pods and reports readiness until the test ends.
+    async fn run(self, client: Client) {
+        let api: Api<StatefulSet> = Api::namespaced(client, NS);
+        let params = ListParams::default().labels("app.kubernetes.io/name=shardkv");
+        loop {
+            if let Ok(list) = api.list(&params).await {
+                for sts in list {
+                    self.start_pods(&sts);
+                    let mut ready = 0;
+                    for (addr, paused) in self.addrs(&sts.name_any()) {
+                        if !paused && serving(&addr).await {
+                            ready += 1;
+                        }
+                    }
+                    let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                    let status = json!({"status": {
+                        "replicas": replicas, "readyReplicas": ready, "currentReplicas": replicas,
+                        "updatedReplicas": replicas, "observedGeneration": sts.metadata.generation,
+                    }});
+                    let _ = api
+                        .patch_status(
+                            &sts.name_any(),
+                            &PatchParams::default(),
+                            &Patch::Merge(&status),
+                        )
+                        .await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+/// One SERVING health check, bounded.
+async fn serving(addr: &str) -> bool {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let check = async {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
+        let channel = endpoint.connect().await.ok()?;
+        let reply = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .ok()?;
+        Some(reply.into_inner().status == 1)
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), check).await,
+        Ok(Some(true))
+    )
+}
+
+/// The operator process.
+struct Operator {
+    child: Option<Child>,
+    kubeconfig: PathBuf,
+    log: PathBuf,
+}
+
+impl Operator {
+    fn start(&mut self, crash_after: Option<&str>) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new(bin("shardkv-operator"));
+        cmd.args([
+            "run",
+            "--pod-address-template",
+            TEMPLATE,
+            "--metrics-addr",
+            OPERATOR_METRICS,
+        ])
+        .args([
+            "--leader-elect",
+            "--lease-namespace",
+            NS,
+            "--lease-seconds",
+            "3",
+        ])
+        .args([
+            "--identity",
+            "operator-test",
+            "--default-image",
+            "shardkv:test",
+        ])
+        .env("KUBECONFIG", &self.kubeconfig)
+        .env("RUST_LOG", "info,kube=warn")
+        .stdout(Stdio::null())
+        .stderr(log);
+        if let Some(step) = crash_after {
+            cmd.env("SHARDKV_OPERATOR_CRASH_AFTER", step);
+        }
+        self.child = Some(cmd.spawn().expect("start operator"));
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Waits for the operator to exit at its failpoint.
+    fn await_crash(&mut self) {
+        let deadline = Instant::now() + WAIT;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert_eq!(status.code(), Some(86), "operator exit: {}", self.tail());
+                self.child = None;
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "operator never reached its failpoint:\n{}",
+                self.tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<String> = text
+            .lines()
+            .map(|l| l.chars().take(400).collect())
+            .collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `probe` until it returns Some, or fails with `what`.
+async fn until<T, F, Fut>(what: &str, op: &Operator, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; operator log:\n{}",
+            op.tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn group(name: &str, gid: u64) -> serde_json::Value {
+    json!({
+        "apiVersion": "shardkv.io/v1alpha1",
+        "kind": "ReplicaGroup",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"gid": gid, "replicas": 3, "shardmaster": {"service": format!("{RELEASE}-master"), "replicas": 3}},
+    })
+}
+
+fn condition(rg: &ReplicaGroup, type_: &str) -> Option<(String, String, String)> {
+    rg.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn masters() -> String {
+    (0..3)
+        .map(|i| format!("127.60.0.{i}:7000"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn config() -> serde_json::Value {
+    let out = ctl(&masters(), &["query"], None);
+    assert!(
+        out.status.success(),
+        "query: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("config json")
+}
+
+fn in_config(gid: u64) -> bool {
+    config()["groups"].get(gid.to_string()).is_some()
+}
+
+async fn events_with_reason(client: &Client, object: &str, reason: &str) -> usize {
+    let api: Api<Event> = Api::namespaced(client.clone(), NS);
+    let list = api.list(&ListParams::default()).await.expect("events");
+    list.items
+        .iter()
+        .filter(|e| {
+            e.involved_object.name.as_deref() == Some(object) && e.reason.as_deref() == Some(reason)
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_on_a_real_api_server() {
+    let started = Instant::now();
+    let env = Envtest::up();
+    let work = env.dir.path().to_path_buf();
+    let admin = env.client(&env.kubeconfig).await;
+    log(&format!("envtest up in {:?}", started.elapsed()));
+
+    // The chart lints clean and installs; its CRD is served.
+    let chart = repo().join("charts/shardkv");
+    let chart = chart.to_str().unwrap();
+    let values = json!({"podAddressTemplate": TEMPLATE}).to_string();
+    let out = env.helm(&["lint", chart, &values]);
+    assert!(
+        out.status.success(),
+        "helm lint: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kubeconfig = env.kubeconfig.to_str().unwrap();
+    let out = env.helm(&["install", kubeconfig, chart, RELEASE, NS, &values]);
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    let crd = crds
+        .get("replicagroups.shardkv.io")
+        .await
+        .expect("the chart installed the CRD");
+    let established = crd.status.and_then(|s| s.conditions).unwrap_or_default();
+    assert!(
+        established
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True"),
+        "{established:?}"
+    );
+    log("chart linted and installed");
+
+    let kubelet = Kubelet {
+        pods: Arc::default(),
+        dir: work.join("pods"),
+    };
+    std::fs::create_dir_all(&kubelet.dir).unwrap();
+    let kubelet_task = tokio::spawn(kubelet.clone().run(admin.clone()));
+
+    // The operator runs as the chart's ServiceAccount, so the chart's RBAC
+    // is what lets it work.
+    let sa: Api<ServiceAccount> = Api::namespaced(admin.clone(), NS);
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec!["https://kubernetes.default.svc".into()],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let token: TokenRequest = sa
+        .create_subresource(
+            "token",
+            &format!("{RELEASE}-operator"),
+            &PostParams::default(),
+            &request,
+        )
+        .await
+        .expect("a token for the chart's ServiceAccount");
+    let token = token.status.expect("token status").token;
+    let admin_config = std::fs::read_to_string(&env.kubeconfig).unwrap();
+    let sa_kubeconfig = work.join("operator.kubeconfig");
+    std::fs::write(
+        &sa_kubeconfig,
+        admin_config.replace("token: admin-token", &format!("token: {token}")),
+    )
+    .unwrap();
+    let mut op = Operator {
+        child: None,
+        kubeconfig: sa_kubeconfig,
+        log: work.join("operator.log"),
+    };
+
+    // Group 1: the operator crashes right after its Join, before any status
+    // says so; restarted, it converges.
+    op.start(Some("join"));
+    let groups: Api<ReplicaGroup> = Api::namespaced(admin.clone(), NS);
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(group("g1", 1)).unwrap(),
+        )
+        .await
+        .expect("create g1");
+    op.await_crash();
+    assert!(in_config(1), "the Join happened");
+    let g1 = groups.get("g1").await.unwrap();
+    assert!(
+        !g1.status.as_ref().is_some_and(|s| s.joined),
+        "status written before the crash: {:?}",
+        g1.status
+    );
+    assert!(g1.finalizers().iter().any(|f| f == FINALIZER));
+    log("operator crashed after Join; restarting");
+
+    // What it created, with its owner.
+    let statefulsets: Api<StatefulSet> = Api::namespaced(admin.clone(), NS);
+    let sts = statefulsets.get("g1").await.expect("StatefulSet g1");
+    let owner = &sts.metadata.owner_references.as_ref().expect("owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("ReplicaGroup", g1.uid().unwrap().as_str())
+    );
+    let spec = sts.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    let env_vars: BTreeMap<String, String> = spec.template.spec.as_ref().unwrap().containers[0]
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        .collect();
+    assert_eq!(
+        env_vars["SHARDKV_PEERS"],
+        "127.60.1.0:7000,127.60.1.1:7000,127.60.1.2:7000"
+    );
+    assert_eq!(env_vars["SHARDKV_MASTERS"], masters());
+    let svc: Api<Service> = Api::namespaced(admin.clone(), NS);
+    let svc = svc.get("g1").await.expect("Service g1");
+    assert_eq!(svc.spec.unwrap().cluster_ip.as_deref(), Some("None"));
+    assert_eq!(
+        svc.metadata.owner_references.unwrap()[0].uid,
+        g1.uid().unwrap()
+    );
+
+    op.start(None);
+    let g1 = until("g1 joined and ready", &op, || async {
+        let g = groups.get("g1").await.ok()?;
+        let s = g.status.as_ref()?;
+        (s.joined && s.ready_replicas == 3 && s.shards.len() == 10).then_some(g)
+    })
+    .await;
+    assert_eq!(condition(&g1, "Ready").unwrap().0, "True");
+    assert_eq!(condition(&g1, "Joined").unwrap().1, "InConfiguration");
+    // Kubernetes 1.20 has no policy/v1 PodDisruptionBudget: said, not fatal.
+    let degraded = condition(&g1, "Degraded").unwrap();
+    assert_eq!(
+        (degraded.0.as_str(), degraded.1.as_str()),
+        ("True", "PodDisruptionBudgetUnsupported"),
+        "{degraded:?}"
+    );
+    assert!(events_with_reason(&admin, "g1", "PodDisruptionBudgetUnsupported").await > 0);
+    let metrics = shardkv_cluster_tests::http_get(OPERATOR_METRICS, "/metrics");
+    assert!(
+        metrics.contains("shardkv_operator_reconciles_total"),
+        "{metrics}"
+    );
+    assert!(shardkv_cluster_tests::http_get(OPERATOR_METRICS, "/healthz").contains("ok"));
+    log(&format!(
+        "g1 joined after restart ({:?})",
+        started.elapsed()
+    ));
+
+    for i in 0..KEYS {
+        let out = ctl(
+            &masters(),
+            &["put", &format!("k{i}"), &format!("v{i}")],
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "put: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Group 2: the shards split.
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(group("g2", 2)).unwrap(),
+        )
+        .await
+        .expect("create g2");
+    until("the shards split between g1 and g2", &op, || async {
+        let a = groups.get("g1").await.ok()?.status?;
+        let b = groups.get("g2").await.ok()?.status?;
+        (b.joined && a.shards.len() == 5 && b.shards.len() == 5).then_some(())
+    })
+    .await;
+    log(&format!("shards split ({:?})", started.elapsed()));
+
+    // Invalid resources: the schema rejects some, the operator reports the
+    // rest and keeps running.
+    for (bad, field) in [
+        (json!({"gid": 0}), "gid"),
+        (json!({"replicas": 4}), "replicas"),
+    ] {
+        let mut rg = group("bad", 9);
+        for (k, v) in bad.as_object().unwrap() {
+            rg["spec"][k] = v.clone();
+        }
+        let err = groups
+            .create(&PostParams::default(), &serde_json::from_value(rg).unwrap())
+            .await
+            .expect_err("the schema rejects it");
+        assert!(err.to_string().contains(field), "{err}");
+    }
+    let mut both = group("g3", 3);
+    both["spec"]["shardmaster"]["addresses"] = json!(["127.60.0.0:7000"]);
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(both).unwrap(),
+        )
+        .await
+        .expect("create g3");
+    until("g3 reported invalid", &op, || async {
+        let g = groups.get("g3").await.ok()?;
+        let d = condition(&g, "Degraded")?;
+        (d.1 == "InvalidSpec" && d.2.contains("not both")).then_some(())
+    })
+    .await;
+    assert!(!in_config(3));
+    // Kubernetes 1.20 drops the CEL rule, so a changed gid is accepted by
+    // the API and refused by the operator.
+    let patch = json!({"spec": {"gid": 7}});
+    groups
+        .patch("g2", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch gid");
+    until("g2's gid change refused", &op, || async {
+        let g = groups.get("g2").await.ok()?;
+        (condition(&g, "Degraded")?.1 == "GidImmutable").then_some(())
+    })
+    .await;
+    assert!(!in_config(7) && in_config(2));
+    let patch = json!({"spec": {"gid": 2}});
+    groups
+        .patch("g2", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch gid back");
+    groups
+        .delete("g3", &DeleteParams::default())
+        .await
+        .expect("delete g3");
+    until("g3, which never served, released", &op, || async {
+        groups.get_opt("g3").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(op.alive(), "the operator kept running");
+    log(&format!(
+        "invalid resources handled ({:?})",
+        started.elapsed()
+    ));
+
+    // Delete g1 while g2 cannot take its shards, and crash the operator
+    // right after the Leave. The finalizer holds until the shards move.
+    op.kill9();
+    op.start(Some("leave"));
+    kubelet.set_paused("g2", true);
+    groups
+        .delete("g1", &DeleteParams::default())
+        .await
+        .expect("delete g1");
+    op.await_crash();
+    assert!(!in_config(1), "the Leave happened");
+    op.start(None);
+    until("g1 draining", &op, || async {
+        let g = groups.get_opt("g1").await.ok()?;
+        let g = g.unwrap_or_else(|| panic!("g1 released while its shards could not move"));
+        (condition(&g, "Leaving")?.1 == "Draining").then_some(())
+    })
+    .await;
+    // Several reconciles (2 s apart while draining) must all hold it.
+    let held_until = Instant::now() + Duration::from_secs(8);
+    let mut last_message = String::new();
+    while Instant::now() < held_until {
+        let g = groups.get_opt("g1").await.unwrap();
+        let g = g.unwrap_or_else(|| {
+            panic!(
+                "g1 released while its shards could not move:\n{}",
+                op.tail()
+            )
+        });
+        let leaving = condition(&g, "Leaving").unwrap();
+        assert_eq!(leaving.1, "Draining");
+        last_message = leaving.2;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    log(&format!("g1 held: {last_message}"));
+    kubelet.set_paused("g2", false);
+    until("g1 drained and released", &op, || async {
+        groups.get_opt("g1").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(events_with_reason(&admin, "g1", "Left").await > 0);
+    assert!(events_with_reason(&admin, "g1", "Drained").await > 0);
+    // No garbage collector here: stop g1's pods as it would, then read back.
+    kubelet.stop("g1");
+    for i in 0..KEYS {
+        let out = ctl(&masters(), &["get", &format!("k{i}")], None);
+        assert!(
+            out.status.success(),
+            "k{i} lost: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("v{i}"));
+    }
+    log(&format!(
+        "g1 removed, every key readable ({:?})",
+        started.elapsed()
+    ));
+
+    // The last group holds data: refused until deliberately overridden.
+    groups
+        .delete("g2", &DeleteParams::default())
+        .await
+        .expect("delete g2");
+    until("g2's removal refused", &op, || async {
+        let g = groups.get_opt("g2").await.ok()??;
+        let l = condition(&g, "Leaving")?;
+        (l.1 == "LastGroupHoldsData" && l.2.contains(ALLOW_DATA_LOSS_ANNOTATION)).then_some(())
+    })
+    .await;
+    assert!(in_config(2));
+    let patch = json!({"metadata": {"annotations": {ALLOW_DATA_LOSS_ANNOTATION: "true"}}});
+    groups
+        .patch("g2", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("annotate");
+    until("g2 released after the override", &op, || async {
+        groups.get_opt("g2").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(!in_config(2));
+    assert!(op.alive());
+    log(&format!(
+        "last group removed on override ({:?})",
+        started.elapsed()
+    ));
+
+    kubelet_task.abort();
+    let out = env.helm(&["uninstall", kubeconfig, RELEASE, NS]);
+    assert!(
+        out.status.success(),
+        "helm uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
