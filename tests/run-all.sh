@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting, lints, and the whole test suite.
-# Installs what the tests need (idempotent: skips what is already there).
+# Installs what the tests need (idempotent: skips what is already there):
+# cargo-nextest, and the Kubernetes API server the operator test runs
+# against (tests/envtest/install.sh: built once per machine, needs root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +11,18 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 
+# The envtest build (minutes, once per machine) overlaps the compile below.
+mkdir -p target
+envtest_log=target/envtest-install.log
+tests/envtest/install.sh >"$envtest_log" 2>&1 &
+envtest_pid=$!
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+if ! wait "$envtest_pid"; then
+  echo "tests/envtest/install.sh failed:" >&2
+  tail -30 "$envtest_log" >&2
+  exit 1
+fi
 cargo nextest run --workspace --locked --profile ci
