@@ -20,11 +20,14 @@ fn master(addresses: &[String]) -> Result<ShardMasterClient, String> {
     ShardMasterClient::new(addresses, MASTER_TIMEOUT).map_err(|e| e.to_string())
 }
 
-/// What the latest configuration says about `gid`.
-pub fn view_of(config: &Config, gid: u64) -> MasterView {
+/// What the latest configuration says about `gid`, whose servers should be
+/// `servers`.
+pub fn view_of(config: &Config, gid: u64, servers: &[String]) -> MasterView {
+    let in_config = config.groups.get(&gid);
     MasterView {
         config_num: config.num,
-        joined: config.groups.contains_key(&gid),
+        joined: in_config.is_some_and(|s| s == servers),
+        foreign_servers: in_config.filter(|s| *s != servers).cloned(),
         shards: (0..config.shards.len() as u64)
             .filter(|&s| config.shards[s as usize] == gid)
             .collect(),

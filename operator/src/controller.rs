@@ -159,10 +159,10 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
     let masters = resources::master_addresses(rg, &ctx.settings).ok();
+    let servers = group_servers(rg, decision.gid, decision.replicas, &ctx.settings);
     match (&decision.step, &masters) {
         (Step::Join, Some(masters)) => {
-            let servers = resources::group_addresses(rg, decision.replicas, &ctx.settings);
-            match cluster::join(masters, decision.gid, servers).await {
+            match cluster::join(masters, decision.gid, servers.clone()).await {
                 Ok(config) => {
                     info!(group = %name, gid = decision.gid, config = config.num, "joined");
                     ctx.metrics.step("join");
@@ -179,7 +179,7 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
                         ),
                     )
                     .await;
-                    observed.master = Ok(cluster::view_of(&config, decision.gid));
+                    observed.master = Ok(cluster::view_of(&config, decision.gid, &servers));
                 }
                 Err(e) => {
                     publish(
@@ -214,7 +214,7 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
                     ),
                     )
                     .await;
-                    observed.master = Ok(cluster::view_of(&config, decision.gid));
+                    observed.master = Ok(cluster::view_of(&config, decision.gid, &servers));
                 }
                 Err(e) => {
                     publish(
@@ -272,7 +272,9 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
             (c.type_, c.status),
             ("Degraded", Some(true)) | ("Joined", None) | ("Ready", Some(false))
         ) || c.reason == "LastGroupHoldsData";
-        if before.is_none() && !warning {
+        // A new group's first conditions are news only if they are problems
+        // beyond "not ready yet".
+        if before.is_none() && (!warning || c.reason == "ReplicasNotReady") {
             continue;
         }
         let kind = if warning {
@@ -334,25 +336,23 @@ async fn observe(rg: &ReplicaGroup, ctx: &Context, deleting: bool) -> Result<Obs
     let gid = recorded_gid.unwrap_or(rg.spec.gid);
     let masters = resources::master_addresses(rg, &ctx.settings);
     let invalid_spec = masters.as_ref().err().map(|e| e.to_string());
+    let servers = group_servers(
+        rg,
+        gid,
+        existing_replicas.unwrap_or(rg.spec.replicas),
+        &ctx.settings,
+    );
     let master = match &masters {
         Ok(m) => cluster::latest_config(m)
             .await
-            .map(|c| cluster::view_of(&c, gid)),
+            .map(|c| cluster::view_of(&c, gid, &servers)),
         Err(e) => Err(e.to_string()),
     };
     let joined = master.as_ref().is_ok_and(|m| m.joined);
     let last_group = master.as_ref().is_ok_and(|m| m.groups == 1);
     // Only a deletion needs the replicas' own account of what they hold.
     let group = if deleting && (!joined || last_group) {
-        let replicas = existing_replicas.unwrap_or(rg.spec.replicas);
-        let mut addressed = rg.clone();
-        addressed.spec.gid = gid;
-        cluster::group_view(&resources::group_addresses(
-            &addressed,
-            replicas,
-            &ctx.settings,
-        ))
-        .await
+        cluster::group_view(&servers).await
     } else {
         GroupView::NotAsked
     };
@@ -374,6 +374,14 @@ async fn observe(rg: &ReplicaGroup, ctx: &Context, deleting: bool) -> Result<Obs
         group,
         pdb_api_missing: false,
     })
+}
+
+/// The group's servers under the gid it was created with (a changed
+/// spec.gid does not move it).
+fn group_servers(rg: &ReplicaGroup, gid: u64, replicas: u32, settings: &Settings) -> Vec<String> {
+    let mut addressed = rg.clone();
+    addressed.spec.gid = gid;
+    resources::group_addresses(&addressed, replicas, settings)
 }
 
 /// Applies the Service, StatefulSet and PodDisruptionBudget. Returns whether

@@ -18,8 +18,11 @@ pub const REQUEUE_SETTLED: Duration = Duration::from_secs(15);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MasterView {
     pub config_num: u64,
-    /// The gid is in the configuration.
+    /// The gid is in the configuration with this group's servers.
     pub joined: bool,
+    /// The gid is in the configuration with other servers: another
+    /// ReplicaGroup, or a manual join, uses it.
+    pub foreign_servers: Option<Vec<String>>,
     /// The shards assigned to the gid.
     pub shards: Vec<u64>,
     /// How many groups the configuration has, this one included.
@@ -224,6 +227,19 @@ pub fn decide(o: &Observed) -> Decision {
                     m.shards.len()
                 ),
             );
+        }
+        Ok(MasterView {
+            foreign_servers: Some(servers),
+            ..
+        }) => {
+            let message = format!(
+                "gid {gid} is already in the configuration with other servers ({}): another \
+                 ReplicaGroup or a manual join uses it. This group will not join; give it \
+                 an unused gid",
+                servers.join(",")
+            );
+            degraded.push(("GidInUse", message.clone()));
+            joined_cond = cond("Joined", Some(false), "GidInUse", message);
         }
         Ok(_) if o.deleting => {
             joined_cond = cond(
@@ -457,6 +473,7 @@ mod tests {
             master: Ok(MasterView {
                 config_num: 4,
                 joined: true,
+                foreign_servers: None,
                 shards: vec![0, 1, 2],
                 groups: 2,
             }),
@@ -470,6 +487,7 @@ mod tests {
         o.master = Ok(MasterView {
             config_num: 4,
             joined: false,
+            foreign_servers: None,
             shards: vec![],
             groups: 1,
         });
@@ -610,6 +628,7 @@ mod tests {
         o.master = Ok(MasterView {
             config_num: 4,
             joined: true,
+            foreign_servers: None,
             shards: vec![0, 1],
             groups: 1,
         });
@@ -663,6 +682,7 @@ mod tests {
         o.master = Ok(MasterView {
             config_num: 9,
             joined: false,
+            foreign_servers: None,
             shards: vec![],
             groups: 1,
         });
@@ -744,6 +764,38 @@ mod tests {
         assert_eq!(decide(&o).step, Step::ReleaseFinalizer);
         o.existing_replicas = Some(3);
         assert_eq!(decide(&o).step, Step::Nothing, "pods existed: ask first");
+    }
+
+    #[test]
+    fn a_gid_joined_with_other_servers_is_never_joined_over_nor_left() {
+        let mut o = observed();
+        not_joined(&mut o);
+        o.master = Ok(MasterView {
+            config_num: 4,
+            joined: false,
+            foreign_servers: Some(vec!["elsewhere:7000".into()]),
+            shards: vec![],
+            groups: 2,
+        });
+        let d = decide(&o);
+        assert_eq!(
+            d.step,
+            Step::Nothing,
+            "a Join would replace the other group's servers"
+        );
+        assert_eq!(condition(&d, "Joined").reason, "GidInUse");
+        assert_eq!(condition(&d, "Degraded").reason, "GidInUse");
+        assert!(condition(&d, "Degraded").message.contains("elsewhere:7000"));
+        o.deleting = true;
+        o.group = GroupView::Reported(vec![ReplicaReport {
+            config_num: 4,
+            ..Default::default()
+        }]);
+        assert_eq!(
+            decide(&o).step,
+            Step::ReleaseFinalizer,
+            "never Leave another group's gid"
+        );
     }
 
     #[test]
