@@ -6,9 +6,11 @@
 //! - [`shardkv`]: the key/value service: replica groups, shard handoff, the client.
 //! - [`linearizability`]: a checker for recorded histories.
 //! - [`daemon`]: running a role as a process (storage, health, metrics, shutdown).
+//! - [`net`]: the source address of outgoing connections.
 
 pub mod daemon;
 pub mod linearizability;
+pub mod net;
 pub mod paxos;
 pub mod replica;
 pub mod shardkv;

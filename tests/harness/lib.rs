@@ -21,11 +21,14 @@ pub const WAIT: Duration = Duration::from_secs(60);
 /// builds the node crate's binaries for its own integration tests).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test>-<hash>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory");
+    // A test: target/<profile>/deps/<test>-<hash>; a binary (the fault
+    // runner): target/<profile>/<name>.
+    let deps = exe.parent().expect("executable directory");
+    let dir = if deps.ends_with("deps") {
+        deps.parent().expect("target directory")
+    } else {
+        deps
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -209,10 +212,24 @@ impl Cluster {
             .collect()
     }
 
-    /// Starts every process (groups not joined).
+    /// Starts every process (groups not joined), all on `host`.
     pub async fn start(host: &str, groups: usize, replicas: usize) -> Cluster {
+        let master = |i: usize| format!("{host}:{}", 7000 + i);
+        let member = |g: usize, i: usize| format!("{host}:{}", 7000 + 10 * g + i);
+        Cluster::start_at(host, groups, replicas, &master, &member).await
+    }
+
+    /// Starts every process (groups not joined): master i at `master(i)`,
+    /// replica i of group g at `member(g, i)`.
+    pub async fn start_at(
+        host: &str,
+        groups: usize,
+        replicas: usize,
+        master: &dyn Fn(usize) -> String,
+        member: &dyn Fn(usize, usize) -> String,
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
-        let masters_addrs: Vec<String> = (0..3).map(|i| format!("{host}:{}", 7000 + i)).collect();
+        let masters_addrs: Vec<String> = (0..3).map(master).collect();
         let mut masters = Vec::new();
         for i in 0..3 {
             let args = vec![
@@ -235,9 +252,7 @@ impl Cluster {
         }
         let mut all_groups = Vec::new();
         for g in 1..=groups {
-            let addrs: Vec<String> = (0..replicas)
-                .map(|i| format!("{host}:{}", 7000 + 10 * g + i))
-                .collect();
+            let addrs: Vec<String> = (0..replicas).map(|i| member(g, i)).collect();
             let mut nodes = Vec::new();
             for (i, addr) in addrs.iter().enumerate() {
                 let args = vec![

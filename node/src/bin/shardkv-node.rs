@@ -100,8 +100,24 @@ impl NodeArgs {
         if self.tick_ms == 0 {
             anyhow::bail!("--tick-ms must be at least 1");
         }
+        let id = parse_id(&self.id)?;
+        // Connect from the address we listen on, when it is one address.
+        let listen = self
+            .listen
+            .as_deref()
+            .or_else(|| self.peers.get(id as usize).map(String::as_str));
+        if let Some(ip) = listen
+            .and_then(|l| l.rsplit_once(':'))
+            .and_then(|(host, _)| {
+                host.trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .ok()
+            })
+        {
+            shardkv::net::connect_from(ip);
+        }
         Ok(NodeOptions {
-            id: parse_id(&self.id)?,
+            id,
             peers: self.peers,
             data_dir: self.data_dir,
             listen: self.listen,

@@ -11,7 +11,6 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Replica, Transport};
@@ -65,7 +64,7 @@ impl Transport for GrpcTransport {
 async fn peer_sender(addr: String, group: String, me: NodeId, mut rx: mpsc::Receiver<Message>) {
     let mut backoff = RECONNECT_BACKOFF_MIN;
     loop {
-        let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
+        let endpoint = match crate::net::endpoint(&addr) {
             Ok(e) => e.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true),
             Err(e) => {
                 tracing::error!(%addr, error = %e, "invalid peer address; not sending to it");

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Past this many addresses the pool is cleared: configurations name few
 /// servers, so this only guards against unbounded growth under churn.
@@ -33,7 +33,7 @@ impl ChannelPool {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+        let channel = crate::net::endpoint(addr)
             .map_err(|e| format!("invalid address {addr:?}: {e}"))?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)

@@ -5,7 +5,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use super::service::{from_proto, leader_hint};
@@ -62,7 +62,7 @@ impl ShardMasterClient {
         let channels = servers
             .iter()
             .map(|addr| {
-                Endpoint::from_shared(format!("http://{addr}"))
+                crate::net::endpoint(addr)
                     .map(|e| e.connect_timeout(ATTEMPT_TIMEOUT).connect_lazy())
                     .map_err(|e| ClientError::BadAddress(format!("{addr}: {e}")))
             })

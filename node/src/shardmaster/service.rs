@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request as GrpcRequest, Response, Status};
 
 use super::{Config, Op, Reply, Request};
@@ -37,7 +37,7 @@ impl ShardMasterService {
         let peers = peers
             .iter()
             .map(|addr| {
-                Endpoint::from_shared(format!("http://{addr}"))
+                crate::net::endpoint(addr)
                     .map(|e| e.connect_timeout(Duration::from_secs(2)).connect_lazy())
                     .map_err(|e| format!("invalid address {addr}: {e}"))
             })

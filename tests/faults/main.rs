@@ -1,0 +1,585 @@
+//! `shardkv-faults`: a Jepsen-style fault-injection run on the real binaries.
+//!
+//! It creates a network namespace (`ip netns add`, so it needs root) and
+//! runs itself inside it. There it starts 3 shardmasters and 3 groups of 3
+//! kvservers, each node on its own loopback address (127.0.1.x; a node
+//! connects from the address it listens on, so iptables can tell nodes
+//! apart). Concurrent clients record every operation's call, return and
+//! result while a nemesis, driven by a printed seed, partitions the nodes
+//! with iptables (random halves, an isolated group leader, a bridge, a
+//! majority ring in every group),
+//! resets connections at random, kills and restarts nodes, pauses them with
+//! SIGSTOP, and, at the same time, moves shards and joins and leaves a
+//! group. After the faults heal, every key is read back: every acknowledged
+//! append must be there, and the history must be linearizable per key.
+//!
+//! ```text
+//! shardkv-faults [--duration SECONDS] [--seed N] [--out DIR]
+//! ```
+//!
+//! Exit 0 when the run found nothing; 1 on any anomaly or lost write, with
+//! the seed, and the history and the nemesis schedule written to DIR.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use shardkv::linearizability::{check, Input, Operation, Verdict};
+use shardkv::paxos::sim::SimRng;
+use shardkv::shardkv::clerk::{Clerk, ClerkError, ClerkOptions};
+use shardkv::shardkv::key_to_shard;
+use shardkv::shardmaster::DEFAULT_SHARDS;
+use shardkv_cluster_tests::{Cluster, Node};
+
+/// Set inside the namespace, to the namespace's name.
+const IN_NETNS: &str = "SHARDKV_FAULTS_NETNS";
+const GROUPS: usize = 3;
+/// Group 3 is joined and left by the nemesis; 1 and 2 stay.
+const TOGGLED_GID: u64 = 3;
+const CLIENTS: u64 = 5;
+const KEYS: u64 = 8;
+/// A client operation gives up after this long; its outcome is then unknown.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The chain every nemesis rule goes into, so healing is one flush.
+const CHAIN: &str = "SHARDKV_NEMESIS";
+
+#[derive(Parser, Clone)]
+#[command(
+    name = "shardkv-faults",
+    about = "Fault injection on real processes, with a linearizability verdict"
+)]
+struct Opts {
+    /// How long clients run while the nemesis acts, in seconds.
+    #[arg(long, default_value_t = 60)]
+    duration: u64,
+    /// The seed for the workload and the nemesis (default: from the clock).
+    #[arg(long, env = "SHARDKV_SEED")]
+    seed: Option<u64>,
+    /// Where the history and the schedule go when the run fails.
+    #[arg(long, default_value = "target/faults")]
+    out: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let opts = Opts::parse();
+    if std::env::var_os(IN_NETNS).is_some() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        return runtime.block_on(run(opts));
+    }
+    // Outside: make the namespace, run inside it, remove it.
+    let seed = opts.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    let ns = format!("shardkv-faults-{}", std::process::id());
+    if let Err(e) = sh("ip", &["netns", "add", &ns]) {
+        eprintln!("shardkv-faults: cannot create a network namespace (root needed): {e}");
+        return ExitCode::from(2);
+    }
+    let exe = std::env::current_exe().expect("own path");
+    let status = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(exe)
+        .args([
+            "--duration",
+            &opts.duration.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ])
+        .arg("--out")
+        .arg(&opts.out)
+        .env(IN_NETNS, &ns)
+        .status();
+    let _ = sh("ip", &["netns", "del", &ns]);
+    match status {
+        Ok(s) if s.success() => ExitCode::SUCCESS,
+        Ok(s) => {
+            eprintln!("shardkv-faults: FAILED (seed {seed}; rerun with --seed {seed}): {s}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("shardkv-faults: cannot run inside {ns}: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs a command; an error says what it printed.
+fn sh(cmd: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn iptables(args: &[&str]) {
+    if let Err(e) = sh("iptables", args) {
+        panic!("{e}");
+    }
+}
+
+fn ip_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr)
+}
+
+/// Blocks traffic between every node of `a` and every node of `b`, both ways.
+fn cut(a: &[String], b: &[String]) {
+    for x in a {
+        for y in b {
+            for (s, d) in [(x, y), (y, x)] {
+                iptables(&["-A", CHAIN, "-s", ip_of(s), "-d", ip_of(d), "-j", "DROP"]);
+            }
+        }
+    }
+}
+
+fn heal_network() {
+    iptables(&["-F", CHAIN]);
+}
+
+struct Shared {
+    history: Mutex<Vec<Operation>>,
+    ok: Mutex<usize>,
+    failed: Mutex<usize>,
+    unknown: Mutex<usize>,
+}
+
+async fn run(opts: Opts) -> ExitCode {
+    let seed = opts.seed.expect("the outer process passes the seed");
+    println!(
+        "shardkv-faults: seed {seed} (rerun with --seed {seed}), {} s",
+        opts.duration
+    );
+    sh("ip", &["link", "set", "lo", "up"]).expect("loopback up");
+    iptables(&["-N", CHAIN]);
+    iptables(&["-I", "INPUT", "-j", CHAIN]);
+
+    let master = |i: usize| format!("127.0.1.{}:7000", 1 + i);
+    let member = |g: usize, i: usize| format!("127.0.1.{}:7000", 10 * g + i);
+    let mut cluster = Cluster::start_at("127.0.1.1", GROUPS, 3, &master, &member).await;
+    for gid in 1..=GROUPS as u64 {
+        cluster.join(gid).await;
+    }
+    let masters = cluster.master_addrs();
+    let start = Instant::now();
+    let run_for = Duration::from_secs(opts.duration);
+    let now = move || start.elapsed().as_micros() as u64;
+    let shared = Arc::new(Shared {
+        history: Mutex::default(),
+        ok: Mutex::default(),
+        failed: Mutex::default(),
+        unknown: Mutex::default(),
+    });
+
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let options = ClerkOptions {
+            timeout: CLIENT_TIMEOUT,
+            ..Default::default()
+        };
+        let ck = Clerk::new(&masters, options).expect("clerk");
+        let shared = shared.clone();
+        let mut rng = SimRng::new(seed ^ (c + 1).wrapping_mul(0x9e37_79b9));
+        clients.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while start.elapsed() < run_for {
+                i += 1;
+                let key = Bytes::from(format!("f{}", rng.below(KEYS)));
+                let input = if rng.below(10) < 4 {
+                    Input::Get
+                } else {
+                    Input::Append(Bytes::from(format!("{c}.{i};")))
+                };
+                let call = now();
+                let result = match &input {
+                    Input::Get => ck.get(key.clone()).await,
+                    Input::Append(v) => ck.append(key.clone(), v.clone()).await.map(|_| None),
+                    _ => unreachable!("the workload is gets and appends"),
+                };
+                let ret = now();
+                let (output, ret) = match result {
+                    Ok(output) => {
+                        *shared.ok.lock().unwrap() += 1;
+                        (output, ret)
+                    }
+                    Err(ClerkError::Timeout { .. }) => {
+                        *shared.unknown.lock().unwrap() += 1;
+                        (None, u64::MAX)
+                    }
+                    // A definite failure: the operation did not happen.
+                    Err(_) => {
+                        *shared.failed.lock().unwrap() += 1;
+                        continue;
+                    }
+                };
+                shared.history.lock().unwrap().push(Operation {
+                    client: c,
+                    key,
+                    input,
+                    output,
+                    call,
+                    ret,
+                });
+            }
+        }));
+    }
+
+    // Two nemeses at once: network and processes, and reconfiguration.
+    let schedule: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = {
+        let schedule = schedule.clone();
+        move |what: String| {
+            println!("[{:>7.2}s] {what}", start.elapsed().as_secs_f64());
+            schedule
+                .lock()
+                .unwrap()
+                .push(format!("{:.3} {what}", start.elapsed().as_secs_f64()));
+        }
+    };
+    let reconfig = {
+        let log = log.clone();
+        let masters = masters.clone();
+        let toggled: Vec<String> = (0..3).map(|i| member(GROUPS, i)).collect();
+        let mut rng = SimRng::new(seed ^ 0x5eed_cafe);
+        tokio::spawn(async move {
+            let admin = shardkv::shardmaster::client::ShardMasterClient::new(
+                &masters,
+                Duration::from_secs(5),
+            )
+            .expect("admin");
+            let mut joined = true;
+            while start.elapsed() < run_for {
+                tokio::time::sleep(Duration::from_millis(500 + rng.below(1500))).await;
+                let result = if rng.below(3) == 0 {
+                    joined = !joined;
+                    if joined {
+                        log(format!("join group {TOGGLED_GID}"));
+                        admin.join(TOGGLED_GID, toggled.clone()).await
+                    } else {
+                        log(format!("leave group {TOGGLED_GID}"));
+                        admin.leave(TOGGLED_GID).await
+                    }
+                } else {
+                    let key = format!("f{}", rng.below(KEYS));
+                    let shard = key_to_shard(key.as_bytes(), DEFAULT_SHARDS) as u64;
+                    let gid = 1 + rng.below(if joined { 3 } else { 2 });
+                    log(format!("move shard {shard} to group {gid}"));
+                    admin.r#move(shard, gid).await
+                };
+                if let Err(e) = result {
+                    log(format!("  (the shardmaster did not answer: {e})"));
+                }
+            }
+        })
+    };
+
+    let mut rng = SimRng::new(seed);
+    let servers: Vec<String> = cluster
+        .masters
+        .iter()
+        .chain(cluster.groups.iter().flatten())
+        .map(|n| n.addr.clone())
+        .collect();
+    while start.elapsed() < run_for {
+        let hold = Duration::from_millis(1000 + rng.below(3000));
+        match rng.below(7) {
+            0 => {
+                let mut shuffled = servers.clone();
+                shuffle(&mut shuffled, &mut rng);
+                let (a, b) = shuffled.split_at(shuffled.len() / 2);
+                log(format!("partition {a:?} | {b:?} for {hold:?}"));
+                cut(a, b);
+            }
+            1 => {
+                let gid = 1 + rng.below(GROUPS as u64) as usize;
+                let i = cluster.kv_leader(gid as u64).await.unwrap_or(0);
+                let leader = vec![cluster.groups[gid - 1][i].addr.clone()];
+                let rest: Vec<String> = servers
+                    .iter()
+                    .filter(|s| **s != leader[0])
+                    .cloned()
+                    .collect();
+                log(format!(
+                    "isolate group {gid}'s leader {} for {hold:?}",
+                    leader[0]
+                ));
+                cut(&leader, &rest);
+            }
+            2 => {
+                // A bridge: two sides that reach only one node in between.
+                let mut shuffled = servers.clone();
+                shuffle(&mut shuffled, &mut rng);
+                let bridge = shuffled.pop().unwrap();
+                let (a, b) = shuffled.split_at(shuffled.len() / 2);
+                log(format!(
+                    "bridge {bridge} between {a:?} | {b:?} for {hold:?}"
+                ));
+                cut(a, b);
+            }
+            6 => {
+                // A majority ring in every Paxos group of 3: one link cut,
+                // so each member sees a majority, but not the same one.
+                let mut cuts = Vec::new();
+                for members in std::iter::once(&cluster.masters).chain(cluster.groups.iter()) {
+                    let a = rng.below(3) as usize;
+                    let b = (a + 1 + rng.below(2) as usize) % 3;
+                    cut(&[members[a].addr.clone()], &[members[b].addr.clone()]);
+                    cuts.push(format!("{}-{}", members[a].addr, members[b].addr));
+                }
+                log(format!("majority rings, cut {cuts:?} for {hold:?}"));
+            }
+            3 => {
+                log(format!("reset 5% of connections' packets for {hold:?}"));
+                iptables(&[
+                    "-A",
+                    CHAIN,
+                    "-p",
+                    "tcp",
+                    "-s",
+                    "127.0.1.0/24",
+                    "-d",
+                    "127.0.1.0/24",
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    "0.05",
+                    "-j",
+                    "REJECT",
+                    "--reject-with",
+                    "tcp-reset",
+                ]);
+            }
+            4 => {
+                let node = pick(&mut cluster, &mut rng);
+                log(format!("kill -9 {} for {hold:?}", node.addr));
+                node.kill9();
+                tokio::time::sleep(hold).await;
+                node.start();
+                log(format!("restarted {}", node.addr));
+                continue;
+            }
+            _ => {
+                let node = pick(&mut cluster, &mut rng);
+                log(format!("SIGSTOP {} for {hold:?}", node.addr));
+                node.pause();
+                tokio::time::sleep(hold).await;
+                node.resume();
+                log(format!("SIGCONT {}", node.addr));
+                continue;
+            }
+        }
+        tokio::time::sleep(hold).await;
+        heal_network();
+        log("heal".into());
+        tokio::time::sleep(Duration::from_millis(200 + rng.below(800))).await;
+    }
+    heal_network();
+    for c in clients {
+        c.await.expect("client task");
+    }
+    reconfig.await.expect("reconfiguration task");
+    log("all faults healed; reading every key".into());
+
+    // Read back every key, with time to recover.
+    let ck = Clerk::new(
+        &masters,
+        ClerkOptions {
+            timeout: Duration::from_secs(60),
+            ..Default::default()
+        },
+    )
+    .expect("clerk");
+    let mut history = std::mem::take(&mut *shared.history.lock().unwrap());
+    let mut problems = Vec::new();
+    for k in 0..KEYS {
+        let key = Bytes::from(format!("f{k}"));
+        let call = now();
+        match ck.get(key.clone()).await {
+            Ok(value) => {
+                let held: BTreeSet<&[u8]> = value
+                    .as_deref()
+                    .unwrap_or_default()
+                    .split(|b| *b == b';')
+                    .filter(|t| !t.is_empty())
+                    .collect();
+                for op in history.iter().filter(|o| o.key == key && o.ret != u64::MAX) {
+                    if let Input::Append(v) = &op.input {
+                        if !held.contains(&v[..v.len() - 1]) {
+                            problems.push(format!(
+                                "lost write: acknowledged append {} to {} is not in the final value",
+                                String::from_utf8_lossy(v),
+                                String::from_utf8_lossy(&key)
+                            ));
+                        }
+                    }
+                }
+                history.push(Operation {
+                    client: CLIENTS,
+                    key,
+                    input: Input::Get,
+                    output: value,
+                    call,
+                    ret: now(),
+                });
+            }
+            Err(e) => problems.push(format!(
+                "the cluster did not recover: reading {} after healing: {e}",
+                String::from_utf8_lossy(&key)
+            )),
+        }
+    }
+    tighten_unknown_appends(&mut history);
+    let verdict = check(&history, Duration::from_secs(120));
+    match &verdict {
+        Verdict::Linearizable => {}
+        Verdict::NotLinearizable { key, operations } => problems.push(format!(
+            "anomaly: the {operations} operations on {} are not linearizable",
+            String::from_utf8_lossy(key)
+        )),
+        Verdict::Unknown { key } => problems.push(format!(
+            "the checker ran out of time on {}: no verdict",
+            String::from_utf8_lossy(key)
+        )),
+    }
+    let (ok, failed, unknown) = (
+        *shared.ok.lock().unwrap(),
+        *shared.failed.lock().unwrap(),
+        *shared.unknown.lock().unwrap(),
+    );
+    let faults = schedule.lock().unwrap().len();
+    println!(
+        "shardkv-faults: seed {seed}: {ok} ok, {failed} failed, {unknown} unknown (timed out); \
+         {faults} nemesis steps; {} anomalies or lost writes; verdict {verdict:?}",
+        problems.len()
+    );
+    drop(cluster);
+    if problems.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    for p in problems.iter().take(20) {
+        println!("  {p}");
+    }
+    let dir = opts.out.join(format!("seed-{seed}"));
+    if let Err(e) = write_evidence(&dir, &history, &schedule.lock().unwrap()) {
+        println!("  could not write the evidence to {}: {e}", dir.display());
+    } else {
+        println!("  history and schedule in {}", dir.display());
+    }
+    ExitCode::from(1)
+}
+
+/// Narrows the appends that timed out, without changing the verdict, so the
+/// search does not try every order of them at every read.
+///
+/// The workload only appends unique tokens and reads, so a token's effect
+/// never disappears. An unknown append whose token no read ever saw either
+/// never happened or happened after the last read: either way nothing
+/// observes it, so it is dropped. One some read saw took effect before that
+/// read returned, so that return time bounds it.
+fn tighten_unknown_appends(history: &mut Vec<Operation>) {
+    let mut first_seen: BTreeMap<(Bytes, Vec<u8>), u64> = BTreeMap::new();
+    for op in history.iter() {
+        if let (Input::Get, Some(value)) = (&op.input, &op.output) {
+            for token in value.split(|b| *b == b';').filter(|t| !t.is_empty()) {
+                let seen = first_seen
+                    .entry((op.key.clone(), token.to_vec()))
+                    .or_insert(op.ret);
+                *seen = (*seen).min(op.ret);
+            }
+        }
+    }
+    history.retain_mut(|op| {
+        let Input::Append(v) = &op.input else {
+            return true;
+        };
+        if op.ret != u64::MAX {
+            return true;
+        }
+        let token = v.strip_suffix(b";").unwrap_or(v).to_vec();
+        match first_seen.get(&(op.key.clone(), token)) {
+            Some(&seen) => {
+                op.ret = seen.max(op.call);
+                true
+            }
+            None => false,
+        }
+    });
+}
+
+fn write_evidence(
+    dir: &std::path::Path,
+    history: &[Operation],
+    schedule: &[String],
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("schedule.txt"), schedule.join("\n") + "\n")?;
+    let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for op in history {
+        let ret = if op.ret == u64::MAX {
+            "never".to_string()
+        } else {
+            op.ret.to_string()
+        };
+        by_key
+            .entry(String::from_utf8_lossy(&op.key).into_owned())
+            .or_default()
+            .push(format!(
+                "client {} call {} ret {} {:?} -> {:?}",
+                op.client,
+                op.call,
+                ret,
+                op.input,
+                op.output
+                    .as_ref()
+                    .map(|o| String::from_utf8_lossy(o).into_owned())
+            ));
+    }
+    let mut text = String::new();
+    for (key, ops) in by_key {
+        text.push_str(&format!("# {key}\n"));
+        for op in ops {
+            text.push_str(&op);
+            text.push('\n');
+        }
+    }
+    std::fs::write(dir.join("history.txt"), text)
+}
+
+fn shuffle<T>(items: &mut [T], rng: &mut SimRng) {
+    for i in (1..items.len()).rev() {
+        items.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+}
+
+/// A random node: a shardmaster or a kvserver.
+fn pick<'a>(cluster: &'a mut Cluster, rng: &mut SimRng) -> &'a mut Node {
+    let total = cluster.masters.len() + cluster.groups.iter().map(Vec::len).sum::<usize>();
+    let mut n = rng.below(total as u64) as usize;
+    if n < cluster.masters.len() {
+        return &mut cluster.masters[n];
+    }
+    n -= cluster.masters.len();
+    let replicas = cluster.groups[0].len();
+    &mut cluster.groups[n / replicas][n % replicas]
+}
