@@ -1226,6 +1226,9 @@ impl Paxos {
                 continue;
             }
             let known = self.log.get(&slot).is_some_and(|e| e.decided);
+            if let Role::Leader(l) = &mut self.role {
+                l.inflight.remove(&slot); // decided elsewhere
+            }
             if !known {
                 // A decided value may be recorded under any ballot: every
                 // later proposal for this slot carries the same value.
@@ -1334,6 +1337,12 @@ impl Paxos {
 
     fn install_snapshot(&mut self, snapshot: Snapshot) {
         let index = snapshot.index;
+        // A leader can get here from a catch-up reply it asked for as a
+        // follower. What the snapshot covers is decided: stop waiting for
+        // acknowledgements (its log entries are gone, so none would come).
+        if let Role::Leader(l) = &mut self.role {
+            l.inflight.retain(|slot, _| *slot > index);
+        }
         self.log = self.log.split_off(&(index + 1));
         self.compacted_through = index;
         self.commit = index;

@@ -139,3 +139,67 @@ fn laggard_catches_up_by_snapshot_after_the_log_is_gone() {
         sim.applied[survivor as usize].commands
     );
 }
+
+/// A leader can install a snapshot: a catch-up reply it asked for as a
+/// follower may arrive after it has been elected. The slots the snapshot
+/// covers are decided; they must leave the leader's window of in-flight
+/// slots, or they occupy it until the next election (they have no log entry
+/// any more, so they are never resent and never acknowledged).
+#[test]
+fn a_snapshot_installed_by_a_leader_frees_its_window() {
+    use shardkv::paxos::{Config, DurableState, Message, Paxos, Snapshot};
+
+    let mut nodes: Vec<Paxos> = (0..3)
+        .map(|id| Paxos::new(Config::new_group(id, 3), DurableState::default()))
+        .collect();
+    // Deliver everything in order until the network is quiet.
+    let settle = |nodes: &mut Vec<Paxos>, drop_from_leader: bool| loop {
+        let mut sent = Vec::new();
+        for (id, node) in nodes.iter_mut().enumerate() {
+            for (to, msg) in node.ready().messages {
+                if !(drop_from_leader && id == 0) {
+                    sent.push((id as u32, to, msg));
+                }
+            }
+        }
+        if sent.is_empty() {
+            return;
+        }
+        for (from, to, msg) in sent {
+            nodes[to as usize].step(from, msg);
+        }
+    };
+    while !nodes[0].is_leader() {
+        nodes[0].tick();
+        settle(&mut nodes, false);
+    }
+    // Three slots the followers never hear of.
+    for i in 0..3 {
+        nodes[0]
+            .propose(format!("lost{i}").into())
+            .expect("leader takes it");
+        settle(&mut nodes, true);
+    }
+    assert_eq!(nodes[0].inflight_slots(), 3);
+
+    // The late catch-up reply: a snapshot past all three.
+    let index = nodes[0].commit_index() + 10;
+    let snapshot = Snapshot {
+        index,
+        data: "state".into(),
+    };
+    nodes[0].step(
+        1,
+        Message::CatchUpReply {
+            snapshot: Some(snapshot),
+            entries: Vec::new(),
+            commit: index,
+        },
+    );
+    assert!(nodes[0].is_leader());
+    assert_eq!(
+        nodes[0].inflight_slots(),
+        0,
+        "slots the snapshot decided are no longer in flight"
+    );
+}
