@@ -161,71 +161,43 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
     let masters = resources::master_addresses(rg, &ctx.settings).ok();
     let servers = group_servers(rg, decision.gid, decision.replicas, &ctx.settings);
     match (&decision.step, &masters) {
-        (Step::Join, Some(masters)) => {
-            match cluster::join(masters, decision.gid, servers.clone()).await {
+        (Step::Join | Step::Leave, Some(masters)) => {
+            let joining = decision.step == Step::Join;
+            // The step's name in metrics and the failpoint, its event action
+            // and reasons.
+            let (step, action, done_reason, failed_reason) = if joining {
+                ("join", "Join", "Joined", "JoinFailed")
+            } else {
+                ("leave", "Leave", "Left", "LeaveFailed")
+            };
+            let result = if joining {
+                cluster::join(masters, decision.gid, servers.clone()).await
+            } else {
+                cluster::leave(masters, decision.gid).await
+            };
+            let gid = decision.gid;
+            match result {
                 Ok(config) => {
-                    info!(group = %name, gid = decision.gid, config = config.num, "joined");
-                    ctx.metrics.step("join");
-                    crash_point(ctx, "join");
-                    publish(
-                        ctx,
-                        rg,
-                        EventType::Normal,
-                        "Joined",
-                        "Join",
+                    info!(group = %name, gid, config = config.num, "{step} done");
+                    ctx.metrics.step(step);
+                    crash_point(ctx, step);
+                    let note = if joining {
                         format!(
-                            "gid {} joined the shardmaster in configuration {}",
-                            decision.gid, config.num
-                        ),
-                    )
-                    .await;
-                    observed.master = Ok(cluster::view_of(&config, decision.gid, &servers));
+                            "gid {gid} joined the shardmaster in configuration {}",
+                            config.num
+                        )
+                    } else {
+                        format!(
+                            "gid {gid} left the shardmaster in configuration {}; its shards are moving",
+                            config.num
+                        )
+                    };
+                    publish(ctx, rg, EventType::Normal, done_reason, action, note).await;
+                    observed.master = Ok(cluster::view_of(&config, gid, &servers));
                 }
                 Err(e) => {
-                    publish(
-                        ctx,
-                        rg,
-                        EventType::Warning,
-                        "JoinFailed",
-                        "Join",
-                        format!("could not join gid {}: {e}", decision.gid),
-                    )
-                    .await;
-                    observed.master = Err(e);
-                }
-            }
-            decision = decide(&observed);
-        }
-        (Step::Leave, Some(masters)) => {
-            match cluster::leave(masters, decision.gid).await {
-                Ok(config) => {
-                    info!(group = %name, gid = decision.gid, config = config.num, "left");
-                    ctx.metrics.step("leave");
-                    crash_point(ctx, "leave");
-                    publish(
-                        ctx,
-                        rg,
-                        EventType::Normal,
-                        "Left",
-                        "Leave",
-                        format!(
-                        "gid {} left the shardmaster in configuration {}; its shards are moving",
-                        decision.gid, config.num
-                    ),
-                    )
-                    .await;
-                    observed.master = Ok(cluster::view_of(&config, decision.gid, &servers));
-                }
-                Err(e) => {
-                    publish(
-                        ctx,
-                        rg,
-                        EventType::Warning,
-                        "LeaveFailed",
-                        "Leave",
-                        format!("could not leave gid {}: {e}", decision.gid),
-                    )
-                    .await;
+                    let note = format!("could not {step} gid {gid}: {e}");
+                    publish(ctx, rg, EventType::Warning, failed_reason, action, note).await;
                     observed.master = Err(e);
                 }
             }

@@ -129,13 +129,7 @@ impl NodeArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    shardkv::daemon::init_logging();
     match Cli::parse().command {
         Command::Master { node, shards } => {
             run_master(node.into_options()?, shards, terminate_signal()).await?;

@@ -450,6 +450,19 @@ pub async fn run_kv(
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
+/// Logs to stderr at the level in `RUST_LOG` (default `info`), in colour
+/// only on a terminal. For the binaries' `main`.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
 pub async fn terminate_signal() {
     #[cfg(unix)]
     {
