@@ -145,11 +145,13 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
         return Ok(Action::requeue(Duration::ZERO));
     }
 
-    let mut observed = observe(rg, ctx, deleting).await?;
+    let masters = resources::master_addresses(rg, &ctx.settings);
+    let mut observed = observe(rg, ctx, deleting, &masters).await?;
     let mut decision = decide(&observed);
 
-    if decision.apply_children {
-        observed.pdb_api_missing = !apply_children(rg, ctx, &decision, &observed).await?;
+    // A usable spec (which apply_children requires) has valid masters.
+    if let (true, Ok(masters)) = (decision.apply_children, &masters) {
+        observed.pdb_api_missing = !apply_children(rg, ctx, &decision, &observed, masters).await?;
         decision = decide(&observed);
     }
 
@@ -158,10 +160,9 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
-    let masters = resources::master_addresses(rg, &ctx.settings).ok();
-    let servers = group_servers(rg, decision.gid, decision.replicas, &ctx.settings);
+    let servers = resources::group_addresses(rg, decision.gid, decision.replicas, &ctx.settings);
     match (&decision.step, &masters) {
-        (Step::Join | Step::Leave, Some(masters)) => {
+        (Step::Join | Step::Leave, Ok(masters)) => {
             let joining = decision.step == Step::Join;
             // The step's name in metrics and the failpoint, its event action
             // and reasons.
@@ -288,7 +289,12 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
     Ok(Action::requeue(decision.requeue))
 }
 
-async fn observe(rg: &ReplicaGroup, ctx: &Context, deleting: bool) -> Result<Observed, Error> {
+async fn observe(
+    rg: &ReplicaGroup,
+    ctx: &Context,
+    deleting: bool,
+    masters: &Result<Vec<String>, resources::BadShardmasterRef>,
+) -> Result<Observed, Error> {
     let ns = rg.namespace().ok_or(Error::NoNamespace)?;
     let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
     let sts = statefulsets.get_opt(&rg.name_any()).await?;
@@ -306,15 +312,10 @@ async fn observe(rg: &ReplicaGroup, ctx: &Context, deleting: bool) -> Result<Obs
     let status = rg.status.clone().unwrap_or_default();
     let recorded_gid = status.gid;
     let gid = recorded_gid.unwrap_or(rg.spec.gid);
-    let masters = resources::master_addresses(rg, &ctx.settings);
     let invalid_spec = masters.as_ref().err().map(|e| e.to_string());
-    let servers = group_servers(
-        rg,
-        gid,
-        existing_replicas.unwrap_or(rg.spec.replicas),
-        &ctx.settings,
-    );
-    let master = match &masters {
+    let replicas = existing_replicas.unwrap_or(rg.spec.replicas);
+    let servers = resources::group_addresses(rg, gid, replicas, &ctx.settings);
+    let master = match masters {
         Ok(m) => cluster::latest_config(m)
             .await
             .map(|c| cluster::view_of(&c, gid, &servers)),
@@ -348,14 +349,6 @@ async fn observe(rg: &ReplicaGroup, ctx: &Context, deleting: bool) -> Result<Obs
     })
 }
 
-/// The group's servers under the gid it was created with (a changed
-/// spec.gid does not move it).
-fn group_servers(rg: &ReplicaGroup, gid: u64, replicas: u32, settings: &Settings) -> Vec<String> {
-    let mut addressed = rg.clone();
-    addressed.spec.gid = gid;
-    resources::group_addresses(&addressed, replicas, settings)
-}
-
 /// Applies the Service, StatefulSet and PodDisruptionBudget. Returns whether
 /// the API server serves policy/v1 PodDisruptionBudget.
 async fn apply_children(
@@ -363,19 +356,16 @@ async fn apply_children(
     ctx: &Context,
     decision: &decide::Decision,
     observed: &Observed,
+    masters: &[String],
 ) -> Result<bool, Error> {
     let ns = rg.namespace().ok_or(Error::NoNamespace)?;
     let name = rg.name_any();
     let params = PatchParams::apply(MANAGER).force();
-    let masters = match resources::master_addresses(rg, &ctx.settings) {
-        Ok(m) => m,
-        Err(_) => return Ok(!observed.pdb_api_missing),
-    };
     let created = observed.existing_replicas.is_none();
     Api::<Service>::namespaced(ctx.client.clone(), &ns)
         .patch(&name, &params, &Patch::Apply(&resources::service(rg)))
         .await?;
-    let sts = resources::statefulset(rg, decision.replicas, &masters, &ctx.settings);
+    let sts = resources::statefulset(rg, decision.replicas, masters, &ctx.settings);
     Api::<StatefulSet>::namespaced(ctx.client.clone(), &ns)
         .patch(&name, &params, &Patch::Apply(&sts))
         .await?;

@@ -10,7 +10,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use shardkv_operator::controller::{self, Context};
 use shardkv_operator::lease::Elector;
-use shardkv_operator::metrics::{self, Metrics};
+use shardkv_operator::metrics::Metrics;
 use shardkv_operator::resources::{Settings, DEFAULT_POD_ADDRESS_TEMPLATE};
 
 #[derive(Parser)]
@@ -105,7 +105,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let metrics = Metrics::default();
-    metrics::serve(args.metrics_addr, metrics.clone(), stopped())
+    let rendered = metrics.clone();
+    shardkv::daemon::metrics::serve_text(args.metrics_addr, move || rendered.render(), stopped())
         .await
         .with_context(|| format!("cannot serve metrics on {}", args.metrics_addr))?;
 

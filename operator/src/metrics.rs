@@ -1,11 +1,9 @@
-//! The operator's Prometheus metrics and its `/metrics` and `/healthz`
-//! endpoints.
+//! The operator's Prometheus metrics, served with its `/healthz` by the
+//! node's `serve_text`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -64,18 +62,6 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
+        shardkv::daemon::metrics::render_registry(&self.registry)
     }
-}
-
-/// Serves `/metrics` and `/healthz` on `addr` until `shutdown` resolves.
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: Metrics,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    shardkv::daemon::metrics::serve_text(addr, move || metrics.render(), shutdown).await
 }

@@ -93,8 +93,14 @@ pub fn master_addresses(
 }
 
 /// The group's replicas' addresses, in id order: the `--peers` list and what
-/// the operator joins the group with.
-pub fn group_addresses(rg: &ReplicaGroup, replicas: u32, settings: &Settings) -> Vec<String> {
+/// the operator joins the group with. `gid` is the one the group was created
+/// with, which a changed spec.gid does not move.
+pub fn group_addresses(
+    rg: &ReplicaGroup,
+    gid: u64,
+    replicas: u32,
+    settings: &Settings,
+) -> Vec<String> {
     let namespace = rg.namespace().unwrap_or_default();
     (0..replicas)
         .map(|i| {
@@ -102,7 +108,7 @@ pub fn group_addresses(rg: &ReplicaGroup, replicas: u32, settings: &Settings) ->
                 &settings.pod_address_template,
                 &rg.name_any(),
                 &namespace,
-                rg.spec.gid,
+                gid,
                 i,
                 GRPC_PORT,
             )
@@ -187,7 +193,7 @@ pub fn statefulset(
     masters: &[String],
     settings: &Settings,
 ) -> StatefulSet {
-    let peers = group_addresses(rg, replicas, settings).join(",");
+    let peers = group_addresses(rg, rg.spec.gid, replicas, settings).join(",");
     let image = rg
         .spec
         .image
@@ -397,7 +403,7 @@ mod tests {
         let rg = group(by_service());
         let dns = settings(DEFAULT_POD_ADDRESS_TEMPLATE);
         assert_eq!(
-            group_addresses(&rg, 3, &dns),
+            group_addresses(&rg, 4, 3, &dns),
             [
                 "g1-0.g1.db.svc:7000",
                 "g1-1.g1.db.svc:7000",
@@ -414,7 +420,7 @@ mod tests {
         );
         let local = settings("127.60.{gid}.{ordinal}:{port}");
         assert_eq!(
-            group_addresses(&rg, 3, &local),
+            group_addresses(&rg, 4, 3, &local),
             ["127.60.4.0:7000", "127.60.4.1:7000", "127.60.4.2:7000"]
         );
         assert_eq!(master_addresses(&rg, &local).unwrap()[2], "127.60.0.2:7000");
@@ -454,7 +460,10 @@ mod tests {
         let env = env_of(&sts);
         assert_eq!(env["SHARDKV_ID"], "fieldRef:metadata.name");
         assert_eq!(env["SHARDKV_GID"], "4");
-        assert_eq!(env["SHARDKV_PEERS"], group_addresses(&rg, 3, &s).join(","));
+        assert_eq!(
+            env["SHARDKV_PEERS"],
+            group_addresses(&rg, 4, 3, &s).join(",")
+        );
         assert_eq!(env["SHARDKV_MASTERS"], masters.join(","));
         assert_eq!(env["SHARDKV_DATA_DIR"], DATA_DIR);
         let pod = spec.template.spec.as_ref().unwrap();

@@ -41,6 +41,15 @@ fn log(msg: &str) {
     eprintln!("[operator test] {msg}");
 }
 
+/// Where `tests/envtest/install.sh` put the API server, etcd and Helm.
+fn envtest_dir() -> PathBuf {
+    std::env::var("ENVTEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/shardkv-envtest")
+        })
+}
+
 /// etcd and kube-apiserver, started by `tests/envtest/up.sh`.
 struct Envtest {
     dir: tempfile::TempDir,
@@ -49,11 +58,7 @@ struct Envtest {
 
 impl Envtest {
     fn up() -> Envtest {
-        let envtest = std::env::var("ENVTEST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| {
-                PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/shardkv-envtest")
-            });
+        let envtest = envtest_dir();
         assert!(
             envtest.join("bin/kube-apiserver").exists() && envtest.join("venv/bin/python").exists(),
             "no envtest in {}: run tests/envtest/install.sh (the README's test command does)",
@@ -74,11 +79,7 @@ impl Envtest {
     }
 
     fn helm(&self, args: &[&str]) -> std::process::Output {
-        let envtest = std::env::var("ENVTEST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| {
-                PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/shardkv-envtest")
-            });
+        let envtest = envtest_dir();
         Command::new(envtest.join("venv/bin/python"))
             .arg(repo().join("tests/envtest/helm.py"))
             .args(args)

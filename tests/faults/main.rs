@@ -23,6 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -158,9 +159,9 @@ fn heal_network() {
 
 struct Shared {
     history: Mutex<Vec<Operation>>,
-    ok: Mutex<usize>,
-    failed: Mutex<usize>,
-    unknown: Mutex<usize>,
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+    unknown: AtomicUsize,
 }
 
 async fn run(opts: Opts) -> ExitCode {
@@ -185,9 +186,9 @@ async fn run(opts: Opts) -> ExitCode {
     let now = move || start.elapsed().as_micros() as u64;
     let shared = Arc::new(Shared {
         history: Mutex::default(),
-        ok: Mutex::default(),
-        failed: Mutex::default(),
-        unknown: Mutex::default(),
+        ok: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        unknown: AtomicUsize::new(0),
     });
 
     let mut clients = Vec::new();
@@ -218,16 +219,16 @@ async fn run(opts: Opts) -> ExitCode {
                 let ret = now();
                 let (output, ret) = match result {
                     Ok(output) => {
-                        *shared.ok.lock().unwrap() += 1;
+                        shared.ok.fetch_add(1, Ordering::Relaxed);
                         (output, ret)
                     }
                     Err(ClerkError::Timeout { .. }) => {
-                        *shared.unknown.lock().unwrap() += 1;
+                        shared.unknown.fetch_add(1, Ordering::Relaxed);
                         (None, u64::MAX)
                     }
                     // A definite failure: the operation did not happen.
                     Err(_) => {
-                        *shared.failed.lock().unwrap() += 1;
+                        shared.failed.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                 };
@@ -463,9 +464,9 @@ async fn run(opts: Opts) -> ExitCode {
         )),
     }
     let (ok, failed, unknown) = (
-        *shared.ok.lock().unwrap(),
-        *shared.failed.lock().unwrap(),
-        *shared.unknown.lock().unwrap(),
+        shared.ok.load(Ordering::Relaxed),
+        shared.failed.load(Ordering::Relaxed),
+        shared.unknown.load(Ordering::Relaxed),
     );
     let faults = schedule.lock().unwrap().len();
     println!(

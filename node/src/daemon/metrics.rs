@@ -178,11 +178,16 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
+        render_registry(&self.registry)
     }
+}
+
+/// A registry in the Prometheus text exposition format.
+pub fn render_registry(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = encode(&mut out, registry);
+    out
 }
 
 /// Serves `/metrics` on `addr` until `shutdown` resolves.
