@@ -245,23 +245,9 @@ impl Kubelet {
 
 /// One SERVING health check, bounded.
 async fn serving(addr: &str) -> bool {
-    use tonic_health::pb::health_client::HealthClient;
-    use tonic_health::pb::HealthCheckRequest;
-    let check = async {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
-        let channel = endpoint.connect().await.ok()?;
-        let reply = HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .ok()?;
-        Some(reply.into_inner().status == 1)
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), check).await,
-        Ok(Some(true))
-    )
+    shardkv::daemon::probe::check_serving(addr, Duration::from_secs(1))
+        .await
+        .is_ok()
 }
 
 /// The operator process.

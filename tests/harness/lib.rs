@@ -7,13 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use shardkv::daemon::probe::check_serving;
 use shardkv::proto::kv::shard_kv_client::ShardKvClient;
 use shardkv::proto::kv::GroupStatusRequest;
 use shardkv::shardkv::clerk::{Clerk, ClerkOptions};
 use shardkv::shardmaster::client::ShardMasterClient;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 pub const WAIT: Duration = Duration::from_secs(60);
 
@@ -173,20 +171,14 @@ pub fn http_get(addr: &str, path: &str) -> String {
 pub async fn await_serving(addr: &str) {
     let deadline = Instant::now() + WAIT;
     loop {
-        let endpoint =
-            tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("address");
-        if let Ok(channel) = endpoint.connect().await {
-            let mut client = HealthClient::new(channel);
-            let request = HealthCheckRequest {
-                service: String::new(),
-            };
-            if let Ok(reply) = client.check(request).await {
-                if reply.into_inner().status == ServingStatus::Serving as i32 {
-                    return;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "{addr} never became SERVING");
+        let last = match check_serving(addr, Duration::from_secs(2)).await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "{addr} never became SERVING: {last}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -160,27 +160,8 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
 }
 
 async fn health(addr: &str, timeout: Duration) -> anyhow::Result<Outcome> {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(timeout)
-        .timeout(timeout);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach {addr}: {e}"))?;
-    let reply = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("{addr}: {}", s.message()))?
-        .into_inner();
-    match ServingStatus::try_from(reply.status) {
-        Ok(ServingStatus::Serving) => Ok(Outcome::Done),
-        Ok(other) => anyhow::bail!("{addr} is {}", other.as_str_name()),
-        Err(_) => anyhow::bail!("{addr} reported unknown status {}", reply.status),
-    }
+    shardkv::daemon::probe::check_serving(addr, timeout).await?;
+    Ok(Outcome::Done)
 }
 
 #[tokio::main(flavor = "current_thread")]

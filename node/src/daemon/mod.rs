@@ -5,6 +5,7 @@
 
 pub mod local;
 pub mod metrics;
+pub mod probe;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,7 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::paxos::{Config as PaxosConfig, RedbStorage};
@@ -280,11 +281,12 @@ async fn serve_until_stopped(
         extra,
         stop_rx.clone(),
     ));
+    // Without TCP_NODELAY on accepted sockets, a reply written in more
+    // than one piece waits on the client's delayed ACK (40 ms on Linux):
+    // measured, every Get took 40 to 48 ms.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server =
-        tokio::spawn(router.serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
-            stopped(stop_rx.clone()),
-        ));
+        tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())));
     // Either a stop request, or the replica failing, ends the node.
     let watched = watcher.await.map_err(|e| NodeError::Serve(e.to_string()))?;
     let _ = stop_tx.send(true);

@@ -1,0 +1,279 @@
+//! Drives a workload against a target with closed-loop clients and
+//! measures throughput and latency.
+
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::target::{Store, TargetSpec};
+use crate::workload::{self, Length, Op, OpGenerator, Workload};
+
+/// Latencies are recorded in microseconds, 1 µs to 60 s, 3 significant
+/// digits (HdrHistogram keeps the error under 0.1%).
+const LATENCY_MAX_US: u64 = 60_000_000;
+/// Error messages kept per run, so a failing run says why without
+/// keeping every message of a long outage.
+const ERROR_SAMPLES_MAX: usize = 5;
+/// Clients writing the initial keys at once.
+const PRELOAD_CLIENTS: usize = 32;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub target: String,
+    pub workload: Workload,
+    /// Operations that succeeded within the measured window.
+    pub operations: u64,
+    pub reads: u64,
+    pub writes: u64,
+    /// Failed or timed-out operations, and reads that found no value for a
+    /// key that was written before the run (a store that loses data).
+    pub errors: u64,
+    pub error_samples: Vec<String>,
+    pub elapsed_seconds: f64,
+    pub throughput_ops_per_second: f64,
+    pub latency_us: Latency,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    pub p50: u64,
+    pub p95: u64,
+    pub p99: u64,
+    pub max: u64,
+    pub mean: f64,
+}
+
+impl Report {
+    pub fn human(&self) -> String {
+        let w = &self.workload;
+        let l = &self.latency_us;
+        format!(
+            "{target}: {label}, {keys} keys ({dist:?}), {bytes}-byte values\n  \
+             {ops} ops in {secs:.1} s = {tput:.0} ops/s ({reads} reads, {writes} writes), {errors} errors\n  \
+             latency p50 {p50} p95 {p95} p99 {p99} max {max} (mean {mean})",
+            target = self.target,
+            label = w.label(),
+            keys = w.key_count,
+            dist = w.distribution,
+            bytes = w.value_bytes,
+            ops = self.operations,
+            secs = self.elapsed_seconds,
+            tput = self.throughput_ops_per_second,
+            reads = self.reads,
+            writes = self.writes,
+            errors = self.errors,
+            p50 = ms(l.p50),
+            p95 = ms(l.p95),
+            p99 = ms(l.p99),
+            max = ms(l.max),
+            mean = ms(l.mean as u64),
+        ) + &self
+            .error_samples
+            .iter()
+            .map(|e| format!("\n  error: {e}"))
+            .collect::<String>()
+    }
+}
+
+/// `1234` µs as `1.23 ms`.
+pub fn ms(us: u64) -> String {
+    format!("{:.2} ms", us as f64 / 1000.0)
+}
+
+/// Writes every key of the workload once, so that reads find values.
+pub async fn preload(target: &TargetSpec, workload: &Workload) -> Result<(), String> {
+    let clients = PRELOAD_CLIENTS.min(workload.key_count.max(1) as usize);
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let target = target.clone();
+        let (keys, value_bytes) = (workload.key_count, workload.value_bytes);
+        tasks.push(tokio::spawn(async move {
+            let mut store = target.connect().await?;
+            for k in (c as u64..keys).step_by(clients) {
+                store
+                    .put(&workload::key(k), workload::value(value_bytes, k))
+                    .await
+                    .map_err(|e| format!("preloading {}: {e}", workload::key(k)))?;
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| format!("preload task: {e}"))??;
+    }
+    Ok(())
+}
+
+/// What one client measured.
+struct ClientResult {
+    histogram: Histogram<u64>,
+    reads: u64,
+    writes: u64,
+    errors: u64,
+    error_samples: Vec<String>,
+    /// When its last measured operation finished.
+    finished: Instant,
+}
+
+/// Runs `workload` against `target`. Every client connects before the
+/// clock starts; the warm-up runs the same loop, unrecorded.
+pub async fn run(target: &TargetSpec, workload: &Workload) -> Result<Report, String> {
+    let clients = workload.clients.max(1);
+    let mut stores = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        stores.push(target.connect().await?);
+    }
+    let measure_from = Instant::now() + workload.warmup;
+    let mut tasks = Vec::with_capacity(clients);
+    for (i, store) in stores.into_iter().enumerate() {
+        let quota = match workload.length {
+            Length::Operations(n) => {
+                Some(n / clients as u64 + u64::from((i as u64) < n % clients as u64))
+            }
+            Length::Seconds(_) => None,
+        };
+        let until = match workload.length {
+            Length::Seconds(s) => Some(measure_from + Duration::from_secs_f64(s)),
+            Length::Operations(_) => None,
+        };
+        let generator = OpGenerator::new(workload, i);
+        let value_bytes = workload.value_bytes;
+        tasks.push(tokio::spawn(client_loop(
+            store,
+            generator,
+            value_bytes,
+            measure_from,
+            until,
+            quota,
+            (i as u64) << 40,
+        )));
+    }
+    let mut histogram = new_histogram();
+    let (mut reads, mut writes, mut errors) = (0, 0, 0);
+    let mut error_samples = Vec::new();
+    let mut finished = measure_from;
+    for t in tasks {
+        let r = t.await.map_err(|e| format!("client task: {e}"))?;
+        histogram
+            .add(&r.histogram)
+            .map_err(|e| format!("merging latencies: {e}"))?;
+        reads += r.reads;
+        writes += r.writes;
+        errors += r.errors;
+        finished = finished.max(r.finished);
+        for e in r.error_samples {
+            if error_samples.len() < ERROR_SAMPLES_MAX {
+                error_samples.push(e);
+            }
+        }
+    }
+    // A timed run's window is its length, or longer if operations begun
+    // inside it ended after it.
+    let mut elapsed = finished
+        .saturating_duration_since(measure_from)
+        .as_secs_f64();
+    if let Length::Seconds(s) = workload.length {
+        elapsed = elapsed.max(s);
+    }
+    let operations = reads + writes;
+    Ok(Report {
+        target: target.name().to_string(),
+        workload: workload.clone(),
+        operations,
+        reads,
+        writes,
+        errors,
+        error_samples,
+        elapsed_seconds: elapsed,
+        throughput_ops_per_second: if elapsed > 0.0 {
+            operations as f64 / elapsed
+        } else {
+            0.0
+        },
+        latency_us: Latency {
+            p50: histogram.value_at_quantile(0.50),
+            p95: histogram.value_at_quantile(0.95),
+            p99: histogram.value_at_quantile(0.99),
+            max: histogram.max(),
+            mean: histogram.mean(),
+        },
+    })
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).expect("valid histogram bounds")
+}
+
+/// One closed-loop client: the next operation starts when the last one
+/// ends. Operations started before `measure_from` are the warm-up.
+async fn client_loop(
+    mut store: Store,
+    mut generator: OpGenerator,
+    value_bytes: usize,
+    measure_from: Instant,
+    until: Option<Instant>,
+    quota: Option<u64>,
+    stamp_base: u64,
+) -> ClientResult {
+    let mut r = ClientResult {
+        histogram: new_histogram(),
+        reads: 0,
+        writes: 0,
+        errors: 0,
+        error_samples: Vec::new(),
+        finished: measure_from,
+    };
+    let mut stamp = stamp_base;
+    loop {
+        let start = Instant::now();
+        let measured = start >= measure_from;
+        if measured {
+            if until.is_some_and(|u| start >= u) {
+                break;
+            }
+            if quota.is_some_and(|q| r.reads + r.writes + r.errors >= q) {
+                break;
+            }
+        }
+        let op = generator.next_op();
+        let outcome = match op {
+            Op::Read(k) => {
+                let key = workload::key(k);
+                match store.get(&key).await {
+                    Ok(Some(_)) => Ok(()),
+                    Ok(None) => Err(format!("{key} has no value, but it was written")),
+                    Err(e) => Err(e),
+                }
+            }
+            Op::Write(k) => {
+                stamp += 1;
+                store
+                    .put(&workload::key(k), workload::value(value_bytes, stamp))
+                    .await
+            }
+        };
+        if !measured {
+            continue;
+        }
+        let end = Instant::now();
+        match outcome {
+            Ok(()) => {
+                let us = end.duration_since(start).as_micros() as u64;
+                r.histogram.saturating_record(us.clamp(1, LATENCY_MAX_US));
+                match op {
+                    Op::Read(_) => r.reads += 1,
+                    Op::Write(_) => r.writes += 1,
+                }
+            }
+            Err(e) => {
+                r.errors += 1;
+                if r.error_samples.len() < ERROR_SAMPLES_MAX {
+                    r.error_samples.push(e);
+                }
+            }
+        }
+        r.finished = end;
+    }
+    r
+}

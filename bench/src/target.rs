@@ -1,0 +1,96 @@
+//! The stores a benchmark drives, each through its own client library:
+//! shardkv through the `Clerk`, etcd through `etcd-client`. Both are tonic
+//! gRPC clients, and both reads are linearizable (etcd's default `Range`
+//! is; shardkv's `Get` is).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use shardkv::shardkv::clerk::{Clerk, ClerkOptions};
+
+/// One operation's budget, retries included. Past it, the operation counts
+/// as an error.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a store is and how to reach it.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum TargetSpec {
+    /// The shardmasters' addresses; the Clerk finds the groups from them.
+    Shardkv { masters: Vec<String> },
+    /// Client URLs of the etcd members (`http://host:port`).
+    Etcd { endpoints: Vec<String> },
+}
+
+impl TargetSpec {
+    pub fn name(&self) -> &'static str {
+        match self {
+            TargetSpec::Shardkv { .. } => "shardkv",
+            TargetSpec::Etcd { .. } => "etcd",
+        }
+    }
+
+    /// A client of its own, as one independent user would have.
+    pub async fn connect(&self) -> Result<Store, String> {
+        match self {
+            TargetSpec::Shardkv { masters } => {
+                let options = ClerkOptions {
+                    timeout: OPERATION_TIMEOUT,
+                    ..Default::default()
+                };
+                let clerk = Clerk::new(masters, options).map_err(|e| e.to_string())?;
+                Ok(Store::Shardkv(clerk))
+            }
+            TargetSpec::Etcd { endpoints } => {
+                let options = etcd_client::ConnectOptions::new()
+                    .with_connect_timeout(Duration::from_secs(2))
+                    .with_timeout(OPERATION_TIMEOUT);
+                let client = etcd_client::Client::connect(endpoints, Some(options))
+                    .await
+                    .map_err(|e| format!("connecting to etcd at {endpoints:?}: {e}"))?;
+                Ok(Store::Etcd(Box::new(client.kv_client())))
+            }
+        }
+    }
+}
+
+/// A connected client.
+pub enum Store {
+    Shardkv(Clerk),
+    /// Boxed: etcd's client is some 400 bytes, the Clerk a pointer.
+    Etcd(Box<etcd_client::KvClient>),
+}
+
+impl Store {
+    /// The value, or `None` if the key is absent.
+    pub async fn get(&mut self, key: &str) -> Result<Option<Bytes>, String> {
+        match self {
+            Store::Shardkv(clerk) => clerk
+                .get(Bytes::copy_from_slice(key.as_bytes()))
+                .await
+                .map_err(|e| e.to_string()),
+            Store::Etcd(kv) => {
+                let response = kv.get(key, None).await.map_err(|e| e.to_string())?;
+                Ok(response
+                    .kvs()
+                    .first()
+                    .map(|kv| Bytes::copy_from_slice(kv.value())))
+            }
+        }
+    }
+
+    pub async fn put(&mut self, key: &str, value: Vec<u8>) -> Result<(), String> {
+        match self {
+            Store::Shardkv(clerk) => clerk
+                .put(Bytes::copy_from_slice(key.as_bytes()), value)
+                .await
+                .map_err(|e| e.to_string()),
+            Store::Etcd(kv) => kv
+                .put(key, value, None)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
