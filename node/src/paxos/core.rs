@@ -172,8 +172,13 @@ pub struct Ready {
     /// Decided batches, in slot order, not yet handed out.
     pub committed: Vec<(Slot, Batch)>,
     /// Proposals from this replica that were dropped before getting a slot
-    /// (leadership lost): they will never be decided.
+    /// (leadership lost): they will never be decided. Also reads from
+    /// [`Paxos::read_index`] that were dropped before being confirmed.
     pub dropped: Vec<u64>,
+    /// Confirmed reads, as (id from [`Paxos::read_index`], read index): the
+    /// read may be served from the state machine once it has applied
+    /// through the read index.
+    pub reads: Vec<(u64, Slot)>,
 }
 
 impl Ready {
@@ -183,6 +188,7 @@ impl Ready {
             && self.snapshot.is_none()
             && self.committed.is_empty()
             && self.dropped.is_empty()
+            && self.reads.is_empty()
     }
 }
 
@@ -256,6 +262,32 @@ struct Leadership {
     commit_sent: Vec<Slot>,
     /// Each replica's reported snapshot point.
     done: Vec<Slot>,
+    /// The last slot this leader's takeover re-proposed: every value an
+    /// earlier ballot may have chosen lies at or below it, so no read is
+    /// served from a state short of it.
+    takeover_last: Slot,
+    /// Read-confirmation rounds begun in this ballot. Every Accept carries
+    /// the latest; followers echo it.
+    read_round: u64,
+    /// The highest round each replica has echoed in this ballot (own entry
+    /// unused).
+    read_round_acked: Vec<u64>,
+    /// The round last sent to each replica.
+    read_round_sent: Vec<u64>,
+    /// Reads waiting for a majority to confirm their round, oldest first.
+    reads: VecDeque<PendingRead>,
+}
+
+/// A linearizable read waiting for its leadership check (ReadIndex).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PendingRead {
+    id: u64,
+    /// The first round begun after the read arrived: once a majority has
+    /// echoed it, no other leader could have chosen anything before the
+    /// read arrived that this leader does not know.
+    round: u64,
+    /// The commit index when the read arrived (at least `takeover_last`).
+    index: Slot,
 }
 
 /// What a peer reported to a recovering replica.
@@ -278,7 +310,8 @@ enum Role {
     Recovering(Recovery),
     Follower { leader: Option<NodeId> },
     Candidate(Candidacy),
-    Leader(Leadership),
+    /// Boxed: it is much the largest, and replicas are mostly followers.
+    Leader(Box<Leadership>),
 }
 
 /// A small deterministic generator (SplitMix64): jitter needs no crypto, and
@@ -456,6 +489,36 @@ impl Paxos {
         Ok(proposal_id)
     }
 
+    /// Starts a linearizable read without a log entry (ReadIndex). The
+    /// leader notes its commit index, then checks with a majority, by one
+    /// round of Accepts begun after this call, that it still leads. The
+    /// read comes back in [`Ready::reads`] with that index, or its id in
+    /// [`Ready::dropped`] if leadership is lost first. Reads that arrive
+    /// in one burst share a round. Anyone but the leader refuses.
+    pub fn read_index(&mut self) -> Result<u64, ProposeError> {
+        let commit = self.commit;
+        let leadership = match &mut self.role {
+            Role::Leader(l) => l,
+            Role::Follower { leader } => return Err(ProposeError::NotLeader { leader: *leader }),
+            Role::Candidate(_) | Role::Recovering(_) => {
+                return Err(ProposeError::NotLeader { leader: None })
+            }
+        };
+        if leadership.reads.len() >= self.config.proposal_queue_max {
+            return Err(ProposeError::Busy {
+                queued: leadership.reads.len(),
+            });
+        }
+        let id = self.next_proposal_id;
+        self.next_proposal_id += 1;
+        leadership.reads.push_back(PendingRead {
+            id,
+            round: leadership.read_round + 1,
+            index: commit.max(leadership.takeover_last),
+        });
+        Ok(id)
+    }
+
     /// Handles one message from replica `from`.
     pub fn step(&mut self, from: NodeId, msg: Message) {
         if from >= self.config.peers || from == self.config.id {
@@ -506,12 +569,14 @@ impl Paxos {
                 entries,
                 commit,
                 min_done,
-            } => self.on_accept(from, ballot, entries, commit, min_done),
+                read_round,
+            } => self.on_accept(from, ballot, entries, commit, min_done, read_round),
             Message::Accepted {
                 ballot,
                 slots,
                 done,
-            } => self.on_accepted(from, ballot, slots, done),
+                read_round,
+            } => self.on_accepted(from, ballot, slots, done, read_round),
             Message::Nack { promised } => self.on_nack(promised),
             Message::CatchUpRequest { from_slot } => self.on_catchup_request(from, from_slot),
             Message::CatchUpReply {
@@ -544,7 +609,10 @@ impl Paxos {
 
     /// Takes the effects accumulated since the last call.
     pub fn ready(&mut self) -> Ready {
+        self.begin_read_round();
         self.flush_proposals();
+        self.send_read_round();
+        self.release_reads();
         if self.commit > self.applied {
             let start = self.applied + 1;
             self.out.committed.extend(
@@ -833,6 +901,11 @@ impl Paxos {
             sent_tick: vec![0; peers],
             commit_sent: vec![0; peers],
             done: vec![0; peers],
+            takeover_last: last,
+            read_round: 0,
+            read_round_acked: vec![0; peers],
+            read_round_sent: vec![0; peers],
+            reads: VecDeque::new(),
         };
         leadership.done[self.config.id as usize] = self.snapshot_index();
         let mut entries = Vec::new();
@@ -854,7 +927,7 @@ impl Paxos {
             recovered = entries.len(),
             "elected leader"
         );
-        self.role = Role::Leader(leadership);
+        self.role = Role::Leader(Box::new(leadership));
         self.broadcast_accept(entries);
         self.try_decide_all();
     }
@@ -880,6 +953,7 @@ impl Paxos {
     fn drop_leadership(&mut self) {
         if let Role::Leader(l) = &mut self.role {
             self.out.dropped.extend(l.pending.drain(..).map(|c| c.id));
+            self.out.dropped.extend(l.reads.drain(..).map(|r| r.id));
         }
     }
 
@@ -969,6 +1043,7 @@ impl Paxos {
         };
         l.sent_tick[peer as usize] = self.now_tick;
         l.commit_sent[peer as usize] = self.commit;
+        l.read_round_sent[peer as usize] = l.read_round;
         self.out.messages.push((
             peer,
             Message::Accept {
@@ -976,6 +1051,7 @@ impl Paxos {
                 entries,
                 commit: self.commit,
                 min_done: self.min_done,
+                read_round: l.read_round,
             },
         ));
     }
@@ -987,6 +1063,7 @@ impl Paxos {
         entries: Vec<(Slot, Batch)>,
         commit: Slot,
         min_done: Slot,
+        read_round: u64,
     ) {
         if ballot < self.promised {
             self.out.messages.push((
@@ -1014,6 +1091,7 @@ impl Paxos {
                 ballot,
                 slots,
                 done: self.snapshot_index(),
+                read_round,
             },
         ));
         // Commit what we hold from this very ballot; anything else must be fetched.
@@ -1037,7 +1115,14 @@ impl Paxos {
         }
     }
 
-    fn on_accepted(&mut self, from: NodeId, ballot: Ballot, slots: Vec<Slot>, done: Slot) {
+    fn on_accepted(
+        &mut self,
+        from: NodeId,
+        ballot: Ballot,
+        slots: Vec<Slot>,
+        done: Slot,
+        read_round: u64,
+    ) {
         let now = self.now_tick;
         let Role::Leader(l) = &mut self.role else {
             return;
@@ -1046,6 +1131,8 @@ impl Paxos {
             return;
         }
         l.heard_tick[from as usize] = now;
+        let acked = &mut l.read_round_acked[from as usize];
+        *acked = (*acked).max(read_round.min(l.read_round));
         l.done[from as usize] = done;
         let group_done = l.done.iter().copied().min().unwrap_or(0);
         for slot in &slots {
@@ -1059,6 +1146,55 @@ impl Paxos {
         if group_done > self.min_done {
             self.min_done = group_done;
             self.truncate_log();
+        }
+        self.release_reads();
+    }
+
+    // ----- Linearizable reads (ReadIndex) -----
+
+    /// Begins a new round if a read is waiting for one not yet begun.
+    fn begin_read_round(&mut self) {
+        if let Role::Leader(l) = &mut self.role {
+            if l.reads.back().is_some_and(|r| r.round > l.read_round) {
+                l.read_round += 1;
+            }
+        }
+    }
+
+    /// Sends the current round to every replica that has not had it: a
+    /// heartbeat, unless new slots already carried it.
+    fn send_read_round(&mut self) {
+        let Role::Leader(l) = &self.role else {
+            return;
+        };
+        let behind: Vec<NodeId> = (0..self.config.peers)
+            .filter(|p| *p != self.config.id && l.read_round_sent[*p as usize] < l.read_round)
+            .collect();
+        for peer in behind {
+            self.send_accept(peer, Vec::new());
+        }
+    }
+
+    /// Hands out the reads whose round a majority (this leader included)
+    /// has echoed.
+    fn release_reads(&mut self) {
+        let quorum = self.config.quorum();
+        let me = self.config.id as usize;
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
+        if l.reads.is_empty() {
+            return;
+        }
+        // The rounds confirmed: the quorum-th highest echo, counting ours.
+        let mut rounds: Vec<u64> = l.read_round_acked.clone();
+        rounds[me] = l.read_round;
+        rounds.sort_unstable_by(|a, b| b.cmp(a));
+        let confirmed = rounds[quorum - 1];
+        while l.reads.front().is_some_and(|r| r.round <= confirmed) {
+            if let Some(r) = l.reads.pop_front() {
+                self.out.reads.push((r.id, r.index));
+            }
         }
     }
 

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
 
 use super::storage::{DurableState, PersistBatch, Storage, StorageError};
@@ -82,7 +82,11 @@ impl Storage for RedbStorage {
         if batch.is_empty() {
             return Ok(());
         }
-        let tx = self.db.begin_write().map_err(io)?;
+        let mut tx = self.db.begin_write().map_err(io)?;
+        if !batch.needs_sync() {
+            // redb keeps commits in order: a later durable commit carries it.
+            tx.set_durability(Durability::None).map_err(io)?;
+        }
         {
             let mut meta = tx.open_table(META).map_err(io)?;
             let mut log = tx.open_table(LOG).map_err(io)?;

@@ -142,6 +142,15 @@ pub struct Sim {
     /// Messages handed to the network, by kind.
     pub sent: BTreeMap<&'static str, u64>,
     restarts: u64,
+    /// Reads begun and not yet confirmed or dropped, by (replica, read id):
+    /// the highest slot any replica had applied when the read began. A
+    /// confirmed read's index must reach it, or the read could miss a
+    /// write already acknowledged (checked on every confirmation).
+    reads_pending: BTreeMap<(NodeId, u64), Slot>,
+    /// Confirmed reads: (replica, read id, read index).
+    pub reads_confirmed: Vec<(NodeId, u64, Slot)>,
+    /// Reads dropped unconfirmed (leadership lost): (replica, read id).
+    pub reads_dropped: Vec<(NodeId, u64)>,
 }
 
 impl Sim {
@@ -180,6 +189,9 @@ impl Sim {
             proposed: BTreeSet::new(),
             sent: BTreeMap::new(),
             restarts: 0,
+            reads_pending: BTreeMap::new(),
+            reads_confirmed: Vec::new(),
+            reads_dropped: Vec::new(),
         };
         for id in 0..n {
             sim.drain(id);
@@ -235,6 +247,26 @@ impl Sim {
         result
     }
 
+    /// Begins a linearizable read at replica `id` (see `Paxos::read_index`).
+    pub fn read(&mut self, id: NodeId) -> Result<u64, ProposeError> {
+        self.reads(id, 1).remove(0)
+    }
+
+    /// Begins `count` reads at replica `id` that arrive together (one
+    /// `ready` after all of them, as a driver handles a burst of input).
+    pub fn reads(&mut self, id: NodeId, count: usize) -> Vec<Result<u64, ProposeError>> {
+        let Some(node) = self.nodes[id as usize].as_mut() else {
+            return vec![Err(ProposeError::NotLeader { leader: None }); count];
+        };
+        let applied_anywhere = self.chosen.keys().next_back().copied().unwrap_or(0);
+        let results: Vec<_> = (0..count).map(|_| node.read_index()).collect();
+        for read in results.iter().flatten() {
+            self.reads_pending.insert((id, *read), applied_anywhere);
+        }
+        self.drain(id);
+        results
+    }
+
     /// Puts the replicas in `groups` into separate partitions; replicas not
     /// named are isolated on their own.
     pub fn partition(&mut self, groups: &[&[NodeId]]) {
@@ -259,6 +291,7 @@ impl Sim {
     /// Kills a replica: it loses everything but its storage.
     pub fn crash(&mut self, id: NodeId) {
         self.nodes[id as usize] = None;
+        self.reads_pending.retain(|(node, _), _| *node != id);
         self.applied[id as usize] = Applied::default();
     }
 
@@ -434,6 +467,23 @@ impl Sim {
                 }
             }
             applied.apply(slot, &batch);
+        }
+        for (read, index) in ready.reads {
+            let needed = self.reads_pending.remove(&(id, read));
+            let needed = needed.unwrap_or_else(|| {
+                panic!("seed {seed}: replica {id} confirmed read {read}, never begun or already answered")
+            });
+            assert!(
+                index >= needed,
+                "seed {seed}: STALE READ: replica {id} confirmed read {read} at index {index}, \
+                 but slot {needed} was applied before the read began"
+            );
+            self.reads_confirmed.push((id, read, index));
+        }
+        for read in ready.dropped {
+            if self.reads_pending.remove(&(id, read)).is_some() {
+                self.reads_dropped.push((id, read));
+            }
         }
     }
 

@@ -60,6 +60,19 @@ impl PersistBatch {
             && !self.initialized
     }
 
+    /// False when the batch only records a newer commit index. Losing that
+    /// in a crash is safe (the replica learns it again from the leader),
+    /// so it need not be synced: a follower answering a heartbeat, or a
+    /// leader's read confirmation, then costs no fsync. Storage must still
+    /// keep batches in order, so a later synced batch makes it durable too.
+    pub fn needs_sync(&self) -> bool {
+        self.promised.is_some()
+            || !self.entries.is_empty()
+            || self.snapshot.is_some()
+            || self.truncate_through.is_some()
+            || self.initialized
+    }
+
     /// Folds `self` into a loaded state, in the order `persist` must use.
     pub fn apply_to(&self, state: &mut DurableState) {
         if let Some(snapshot) = &self.snapshot {
@@ -95,15 +108,22 @@ pub enum StorageError {
 pub trait Storage: Send {
     /// Reads back everything persisted so far (an empty state if nothing was).
     fn load(&mut self) -> Result<DurableState, StorageError>;
-    /// Applies `batch` atomically; when this returns `Ok` the writes survive a crash.
+    /// Applies `batch` atomically and in order with earlier batches. When
+    /// this returns `Ok` and `batch.needs_sync()`, the batch and every
+    /// earlier one survive a crash; a batch that does not need a sync may be
+    /// lost in a crash until a later synced batch follows it.
     fn persist(&mut self, batch: &PersistBatch) -> Result<(), StorageError>;
 }
 
 /// Storage in memory, for tests and simulations: it "survives" a simulated
-/// crash because the simulator keeps it while dropping the node.
+/// crash because the simulator keeps it while dropping the node. `load`
+/// returns only what was synced, as after a crash: a commit index from a
+/// batch that needed no sync is lost until a synced batch follows.
 #[derive(Clone, Debug, Default)]
 pub struct MemStorage {
     state: DurableState,
+    /// The newest commit index persisted without a sync.
+    unsynced_commit: Option<Slot>,
     /// Number of successful `persist` calls: one per sync, for group-commit tests.
     pub syncs: u64,
 }
@@ -120,14 +140,20 @@ impl MemStorage {
 
 impl Storage for MemStorage {
     fn load(&mut self) -> Result<DurableState, StorageError> {
+        self.unsynced_commit = None;
         Ok(self.state.clone())
     }
 
     fn persist(&mut self, batch: &PersistBatch) -> Result<(), StorageError> {
-        if !batch.is_empty() {
-            batch.apply_to(&mut self.state);
-            self.syncs += 1;
+        if !batch.needs_sync() {
+            self.unsynced_commit = batch.commit.max(self.unsynced_commit);
+            return Ok(());
         }
+        if let Some(commit) = self.unsynced_commit.take() {
+            self.state.commit = self.state.commit.max(commit);
+        }
+        batch.apply_to(&mut self.state);
+        self.syncs += 1;
         Ok(())
     }
 }

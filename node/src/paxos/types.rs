@@ -89,18 +89,23 @@ pub enum Message {
     },
     /// Phase 2a for some slots, carrying the leader's commit index and the
     /// group-wide low-water mark. With no entries it is the heartbeat.
+    /// `read_round` is the leader's latest read-confirmation round.
     Accept {
         ballot: Ballot,
         entries: Vec<(Slot, Batch)>,
         commit: Slot,
         min_done: Slot,
+        read_round: u64,
     },
     /// Phase 2b, also the heartbeat reply: proves liveness and reports the
-    /// sender's compaction point (`done`) for the low-water mark.
+    /// sender's compaction point (`done`) for the low-water mark. It echoes
+    /// the Accept's `read_round`: the sender still took this ballot after
+    /// that round began, which is what a linearizable read waits for.
     Accepted {
         ballot: Ballot,
         slots: Vec<Slot>,
         done: Slot,
+        read_round: u64,
     },
     /// A Prepare or Accept was refused because a higher ballot was promised.
     Nack { promised: Ballot },

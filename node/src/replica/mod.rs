@@ -116,6 +116,7 @@ pub struct Status {
 enum Input {
     Message(NodeId, Message),
     Propose(Bytes, oneshot::Sender<Result<Bytes, ReplicaError>>),
+    ReadBarrier(oneshot::Sender<Result<(), ReplicaError>>),
     Shutdown,
 }
 
@@ -189,6 +190,8 @@ impl Replica {
                     transport,
                     options,
                     waiters: HashMap::new(),
+                    read_waiters: HashMap::new(),
+                    reads_applying: Vec::new(),
                     status: status_tx,
                     handle,
                     syncs: 0,
@@ -209,6 +212,21 @@ impl Replica {
     pub async fn propose(&self, command: Bytes) -> Result<Bytes, ReplicaError> {
         let (tx, rx) = oneshot::channel();
         match self.inner.inbox.try_send(Input::Propose(command, tx)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(ReplicaError::Busy),
+            Err(TrySendError::Disconnected(_)) => return Err(ReplicaError::Stopped),
+        }
+        rx.await.unwrap_or(Err(ReplicaError::Stopped))
+    }
+
+    /// Resolves once this replica, as leader, has confirmed with a majority
+    /// that it still leads, and has applied everything decided before the
+    /// call (ReadIndex). State read from the state machine after that is
+    /// linearizable, with no log entry and no storage sync. Only the leader
+    /// answers; a leadership change first gives `NotLeader`.
+    pub async fn read_barrier(&self) -> Result<(), ReplicaError> {
+        let (tx, rx) = oneshot::channel();
+        match self.inner.inbox.try_send(Input::ReadBarrier(tx)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(ReplicaError::Busy),
             Err(TrySendError::Disconnected(_)) => return Err(ReplicaError::Stopped),
@@ -273,6 +291,11 @@ struct Driver<S, M, T> {
     options: ReplicaOptions,
     /// Callers of `propose` on this replica, by proposal id.
     waiters: HashMap<u64, oneshot::Sender<Result<Bytes, ReplicaError>>>,
+    /// Callers of `read_barrier` whose read the core has not yet confirmed.
+    read_waiters: HashMap<u64, oneshot::Sender<Result<(), ReplicaError>>>,
+    /// Confirmed reads waiting for the state machine to reach their index
+    /// (only after a new leader's takeover; otherwise it already has).
+    reads_applying: Vec<(Slot, oneshot::Sender<Result<(), ReplicaError>>)>,
     status: watch::Sender<Status>,
     handle: Replica,
     syncs: u64,
@@ -333,6 +356,14 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
                     let _ = reply.send(Err(e.into()));
                 }
             },
+            Input::ReadBarrier(reply) => match self.paxos.read_index() {
+                Ok(id) => {
+                    self.read_waiters.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
             Input::Shutdown => return false,
         }
         true
@@ -353,7 +384,9 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
         }
         if !ready.persist.is_empty() {
             self.storage.persist(&ready.persist)?;
-            self.syncs += 1;
+            if ready.persist.needs_sync() {
+                self.syncs += 1;
+            }
         }
         for (to, msg) in after_sync {
             self.transport.send(to, msg);
@@ -385,12 +418,29 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
             }
             last_applied = Some(slot);
         }
+        let leader = self.paxos.leader_hint();
+        let mut read_answers = Vec::new();
         for id in ready.dropped {
             if let Some(waiter) = self.waiters.remove(&id) {
-                let leader = self.paxos.leader_hint();
                 answers.push((waiter, Err(ReplicaError::NotLeader { leader })));
             }
+            if let Some(waiter) = self.read_waiters.remove(&id) {
+                read_answers.push((waiter, Err(ReplicaError::NotLeader { leader })));
+            }
         }
+        // Everything decided is applied by now: a confirmed read whose
+        // index is covered is answered; the rest wait for later slots.
+        for (id, index) in ready.reads {
+            if let Some(waiter) = self.read_waiters.remove(&id) {
+                self.reads_applying.push((index, waiter));
+            }
+        }
+        let applied = self.paxos.applied_index();
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reads_applying)
+            .into_iter()
+            .partition(|(index, _)| *index <= applied);
+        self.reads_applying = waiting;
+        read_answers.extend(done.into_iter().map(|(_, waiter)| (waiter, Ok(()))));
         let leading = self.paxos.is_leader().then(|| self.paxos.ballot());
         if self.led_in.is_some() && self.led_in != leading {
             // Leadership was lost (or lost and regained) since the last turn.
@@ -433,11 +483,18 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
         for (waiter, answer) in answers {
             let _ = waiter.send(answer);
         }
+        for (waiter, answer) in read_answers {
+            let _ = waiter.send(answer);
+        }
         Ok(())
     }
 
     fn stop(&mut self) {
         for (_, waiter) in self.waiters.drain() {
+            let _ = waiter.send(Err(ReplicaError::Stopped));
+        }
+        let reads = self.read_waiters.drain().map(|(_, w)| w);
+        for waiter in reads.chain(self.reads_applying.drain(..).map(|(_, w)| w)) {
             let _ = waiter.send(Err(ReplicaError::Stopped));
         }
         let dropped = self

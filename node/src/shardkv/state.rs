@@ -231,7 +231,24 @@ impl KvState {
         }
     }
 
+    /// A Get at this point of the log: the value if the key's shard is
+    /// owned and present here, else `WrongGroup`. Served without the log
+    /// after a read barrier, and the same answer a logged Get gets.
+    pub fn get(&self, key: &[u8]) -> OpReply {
+        if !self.serves(key) {
+            return OpReply::WrongGroup;
+        }
+        let value = self
+            .owned
+            .get(&self.shard_of(key))
+            .and_then(|s| s.data.kv.get(key).cloned());
+        OpReply::Value(value)
+    }
+
     fn apply_client(&mut self, op: ClientOp) -> OpReply {
+        if op.kind == OpKind::Get {
+            return self.get(&op.key);
+        }
         let shard = self.shard_of(&op.key);
         let Some(owned) = self.owned.get_mut(&shard) else {
             return OpReply::WrongGroup;
@@ -240,9 +257,6 @@ impl KvState {
             return OpReply::WrongGroup;
         }
         let data = &mut owned.data;
-        if op.kind == OpKind::Get {
-            return OpReply::Value(data.kv.get(&op.key).cloned());
-        }
         let session = data.sessions.entry(op.client).or_default();
         if op.seq < session.acked_below {
             return OpReply::Stale;

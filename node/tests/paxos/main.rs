@@ -11,3 +11,4 @@ mod economy;
 mod faults;
 mod model;
 mod partitions;
+mod reads;
