@@ -308,7 +308,9 @@ struct Recovery {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Role {
     Recovering(Recovery),
-    Follower { leader: Option<NodeId> },
+    Follower {
+        leader: Option<NodeId>,
+    },
     Candidate(Candidacy),
     /// Boxed: it is much the largest, and replicas are mostly followers.
     Leader(Box<Leadership>),
@@ -344,6 +346,8 @@ pub struct Paxos {
     compacted_through: Slot,
     /// Every slot at or below this is decided.
     commit: Slot,
+    /// The commit index last put in a `Ready`'s persist batch.
+    commit_noted: Slot,
     /// Slots at or below this were handed out in a `Ready`.
     applied: Slot,
     /// Latest snapshot from the state machine (or installed from a peer).
@@ -399,6 +403,7 @@ impl Paxos {
             log,
             compacted_through,
             commit: contiguous,
+            commit_noted: contiguous,
             applied: 0,
             snapshot: durable.snapshot.clone(),
             min_done: 0,
@@ -1229,10 +1234,12 @@ impl Paxos {
         self.note_commit();
     }
 
-    /// Records a new commit index durably (lets a restart re-apply at once).
+    /// Records a newer commit index (lets a restart re-apply at once). Only
+    /// when it moved: a heartbeat that brings no news writes nothing.
     fn note_commit(&mut self) {
-        if self.out.persist.commit.is_none_or(|c| c < self.commit) {
+        if self.commit > self.commit_noted {
             self.out.persist.commit = Some(self.commit);
+            self.commit_noted = self.commit;
         }
     }
 
