@@ -10,7 +10,7 @@ use shardkv::replica::local::LocalNetwork;
 use shardkv::replica::{Replica, ReplicaOptions};
 use shardkv::shardmaster::client::{ClientError, ShardMasterClient};
 use shardkv::shardmaster::service::ShardMasterService;
-use shardkv::shardmaster::{Config, Gid, ShardMasterState};
+use shardkv::shardmaster::{Config, Gid, SharedMasterState};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -43,16 +43,17 @@ impl Cluster {
                 snapshot_every_slots,
                 ..Default::default()
             };
+            let state = SharedMasterState::new(SHARDS);
             let (replica, _thread) = Replica::start(
                 PaxosConfig::new_group(id, 3),
                 MemStorage::new(),
-                ShardMasterState::new(SHARDS),
+                state.clone(),
                 net.transport(id),
                 options,
             )
             .unwrap();
             net.register(id, replica.clone());
-            let service = ShardMasterService::new(replica.clone(), &addrs).unwrap();
+            let service = ShardMasterService::new(replica.clone(), state, &addrs).unwrap();
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             tokio::spawn(
                 tonic::transport::Server::builder()

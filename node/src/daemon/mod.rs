@@ -26,7 +26,7 @@ use crate::shardkv::state::SharedKvState;
 use crate::shardkv::Limits;
 use crate::shardmaster::client::ShardMasterClient;
 use crate::shardmaster::service::ShardMasterService;
-use crate::shardmaster::{Gid, ShardMasterState};
+use crate::shardmaster::{Gid, SharedMasterState};
 
 use self::metrics::Metrics;
 
@@ -333,9 +333,10 @@ pub async fn run_master(
     )?;
     let listen = options.listen_addr();
     let listener = bind(&listen).await?;
-    let (replica, thread) = start_replica("shardmaster", &options, ShardMasterState::new(shards))?;
-    let service =
-        ShardMasterService::new(replica.clone(), &options.peers).map_err(NodeError::Config)?;
+    let state = SharedMasterState::new(shards);
+    let (replica, thread) = start_replica("shardmaster", &options, state.clone())?;
+    let service = ShardMasterService::new(replica.clone(), state, &options.peers)
+        .map_err(NodeError::Config)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status("", ServingStatus::NotServing)

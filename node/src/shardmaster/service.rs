@@ -1,5 +1,7 @@
-//! The shardmaster's gRPC API. Every request goes through the Paxos log;
-//! a follower forwards it to the leader (one hop), so any replica may be asked.
+//! The shardmaster's gRPC API. Join, Leave and Move go through the Paxos
+//! log; a Query passes a read barrier and reads the applied state. A
+//! follower forwards either to the leader (one hop), so any replica may be
+//! asked.
 
 use std::time::Duration;
 
@@ -8,7 +10,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Request as GrpcRequest, Response, Status};
 
-use super::{Config, Op, Reply, Request};
+use super::{Config, Op, Reply, Request, SharedMasterState};
 use crate::proto::shardmaster as pb;
 use crate::proto::shardmaster::shard_master_client::ShardMasterClient as PbClient;
 use crate::proto::shardmaster::shard_master_server::{ShardMaster, ShardMasterServer};
@@ -26,6 +28,8 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct ShardMasterService {
     /// The local replica: requests are proposed through it.
     replica: Replica,
+    /// What the replica has applied, for queries after a read barrier.
+    state: SharedMasterState,
     /// Client-API channels to every replica, by id, for forwarding to the
     /// leader. Lazy: connected (and the name resolved) on first use.
     peers: Vec<Channel>,
@@ -33,7 +37,11 @@ pub struct ShardMasterService {
 
 impl ShardMasterService {
     /// `peers[i]` is replica i's client-API address (`host:port`).
-    pub fn new(replica: Replica, peers: &[String]) -> Result<Self, String> {
+    pub fn new(
+        replica: Replica,
+        state: SharedMasterState,
+        peers: &[String],
+    ) -> Result<Self, String> {
         let peers = peers
             .iter()
             .map(|addr| {
@@ -42,7 +50,11 @@ impl ShardMasterService {
                     .map_err(|e| format!("invalid address {addr}: {e}"))
             })
             .collect::<Result<_, _>>()?;
-        Ok(ShardMasterService { replica, peers })
+        Ok(ShardMasterService {
+            replica,
+            state,
+            peers,
+        })
     }
 
     pub fn into_server(self) -> ShardMasterServer<Self> {
@@ -59,7 +71,6 @@ impl ShardMasterService {
             GrpcRequest<T>,
         ) -> Result<Response<pb::Config>, Status>,
     ) -> Result<Response<pb::Config>, Status> {
-        let forwarded = grpc.metadata().contains_key(FORWARDED);
         let tag = tag.ok_or_else(|| Status::invalid_argument("missing client tag"))?;
         let request = Request {
             client: tag.client,
@@ -68,15 +79,49 @@ impl ShardMasterService {
         };
         let command = postcard::to_allocvec(&request)
             .map_err(|e| Status::internal(format!("cannot encode request: {e}")))?;
-        match self.replica.propose(Bytes::from(command)).await {
-            Ok(bytes) => {
-                let reply: Reply = postcard::from_bytes(&bytes)
-                    .map_err(|e| Status::internal(format!("undecodable reply: {e}")))?;
-                match reply {
-                    Ok(config) => Ok(Response::new(to_proto(&config))),
-                    Err(e) => Err(Status::invalid_argument(e.to_string())),
-                }
-            }
+        let outcome = match self.replica.propose(Bytes::from(command)).await {
+            Ok(bytes) => Ok(postcard::from_bytes::<Reply>(&bytes)
+                .map_err(|e| Status::internal(format!("undecodable reply: {e}")))?),
+            Err(e) => Err(e),
+        };
+        self.answer(grpc, outcome, forward).await
+    }
+
+    /// A query: no log entry, but a read barrier (the leader confirms it
+    /// still leads and has applied everything decided before the call), so
+    /// it reflects every change acknowledged before it and a cut-off
+    /// replica cannot answer from stale state.
+    async fn read<T: Clone + Send + 'static>(
+        &self,
+        grpc: GrpcRequest<T>,
+        num: Option<u64>,
+        forward: impl AsyncFnOnce(
+            PbClient<Channel>,
+            GrpcRequest<T>,
+        ) -> Result<Response<pb::Config>, Status>,
+    ) -> Result<Response<pb::Config>, Status> {
+        let outcome = match self.replica.read_barrier().await {
+            Ok(()) => Ok(Ok(self.state.lock().query(num).clone())),
+            Err(e) => Err(e),
+        };
+        self.answer(grpc, outcome, forward).await
+    }
+
+    /// Replies with what this replica did, or forwards the request to the
+    /// leader it names (once: a forwarded request is not forwarded again).
+    async fn answer<T: Clone + Send + 'static>(
+        &self,
+        grpc: GrpcRequest<T>,
+        outcome: Result<Reply, ReplicaError>,
+        forward: impl AsyncFnOnce(
+            PbClient<Channel>,
+            GrpcRequest<T>,
+        ) -> Result<Response<pb::Config>, Status>,
+    ) -> Result<Response<pb::Config>, Status> {
+        let forwarded = grpc.metadata().contains_key(FORWARDED);
+        match outcome {
+            Ok(Ok(config)) => Ok(Response::new(to_proto(&config))),
+            Ok(Err(e)) => Err(Status::invalid_argument(e.to_string())),
             Err(ReplicaError::NotLeader {
                 leader: Some(leader),
             }) if !forwarded => {
@@ -199,11 +244,8 @@ impl ShardMaster for ShardMasterService {
         &self,
         request: GrpcRequest<pb::QueryRequest>,
     ) -> Result<Response<pb::Config>, Status> {
-        let r = *request.get_ref();
-        let op = Op::Query {
-            num: u64::try_from(r.num).ok(),
-        };
-        self.execute(request, r.tag, op, async |mut c, req| c.query(req).await)
+        let num = u64::try_from(request.get_ref().num).ok();
+        self.read(request, num, async |mut c, req| c.query(req).await)
             .await
     }
 }

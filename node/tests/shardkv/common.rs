@@ -13,7 +13,7 @@ use shardkv::shardkv::server::{KvServer, KvServerOptions, Unreliable};
 use shardkv::shardkv::state::SharedKvState;
 use shardkv::shardmaster::client::ShardMasterClient;
 use shardkv::shardmaster::service::ShardMasterService;
-use shardkv::shardmaster::{Gid, ShardMasterState};
+use shardkv::shardmaster::{Gid, SharedMasterState};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -87,16 +87,17 @@ impl Cluster {
         let net = LocalNetwork::new(3);
         let mut master_stops = Vec::new();
         for (id, listener) in listeners.into_iter().enumerate() {
+            let state = SharedMasterState::new(SHARDS);
             let (replica, _thread) = Replica::start(
                 PaxosConfig::new_group(id as u32, 3),
                 MemStorage::new(),
-                ShardMasterState::new(SHARDS),
+                state.clone(),
                 net.transport(id as u32),
                 replica_options(),
             )
             .unwrap();
             net.register(id as u32, replica.clone());
-            let service = ShardMasterService::new(replica, &master_addrs).unwrap();
+            let service = ShardMasterService::new(replica, state, &master_addrs).unwrap();
             let router = tonic::transport::Server::builder().add_service(service.into_server());
             master_stops.push(serve(router, listener));
         }
