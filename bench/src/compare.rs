@@ -121,6 +121,9 @@ fn workloads(args: &CompareArgs) -> anyhow::Result<Vec<Workload>> {
     if args.read_ratios.iter().any(|r| !(0.0..=1.0).contains(r)) {
         bail!("--read-ratios must be between 0 and 1");
     }
+    if args.clients.is_empty() || args.read_ratios.is_empty() {
+        bail!("--clients and --read-ratios need at least one value each");
+    }
     if args.clients.contains(&0) || args.key_count == 0 {
         bail!("--clients and --key-count must be at least 1");
     }

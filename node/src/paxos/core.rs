@@ -316,6 +316,16 @@ enum Role {
     Leader(Box<Leadership>),
 }
 
+/// The leadership, or why this replica may not take proposals or reads.
+/// A function of the role alone, so callers keep using other fields.
+fn leading(role: &mut Role) -> Result<&mut Leadership, ProposeError> {
+    match role {
+        Role::Leader(l) => Ok(l),
+        Role::Follower { leader } => Err(ProposeError::NotLeader { leader: *leader }),
+        Role::Candidate(_) | Role::Recovering(_) => Err(ProposeError::NotLeader { leader: None }),
+    }
+}
+
 /// A small deterministic generator (SplitMix64): jitter needs no crypto, and
 /// a seeded simulation must replay bit for bit.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -469,13 +479,7 @@ impl Paxos {
     /// the command will carry when decided.
     pub fn propose(&mut self, data: Bytes) -> Result<u64, ProposeError> {
         let id = self.config.id;
-        let leadership = match &mut self.role {
-            Role::Leader(l) => l,
-            Role::Follower { leader } => return Err(ProposeError::NotLeader { leader: *leader }),
-            Role::Candidate(_) | Role::Recovering(_) => {
-                return Err(ProposeError::NotLeader { leader: None })
-            }
-        };
+        let leadership = leading(&mut self.role)?;
         if leadership.pending.len() >= self.config.proposal_queue_max {
             return Err(ProposeError::Busy {
                 queued: leadership.pending.len(),
@@ -502,13 +506,7 @@ impl Paxos {
     /// in one burst share a round. Anyone but the leader refuses.
     pub fn read_index(&mut self) -> Result<u64, ProposeError> {
         let commit = self.commit;
-        let leadership = match &mut self.role {
-            Role::Leader(l) => l,
-            Role::Follower { leader } => return Err(ProposeError::NotLeader { leader: *leader }),
-            Role::Candidate(_) | Role::Recovering(_) => {
-                return Err(ProposeError::NotLeader { leader: None })
-            }
-        };
+        let leadership = leading(&mut self.role)?;
         if leadership.reads.len() >= self.config.proposal_queue_max {
             return Err(ProposeError::Busy {
                 queued: leadership.reads.len(),
@@ -1169,14 +1167,12 @@ impl Paxos {
     /// Sends the current round to every replica that has not had it: a
     /// heartbeat, unless new slots already carried it.
     fn send_read_round(&mut self) {
-        let Role::Leader(l) = &self.role else {
-            return;
-        };
-        let behind: Vec<NodeId> = (0..self.config.peers)
-            .filter(|p| *p != self.config.id && l.read_round_sent[*p as usize] < l.read_round)
-            .collect();
-        for peer in behind {
-            self.send_accept(peer, Vec::new());
+        for peer in 0..self.config.peers {
+            let behind = matches!(&self.role, Role::Leader(l)
+                if l.read_round_sent[peer as usize] < l.read_round);
+            if peer != self.config.id && behind {
+                self.send_accept(peer, Vec::new());
+            }
         }
     }
 

@@ -8,11 +8,11 @@
 
 use std::path::Path;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
 
 use super::storage::{DurableState, PersistBatch, Storage, StorageError};
-use super::types::{Ballot, Batch, Snapshot};
+use super::types::{Ballot, Batch, Slot, Snapshot};
 
 /// Small records: the promise, the commit index, the snapshot.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("paxos_meta");
@@ -28,6 +28,10 @@ const INITIALIZED: &str = "initialized";
 pub struct RedbStorage {
     /// The open database; redb allows one writer, which is all a replica needs.
     db: Database,
+    /// A newer commit index from a batch that needed no sync: held here
+    /// and written with the next synced batch, which saves a transaction
+    /// per decision (losing it in a crash is safe, see `needs_sync`).
+    unsynced_commit: Option<Slot>,
 }
 
 impl RedbStorage {
@@ -38,7 +42,10 @@ impl RedbStorage {
         tx.open_table(META).map_err(io)?;
         tx.open_table(LOG).map_err(io)?;
         tx.commit().map_err(io)?;
-        Ok(RedbStorage { db })
+        Ok(RedbStorage {
+            db,
+            unsynced_commit: None,
+        })
     }
 }
 
@@ -79,14 +86,13 @@ impl Storage for RedbStorage {
     }
 
     fn persist(&mut self, batch: &PersistBatch) -> Result<(), StorageError> {
-        if batch.is_empty() {
+        if !batch.needs_sync() {
+            self.unsynced_commit = batch.commit.max(self.unsynced_commit);
             return Ok(());
         }
-        let mut tx = self.db.begin_write().map_err(io)?;
-        if !batch.needs_sync() {
-            // redb keeps commits in order: a later durable commit carries it.
-            tx.set_durability(Durability::None).map_err(io)?;
-        }
+        // A held commit index rides along (the batch's own is never older).
+        let commit = batch.commit.or(self.unsynced_commit.take());
+        let tx = self.db.begin_write().map_err(io)?;
         {
             let mut meta = tx.open_table(META).map_err(io)?;
             let mut log = tx.open_table(LOG).map_err(io)?;
@@ -105,7 +111,7 @@ impl Storage for RedbStorage {
                 meta.insert(PROMISED, encode(promised)?.as_slice())
                     .map_err(io)?;
             }
-            if let Some(commit) = &batch.commit {
+            if let Some(commit) = &commit {
                 meta.insert(COMMIT, encode(commit)?.as_slice())
                     .map_err(io)?;
             }

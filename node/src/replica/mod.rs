@@ -195,7 +195,6 @@ impl Replica {
                     status: status_tx,
                     handle,
                     syncs: 0,
-                    commit_unwritten: None,
                     last_snapshot: 0,
                     led_in: None,
                 };
@@ -300,8 +299,6 @@ struct Driver<S, M, T> {
     status: watch::Sender<Status>,
     handle: Replica,
     syncs: u64,
-    /// A newer commit index not yet written (see `handle_ready`).
-    commit_unwritten: Option<Slot>,
     /// Slot of the last snapshot taken here, to space snapshots out.
     last_snapshot: Slot,
     /// The ballot this replica led in at the end of the last turn: when it
@@ -385,18 +382,11 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
         for (to, msg) in before_sync {
             self.transport.send(to, msg);
         }
-        let mut persist = ready.persist;
-        if persist.needs_sync() {
-            // A held commit index rides along (it is never newer).
-            let held = self.commit_unwritten.take();
-            persist.commit = persist.commit.or(held);
-            self.storage.persist(&persist)?;
-            self.syncs += 1;
-        } else if persist.commit.is_some() {
-            // A commit index alone need not survive a crash (the leader
-            // tells it again): hold it for the next write, which saves a
-            // storage transaction per decision.
-            self.commit_unwritten = persist.commit;
+        if !ready.persist.is_empty() {
+            self.storage.persist(&ready.persist)?;
+            if ready.persist.needs_sync() {
+                self.syncs += 1;
+            }
         }
         for (to, msg) in after_sync {
             self.transport.send(to, msg);
