@@ -1,5 +1,5 @@
 //! Decided commands per second for a 3-replica group: in-process (memory
-//! storage, direct hand-off) and over gRPC on loopback (redb storage, fsync).
+//! storage, direct hand-off) and over gRPC on loopback (write-ahead log, fdatasync).
 //!
 //! `cargo bench --bench paxos -- [--seconds S] [--clients 1,64] [--value-bytes N]`
 
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use shardkv::paxos::{Config, MemStorage, RedbStorage, RoleKind, Slot, Storage};
+use shardkv::paxos::{Config, MemStorage, RoleKind, Slot, Storage, WalOptions, WalStorage};
 use shardkv::replica::grpc::{GrpcTransport, PaxosPeerService};
 use shardkv::replica::local::LocalNetwork;
 use shardkv::replica::{Replica, ReplicaOptions, StateMachine, Transport};
@@ -194,7 +194,8 @@ async fn bench_grpc(args: &Args) {
     let mut replicas = Vec::new();
     for (id, l) in listeners.into_iter().enumerate() {
         let id = id as u32;
-        let storage = RedbStorage::open(dir.path().join(format!("{id}.redb"))).expect("redb");
+        let storage =
+            WalStorage::open(dir.path().join(format!("{id}")), WalOptions::default()).expect("wal");
         let replica = start(id, storage, GrpcTransport::start("bench", id, &peers));
         let service = PaxosPeerService::new("bench", 3, replica.clone());
         tokio::spawn(
@@ -206,7 +207,7 @@ async fn bench_grpc(args: &Args) {
     }
     for &c in &args.clients {
         run(
-            "gRPC loopback, redb+fsync",
+            "gRPC loopback, WAL+fdatasync",
             &replicas,
             c,
             args.seconds,

@@ -1,12 +1,12 @@
 //! The driver on real threads, storage and sockets: in-process replicas, and
-//! a group talking gRPC over loopback with redb storage, restarted from disk.
+//! a group talking gRPC over loopback with write-ahead-log storage, restarted from disk.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use shardkv::paxos::{Config, MemStorage, RedbStorage, RoleKind, Slot};
+use shardkv::paxos::{Config, MemStorage, RoleKind, Slot, WalOptions, WalStorage};
 use shardkv::replica::grpc::{GrpcTransport, PaxosPeerService};
 use shardkv::replica::local::LocalNetwork;
 use shardkv::replica::{Replica, ReplicaError, ReplicaOptions, StateMachine};
@@ -162,7 +162,8 @@ struct GrpcNode {
 }
 
 async fn start_grpc_node(id: u32, listener: TcpListener, peers: &[String], dir: &Path) -> GrpcNode {
-    let storage = RedbStorage::open(dir.join(format!("replica-{id}.redb"))).unwrap();
+    let storage =
+        WalStorage::open(dir.join(format!("replica-{id}")), WalOptions::default()).unwrap();
     let machine = Recorder::default();
     let shared = machine.shared.clone();
     let transport = GrpcTransport::start("test-group", id, peers);

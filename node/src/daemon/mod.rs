@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
-use crate::paxos::{Config as PaxosConfig, RedbStorage};
+use crate::paxos::{Config as PaxosConfig, WalOptions, WalStorage};
 use crate::replica::grpc::{GrpcTransport, PaxosPeerService};
 use crate::replica::{Replica, ReplicaOptions, StateMachine, Status};
 use crate::shardkv::server::{KvServer, KvServerOptions};
@@ -178,7 +178,7 @@ fn start_replica<M: StateMachine>(
     options: &NodeOptions,
     machine: M,
 ) -> Result<(Replica, std::thread::JoinHandle<()>), NodeError> {
-    let storage = RedbStorage::open(options.data_dir.join("paxos.redb"))
+    let storage = WalStorage::open(options.data_dir.join("paxos"), WalOptions::default())
         .map_err(|e| data_dir_error(&options.data_dir, format!("cannot open storage: {e}")))?;
     let transport = GrpcTransport::start(group, options.id, &options.peers);
     let replica_options = ReplicaOptions {

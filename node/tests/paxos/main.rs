@@ -1,5 +1,6 @@
 //! The Paxos core's test suite: the lab's Paxos tests ported to Multi-Paxos,
-//! plus message economy, crash-restart and an exhaustive model check.
+//! plus message economy, crash-restart, the on-disk storage and an
+//! exhaustive model check.
 //! Every randomised test prints its seed; `SHARDKV_SEED=N` replays it.
 
 mod common;
@@ -12,3 +13,4 @@ mod faults;
 mod model;
 mod partitions;
 mod reads;
+mod storage;

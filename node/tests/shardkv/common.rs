@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use shardkv::paxos::{Config as PaxosConfig, MemStorage, RedbStorage, RoleKind};
+use shardkv::paxos::{Config as PaxosConfig, MemStorage, RoleKind, WalOptions, WalStorage};
 use shardkv::proto::kv::shard_kv_client::ShardKvClient;
 use shardkv::proto::kv::{GroupStatusReply, GroupStatusRequest};
 use shardkv::replica::local::LocalNetwork;
@@ -134,11 +134,15 @@ impl Cluster {
     }
 
     fn storage_path(&self, gid: Gid, i: usize) -> PathBuf {
-        self.dir.path().join(format!("g{gid}-r{i}.redb"))
+        self.dir.path().join(format!("g{gid}-r{i}"))
     }
 
     fn start_node(&self, group: &Group, i: usize, listener: TcpListener) -> KvNode {
-        let storage = RedbStorage::open(self.storage_path(group.gid, i)).unwrap();
+        // Small segments, so that roll-overs happen under these workloads too.
+        let wal = WalOptions {
+            segment_bytes: 256 << 10,
+        };
+        let storage = WalStorage::open(self.storage_path(group.gid, i), wal).unwrap();
         let state = SharedKvState::new(group.gid);
         let (replica, thread) = Replica::start(
             PaxosConfig::new_group(i as u32, group.addrs.len() as u32),

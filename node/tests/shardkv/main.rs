@@ -1,6 +1,6 @@
 //! The kvservers end to end: replica groups (Paxos in-process, so tests can
 //! cut replicas off; client and group-to-group RPCs over gRPC on loopback,
-//! storage in redb), a shardmaster group, and Clerks.
+//! storage in a write-ahead log), a shardmaster group, and Clerks.
 //!
 //! `basic` ports the lab's shardkv suite; `history` records concurrent
 //! histories under faults and checks them linearizable; `handoff` covers

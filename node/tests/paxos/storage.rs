@@ -1,0 +1,394 @@
+//! The write-ahead-log storage: what it acknowledged survives a reopen,
+//! exactly as the in-memory model (`MemStorage`) says; a write cut short by
+//! a crash is dropped; damage is refused, not read as an empty state; and
+//! the files on disk stay bounded.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use shardkv::paxos::sim::{test_seed, SimRng};
+use shardkv::paxos::{
+    Ballot, Batch, Command, MemStorage, PersistBatch, Slot, Snapshot, Storage, StorageError,
+    WalOptions, WalStorage,
+};
+
+/// Small segments, so the random workload rolls over many times.
+fn small_segments() -> WalOptions {
+    WalOptions {
+        segment_bytes: 4 << 10,
+    }
+}
+
+fn files(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+    }
+}
+
+/// Random batches in the shapes the core produces: promises, accepted
+/// values (new slots and re-accepted ones), a commit index that only grows,
+/// commit-only batches (not synced), and snapshots that truncate the log.
+struct Workload {
+    rng: SimRng,
+    round: u64,
+    next_slot: Slot,
+    commit: Slot,
+    snapshot_index: Slot,
+    next_id: u64,
+}
+
+impl Workload {
+    fn new(seed: u64) -> Self {
+        Workload {
+            rng: SimRng::new(seed),
+            round: 1,
+            next_slot: 1,
+            commit: 0,
+            snapshot_index: 0,
+            next_id: 1,
+        }
+    }
+
+    fn command_batch(&mut self) -> Batch {
+        let count = 1 + self.rng.below(3) as usize;
+        let commands = (0..count)
+            .map(|_| {
+                self.next_id += 1;
+                let len = 50 + self.rng.below(500) as usize;
+                Command {
+                    origin: self.rng.below(3) as u32,
+                    id: self.next_id,
+                    data: Bytes::from(vec![(self.next_id % 251) as u8; len]),
+                }
+            })
+            .collect();
+        Batch { commands }
+    }
+
+    fn next(&mut self) -> PersistBatch {
+        let mut batch = PersistBatch::default();
+        if self.rng.chance(0.25) {
+            // Only a newer commit index: the kind that needs no sync.
+            self.commit = (self.commit + 1 + self.rng.below(3)).min(self.next_slot - 1);
+            batch.commit = Some(self.commit);
+            return batch;
+        }
+        if self.rng.chance(0.1) {
+            self.round += 1;
+            batch.promised = Some(Ballot::new(self.round, self.rng.below(3) as u32));
+        }
+        let ballot = Ballot::new(self.round, 0);
+        for _ in 0..self.rng.below(4) {
+            let slot = if self.rng.chance(0.2) && self.next_slot > self.snapshot_index + 1 {
+                // Re-accept a slot above the snapshot, as a new leader does.
+                self.snapshot_index + 1 + self.rng.below(self.next_slot - self.snapshot_index - 1)
+            } else {
+                self.next_slot += 1;
+                self.next_slot - 1
+            };
+            let value = self.command_batch();
+            batch.entries.push((slot, ballot, value));
+        }
+        if self.rng.chance(0.3) {
+            self.commit = (self.commit + self.rng.below(4)).min(self.next_slot - 1);
+            batch.commit = Some(self.commit);
+        }
+        if self.rng.chance(0.07) && self.commit > self.snapshot_index {
+            // Compaction, or a snapshot installed from a peer (sometimes the
+            // same index again).
+            let index = self.snapshot_index + self.rng.below(self.commit - self.snapshot_index + 1);
+            self.snapshot_index = index;
+            let data = format!("state through {index}, {}", self.rng.next_u64());
+            batch.snapshot = Some(Snapshot {
+                index,
+                data: Bytes::from(data.repeat(1 + self.rng.below(200) as usize)),
+            });
+            batch.truncate_through = Some(index);
+            // Entries in the same batch land above the truncation.
+            batch.entries.retain(|(slot, _, _)| *slot > index);
+        }
+        if self.rng.chance(0.05) {
+            batch.initialized = true;
+        }
+        batch
+    }
+}
+
+#[test]
+fn random_batches_survive_reopens_as_the_memory_model_says() {
+    let seed = test_seed("wal_random_batches");
+    let dir = tempfile::tempdir().unwrap();
+    let mut workload = Workload::new(seed);
+    let mut model = MemStorage::new();
+    let mut wal = WalStorage::open(dir.path(), small_segments()).unwrap();
+    let mut reopens = 0;
+    for step in 0..600 {
+        let batch = workload.next();
+        wal.persist(&batch).unwrap();
+        model.persist(&batch).unwrap();
+        assert_eq!(
+            files(dir.path(), "wal-").len(),
+            1,
+            "seed {seed}, step {step}: superseded segments are deleted"
+        );
+        assert!(
+            files(dir.path(), "snap-").len() <= 1,
+            "seed {seed}, step {step}: superseded snapshots are deleted"
+        );
+        if workload.rng.chance(0.08) {
+            drop(wal);
+            wal = WalStorage::open(dir.path(), small_segments()).unwrap();
+            reopens += 1;
+            assert_eq!(
+                wal.load().unwrap(),
+                model.load().unwrap(),
+                "seed {seed}, step {step}: reopened state differs from the model"
+            );
+        }
+    }
+    drop(wal);
+    let mut wal = WalStorage::open(dir.path(), small_segments()).unwrap();
+    let loaded = wal.load().unwrap();
+    assert_eq!(loaded, model.load().unwrap(), "seed {seed}: final state");
+    // The workload must have reached the cases it is for.
+    assert!(reopens >= 20, "seed {seed}: only {reopens} reopens");
+    assert!(loaded.snapshot.is_some(), "seed {seed}: no snapshot taken");
+    assert!(
+        !loaded.entries.is_empty(),
+        "seed {seed}: log empty at the end"
+    );
+}
+
+/// The state written by two batches, with the segment's bytes after each.
+struct TwoWrites {
+    dir: tempfile::TempDir,
+    segment: PathBuf,
+    after_first: Vec<u8>,
+    after_second: Vec<u8>,
+    first: PersistBatch,
+    second: PersistBatch,
+}
+
+fn two_writes(second: PersistBatch) -> TwoWrites {
+    let dir = tempfile::tempdir().unwrap();
+    let options = WalOptions {
+        segment_bytes: 64 << 10,
+    };
+    let mut wal = WalStorage::open(dir.path(), options).unwrap();
+    let first = PersistBatch {
+        promised: Some(Ballot::new(3, 1)),
+        entries: vec![(1, Ballot::new(3, 1), Workload::new(1).command_batch())],
+        commit: Some(1),
+        initialized: true,
+        ..Default::default()
+    };
+    wal.persist(&first).unwrap();
+    let segment = files(dir.path(), "wal-").pop().unwrap();
+    let after_first = std::fs::read(&segment).unwrap();
+    wal.persist(&second).unwrap();
+    let after_second = std::fs::read(&segment).unwrap();
+    drop(wal);
+    TwoWrites {
+        dir,
+        segment,
+        after_first,
+        after_second,
+        first,
+        second,
+    }
+}
+
+fn state_of(batches: &[&PersistBatch]) -> shardkv::paxos::DurableState {
+    let mut model = MemStorage::new();
+    for b in batches {
+        model.persist(b).unwrap();
+    }
+    model.load().unwrap()
+}
+
+#[test]
+fn a_record_cut_short_by_a_crash_is_dropped() {
+    let seed = test_seed("wal_torn_record");
+    let mut rng = SimRng::new(seed);
+    let second = PersistBatch {
+        entries: vec![(2, Ballot::new(3, 1), Workload::new(2).command_batch())],
+        commit: Some(2),
+        ..Default::default()
+    };
+    let w = two_writes(second);
+    let differs = |i: &usize| w.after_first[*i] != w.after_second[*i];
+    let start = (0..w.after_first.len()).find(differs).unwrap();
+    let end = (0..w.after_first.len()).rev().find(differs).unwrap();
+    let only_first = state_of(&[&w.first]);
+    let both = state_of(&[&w.first, &w.second]);
+    assert_ne!(only_first, both);
+    // Every prefix of the second record, followed by the zeros of the
+    // preallocated space or by garbage, reads back as the first alone.
+    for cut in start..=end {
+        for garbage in [false, true] {
+            let mut bytes = w.after_second.clone();
+            for byte in &mut bytes[cut..=end] {
+                *byte = if garbage { rng.next_u64() as u8 } else { 0 };
+            }
+            let copy = tempfile::tempdir().unwrap();
+            copy_dir(w.dir.path(), copy.path());
+            std::fs::write(copy.path().join(w.segment.file_name().unwrap()), &bytes).unwrap();
+            let mut wal = WalStorage::open(copy.path(), WalOptions::default()).unwrap();
+            assert_eq!(
+                wal.load().unwrap(),
+                only_first,
+                "seed {seed}: cut at byte {cut} (record at {start}..={end}), garbage {garbage}"
+            );
+        }
+    }
+    let mut wal = WalStorage::open(w.dir.path(), WalOptions::default()).unwrap();
+    assert_eq!(wal.load().unwrap(), both, "the whole record reads back");
+}
+
+#[test]
+fn a_snapshot_whose_record_was_not_written_is_ignored() {
+    let second = PersistBatch {
+        snapshot: Some(Snapshot {
+            index: 1,
+            data: Bytes::from_static(b"state through 1"),
+        }),
+        truncate_through: Some(1),
+        ..Default::default()
+    };
+    let w = two_writes(second);
+    // The crash came after the snapshot file was renamed into place, before
+    // its record was appended.
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(w.dir.path(), copy.path());
+    std::fs::write(
+        copy.path().join(w.segment.file_name().unwrap()),
+        &w.after_first,
+    )
+    .unwrap();
+    assert_eq!(files(copy.path(), "snap-").len(), 1);
+    let mut wal = WalStorage::open(copy.path(), WalOptions::default()).unwrap();
+    assert_eq!(wal.load().unwrap(), state_of(&[&w.first]));
+    assert!(
+        files(copy.path(), "snap-").is_empty(),
+        "the unreferenced snapshot is deleted"
+    );
+    let mut wal = WalStorage::open(w.dir.path(), WalOptions::default()).unwrap();
+    let loaded = wal.load().unwrap();
+    assert_eq!(loaded, state_of(&[&w.first, &w.second]));
+    assert!(loaded.entries.is_empty(), "the snapshot truncated slot 1");
+}
+
+fn open_error(dir: &Path) -> String {
+    match WalStorage::open(dir, WalOptions::default()) {
+        Ok(_) => panic!("damaged storage at {} opened", dir.display()),
+        Err(e @ StorageError::Corrupt(_)) => e.to_string(),
+        Err(e) => panic!("expected Corrupt, got {e}"),
+    }
+}
+
+#[test]
+fn a_damaged_checkpoint_or_snapshot_is_refused() {
+    let second = PersistBatch {
+        snapshot: Some(Snapshot {
+            index: 1,
+            data: Bytes::from_static(b"state through 1"),
+        }),
+        truncate_through: Some(1),
+        ..Default::default()
+    };
+    let w = two_writes(second);
+    // A flipped bit in the checkpoint that opens the segment: reading it as
+    // an empty log would forget promises, so opening must fail.
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(w.dir.path(), copy.path());
+    let mut bytes = w.after_second.clone();
+    bytes[10] ^= 0x40;
+    std::fs::write(copy.path().join(w.segment.file_name().unwrap()), &bytes).unwrap();
+    let message = open_error(copy.path());
+    assert!(message.contains("checkpoint"), "{message}");
+
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(w.dir.path(), copy.path());
+    let snapshot = files(copy.path(), "snap-").pop().unwrap();
+    let mut bytes = std::fs::read(&snapshot).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&snapshot, &bytes).unwrap();
+    let message = open_error(copy.path());
+    assert!(message.contains("checksum"), "{message}");
+
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(w.dir.path(), copy.path());
+    std::fs::remove_file(files(copy.path(), "snap-").pop().unwrap()).unwrap();
+    let message = open_error(copy.path());
+    assert!(message.contains("cannot be read"), "{message}");
+}
+
+#[test]
+fn a_second_open_of_one_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = WalStorage::open(dir.path(), WalOptions::default()).unwrap();
+    let message = match WalStorage::open(dir.path(), WalOptions::default()) {
+        Ok(_) => panic!("two storages opened one directory"),
+        Err(e) => e.to_string(),
+    };
+    assert!(message.contains("in use"), "{message}");
+    drop(first);
+    WalStorage::open(dir.path(), WalOptions::default()).expect("free again once closed");
+}
+
+#[test]
+fn an_unsynced_commit_index_is_durable_only_with_a_later_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut wal = WalStorage::open(dir.path(), WalOptions::default()).unwrap();
+    let entry = |slot| (slot, Ballot::new(1, 0), Workload::new(slot).command_batch());
+    wal.persist(&PersistBatch {
+        entries: vec![entry(1), entry(2)],
+        ..Default::default()
+    })
+    .unwrap();
+    wal.persist(&PersistBatch {
+        commit: Some(2),
+        ..Default::default()
+    })
+    .unwrap();
+    drop(wal);
+    let mut wal = WalStorage::open(dir.path(), WalOptions::default()).unwrap();
+    assert_eq!(
+        wal.load().unwrap().commit,
+        0,
+        "a commit alone is not synced"
+    );
+    wal.persist(&PersistBatch {
+        commit: Some(2),
+        ..Default::default()
+    })
+    .unwrap();
+    wal.persist(&PersistBatch {
+        entries: vec![entry(3)],
+        ..Default::default()
+    })
+    .unwrap();
+    drop(wal);
+    let mut wal = WalStorage::open(dir.path(), WalOptions::default()).unwrap();
+    assert_eq!(
+        wal.load().unwrap().commit,
+        2,
+        "it rode with the next record"
+    );
+}
