@@ -10,21 +10,23 @@
 //! The data directory holds:
 //! - `LOCK`, locked while a process has the storage open: two writers
 //!   would interleave their records.
-//! - `wal-<seq>.log`, the log segments. A segment opens with a checkpoint
-//!   (the whole durable state but the snapshot's bytes), then one record per
-//!   synced batch. Only the newest segment is read back. An older one is
-//!   deleted once a newer checkpoint is durable, so the log on disk stays
-//!   about one segment long whatever the history.
+//! - `wal-<seq>.log`, the log segments, read back in order. A segment opens
+//!   with a header: the state's small fields (promise, commit index,
+//!   snapshot, how far the log was truncated), and where the segment before
+//!   it ended. One record per synced batch follows. The log rolls over to a
+//!   new segment when a record no longer fits, and on every open, so a torn
+//!   tail is never written over. The oldest segments are deleted once the
+//!   log is truncated past every entry they hold, as in etcd.
 //! - `snap-<index>.bin`, the snapshot the log refers to by its index.
 //!
 //! A record is framed as: length (u32, little-endian), CRC-32 of the length
 //! and the payload (u32), then the payload (postcard). A record whose length
-//! runs past the segment, or whose checksum fails, ends the log. After a
-//! crash, that is the write under way, which was never acknowledged. Every
-//! open starts a new segment, so a torn tail is never written over, and only
-//! the newest segment can end in one.
+//! runs past the segment, or whose checksum fails, ends the segment. In the
+//! newest segment that is the write a crash cut short, never acknowledged.
+//! In an older one, the next segment's header says where it must end, so
+//! damage there is an error, not a silently shorter log.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -39,8 +41,9 @@ use super::types::{Ballot, Batch, Slot, Snapshot};
 #[derive(Clone, Debug)]
 pub struct WalOptions {
     /// Space preallocated per segment. The log rolls over to a new segment
-    /// (opened by a checkpoint) when a record no longer fits. Larger means
-    /// fewer roll-overs; the disk holds up to two segments per replica.
+    /// when a record no longer fits. Segments are deleted as the log is
+    /// truncated, so the disk holds about the untruncated log, rounded up
+    /// to whole segments, plus one.
     pub segment_bytes: u64,
 }
 
@@ -52,8 +55,8 @@ impl Default for WalOptions {
     }
 }
 
-/// Record header: length, then checksum.
-const HEADER_BYTES: usize = 8;
+/// Record framing: length, then checksum.
+const FRAME_BYTES: usize = 8;
 const LOCK_FILE: &str = "LOCK";
 
 /// A replica's acceptor state in a directory of log segments and snapshots.
@@ -65,16 +68,20 @@ pub struct WalStorage {
     _lock: File,
     /// The segment being appended to.
     segment: OpenSegment,
-    /// The durable state as the log records it. The checkpoint that opens
-    /// the next segment is written from it. The snapshot's bytes are shared
-    /// (`Bytes`), not copied.
-    state: DurableState,
+    /// Every segment on disk, oldest first, the open one last: what the
+    /// next truncation may delete.
+    segments: VecDeque<SegmentInfo>,
+    /// The small fields as the log now records them: the header of the next
+    /// segment is written from them.
+    meta: Meta,
+    /// What `open` read back, until `load` hands it over.
+    loaded: Option<DurableState>,
     /// A newer commit index from a batch that needed no sync: held here and
     /// written with the next record, which saves a sync per decision
     /// (losing it in a crash is safe, see `PersistBatch::needs_sync`).
     unsynced_commit: Option<Slot>,
-    /// Set when a write failed: what is on disk may then differ from
-    /// `state`, so every later call fails too.
+    /// Set when a write failed: the log may then end in a partial record,
+    /// so every later call fails too, until the storage is reopened.
     failed: bool,
     /// Reused for encoding records.
     buffer: Vec<u8>,
@@ -91,67 +98,39 @@ struct OpenSegment {
     len: u64,
 }
 
-/// Creates segment `seq` opened by a checkpoint of `state`, and makes it
-/// durable: it is written under a temporary name, synced, then renamed,
-/// so a segment under its own name always opens with a whole checkpoint.
-fn create_segment(
-    dir: &Path,
+/// A segment on disk.
+#[derive(Clone, Copy, Debug)]
+struct SegmentInfo {
     seq: u64,
-    state: &DurableState,
-    options: &WalOptions,
-    buffer: &mut Vec<u8>,
-) -> Result<OpenSegment, StorageError> {
-    buffer.clear();
-    let checkpoint = RecordRef::Checkpoint {
-        promised: &state.promised,
-        entries: &state.entries,
-        commit: state.commit,
-        snapshot: state.snapshot.as_ref().map(|s| s.index),
-        initialized: state.initialized,
-    };
-    encode_record(&checkpoint, buffer)?;
-    let record_len = buffer.len() as u64;
-    // A checkpoint larger than a segment (a long backlog above the
-    // snapshot) gets a segment with room to spare.
-    let len = options.segment_bytes.max(record_len * 2);
-    let name = segment_name(seq);
-    let temporary = dir.join(format!("{name}.tmp"));
-    let create = || -> std::io::Result<File> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&temporary)?;
-        preallocate(&file, len)?;
-        file.write_all_at(buffer, 0)?;
-        // Also makes the length that fallocate set durable.
-        file.sync_all()?;
-        std::fs::rename(&temporary, dir.join(&name))?;
-        sync_dir(dir)?;
-        Ok(file)
-    };
-    let file = create()
-        .map_err(|e| io_error(format!("starting log segment {}", temporary.display()), e))?;
-    Ok(OpenSegment {
-        file,
-        seq,
-        offset: record_len,
-        len,
-    })
+    /// The highest slot any of its records accepted (0 if none): once the
+    /// log is truncated through it, the segment holds nothing still needed.
+    slot_max: Slot,
 }
 
-/// What a record holds. The snapshot is named by its index; its bytes are
-/// in their own file.
-#[derive(Serialize, Deserialize)]
+/// Every field of the durable state but the log entries and the snapshot's
+/// bytes.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+struct Meta {
+    promised: Ballot,
+    commit: Slot,
+    /// The index of the snapshot in force; its bytes are in their own file.
+    snapshot: Option<Slot>,
+    /// Entries at or below it are forgotten: segments holding only those
+    /// have been (or may be) deleted.
+    truncated_through: Slot,
+    initialized: bool,
+}
+
+/// What a record holds.
+#[derive(Deserialize)]
 enum Record {
-    Checkpoint {
-        promised: Ballot,
-        entries: BTreeMap<Slot, (Ballot, Batch)>,
-        commit: Slot,
-        snapshot: Option<Slot>,
-        initialized: bool,
+    /// Opens every segment.
+    Header {
+        /// Where the previous segment's last record ended (0 for none).
+        previous_end: u64,
+        meta: Meta,
     },
+    /// One synced [`PersistBatch`], its snapshot named by index.
     Batch {
         promised: Option<Ballot>,
         entries: Vec<(Slot, Ballot, Batch)>,
@@ -166,12 +145,9 @@ enum Record {
 /// and fields must stay in the same order as `Record`'s.
 #[derive(Serialize)]
 enum RecordRef<'a> {
-    Checkpoint {
-        promised: &'a Ballot,
-        entries: &'a BTreeMap<Slot, (Ballot, Batch)>,
-        commit: Slot,
-        snapshot: Option<Slot>,
-        initialized: bool,
+    Header {
+        previous_end: u64,
+        meta: &'a Meta,
     },
     Batch {
         promised: &'a Option<Ballot>,
@@ -181,6 +157,32 @@ enum RecordRef<'a> {
         truncate_through: Option<Slot>,
         initialized: bool,
     },
+}
+
+impl Meta {
+    /// Folds in one batch, as `PersistBatch::apply_to` does for the state.
+    fn apply(
+        &mut self,
+        promised: Option<Ballot>,
+        commit: Option<Slot>,
+        snapshot: Option<Slot>,
+        truncate_through: Option<Slot>,
+        initialized: bool,
+    ) {
+        if let Some(promised) = promised {
+            self.promised = promised;
+        }
+        if let Some(commit) = commit {
+            self.commit = commit;
+        }
+        if snapshot.is_some() {
+            self.snapshot = snapshot;
+        }
+        if let Some(through) = truncate_through {
+            self.truncated_through = self.truncated_through.max(through);
+        }
+        self.initialized |= initialized;
+    }
 }
 
 fn io_error(what: impl std::fmt::Display, e: std::io::Error) -> StorageError {
@@ -213,24 +215,23 @@ fn checksum(length: &[u8], payload: &[u8]) -> u32 {
 /// Appends `record`, framed, to `buffer`.
 fn encode_record(record: &RecordRef<'_>, buffer: &mut Vec<u8>) -> Result<(), StorageError> {
     let start = buffer.len();
-    buffer.extend_from_slice(&[0; HEADER_BYTES]);
-    let mut buffer_out = std::mem::take(buffer);
-    buffer_out = postcard::to_extend(record, buffer_out)
+    buffer.extend_from_slice(&[0; FRAME_BYTES]);
+    *buffer = postcard::to_extend(record, std::mem::take(buffer))
         .map_err(|e| StorageError::Corrupt(format!("cannot encode a log record: {e}")))?;
-    *buffer = buffer_out;
-    let payload_len = buffer.len() - start - HEADER_BYTES;
+    let payload_len = buffer.len() - start - FRAME_BYTES;
     let length = u32::try_from(payload_len)
         .map_err(|_| StorageError::Io(format!("log record of {payload_len} bytes is too large")))?
         .to_le_bytes();
-    let crc = checksum(&length, &buffer[start + HEADER_BYTES..]);
+    let crc = checksum(&length, &buffer[start + FRAME_BYTES..]);
     buffer[start..start + 4].copy_from_slice(&length);
-    buffer[start + 4..start + HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
+    buffer[start + 4..start + FRAME_BYTES].copy_from_slice(&crc.to_le_bytes());
     Ok(())
 }
 
 /// Reads the records of one segment, stopping at the first that is
-/// incomplete or fails its checksum.
-fn read_records(path: &Path) -> Result<Vec<Record>, StorageError> {
+/// incomplete or fails its checksum. Also returns where the last good
+/// record ends.
+fn read_records(path: &Path) -> Result<(Vec<Record>, u64), StorageError> {
     let file = File::open(path).map_err(|e| io_error(path.display(), e))?;
     let file_len = file
         .metadata()
@@ -240,17 +241,17 @@ fn read_records(path: &Path) -> Result<Vec<Record>, StorageError> {
     let mut records = Vec::new();
     let mut offset = 0u64;
     loop {
-        let mut header = [0u8; HEADER_BYTES];
-        match reader.read_exact(&mut header) {
+        let mut frame = [0u8; FRAME_BYTES];
+        match reader.read_exact(&mut frame) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::UnexpectedEof => break,
             Err(e) => return Err(io_error(path.display(), e)),
         }
-        let length: [u8; 4] = header[..4].try_into().unwrap_or_default();
-        let crc = u32::from_le_bytes(header[4..].try_into().unwrap_or_default());
+        let length: [u8; 4] = frame[..4].try_into().unwrap_or_default();
+        let crc = u32::from_le_bytes(frame[4..].try_into().unwrap_or_default());
         let payload_len = u32::from_le_bytes(length) as u64;
         // Zero length: the preallocated space past the last record.
-        if payload_len == 0 || offset + (HEADER_BYTES as u64) + payload_len > file_len {
+        if payload_len == 0 || offset + FRAME_BYTES as u64 + payload_len > file_len {
             break;
         }
         let mut payload = vec![0u8; payload_len as usize];
@@ -269,9 +270,9 @@ fn read_records(path: &Path) -> Result<Vec<Record>, StorageError> {
             ))
         })?;
         records.push(record);
-        offset += HEADER_BYTES as u64 + payload_len;
+        offset += FRAME_BYTES as u64 + payload_len;
     }
-    Ok(records)
+    Ok((records, offset))
 }
 
 /// Snapshot file: CRC-32 of the rest (u32), the index (u64), the data.
@@ -282,9 +283,10 @@ fn write_snapshot_file(dir: &Path, snapshot: &Snapshot) -> Result<(), StorageErr
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&index);
     hasher.update(&snapshot.data);
+    let crc = hasher.finalize().to_le_bytes();
     let write = || -> std::io::Result<()> {
         let mut file = File::create(&temporary)?;
-        file.write_all(&hasher.clone().finalize().to_le_bytes())?;
+        file.write_all(&crc)?;
         file.write_all(&index)?;
         file.write_all(&snapshot.data)?;
         file.sync_all()?;
@@ -335,9 +337,143 @@ fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
     }
 }
 
+/// Creates segment `seq`, opened by a header of `meta`, at least `len_min`
+/// bytes long, and makes it durable. It is written under
+/// a temporary name, synced, then renamed: a segment under its own name
+/// always opens with a whole header.
+fn create_segment(
+    dir: &Path,
+    seq: u64,
+    previous_end: u64,
+    meta: &Meta,
+    len_min: u64,
+    buffer: &mut Vec<u8>,
+) -> Result<OpenSegment, StorageError> {
+    buffer.clear();
+    encode_record(&RecordRef::Header { previous_end, meta }, buffer)?;
+    let header_len = buffer.len() as u64;
+    let len = len_min.max(header_len * 2);
+    let name = segment_name(seq);
+    let temporary = dir.join(format!("{name}.tmp"));
+    let create = || -> std::io::Result<File> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&temporary)?;
+        preallocate(&file, len)?;
+        file.write_all_at(buffer, 0)?;
+        // Also makes the length that fallocate set durable.
+        file.sync_all()?;
+        std::fs::rename(&temporary, dir.join(&name))?;
+        sync_dir(dir)?;
+        Ok(file)
+    };
+    let file = create()
+        .map_err(|e| io_error(format!("starting log segment {}", temporary.display()), e))?;
+    Ok(OpenSegment {
+        file,
+        seq,
+        offset: header_len,
+        len,
+    })
+}
+
+/// Deletes a file that is no longer needed. Failing only wastes space (the
+/// next open retries), so it is logged, not returned.
+fn remove_file(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), error = %e, "cannot delete a superseded file");
+        }
+    }
+}
+
+/// The state the segments `seqs` (consecutive, oldest first) record, with
+/// each segment's highest slot and where the newest one's records end.
+fn replay(
+    dir: &Path,
+    seqs: &[u64],
+) -> Result<(DurableState, Meta, Vec<SegmentInfo>, u64), StorageError> {
+    let mut entries: BTreeMap<Slot, (Ballot, Batch)> = BTreeMap::new();
+    let mut meta = Meta::default();
+    let mut infos = Vec::new();
+    // The previous segment's path and where its records ended.
+    let mut previous: Option<(PathBuf, u64)> = None;
+    for &seq in seqs {
+        let path = dir.join(segment_name(seq));
+        let (records, end) = read_records(&path)?;
+        let mut records = records.into_iter();
+        // A segment is renamed into place only after its header is synced:
+        // one without is damaged.
+        let Some(Record::Header {
+            previous_end,
+            meta: header,
+        }) = records.next()
+        else {
+            return Err(StorageError::Corrupt(format!(
+                "{} does not open with a valid header",
+                path.display()
+            )));
+        };
+        if let Some((previous_path, previous_read)) = &previous {
+            if *previous_read != previous_end {
+                return Err(StorageError::Corrupt(format!(
+                    "{} is damaged: its records end at byte {previous_read}, \
+                     but the next segment says they ran to byte {previous_end}",
+                    previous_path.display()
+                )));
+            }
+        }
+        // Entries replayed so far are all above its truncation point: the
+        // record that truncated is replayed too, or was deleted with every
+        // segment before it.
+        meta = header;
+        let mut slot_max = 0;
+        for record in records {
+            let Record::Batch {
+                promised,
+                entries: accepted,
+                commit,
+                snapshot,
+                truncate_through,
+                initialized,
+            } = record
+            else {
+                return Err(StorageError::Corrupt(format!(
+                    "{} holds a second header",
+                    path.display()
+                )));
+            };
+            meta.apply(promised, commit, snapshot, truncate_through, initialized);
+            if let Some(through) = truncate_through {
+                entries = entries.split_off(&(through + 1));
+            }
+            for (slot, ballot, batch) in accepted {
+                slot_max = slot_max.max(slot);
+                entries.insert(slot, (ballot, batch));
+            }
+        }
+        infos.push(SegmentInfo { seq, slot_max });
+        previous = Some((path, end));
+    }
+    let state = DurableState {
+        promised: meta.promised,
+        entries,
+        commit: meta.commit,
+        snapshot: match meta.snapshot {
+            Some(index) => Some(read_snapshot_file(dir, index)?),
+            None => None,
+        },
+        initialized: meta.initialized,
+    };
+    Ok((state, meta, infos, previous.map_or(0, |(_, end)| end)))
+}
+
 impl WalStorage {
-    /// Opens (or creates) the storage in `dir`: reads back the newest
-    /// segment, then starts a new one and deletes what it supersedes.
+    /// Opens (or creates) the storage in `dir`: reads back the log, then
+    /// starts a new segment and deletes what is superseded.
     pub fn open(dir: impl AsRef<Path>, options: WalOptions) -> Result<Self, StorageError> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| io_error(dir.display(), e))?;
@@ -357,7 +493,7 @@ impl WalStorage {
             },
         )?;
 
-        let mut segments = Vec::new();
+        let mut seqs = Vec::new();
         let mut snapshots = Vec::new();
         let listing = std::fs::read_dir(&dir).map_err(|e| io_error(dir.display(), e))?;
         for item in listing {
@@ -367,108 +503,77 @@ impl WalStorage {
                 // A segment or snapshot whose creation a crash cut short.
                 remove_file(&item.path());
             } else if let Some(seq) = parse_name(&name, "wal-", ".log") {
-                segments.push(seq);
+                seqs.push(seq);
             } else if let Some(index) = parse_name(&name, "snap-", ".bin") {
                 snapshots.push(index);
             }
         }
-        segments.sort_unstable();
-
-        let mut state = DurableState::default();
-        let newest = segments.last().copied();
-        if let Some(seq) = newest {
-            let path = dir.join(segment_name(seq));
-            let records = read_records(&path)?;
-            let mut records = records.into_iter();
-            // A segment is renamed into place only after its checkpoint is
-            // synced: one without is damaged, and older segments may
-            // already be gone, so refuse rather than start blank.
-            let Some(Record::Checkpoint {
-                promised,
-                entries,
-                commit,
-                snapshot,
-                initialized,
-            }) = records.next()
-            else {
-                return Err(StorageError::Corrupt(format!(
-                    "{} does not open with a valid checkpoint",
-                    path.display()
-                )));
-            };
-            state.promised = promised;
-            state.entries = entries;
-            state.commit = commit;
-            state.initialized = initialized;
-            let mut snapshot_index = snapshot;
-            for record in records {
-                let Record::Batch {
-                    promised,
-                    entries,
-                    commit,
-                    snapshot,
-                    truncate_through,
-                    initialized,
-                } = record
-                else {
-                    return Err(StorageError::Corrupt(format!(
-                        "{} holds a second checkpoint",
-                        path.display()
-                    )));
-                };
-                if snapshot.is_some() {
-                    snapshot_index = snapshot;
-                }
-                PersistBatch {
-                    promised,
-                    entries,
-                    commit,
-                    snapshot: None,
-                    truncate_through,
-                    initialized,
-                }
-                .apply_to(&mut state);
-            }
-            if let Some(index) = snapshot_index {
-                state.snapshot = Some(read_snapshot_file(&dir, index)?);
-            }
+        seqs.sort_unstable();
+        // Segments are deleted oldest first, so those left are consecutive.
+        if let Some(pair) = seqs.windows(2).find(|pair| pair[1] != pair[0] + 1) {
+            return Err(StorageError::Corrupt(format!(
+                "{}: log segment {} is missing",
+                dir.display(),
+                segment_name(pair[0] + 1)
+            )));
         }
+        let (state, meta, infos, end) = replay(&dir, &seqs)?;
 
         let mut buffer = Vec::new();
-        let seq = newest.unwrap_or(0) + 1;
-        let segment = create_segment(&dir, seq, &state, &options, &mut buffer)?;
-        for old in segments {
-            remove_file(&dir.join(segment_name(old)));
-        }
-        let kept = state.snapshot.as_ref().map(|s| s.index);
-        for index in snapshots.into_iter().filter(|i| Some(*i) != kept) {
+        let seq = seqs.last().map_or(1, |newest| newest + 1);
+        let segment = create_segment(&dir, seq, end, &meta, options.segment_bytes, &mut buffer)?;
+        let mut segments: VecDeque<SegmentInfo> = infos.into();
+        segments.push_back(SegmentInfo { seq, slot_max: 0 });
+        for index in snapshots.into_iter().filter(|i| Some(*i) != meta.snapshot) {
             remove_file(&dir.join(snapshot_name(index)));
         }
-        let storage = WalStorage {
+        let mut storage = WalStorage {
             dir,
             options,
             _lock: lock,
             segment,
-            state,
+            segments,
+            meta,
+            loaded: Some(state),
             unsynced_commit: None,
             failed: false,
             buffer,
         };
+        storage.delete_truncated_segments();
         Ok(storage)
     }
 
-    /// Rolls over to a new segment, opened by a checkpoint of `self.state`,
-    /// and deletes the one it supersedes.
-    fn start_segment(&mut self) -> Result<(), StorageError> {
+    /// Rolls over to a new segment with room for `record_len` bytes.
+    fn start_segment(&mut self, record_len: u64) -> Result<(), StorageError> {
         let seq = self.segment.seq + 1;
-        let segment = create_segment(&self.dir, seq, &self.state, &self.options, &mut self.buffer)?;
-        remove_file(&self.dir.join(segment_name(self.segment.seq)));
+        let mut buffer = Vec::new();
+        let segment = create_segment(
+            &self.dir,
+            seq,
+            self.segment.offset,
+            &self.meta,
+            // A record larger than a segment gets one of its own, with
+            // room for the header too.
+            self.options.segment_bytes.max(record_len + 4096),
+            &mut buffer,
+        )?;
         self.segment = segment;
+        self.segments.push_back(SegmentInfo { seq, slot_max: 0 });
         Ok(())
     }
 
+    /// Deletes the oldest segments, while every entry they hold is
+    /// truncated. Never the open one.
+    fn delete_truncated_segments(&mut self) {
+        while self.segments.len() > 1 && self.segments[0].slot_max <= self.meta.truncated_through {
+            if let Some(old) = self.segments.pop_front() {
+                remove_file(&self.dir.join(segment_name(old.seq)));
+            }
+        }
+    }
+
     fn persist_synced(&mut self, batch: &PersistBatch) -> Result<(), StorageError> {
-        let previous_snapshot = self.state.snapshot.as_ref().map(|s| s.index);
+        let snapshot = batch.snapshot.as_ref().map(|s| s.index);
         if let Some(snapshot) = &batch.snapshot {
             // Durable before the record that refers to it.
             write_snapshot_file(&self.dir, snapshot)?;
@@ -480,46 +585,46 @@ impl WalStorage {
             promised: &batch.promised,
             entries: &batch.entries,
             commit,
-            snapshot: batch.snapshot.as_ref().map(|s| s.index),
+            snapshot,
             truncate_through: batch.truncate_through,
             initialized: batch.initialized,
         };
         encode_record(&record, &mut self.buffer)?;
-        batch.apply_to(&mut self.state);
-        if let Some(commit) = commit {
-            self.state.commit = self.state.commit.max(commit);
-        }
         let record_len = self.buffer.len() as u64;
         if self.segment.offset + record_len > self.segment.len {
-            // The new segment's checkpoint already holds this batch.
-            self.start_segment()?;
-        } else {
-            let segment = &mut self.segment;
-            let write = segment
-                .file
-                .write_all_at(&self.buffer, segment.offset)
-                .and_then(|()| segment.file.sync_data());
-            write.map_err(|e| {
-                let path = self.dir.join(segment_name(segment.seq));
-                io_error(format!("appending to {}", path.display()), e)
-            })?;
-            segment.offset += record_len;
+            // The header written from `meta` comes before this batch.
+            self.start_segment(record_len)?;
         }
-        let current_snapshot = self.state.snapshot.as_ref().map(|s| s.index);
-        if let Some(old) = previous_snapshot.filter(|old| Some(*old) != current_snapshot) {
+        let segment = &mut self.segment;
+        let write = segment
+            .file
+            .write_all_at(&self.buffer, segment.offset)
+            .and_then(|()| segment.file.sync_data());
+        write.map_err(|e| {
+            let path = self.dir.join(segment_name(segment.seq));
+            io_error(format!("appending to {}", path.display()), e)
+        })?;
+        segment.offset += record_len;
+
+        let previous_snapshot = self.meta.snapshot;
+        self.meta.apply(
+            batch.promised,
+            commit,
+            snapshot,
+            batch.truncate_through,
+            batch.initialized,
+        );
+        if let Some(open) = self.segments.back_mut() {
+            let highest = batch.entries.iter().map(|(slot, _, _)| *slot).max();
+            open.slot_max = open.slot_max.max(highest.unwrap_or(0));
+        }
+        if let Some(old) = previous_snapshot.filter(|old| Some(*old) != self.meta.snapshot) {
             remove_file(&self.dir.join(snapshot_name(old)));
         }
-        Ok(())
-    }
-}
-
-/// Deletes a file that is no longer needed. Failing only wastes space (the
-/// next open retries), so it is logged, not returned.
-fn remove_file(path: &Path) {
-    if let Err(e) = std::fs::remove_file(path) {
-        if e.kind() != ErrorKind::NotFound {
-            tracing::warn!(path = %path.display(), error = %e, "cannot delete a superseded file");
+        if batch.truncate_through.is_some() {
+            self.delete_truncated_segments();
         }
+        Ok(())
     }
 }
 
@@ -527,7 +632,12 @@ impl Storage for WalStorage {
     fn load(&mut self) -> Result<DurableState, StorageError> {
         // What a restart would read: the held commit index is not on disk.
         self.unsynced_commit = None;
-        Ok(self.state.clone())
+        if let Some(state) = self.loaded.take() {
+            return Ok(state);
+        }
+        let seqs: Vec<u64> = self.segments.iter().map(|s| s.seq).collect();
+        let (state, ..) = replay(&self.dir, &seqs)?;
+        Ok(state)
     }
 
     fn persist(&mut self, batch: &PersistBatch) -> Result<(), StorageError> {
@@ -541,6 +651,8 @@ impl Storage for WalStorage {
             self.unsynced_commit = batch.commit.max(self.unsynced_commit);
             return Ok(());
         }
+        // The state handed out at open is stale from here on.
+        self.loaded = None;
         let result = self.persist_synced(batch);
         self.failed = result.is_err();
         result
