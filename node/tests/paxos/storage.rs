@@ -208,6 +208,16 @@ fn two_writes(second: PersistBatch) -> TwoWrites {
     }
 }
 
+impl TwoWrites {
+    /// A copy of the directory, with the segment's bytes replaced.
+    fn copy_with_segment(&self, bytes: &[u8]) -> tempfile::TempDir {
+        let copy = tempfile::tempdir().unwrap();
+        copy_dir(self.dir.path(), copy.path());
+        std::fs::write(copy.path().join(self.segment.file_name().unwrap()), bytes).unwrap();
+        copy
+    }
+}
+
 fn state_of(batches: &[&PersistBatch]) -> shardkv::paxos::DurableState {
     let mut model = MemStorage::new();
     for b in batches {
@@ -240,9 +250,7 @@ fn a_record_cut_short_by_a_crash_is_dropped() {
             for byte in &mut bytes[cut..=end] {
                 *byte = if garbage { rng.next_u64() as u8 } else { 0 };
             }
-            let copy = tempfile::tempdir().unwrap();
-            copy_dir(w.dir.path(), copy.path());
-            std::fs::write(copy.path().join(w.segment.file_name().unwrap()), &bytes).unwrap();
+            let copy = w.copy_with_segment(&bytes);
             let mut wal = WalStorage::open(copy.path(), WalOptions::default()).unwrap();
             assert_eq!(
                 wal.load().unwrap(),
@@ -257,24 +265,10 @@ fn a_record_cut_short_by_a_crash_is_dropped() {
 
 #[test]
 fn a_snapshot_whose_record_was_not_written_is_ignored() {
-    let second = PersistBatch {
-        snapshot: Some(Snapshot {
-            index: 1,
-            data: Bytes::from_static(b"state through 1"),
-        }),
-        truncate_through: Some(1),
-        ..Default::default()
-    };
-    let w = two_writes(second);
+    let w = two_writes(compaction(1, 1));
     // The crash came after the snapshot file was renamed into place, before
     // its record was appended.
-    let copy = tempfile::tempdir().unwrap();
-    copy_dir(w.dir.path(), copy.path());
-    std::fs::write(
-        copy.path().join(w.segment.file_name().unwrap()),
-        &w.after_first,
-    )
-    .unwrap();
+    let copy = w.copy_with_segment(&w.after_first);
     assert_eq!(files(copy.path(), "snap-").len(), 1);
     let mut wal = WalStorage::open(copy.path(), WalOptions::default()).unwrap();
     assert_eq!(wal.load().unwrap(), state_of(&[&w.first]));
@@ -298,22 +292,12 @@ fn open_error(dir: &Path) -> String {
 
 #[test]
 fn a_damaged_header_or_snapshot_is_refused() {
-    let second = PersistBatch {
-        snapshot: Some(Snapshot {
-            index: 1,
-            data: Bytes::from_static(b"state through 1"),
-        }),
-        truncate_through: Some(1),
-        ..Default::default()
-    };
-    let w = two_writes(second);
+    let w = two_writes(compaction(1, 1));
     // A flipped bit in the header that opens the segment: reading it as an
     // empty log would forget promises, so opening must fail.
-    let copy = tempfile::tempdir().unwrap();
-    copy_dir(w.dir.path(), copy.path());
     let mut bytes = w.after_second.clone();
     bytes[10] ^= 0x40;
-    std::fs::write(copy.path().join(w.segment.file_name().unwrap()), &bytes).unwrap();
+    let copy = w.copy_with_segment(&bytes);
     let message = open_error(copy.path());
     assert!(message.contains("header"), "{message}");
 
@@ -350,39 +334,33 @@ fn a_second_open_of_one_directory_is_refused() {
 #[test]
 fn an_unsynced_commit_index_is_durable_only_with_a_later_record() {
     let dir = tempfile::tempdir().unwrap();
-    let mut wal = WalStorage::open(dir.path(), WalOptions::default()).unwrap();
-    let entry = |slot| (slot, Ballot::new(1, 0), Workload::new(slot).command_batch());
-    wal.persist(&PersistBatch {
-        entries: vec![entry(1), entry(2)],
+    let accept = |slots: &[Slot]| PersistBatch {
+        entries: slots
+            .iter()
+            .map(|&slot| (slot, Ballot::new(1, 0), Workload::new(slot).command_batch()))
+            .collect(),
         ..Default::default()
-    })
-    .unwrap();
-    wal.persist(&PersistBatch {
+    };
+    let commit = PersistBatch {
         commit: Some(2),
         ..Default::default()
-    })
-    .unwrap();
-    drop(wal);
-    let mut wal = WalStorage::open(dir.path(), WalOptions::default()).unwrap();
+    };
+    let reopened_commit = |batches: &[&PersistBatch]| {
+        let mut wal = WalStorage::open(dir.path(), WalOptions::default()).unwrap();
+        for batch in batches {
+            wal.persist(batch).unwrap();
+        }
+        drop(wal);
+        let mut wal = WalStorage::open(dir.path(), WalOptions::default()).unwrap();
+        wal.load().unwrap().commit
+    };
     assert_eq!(
-        wal.load().unwrap().commit,
+        reopened_commit(&[&accept(&[1, 2]), &commit]),
         0,
         "a commit alone is not synced"
     );
-    wal.persist(&PersistBatch {
-        commit: Some(2),
-        ..Default::default()
-    })
-    .unwrap();
-    wal.persist(&PersistBatch {
-        entries: vec![entry(3)],
-        ..Default::default()
-    })
-    .unwrap();
-    drop(wal);
-    let mut wal = WalStorage::open(dir.path(), WalOptions::default()).unwrap();
     assert_eq!(
-        wal.load().unwrap().commit,
+        reopened_commit(&[&commit, &accept(&[3])]),
         2,
         "it rode with the next record"
     );
