@@ -233,3 +233,38 @@ async fn a_replica_with_a_lost_disk_recovers_before_it_votes() {
         "X's log: {log}"
     );
 }
+
+/// A data directory from before the write-ahead log must not be opened as
+/// a blank one: a group whose every member did so would take itself for new.
+#[test]
+fn a_data_directory_in_the_old_storage_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("paxos.redb"), b"redb").unwrap();
+    let mut child = std::process::Command::new(shardkv_cluster_tests::bin("shardkv-node"))
+        .args(["master", "--id", "0", "--listen", "127.0.0.13:0"])
+        .args(["--peers", "127.0.0.13:1,127.0.0.13:2,127.0.0.13:3"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run shardkv-node");
+    // It must exit at once; one that serves instead is stopped and fails.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("shardkv-node started on a data directory holding paxos.redb");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("collect output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exit 0; stderr: {stderr}");
+    assert!(stderr.contains("paxos.redb"), "{stderr}");
+    assert!(
+        !dir.path().join("paxos").exists(),
+        "no new storage was created beside the old one"
+    );
+}

@@ -178,6 +178,16 @@ fn start_replica<M: StateMachine>(
     options: &NodeOptions,
     machine: M,
 ) -> Result<(Replica, std::thread::JoinHandle<()>), NodeError> {
+    // Storage of the versions before the write-ahead log. Opening the new
+    // log beside it would start blank, and a group whose every member did
+    // so would take itself for new and lose its data: refuse instead.
+    if options.data_dir.join("paxos.redb").exists() {
+        return Err(data_dir_error(
+            &options.data_dir,
+            "holds paxos.redb, the storage of an earlier shardkv version, \
+             which this version cannot read; start from a fresh directory",
+        ));
+    }
     let storage = WalStorage::open(options.data_dir.join("paxos"), WalOptions::default())
         .map_err(|e| data_dir_error(&options.data_dir, format!("cannot open storage: {e}")))?;
     let transport = GrpcTransport::start(group, options.id, &options.peers);

@@ -318,7 +318,7 @@ fn read_snapshot_file(dir: &Path, index: Slot) -> Result<Snapshot, StorageError>
     }
     Ok(Snapshot {
         index,
-        data: bytes::Bytes::copy_from_slice(&bytes[12..]),
+        data: bytes::Bytes::from(bytes).slice(12..),
     })
 }
 
@@ -338,9 +338,9 @@ fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
 }
 
 /// Creates segment `seq`, opened by a header of `meta`, at least `len_min`
-/// bytes long, and makes it durable. It is written under
-/// a temporary name, synced, then renamed: a segment under its own name
-/// always opens with a whole header.
+/// bytes long, and makes it durable. It is written under a temporary name,
+/// synced, then renamed: a segment under its own name always opens with a
+/// whole header.
 fn create_segment(
     dir: &Path,
     seq: u64,
