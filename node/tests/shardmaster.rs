@@ -10,7 +10,7 @@ use shardkv::replica::local::LocalNetwork;
 use shardkv::replica::{Replica, ReplicaOptions};
 use shardkv::shardmaster::client::{ClientError, ShardMasterClient};
 use shardkv::shardmaster::service::ShardMasterService;
-use shardkv::shardmaster::{Config, Gid, SharedMasterState};
+use shardkv::shardmaster::{Config, Gid, ShardMasterState, SharedMasterState};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -43,7 +43,7 @@ impl Cluster {
                 snapshot_every_slots,
                 ..Default::default()
             };
-            let state = SharedMasterState::new(SHARDS);
+            let state = SharedMasterState::new(ShardMasterState::new(SHARDS));
             let (replica, _thread) = Replica::start(
                 PaxosConfig::new_group(id, 3),
                 MemStorage::new(),

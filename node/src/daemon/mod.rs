@@ -22,11 +22,11 @@ use crate::paxos::{Config as PaxosConfig, WalOptions, WalStorage};
 use crate::replica::grpc::{GrpcTransport, PaxosPeerService};
 use crate::replica::{Replica, ReplicaOptions, StateMachine, Status};
 use crate::shardkv::server::{KvServer, KvServerOptions};
-use crate::shardkv::state::SharedKvState;
+use crate::shardkv::state::{KvState, SharedKvState};
 use crate::shardkv::Limits;
 use crate::shardmaster::client::ShardMasterClient;
 use crate::shardmaster::service::ShardMasterService;
-use crate::shardmaster::{Gid, SharedMasterState};
+use crate::shardmaster::{Gid, ShardMasterState, SharedMasterState};
 
 use self::metrics::Metrics;
 
@@ -343,7 +343,7 @@ pub async fn run_master(
     )?;
     let listen = options.listen_addr();
     let listener = bind(&listen).await?;
-    let state = SharedMasterState::new(shards);
+    let state = SharedMasterState::new(ShardMasterState::new(shards));
     let (replica, thread) = start_replica("shardmaster", &options, state.clone())?;
     let service = ShardMasterService::new(replica.clone(), state, &options.peers)
         .map_err(NodeError::Config)?;
@@ -406,7 +406,7 @@ pub async fn run_kv(
     let listen = options.listen_addr();
     let listener = bind(&listen).await?;
     let group = format!("kv-{gid}");
-    let state = SharedKvState::new(gid);
+    let state = SharedKvState::new(KvState::new(gid));
     let (replica, thread) = start_replica(&group, &options, state.clone())?;
     let master_client = ShardMasterClient::new(&masters, Duration::from_secs(10))
         .map_err(|e| NodeError::Config(e.to_string()))?;

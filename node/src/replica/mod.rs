@@ -15,7 +15,7 @@ pub mod local;
 
 use std::collections::HashMap;
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,51 @@ pub trait StateMachine: Send + 'static {
     fn snapshot(&self) -> Bytes;
     /// Replaces the whole state with a snapshot taken by [`Self::snapshot`].
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+}
+
+/// A state machine shared by the replica thread, which applies to it, and
+/// the services, which read the applied state (after a read barrier, or for
+/// status) without going through the log. Cheap to clone; clones share it.
+pub struct SharedMachine<T> {
+    inner: Arc<Mutex<T>>,
+}
+
+impl<T> Clone for SharedMachine<T> {
+    fn clone(&self) -> Self {
+        SharedMachine {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T> SharedMachine<T> {
+    pub fn new(machine: T) -> Self {
+        SharedMachine {
+            inner: Arc::new(Mutex::new(machine)),
+        }
+    }
+
+    /// The state as last applied. Hold the guard briefly: the replica's
+    /// apply loop waits for it.
+    pub fn lock(&self) -> MutexGuard<'_, T> {
+        // A panic while holding the lock cannot leave a half-applied
+        // command visible to anyone but the dead thread; keep going.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<T: StateMachine> StateMachine for SharedMachine<T> {
+    fn apply(&mut self, slot: Slot, command: &[u8]) -> Bytes {
+        self.lock().apply(slot, command)
+    }
+
+    fn snapshot(&self) -> Bytes {
+        self.lock().snapshot()
+    }
+
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+        self.lock().restore(snapshot)
+    }
 }
 
 /// Carries messages to peers. Must not block: drop when congested (Paxos

@@ -20,14 +20,13 @@
 //!    both groups only until the new owner has it durably.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::{key_to_shard, put_hash_value};
 use crate::paxos::Slot;
-use crate::replica::StateMachine;
+use crate::replica::{SharedMachine, StateMachine};
 use crate::shardmaster::{Config, Gid};
 
 /// A stored value may grow by Append up to this size, and no further. A
@@ -379,27 +378,8 @@ impl KvState {
 
 /// The state machine the replica applies to, shared with the gRPC service
 /// (which reads shard status and outgoing copies without going through the
-/// log). Clones share the state.
-#[derive(Clone)]
-pub struct SharedKvState {
-    inner: Arc<Mutex<KvState>>,
-}
-
-impl SharedKvState {
-    pub fn new(gid: Gid) -> Self {
-        SharedKvState {
-            inner: Arc::new(Mutex::new(KvState::new(gid))),
-        }
-    }
-
-    /// The state as last applied. Hold the guard briefly: the replica's
-    /// apply loop waits for it.
-    pub fn lock(&self) -> MutexGuard<'_, KvState> {
-        // A panic while holding the lock cannot leave a half-applied
-        // command visible to anyone but the dead thread; keep going.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
+/// log).
+pub type SharedKvState = SharedMachine<KvState>;
 
 pub fn encode<T: Serialize>(value: &T) -> Bytes {
     // Our own types always encode; an empty result would be refused by the
@@ -409,29 +389,28 @@ pub fn encode<T: Serialize>(value: &T) -> Bytes {
         .unwrap_or_default()
 }
 
-impl StateMachine for SharedKvState {
+impl StateMachine for KvState {
     fn apply(&mut self, _slot: Slot, command: &[u8]) -> Bytes {
         let reply = match postcard::from_bytes::<Command>(command) {
-            Ok(command) => self.lock().apply_command(command),
+            Ok(command) => self.apply_command(command),
             Err(e) => CommandReply::Malformed(e.to_string()),
         };
         encode(&reply)
     }
 
     fn snapshot(&self) -> Bytes {
-        encode(&*self.lock())
+        encode(self)
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
         let state: KvState = postcard::from_bytes(snapshot).map_err(|e| e.to_string())?;
-        let mut guard = self.lock();
-        if state.gid != guard.gid {
+        if state.gid != self.gid {
             return Err(format!(
                 "snapshot is of group {}, this is group {}",
-                state.gid, guard.gid
+                state.gid, self.gid
             ));
         }
-        *guard = state;
+        *self = state;
         Ok(())
     }
 }
@@ -622,7 +601,7 @@ mod tests {
 
     #[test]
     fn undecodable_commands_change_nothing() {
-        let mut shared = SharedKvState::new(1);
+        let mut shared = SharedKvState::new(KvState::new(1));
         let before = shared.lock().clone();
         let reply: CommandReply = postcard::from_bytes(&shared.apply(1, b"\xff\xfe")).unwrap();
         assert!(matches!(reply, CommandReply::Malformed(_)));

@@ -9,13 +9,12 @@ pub mod rebalance;
 pub mod service;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::paxos::Slot;
-use crate::replica::StateMachine;
+use crate::replica::{SharedMachine, StateMachine};
 
 /// Shards in a new deployment unless configured otherwise. Fixed for the
 /// life of the shardmaster group: keys map to shards by hash modulo this.
@@ -214,43 +213,9 @@ impl StateMachine for ShardMasterState {
     }
 }
 
-/// The state shared by the replica thread, which applies to it, and the
-/// service, which answers queries from it after a read barrier. Cheap to
-/// clone.
-#[derive(Clone)]
-pub struct SharedMasterState {
-    inner: Arc<Mutex<ShardMasterState>>,
-}
-
-impl SharedMasterState {
-    pub fn new(shards: usize) -> Self {
-        SharedMasterState {
-            inner: Arc::new(Mutex::new(ShardMasterState::new(shards))),
-        }
-    }
-
-    /// The state as last applied. Hold the guard briefly: the replica's
-    /// apply loop waits for it.
-    pub fn lock(&self) -> MutexGuard<'_, ShardMasterState> {
-        // A panic while holding the lock cannot leave a half-applied
-        // request visible to anyone but the dead thread; keep going.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl StateMachine for SharedMasterState {
-    fn apply(&mut self, slot: Slot, command: &[u8]) -> Bytes {
-        self.lock().apply(slot, command)
-    }
-
-    fn snapshot(&self) -> Bytes {
-        self.lock().snapshot()
-    }
-
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        self.lock().restore(snapshot)
-    }
-}
+/// The state shared by the replica thread and the service, which answers
+/// queries from it after a read barrier.
+pub type SharedMasterState = SharedMachine<ShardMasterState>;
 
 #[cfg(test)]
 mod tests {

@@ -10,10 +10,10 @@ use shardkv::replica::local::LocalNetwork;
 use shardkv::replica::{Replica, ReplicaOptions};
 use shardkv::shardkv::clerk::{Clerk, ClerkOptions};
 use shardkv::shardkv::server::{KvServer, KvServerOptions, Unreliable};
-use shardkv::shardkv::state::SharedKvState;
+use shardkv::shardkv::state::{KvState, SharedKvState};
 use shardkv::shardmaster::client::ShardMasterClient;
 use shardkv::shardmaster::service::ShardMasterService;
-use shardkv::shardmaster::{Gid, SharedMasterState};
+use shardkv::shardmaster::{Gid, ShardMasterState, SharedMasterState};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -87,7 +87,7 @@ impl Cluster {
         let net = LocalNetwork::new(3);
         let mut master_stops = Vec::new();
         for (id, listener) in listeners.into_iter().enumerate() {
-            let state = SharedMasterState::new(SHARDS);
+            let state = SharedMasterState::new(ShardMasterState::new(SHARDS));
             let (replica, _thread) = Replica::start(
                 PaxosConfig::new_group(id as u32, 3),
                 MemStorage::new(),
@@ -143,7 +143,7 @@ impl Cluster {
             segment_bytes: 256 << 10,
         };
         let storage = WalStorage::open(self.storage_path(group.gid, i), wal).unwrap();
-        let state = SharedKvState::new(group.gid);
+        let state = SharedKvState::new(KvState::new(group.gid));
         let (replica, thread) = Replica::start(
             PaxosConfig::new_group(i as u32, group.addrs.len() as u32),
             storage,
