@@ -1184,15 +1184,19 @@ impl Paxos {
         let Role::Leader(l) = &mut self.role else {
             return;
         };
-        if l.reads.is_empty() {
-            return;
-        }
-        // The rounds confirmed: the quorum-th highest echo, counting ours.
-        let mut rounds: Vec<u64> = l.read_round_acked.clone();
-        rounds[me] = l.read_round;
-        rounds.sort_unstable_by(|a, b| b.cmp(a));
-        let confirmed = rounds[quorum - 1];
-        while l.reads.front().is_some_and(|r| r.round <= confirmed) {
+        // A read's round is confirmed once a majority, counting this
+        // leader if it has begun the round, has echoed it or a later one.
+        // Rounds only grow along the queue, so stop at the first unconfirmed.
+        while let Some(read) = l.reads.front() {
+            let echoed = (l.read_round_acked.iter().enumerate())
+                .filter(|&(peer, &acked)| {
+                    let round = if peer == me { l.read_round } else { acked };
+                    round >= read.round
+                })
+                .count();
+            if echoed < quorum {
+                break;
+            }
             if let Some(r) = l.reads.pop_front() {
                 self.out.reads.push((r.id, r.index));
             }

@@ -255,13 +255,7 @@ impl Replica {
     /// Proposes a command; resolves with the state machine's result once it is
     /// decided and applied here. Only the leader accepts proposals.
     pub async fn propose(&self, command: Bytes) -> Result<Bytes, ReplicaError> {
-        let (tx, rx) = oneshot::channel();
-        match self.inner.inbox.try_send(Input::Propose(command, tx)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(ReplicaError::Busy),
-            Err(TrySendError::Disconnected(_)) => return Err(ReplicaError::Stopped),
-        }
-        rx.await.unwrap_or(Err(ReplicaError::Stopped))
+        self.ask(|reply| Input::Propose(command, reply)).await
     }
 
     /// Resolves once this replica, as leader, has confirmed with a majority
@@ -270,8 +264,17 @@ impl Replica {
     /// linearizable, with no log entry and no storage sync. Only the leader
     /// answers; a leadership change first gives `NotLeader`.
     pub async fn read_barrier(&self) -> Result<(), ReplicaError> {
+        self.ask(Input::ReadBarrier).await
+    }
+
+    /// Queues a request for the replica thread and awaits its answer; a
+    /// full inbox is `Busy` at once rather than a wait.
+    async fn ask<R>(
+        &self,
+        input: impl FnOnce(oneshot::Sender<Result<R, ReplicaError>>) -> Input,
+    ) -> Result<R, ReplicaError> {
         let (tx, rx) = oneshot::channel();
-        match self.inner.inbox.try_send(Input::ReadBarrier(tx)) {
+        match self.inner.inbox.try_send(input(tx)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(ReplicaError::Busy),
             Err(TrySendError::Disconnected(_)) => return Err(ReplicaError::Stopped),
