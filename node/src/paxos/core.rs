@@ -1359,6 +1359,19 @@ impl Paxos {
         commit: Slot,
     ) {
         self.catchup_sent_tick = None;
+        if self.is_leader() {
+            // A leader has re-proposed every slot above its commit index in
+            // its own ballot, so it never needs catch-up, and it must not
+            // learn decisions this way: followers commit the slots they
+            // hold in the leader's ballot once its commit index covers
+            // them, which is sound only if that index came from a majority
+            // in this ballot. A decision learned here that differs from its
+            // own proposal (or a snapshot over slots it proposed) means a
+            // higher ballot chose it: this leader is deposed and will hear
+            // so. (Taking it once let a follower apply the deposed leader's
+            // value: `scenarios::deposed_leader_learning_*`.)
+            return;
+        }
         if let Some(snapshot) = snapshot {
             if snapshot.index > self.commit {
                 self.install_snapshot(snapshot);
@@ -1369,9 +1382,6 @@ impl Paxos {
                 continue;
             }
             let known = self.log.get(&slot).is_some_and(|e| e.decided);
-            if let Role::Leader(l) = &mut self.role {
-                l.inflight.remove(&slot); // decided elsewhere
-            }
             if !known {
                 // A decided value may be recorded under any ballot: every
                 // later proposal for this slot carries the same value.
@@ -1480,12 +1490,10 @@ impl Paxos {
 
     fn install_snapshot(&mut self, snapshot: Snapshot) {
         let index = snapshot.index;
-        // A leader can get here from a catch-up reply it asked for as a
-        // follower. What the snapshot covers is decided: stop waiting for
-        // acknowledgements (its log entries are gone, so none would come).
-        if let Role::Leader(l) = &mut self.role {
-            l.inflight.retain(|slot, _| *slot > index);
-        }
+        // A leader's commit index must come from its own majorities (see
+        // `on_catchup_reply`); this also means no proposal of a leader is
+        // ever swallowed by a snapshot without an answer.
+        debug_assert!(!self.is_leader(), "a leader installs no snapshot");
         self.log = self.log.split_off(&(index + 1));
         self.compacted_through = index;
         self.commit = index;

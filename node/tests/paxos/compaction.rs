@@ -140,13 +140,14 @@ fn laggard_catches_up_by_snapshot_after_the_log_is_gone() {
     );
 }
 
-/// A leader can install a snapshot: a catch-up reply it asked for as a
-/// follower may arrive after it has been elected. The slots the snapshot
-/// covers are decided; they must leave the leader's window of in-flight
-/// slots, or they occupy it until the next election (they have no log entry
-/// any more, so they are never resent and never acknowledged).
+/// A catch-up reply a leader asked for as a follower may arrive after it
+/// has been elected, with a snapshot past its in-flight slots. The leader
+/// must not take it: its commit index would then cover slots it proposed
+/// in its own ballot without a majority, and followers holding those would
+/// apply them (`scenarios::deposed_leader_learning_a_snapshot_by_catchup_*`).
+/// Its window stays, and every slot in it is still decided and answered.
 #[test]
-fn a_snapshot_installed_by_a_leader_frees_its_window() {
+fn a_leader_ignores_a_late_snapshot_and_still_decides_its_window() {
     use shardkv::paxos::{Config, DurableState, Message, Paxos, Snapshot};
 
     let mut nodes: Vec<Paxos> = (0..3)
@@ -181,9 +182,10 @@ fn a_snapshot_installed_by_a_leader_frees_its_window() {
         settle(&mut nodes, true);
     }
     assert_eq!(nodes[0].inflight_slots(), 3);
+    let commit = nodes[0].commit_index();
 
     // The late catch-up reply: a snapshot past all three.
-    let index = nodes[0].commit_index() + 10;
+    let index = commit + 10;
     let snapshot = Snapshot {
         index,
         data: "state".into(),
@@ -198,8 +200,17 @@ fn a_snapshot_installed_by_a_leader_frees_its_window() {
     );
     assert!(nodes[0].is_leader());
     assert_eq!(
-        nodes[0].inflight_slots(),
-        0,
-        "slots the snapshot decided are no longer in flight"
+        nodes[0].commit_index(),
+        commit,
+        "the commit index did not jump"
     );
+    assert_eq!(nodes[0].inflight_slots(), 3, "the window is untouched");
+    assert!(nodes[0].ready().snapshot.is_none(), "nothing was installed");
+    // The network heals: the leader resends its window and decides it.
+    for _ in 0..20 {
+        nodes[0].tick();
+        settle(&mut nodes, false);
+    }
+    assert_eq!(nodes[0].inflight_slots(), 0);
+    assert_eq!(nodes[0].commit_index(), commit + 3);
 }

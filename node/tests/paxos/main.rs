@@ -13,4 +13,5 @@ mod faults;
 mod model;
 mod partitions;
 mod reads;
+mod scenarios;
 mod storage;

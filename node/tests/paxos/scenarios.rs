@@ -1,0 +1,361 @@
+//! Hand-driven interleavings: every message is held until the test delivers
+//! or drops it, so an exact schedule that a review found can be replayed
+//! step by step. Each test is one schedule that broke agreement (or another
+//! invariant) before its fix; the harness checks agreement on every apply.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use shardkv::paxos::{
+    Batch, Config, DurableState, MemStorage, Message, NodeId, Paxos, RoleKind, Slot, Storage,
+};
+
+/// A group whose network is the test's hands.
+pub struct Net {
+    pub nodes: Vec<Option<Paxos>>,
+    pub storages: Vec<MemStorage>,
+    configs: Vec<Config>,
+    /// Messages sent and not yet delivered or dropped, oldest first.
+    pub held: Vec<(NodeId, NodeId, Message)>,
+    /// The value each slot was applied with, first seen; checked on every apply.
+    pub chosen: BTreeMap<Slot, Batch>,
+    /// Per replica: every (slot, batch) it applied, in order.
+    pub applied: Vec<Vec<(Slot, Batch)>>,
+    /// Proposal ids whose proposers were told "dropped", per replica.
+    pub dropped: Vec<Vec<u64>>,
+}
+
+impl Net {
+    /// `n` replicas of a new group. Timeouts are long: nothing happens unless
+    /// the test ticks a replica on purpose (`campaign`, `heartbeat`).
+    pub fn new(n: u32) -> Self {
+        Self::with_config(n, |_| {})
+    }
+
+    pub fn with_config(n: u32, tweak: impl Fn(&mut Config)) -> Self {
+        let configs: Vec<Config> = (0..n)
+            .map(|id| {
+                let mut c = Config::new_group(id, n);
+                c.election_timeout_min_ticks = 3;
+                c.election_timeout_max_ticks = 3;
+                c.heartbeat_interval_ticks = 1;
+                c.retry_interval_ticks = 1_000;
+                tweak(&mut c);
+                c
+            })
+            .collect();
+        let mut net = Net {
+            nodes: configs
+                .iter()
+                .map(|c| Some(Paxos::new(c.clone(), DurableState::default())))
+                .collect(),
+            storages: vec![MemStorage::new(); n as usize],
+            configs,
+            held: Vec::new(),
+            chosen: BTreeMap::new(),
+            applied: vec![Vec::new(); n as usize],
+            dropped: vec![Vec::new(); n as usize],
+        };
+        for id in 0..n {
+            net.drain(id);
+        }
+        net
+    }
+
+    pub fn node(&self, id: NodeId) -> &Paxos {
+        self.nodes[id as usize].as_ref().expect("replica is up")
+    }
+
+    fn node_mut(&mut self, id: NodeId) -> &mut Paxos {
+        self.nodes[id as usize].as_mut().expect("replica is up")
+    }
+
+    /// Persists, holds the messages, applies the decisions (checking agreement).
+    pub fn drain(&mut self, id: NodeId) {
+        let Some(node) = self.nodes[id as usize].as_mut() else {
+            return;
+        };
+        let ready = node.ready();
+        self.storages[id as usize]
+            .persist(&ready.persist)
+            .expect("memory storage");
+        for (to, msg) in ready.messages {
+            self.held.push((id, to, msg));
+        }
+        if ready.snapshot.is_some() {
+            self.applied[id as usize].clear();
+        }
+        for (slot, batch) in ready.committed {
+            match self.chosen.get(&slot) {
+                Some(v) => assert_eq!(
+                    v, &batch,
+                    "AGREEMENT VIOLATED: replica {id} applied slot {slot} as {batch:?}, \
+                     another replica as {v:?}"
+                ),
+                None => {
+                    self.chosen.insert(slot, batch.clone());
+                }
+            }
+            self.applied[id as usize].push((slot, batch));
+        }
+        self.dropped[id as usize].extend(ready.dropped);
+    }
+
+    /// Ticks `id` until it stands for election (its Prepares are held).
+    pub fn campaign(&mut self, id: NodeId) {
+        for _ in 0..100 {
+            self.node_mut(id).tick();
+            self.drain(id);
+            if self.node(id).role() == RoleKind::Candidate {
+                return;
+            }
+        }
+        panic!("replica {id} never stood for election");
+    }
+
+    /// One tick of a leader: with a heartbeat interval of 1, a heartbeat to each follower.
+    pub fn tick(&mut self, id: NodeId) {
+        self.node_mut(id).tick();
+        self.drain(id);
+    }
+
+    pub fn propose(&mut self, id: NodeId, data: &str) -> u64 {
+        let proposal = self
+            .node_mut(id)
+            .propose(Bytes::from(data.to_string()))
+            .expect("the replica leads");
+        self.drain(id);
+        proposal
+    }
+
+    /// Delivers every held message from `from` to `to` that `pick` selects,
+    /// in the order sent; returns how many. Replies are held, not delivered.
+    pub fn deliver_where(
+        &mut self,
+        from: NodeId,
+        to: NodeId,
+        pick: impl Fn(&Message) -> bool,
+    ) -> usize {
+        let mut count = 0;
+        let mut i = 0;
+        while i < self.held.len() {
+            let (f, t, msg) = &self.held[i];
+            if *f == from && *t == to && pick(msg) {
+                let (f, t, msg) = self.held.remove(i);
+                count += 1;
+                if self.nodes[t as usize].is_some() {
+                    self.node_mut(t).step(f, msg);
+                    self.drain(t);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        count
+    }
+
+    /// Delivers every held message from `from` to `to`.
+    pub fn deliver(&mut self, from: NodeId, to: NodeId) -> usize {
+        self.deliver_where(from, to, |_| true)
+    }
+
+    /// Delivers what `from` sent to each of `to`, and their answers back.
+    pub fn exchange(&mut self, from: NodeId, to: &[NodeId]) {
+        for t in to {
+            self.deliver(from, *t);
+        }
+        for t in to {
+            self.deliver(*t, from);
+        }
+    }
+
+    /// Drops every held message from `from` to `to` that `pick` selects.
+    pub fn drop_where(&mut self, from: NodeId, to: NodeId, pick: impl Fn(&Message) -> bool) {
+        self.held
+            .retain(|(f, t, msg)| !(*f == from && *t == to && pick(msg)));
+    }
+
+    /// Drops every held message from `from` to anyone in `to`.
+    pub fn drop(&mut self, from: NodeId, to: &[NodeId]) {
+        for t in to {
+            self.drop_where(from, *t, |_| true);
+        }
+    }
+
+    /// Delivers everything, answers included, until the network is quiet
+    /// (bounded, so a livelock fails instead of hanging).
+    pub fn deliver_all(&mut self) {
+        for _ in 0..100_000 {
+            if self.held.is_empty() {
+                return;
+            }
+            let (f, t, msg) = self.held.remove(0);
+            if self.nodes[t as usize].is_some() {
+                self.node_mut(t).step(f, msg);
+                self.drain(t);
+            }
+        }
+        panic!("the network never went quiet");
+    }
+
+    /// Lets every live replica tick and talk until `done` holds; the
+    /// agreement check runs all along.
+    pub fn run_until(&mut self, ticks: u64, done: impl Fn(&Net) -> bool) -> bool {
+        for _ in 0..ticks {
+            if done(self) {
+                return true;
+            }
+            for id in 0..self.nodes.len() as NodeId {
+                if self.nodes[id as usize].is_some() {
+                    self.tick(id);
+                }
+            }
+            self.deliver_all();
+        }
+        done(self)
+    }
+
+    pub fn crash(&mut self, id: NodeId) {
+        self.nodes[id as usize] = None;
+    }
+
+    /// Restarts `id` from its storage, or from blank storage (a lost disk,
+    /// so it recovers from its peers before it votes again).
+    pub fn restart(&mut self, id: NodeId, lose_disk: bool) {
+        if lose_disk {
+            self.storages[id as usize] = MemStorage::new();
+        }
+        let mut config = self.configs[id as usize].clone();
+        config.recover_when_empty = true;
+        config.proposal_id_start = 1 << 40;
+        let durable = self.storages[id as usize].load().expect("memory storage");
+        self.nodes[id as usize] = Some(Paxos::new(config, durable));
+        self.applied[id as usize].clear();
+        self.drain(id);
+    }
+}
+
+pub fn is_catchup_request(m: &Message) -> bool {
+    matches!(m, Message::CatchUpRequest { .. })
+}
+
+pub fn is_catchup_reply(m: &Message) -> bool {
+    matches!(m, Message::CatchUpReply { .. })
+}
+
+/// Replicas A to E of a 5-replica group.
+const A: NodeId = 0;
+const B: NodeId = 1;
+const C: NodeId = 2;
+const D: NodeId = 3;
+const E: NodeId = 4;
+
+/// Steps 1-4 of the first review finding: A leads with a catch-up request
+/// to B still in flight, its slot 2 (value "v") accepted by C alone; D,
+/// elected by {D, E, B}, has decided "v-prime" in slot 2; B has committed it.
+/// Returns the net with B's catch-up reply to A held.
+fn deposed_leader_with_late_catchup(compact_b: bool) -> Net {
+    let mut net = Net::with_config(5, |c| {
+        if compact_b {
+            // B forgets its log at its snapshot, so it answers with one.
+            c.log_retain_slots_max = 0;
+        }
+    });
+    // B leads first and decides "x1" in slot 1 with C and D; A and E miss it.
+    net.campaign(B);
+    net.exchange(B, &[A, C, D, E]);
+    assert!(net.node(B).is_leader());
+    net.propose(B, "x1");
+    net.drop(B, &[A, E]);
+    net.exchange(B, &[C, D]);
+    assert_eq!(net.node(B).commit_index(), 1);
+    // 1. A campaigns; B's promise reports a higher commit, so A asks B to
+    //    catch it up. That request is delayed. A wins with B and E.
+    net.campaign(A);
+    net.drop(A, &[C, D]);
+    net.deliver(A, B);
+    net.deliver(A, E);
+    net.deliver_where(B, A, |m| matches!(m, Message::Promise { .. }));
+    net.deliver(E, A);
+    assert!(net.node(A).is_leader(), "A leads");
+    let held_request = net
+        .held
+        .iter()
+        .any(|(f, t, m)| *f == A && *t == B && is_catchup_request(m));
+    assert!(held_request, "A asked B to catch it up");
+    // A's takeover re-decides slot 1 with B and E (C and D get it too).
+    for peer in [B, E, C, D] {
+        net.deliver_where(A, peer, |m| matches!(m, Message::Accept { .. }));
+    }
+    for peer in [B, E, C, D] {
+        net.deliver(peer, A);
+    }
+    assert_eq!(net.node(A).commit_index(), 1);
+    // 2. A proposes "v" in slot 2; only C accepts.
+    net.propose(A, "v");
+    net.drop_where(A, B, |m| matches!(m, Message::Accept { .. }));
+    net.drop(A, &[D, E]);
+    net.exchange(A, &[C]);
+    assert_eq!(net.node(A).commit_index(), 1, "v is not chosen");
+    // 3. D is elected by {D, E, B}, none of which holds slot 2, and decides
+    //    "v-prime" there; its next Accept tells B.
+    net.campaign(D);
+    net.drop(D, &[A, C]);
+    net.exchange(D, &[B, E]);
+    assert!(net.node(D).is_leader(), "D leads");
+    net.exchange(D, &[B, E]);
+    net.propose(D, "v-prime");
+    net.drop(D, &[A, C]);
+    net.exchange(D, &[B, E]);
+    net.propose(D, "w3");
+    net.drop(D, &[A, C]);
+    net.deliver(D, B);
+    assert!(net.node(B).commit_index() >= 2, "B has committed slot 2");
+    assert_eq!(
+        net.chosen.get(&2).map(|b| b.commands[0].data.clone()),
+        Some(Bytes::from_static(b"v-prime"))
+    );
+    if compact_b {
+        net.node_mut_compact(B, 2);
+    }
+    // 4. B answers A's old catch-up request; B's Nacks to A stay delayed.
+    net.deliver_where(A, B, is_catchup_request);
+    net
+}
+
+impl Net {
+    fn node_mut_compact(&mut self, id: NodeId, index: Slot) {
+        self.node_mut(id)
+            .compact(index, Bytes::from_static(b"snapshot"));
+        self.drain(id);
+        assert!(self.node(id).compacted_through() >= index);
+    }
+}
+
+/// Finishes the schedule: A gets the reply, heartbeats C, and then
+/// everyone talks until all have applied slot 2.
+fn finish_late_catchup(mut net: Net) {
+    // 5. A, still leading in its own ballot, takes B's reply.
+    net.deliver_where(B, A, is_catchup_reply);
+    // 6. A's next heartbeat carries its commit index to C, which holds
+    //    slot 2 in A's ballot with "v".
+    if net.node(A).is_leader() {
+        net.tick(A);
+        net.deliver_where(A, C, |m| matches!(m, Message::Accept { .. }));
+    }
+    // Whatever A did, the group must converge on one value per slot.
+    let converged = net.run_until(200, |n| {
+        (0..5).all(|id| n.applied[id].iter().any(|(slot, _)| *slot >= 2))
+    });
+    assert!(converged, "the group never applied slot 2 everywhere");
+}
+
+#[test]
+fn deposed_leader_learning_a_decision_by_catchup_keeps_agreement() {
+    finish_late_catchup(deposed_leader_with_late_catchup(false));
+}
+
+#[test]
+fn deposed_leader_learning_a_snapshot_by_catchup_keeps_agreement() {
+    finish_late_catchup(deposed_leader_with_late_catchup(true));
+}
