@@ -51,7 +51,10 @@ use std::collections::{BTreeMap, VecDeque};
 use bytes::Bytes;
 
 use super::storage::{DurableState, PersistBatch};
-use super::types::{Ballot, Batch, Command, Message, NodeId, PromisedEntry, Slot, Snapshot};
+use super::types::{
+    Ballot, Batch, Command, Incarnation, Incarnations, Message, NodeId, PromisedEntry, Slot,
+    Snapshot,
+};
 
 /// Tunables. Timeouts count ticks: the driver decides how long a tick is.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -92,6 +95,11 @@ pub struct Config {
     /// voting. Only a caller that knows the group is brand new (a test, a
     /// simulation) may turn this off.
     pub recover_when_empty: bool,
+    /// The incarnation to take when starting from blank storage with
+    /// `recover_when_empty`: it should exceed any this replica had before
+    /// (the driver passes a clock reading). If a peer knows a later one,
+    /// the replica takes the one after it and asks again.
+    pub blank_incarnation: Incarnation,
 }
 
 impl Config {
@@ -113,6 +121,7 @@ impl Config {
             seed: 0,
             proposal_id_start: 1,
             recover_when_empty: true,
+            blank_incarnation: 1,
         }
     }
 
@@ -212,6 +221,9 @@ pub struct Stats {
     pub snapshots_installed: u64,
     /// Times this replica recovered its acceptor state from peers.
     pub recoveries: u64,
+    /// Votes (promises, acceptances, recovery answers) ignored because they
+    /// came from an incarnation of their sender older than one known here.
+    pub stale_votes_ignored: u64,
 }
 
 // Counters are observations, not protocol state: two replicas that differ
@@ -295,6 +307,8 @@ struct PendingRead {
 struct PeerState {
     promised: Ballot,
     entries: Vec<(Slot, Ballot, Batch)>,
+    /// Its entries at or below this are decided.
+    commit: Slot,
     snapshot: Option<Snapshot>,
 }
 
@@ -364,6 +378,9 @@ pub struct Paxos {
     snapshot: Option<Snapshot>,
     /// The group-wide low-water mark: every replica has snapshotted through it.
     min_done: Slot,
+    /// The highest incarnation known of each member (this one's own at its
+    /// id). A vote counts only from its sender's newest known incarnation.
+    incarnations: Vec<Incarnation>,
     role: Role,
     next_proposal_id: u64,
     catchup_sent_tick: Option<u64>,
@@ -403,6 +420,8 @@ impl Paxos {
             contiguous += 1;
         }
         let jitter = Jitter(config.seed ^ (u64::from(config.id) << 32) ^ 0x5eed);
+        let mut incarnations = durable.incarnations.clone();
+        incarnations.resize(config.peers as usize, 0);
         let mut paxos = Paxos {
             next_proposal_id: config.proposal_id_start,
             now_tick: 0,
@@ -417,6 +436,7 @@ impl Paxos {
             applied: 0,
             snapshot: durable.snapshot.clone(),
             min_done: 0,
+            incarnations,
             role: Role::Follower { leader: None },
             catchup_sent_tick: None,
             out: Ready::default(),
@@ -430,6 +450,10 @@ impl Paxos {
         paxos.reset_election_deadline();
         if blank {
             if paxos.config.recover_when_empty && paxos.config.peers > 1 {
+                // A new life: votes from before the disk was lost must not
+                // be counted with the ones it is about to give.
+                let me = paxos.config.id as usize;
+                paxos.incarnations[me] = paxos.config.blank_incarnation.max(1);
                 paxos.role = Role::Recovering(Recovery {
                     replies: BTreeMap::new(),
                     sent_tick: 0,
@@ -530,27 +554,52 @@ impl Paxos {
         if let Some(ballot) = msg.ballot() {
             self.max_round_seen = self.max_round_seen.max(ballot.round);
         }
+        if let Some(known) = msg.incarnations() {
+            let reported_mine = known.get(self.config.id as usize).copied();
+            if !self.learn_incarnations(from, known) {
+                // Sent by an incarnation of `from` that has since lost its
+                // disk: its vote may contradict what the new one gives.
+                self.stats.stale_votes_ignored += 1;
+                return;
+            }
+            if let Message::RecoverReply { .. } = msg {
+                if !self.check_own_incarnation(reported_mine.unwrap_or(0)) {
+                    return;
+                }
+            }
+        }
         if let Role::Recovering(_) = self.role {
             // Not a voter yet: answer recovery questions, ignore the rest.
             match msg {
-                Message::RecoverRequest => self.out.messages.push((
-                    from,
-                    Message::RecoverReply {
-                        initialized: false,
-                        promised: Ballot::default(),
-                        entries: Vec::new(),
-                        snapshot: None,
-                    },
-                )),
+                Message::RecoverRequest { incarnation } => {
+                    // Remembered (not durably: this replica holds nothing
+                    // yet), so the requester sees its request was taken.
+                    self.learn_incarnation(from, incarnation);
+                    let incarnations = self.wire_incarnations();
+                    self.out.messages.push((
+                        from,
+                        Message::RecoverReply {
+                            initialized: false,
+                            promised: Ballot::default(),
+                            entries: Vec::new(),
+                            commit: 0,
+                            snapshot: None,
+                            incarnations,
+                        },
+                    ))
+                }
                 Message::RecoverReply {
                     initialized,
                     promised,
                     entries,
+                    commit,
                     snapshot,
+                    incarnations: _,
                 } => {
                     let state = initialized.then_some(PeerState {
                         promised,
                         entries,
+                        commit,
                         snapshot,
                     });
                     self.on_recover_reply(from, state);
@@ -566,6 +615,7 @@ impl Paxos {
                 entries,
                 commit,
                 behind,
+                incarnations: _,
             } => self.on_promise(from, ballot, entries, commit, behind),
             Message::Accept {
                 ballot,
@@ -579,6 +629,7 @@ impl Paxos {
                 slots,
                 done,
                 read_round,
+                incarnations: _,
             } => self.on_accepted(from, ballot, slots, done, read_round),
             Message::Nack { promised } => self.on_nack(promised),
             Message::CatchUpRequest { from_slot } => self.on_catchup_request(from, from_slot),
@@ -587,7 +638,7 @@ impl Paxos {
                 entries,
                 commit,
             } => self.on_catchup_reply(from, snapshot, entries, commit),
-            Message::RecoverRequest => self.on_recover_request(from),
+            Message::RecoverRequest { incarnation } => self.on_recover_request(from, incarnation),
             Message::RecoverReply { .. } => {} // we are not recovering
         }
     }
@@ -829,6 +880,7 @@ impl Paxos {
         } else {
             self.promised_entries(from_slot)
         };
+        let incarnations = self.wire_incarnations();
         self.out.messages.push((
             from,
             Message::Promise {
@@ -836,6 +888,7 @@ impl Paxos {
                 entries,
                 commit: self.commit,
                 behind,
+                incarnations,
             },
         ));
     }
@@ -1088,6 +1141,7 @@ impl Paxos {
             self.accept_locally(slot, ballot, batch);
             slots.push(slot);
         }
+        let incarnations = self.wire_incarnations();
         self.out.messages.push((
             from,
             Message::Accepted {
@@ -1095,6 +1149,7 @@ impl Paxos {
                 slots,
                 done: self.snapshot_index(),
                 read_round,
+                incarnations,
             },
         ));
         // Commit what we hold from this very ballot; anything else must be fetched.
@@ -1414,30 +1469,119 @@ impl Paxos {
             return;
         };
         r.sent_tick = now;
+        let incarnation = self.incarnations[self.config.id as usize];
         for peer in 0..self.config.peers {
             // Ask again whoever has not answered as initialised: a blank
             // peer may have started since.
             if peer != self.config.id && !r.replies.get(&peer).is_some_and(Option::is_some) {
-                self.out.messages.push((peer, Message::RecoverRequest));
+                self.out
+                    .messages
+                    .push((peer, Message::RecoverRequest { incarnation }));
             }
         }
     }
 
-    fn on_recover_request(&mut self, from: NodeId) {
+    fn on_recover_request(&mut self, from: NodeId, incarnation: Incarnation) {
+        // Recorded durably before the reply leaves (it reports acceptor
+        // state, so it waits for the sync): from now on this replica never
+        // counts a vote of `from`'s older incarnations, and says so in its
+        // own votes. That is what the recovery argument needs.
+        self.learn_incarnation(from, incarnation);
         let entries = self
             .log
             .iter()
             .map(|(slot, e)| (*slot, e.ballot, e.batch.clone()))
             .collect();
+        let incarnations = self.wire_incarnations();
         self.out.messages.push((
             from,
             Message::RecoverReply {
                 initialized: true,
                 promised: self.promised,
                 entries,
+                commit: self.commit,
                 snapshot: self.snapshot.clone(),
+                incarnations,
             },
         ));
+    }
+
+    // ----- Incarnations -----
+
+    /// What this replica knows of every member's incarnation, for a message.
+    fn wire_incarnations(&self) -> Incarnations {
+        let len = (self.incarnations.iter())
+            .rposition(|i| *i != 0)
+            .map_or(0, |last| last + 1);
+        self.incarnations[..len].to_vec()
+    }
+
+    /// Folds in what a peer reports. Returns false if the report's own
+    /// sender speaks from an incarnation older than one known here.
+    fn learn_incarnations(&mut self, from: NodeId, known: &[Incarnation]) -> bool {
+        let me = self.config.id as usize;
+        let peers = self.config.peers as usize;
+        for (peer, incarnation) in known.iter().copied().enumerate().take(peers) {
+            if peer != me {
+                self.learn_incarnation(peer as NodeId, incarnation);
+            }
+        }
+        let sender = known.get(from as usize).copied().unwrap_or(0);
+        sender >= self.incarnations[from as usize]
+    }
+
+    /// Records that `peer` has reached `incarnation`. Votes counted from its
+    /// older incarnations are forgotten: they may contradict the new one's.
+    fn learn_incarnation(&mut self, peer: NodeId, incarnation: Incarnation) {
+        let known = &mut self.incarnations[peer as usize];
+        if incarnation <= *known || peer == self.config.id {
+            return;
+        }
+        *known = incarnation;
+        match &mut self.role {
+            Role::Recovering(r) => {
+                r.replies.remove(&peer);
+            }
+            Role::Candidate(c) => {
+                c.promises.remove(&peer);
+            }
+            Role::Leader(l) => {
+                let others = !(1u64 << peer);
+                for f in l.inflight.values_mut() {
+                    f.acks &= others;
+                }
+                l.read_round_acked[peer as usize] = 0;
+                l.done[peer as usize] = 0;
+            }
+            Role::Follower { .. } => {}
+        }
+        // A recovering replica has nothing on disk yet: it writes what it
+        // knows when it adopts.
+        if !matches!(self.role, Role::Recovering(_)) {
+            self.out.persist.incarnations = Some(self.incarnations.clone());
+        }
+    }
+
+    /// A recovery answer also tells what the peer knows of this replica.
+    /// Returns false if the answer must not count: it is to an older
+    /// request (the peer may not have recorded the current incarnation), or
+    /// the peer knows a later incarnation than ours, so this replica takes
+    /// the next one and asks everyone again.
+    fn check_own_incarnation(&mut self, reported: Incarnation) -> bool {
+        if !matches!(self.role, Role::Recovering(_)) {
+            return true;
+        }
+        let me = self.config.id as usize;
+        let mine = self.incarnations[me];
+        if reported > mine {
+            self.incarnations[me] = reported + 1;
+            if let Role::Recovering(r) = &mut self.role {
+                r.replies.clear();
+            }
+            self.send_recover_requests();
+            return false;
+        }
+        reported == mine
     }
 
     fn on_recover_reply(&mut self, from: NodeId, state: Option<PeerState>) {
@@ -1468,10 +1612,15 @@ impl Paxos {
             .filter_map(|p| p.snapshot.clone())
             .max_by_key(|s| s.index);
         let floor = snapshot.as_ref().map_or(0, |s| s.index);
-        let mut best: BTreeMap<Slot, (Ballot, Batch)> = BTreeMap::new();
-        for (slot, ballot, batch) in peers.into_iter().flat_map(|p| p.entries) {
-            if slot > floor && best.get(&slot).is_none_or(|(b, _)| ballot > *b) {
-                best.insert(slot, (ballot, batch));
+        // For each slot, a value some peer knows decided, else the one
+        // accepted in the highest ballot.
+        let mut best: BTreeMap<Slot, (bool, Ballot, Batch)> = BTreeMap::new();
+        for peer in peers {
+            for (slot, ballot, batch) in peer.entries {
+                let rank = (slot <= peer.commit, ballot);
+                if slot > floor && best.get(&slot).is_none_or(|(d, b, _)| rank > (*d, *b)) {
+                    best.insert(slot, (rank.0, ballot, batch));
+                }
             }
         }
         self.role = Role::Follower { leader: None };
@@ -1480,10 +1629,11 @@ impl Paxos {
         if let Some(snapshot) = snapshot {
             self.install_snapshot(snapshot);
         }
-        for (slot, (ballot, batch)) in best {
+        for (slot, (_, ballot, batch)) in best {
             self.accept_locally(slot, ballot, batch);
         }
         self.out.persist.initialized = true;
+        self.out.persist.incarnations = Some(self.incarnations.clone());
         self.stats.recoveries += 1;
         self.reset_election_deadline();
     }

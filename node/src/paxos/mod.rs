@@ -13,5 +13,8 @@ pub mod wal_storage;
 
 pub use self::core::{Config, Paxos, ProposeError, Ready, RoleKind, Stats};
 pub use storage::{DurableState, MemStorage, PersistBatch, Storage, StorageError};
-pub use types::{Ballot, Batch, Command, Message, NodeId, PromisedEntry, Slot, Snapshot};
+pub use types::{
+    Ballot, Batch, Command, Incarnation, Incarnations, Message, NodeId, PromisedEntry, Slot,
+    Snapshot,
+};
 pub use wal_storage::{WalOptions, WalStorage};

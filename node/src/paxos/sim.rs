@@ -302,6 +302,7 @@ impl Sim {
         let mut config = self.configs[id as usize].clone();
         config.seed = self.seed ^ self.restarts.wrapping_mul(0x9E37_79B9);
         config.proposal_id_start = self.restarts << 40;
+        config.blank_incarnation = self.restarts;
         let durable = self.storages[id as usize].load().expect("memory storage");
         self.nodes[id as usize] = Some(Paxos::new(config, durable));
         self.drain(id);

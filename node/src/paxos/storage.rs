@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use super::types::{Ballot, Batch, Slot, Snapshot};
+use super::types::{Ballot, Batch, Incarnations, Slot, Snapshot};
 
 /// Everything an acceptor must remember across a crash.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -22,6 +22,11 @@ pub struct DurableState {
     /// This acceptor may vote: it belongs to a new group, or it has
     /// recovered what it might have forgotten (see `Paxos` on recovery).
     pub initialized: bool,
+    /// The highest incarnation known of each member, this one's own
+    /// included (missing entries are 0). Durable, because a replica that
+    /// answered another's recovery must never again count that replica's
+    /// votes from before it.
+    pub incarnations: Incarnations,
 }
 
 impl DurableState {
@@ -33,6 +38,7 @@ impl DurableState {
             && self.entries.is_empty()
             && self.commit == 0
             && self.snapshot.is_none()
+            && self.incarnations.iter().all(|i| *i == 0)
     }
 }
 
@@ -48,6 +54,8 @@ pub struct PersistBatch {
     pub truncate_through: Option<Slot>,
     /// Record that the acceptor may vote (set once, never cleared).
     pub initialized: bool,
+    /// Replaces the known incarnations (rare: only when one changes).
+    pub incarnations: Option<Incarnations>,
 }
 
 impl PersistBatch {
@@ -58,6 +66,7 @@ impl PersistBatch {
             && self.snapshot.is_none()
             && self.truncate_through.is_none()
             && !self.initialized
+            && self.incarnations.is_none()
     }
 
     /// False when the batch only records a newer commit index. Losing that
@@ -71,6 +80,7 @@ impl PersistBatch {
             || self.snapshot.is_some()
             || self.truncate_through.is_some()
             || self.initialized
+            || self.incarnations.is_some()
     }
 
     /// Folds `self` into a loaded state, in the order `persist` must use.
@@ -92,6 +102,9 @@ impl PersistBatch {
         }
         if self.initialized {
             state.initialized = true;
+        }
+        if let Some(incarnations) = &self.incarnations {
+            state.incarnations = incarnations.clone();
         }
     }
 }

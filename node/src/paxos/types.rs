@@ -6,6 +6,16 @@ use serde::{Deserialize, Serialize};
 /// Index of a replica within its group (its position in the peer list).
 pub type NodeId = u32;
 
+/// Which life of a replica's storage a vote comes from. A replica that
+/// starts from blank storage (a lost disk) takes a new, higher incarnation,
+/// and votes from an older one no longer count (see `Paxos` on recovery).
+pub type Incarnation = u64;
+
+/// What one replica knows of every member's incarnation, indexed by node id
+/// (its own included). Trailing zeros are left off on the wire, so a group
+/// that never lost a disk sends an empty list.
+pub type Incarnations = Vec<Incarnation>;
+
 /// Position in the replicated log. Slot 0 is never used: an index of 0 means "nothing".
 pub type Slot = u64;
 
@@ -81,11 +91,14 @@ pub enum Message {
     Prepare { ballot: Ballot, from_slot: Slot },
     /// Phase 1b. `behind` means the candidate is too far behind this replica
     /// to lead (it must catch up first), so no entries are listed.
+    /// `incarnations` is what the sender knows of every member's
+    /// incarnation, its own included: a vote counts only from the newest.
     Promise {
         ballot: Ballot,
         entries: Vec<PromisedEntry>,
         commit: Slot,
         behind: bool,
+        incarnations: Incarnations,
     },
     /// Phase 2a for some slots, carrying the leader's commit index and the
     /// group-wide low-water mark. With no entries it is the heartbeat.
@@ -101,11 +114,13 @@ pub enum Message {
     /// sender's compaction point (`done`) for the low-water mark. It echoes
     /// the Accept's `read_round`: the sender still took this ballot after
     /// that round began, which is what a linearizable read waits for.
+    /// `incarnations` as in `Promise`.
     Accepted {
         ballot: Ballot,
         slots: Vec<Slot>,
         done: Slot,
         read_round: u64,
+        incarnations: Incarnations,
     },
     /// A Prepare or Accept was refused because a higher ballot was promised.
     Nack { promised: Ballot },
@@ -119,15 +134,19 @@ pub enum Message {
         commit: Slot,
     },
     /// From a replica that started with empty storage: "tell me what you
-    /// hold as an acceptor" (see `Paxos` on recovery).
-    RecoverRequest,
-    /// The sender's acceptor state; `initialized` false (and the rest
-    /// empty) if it is itself new or recovering.
+    /// hold as an acceptor, and remember that my incarnation is now this"
+    /// (see `Paxos` on recovery).
+    RecoverRequest { incarnation: Incarnation },
+    /// The sender's acceptor state; `initialized` false (and the state
+    /// empty) if it is itself new or recovering. `incarnations` is what the
+    /// sender knows, durably, once it has recorded the requester's.
     RecoverReply {
         initialized: bool,
         promised: Ballot,
         entries: Vec<(Slot, Ballot, Batch)>,
+        commit: Slot,
         snapshot: Option<Snapshot>,
+        incarnations: Incarnations,
     },
 }
 
@@ -142,7 +161,7 @@ impl Message {
             Message::Nack { promised } => Some(*promised),
             Message::CatchUpRequest { .. }
             | Message::CatchUpReply { .. }
-            | Message::RecoverRequest
+            | Message::RecoverRequest { .. }
             | Message::RecoverReply { .. } => None,
         }
     }
@@ -161,6 +180,17 @@ impl Message {
         )
     }
 
+    /// The sender's knowledge of incarnations, on the messages that are
+    /// votes (or acceptor state) and so count only from the newest one.
+    pub fn incarnations(&self) -> Option<&[Incarnation]> {
+        match self {
+            Message::Promise { incarnations, .. }
+            | Message::Accepted { incarnations, .. }
+            | Message::RecoverReply { incarnations, .. } => Some(incarnations),
+            _ => None,
+        }
+    }
+
     /// A short name for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -172,7 +202,7 @@ impl Message {
             Message::Nack { .. } => "nack",
             Message::CatchUpRequest { .. } => "catchup_request",
             Message::CatchUpReply { .. } => "catchup_reply",
-            Message::RecoverRequest => "recover_request",
+            Message::RecoverRequest { .. } => "recover_request",
             Message::RecoverReply { .. } => "recover_reply",
         }
     }

@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::storage::{DurableState, PersistBatch, Storage, StorageError};
-use super::types::{Ballot, Batch, Slot, Snapshot};
+use super::types::{Ballot, Batch, Incarnations, Slot, Snapshot};
 
 /// Settings for [`WalStorage`].
 #[derive(Clone, Debug)]
@@ -74,6 +74,9 @@ pub struct WalStorage {
     /// The small fields as the log now records them: the header of the next
     /// segment is written from them.
     meta: Meta,
+    /// The known incarnations as the log now records them (also written
+    /// into every header).
+    incarnations: Incarnations,
     /// What `open` read back, until `load` hands it over.
     loaded: Option<DurableState>,
     /// A newer commit index from a batch that needed no sync: held here and
@@ -121,16 +124,13 @@ struct Meta {
     initialized: bool,
 }
 
-/// What a record holds.
+/// What a record holds. Variants are only ever added at the end, so logs
+/// written before stay readable; only the newest two are written.
 #[derive(Deserialize)]
 enum Record {
-    /// Opens every segment.
-    Header {
-        /// Where the previous segment's last record ended (0 for none).
-        previous_end: u64,
-        meta: Meta,
-    },
-    /// One synced [`PersistBatch`], its snapshot named by index.
+    /// A header from before incarnations were recorded (read only).
+    Header { previous_end: u64, meta: Meta },
+    /// A batch from before incarnations were recorded (read only).
     Batch {
         promised: Option<Ballot>,
         entries: Vec<(Slot, Ballot, Batch)>,
@@ -139,23 +139,45 @@ enum Record {
         truncate_through: Option<Slot>,
         initialized: bool,
     },
+    /// Opens every segment.
+    HeaderV2 {
+        /// Where the previous segment's last record ended (0 for none).
+        previous_end: u64,
+        meta: Meta,
+        incarnations: Incarnations,
+    },
+    /// One synced [`PersistBatch`], its snapshot named by index.
+    BatchV2 {
+        promised: Option<Ballot>,
+        entries: Vec<(Slot, Ballot, Batch)>,
+        commit: Option<Slot>,
+        snapshot: Option<Slot>,
+        truncate_through: Option<Slot>,
+        initialized: bool,
+        incarnations: Option<Incarnations>,
+    },
 }
 
-/// [`Record`] borrowed, to encode without copying the entries. The variants
-/// and fields must stay in the same order as `Record`'s.
+/// [`Record`]'s written variants, borrowed, to encode without copying the
+/// entries. The variants and fields must stay in the same order as
+/// `Record`'s (the two unit variants hold the places of the old ones).
 #[derive(Serialize)]
 enum RecordRef<'a> {
-    Header {
+    _Header,
+    _Batch,
+    HeaderV2 {
         previous_end: u64,
         meta: &'a Meta,
+        incarnations: &'a Incarnations,
     },
-    Batch {
+    BatchV2 {
         promised: &'a Option<Ballot>,
         entries: &'a [(Slot, Ballot, Batch)],
         commit: Option<Slot>,
         snapshot: Option<Slot>,
         truncate_through: Option<Slot>,
         initialized: bool,
+        incarnations: &'a Option<Incarnations>,
     },
 }
 
@@ -345,12 +367,17 @@ fn create_segment(
     dir: &Path,
     seq: u64,
     previous_end: u64,
-    meta: &Meta,
+    (meta, incarnations): (&Meta, &Incarnations),
     len_min: u64,
     buffer: &mut Vec<u8>,
 ) -> Result<OpenSegment, StorageError> {
     buffer.clear();
-    encode_record(&RecordRef::Header { previous_end, meta }, buffer)?;
+    let header = RecordRef::HeaderV2 {
+        previous_end,
+        meta,
+        incarnations,
+    };
+    encode_record(&header, buffer)?;
     let header_len = buffer.len() as u64;
     let len = len_min.max(header_len * 2);
     let name = segment_name(seq);
@@ -398,6 +425,7 @@ fn replay(
 ) -> Result<(DurableState, Meta, Vec<SegmentInfo>, u64), StorageError> {
     let mut entries: BTreeMap<Slot, (Ballot, Batch)> = BTreeMap::new();
     let mut meta = Meta::default();
+    let mut incarnations = Incarnations::new();
     let mut infos = Vec::new();
     // The previous segment's path and where its records ended.
     let mut previous: Option<(PathBuf, u64)> = None;
@@ -407,15 +435,19 @@ fn replay(
         let mut records = records.into_iter();
         // A segment is renamed into place only after its header is synced:
         // one without is damaged.
-        let Some(Record::Header {
-            previous_end,
-            meta: header,
-        }) = records.next()
-        else {
-            return Err(StorageError::Corrupt(format!(
-                "{} does not open with a valid header",
-                path.display()
-            )));
+        let (previous_end, header, header_incarnations) = match records.next() {
+            Some(Record::Header { previous_end, meta }) => (previous_end, meta, Vec::new()),
+            Some(Record::HeaderV2 {
+                previous_end,
+                meta,
+                incarnations,
+            }) => (previous_end, meta, incarnations),
+            _ => {
+                return Err(StorageError::Corrupt(format!(
+                    "{} does not open with a valid header",
+                    path.display()
+                )))
+            }
         };
         if let Some((previous_path, previous_read)) = &previous {
             if *previous_read != previous_end {
@@ -430,23 +462,55 @@ fn replay(
         // record that truncated is replayed too, or was deleted with every
         // segment before it.
         meta = header;
+        incarnations = header_incarnations;
         let mut slot_max = 0;
         for record in records {
-            let Record::Batch {
-                promised,
-                entries: accepted,
-                commit,
-                snapshot,
-                truncate_through,
-                initialized,
-            } = record
-            else {
-                return Err(StorageError::Corrupt(format!(
-                    "{} holds a second header",
-                    path.display()
-                )));
-            };
+            let (promised, accepted, commit, snapshot, truncate_through, initialized, known) =
+                match record {
+                    Record::Batch {
+                        promised,
+                        entries,
+                        commit,
+                        snapshot,
+                        truncate_through,
+                        initialized,
+                    } => (
+                        promised,
+                        entries,
+                        commit,
+                        snapshot,
+                        truncate_through,
+                        initialized,
+                        None,
+                    ),
+                    Record::BatchV2 {
+                        promised,
+                        entries,
+                        commit,
+                        snapshot,
+                        truncate_through,
+                        initialized,
+                        incarnations,
+                    } => (
+                        promised,
+                        entries,
+                        commit,
+                        snapshot,
+                        truncate_through,
+                        initialized,
+                        incarnations,
+                    ),
+                    Record::Header { .. } | Record::HeaderV2 { .. } => {
+                        return Err(StorageError::Corrupt(format!(
+                            "{} holds a second header",
+                            path.display()
+                        )))
+                    }
+                };
             meta.apply(promised, commit, snapshot, truncate_through, initialized);
+            if let Some(known) = known {
+                incarnations = known;
+            }
             if let Some(through) = truncate_through {
                 entries = entries.split_off(&(through + 1));
             }
@@ -467,6 +531,7 @@ fn replay(
             None => None,
         },
         initialized: meta.initialized,
+        incarnations,
     };
     Ok((state, meta, infos, previous.map_or(0, |(_, end)| end)))
 }
@@ -521,7 +586,15 @@ impl WalStorage {
 
         let mut buffer = Vec::new();
         let seq = seqs.last().map_or(1, |newest| newest + 1);
-        let segment = create_segment(&dir, seq, end, &meta, options.segment_bytes, &mut buffer)?;
+        let incarnations = state.incarnations.clone();
+        let segment = create_segment(
+            &dir,
+            seq,
+            end,
+            (&meta, &incarnations),
+            options.segment_bytes,
+            &mut buffer,
+        )?;
         let mut segments: VecDeque<SegmentInfo> = infos.into();
         segments.push_back(SegmentInfo { seq, slot_max: 0 });
         for index in snapshots.into_iter().filter(|i| Some(*i) != meta.snapshot) {
@@ -534,6 +607,7 @@ impl WalStorage {
             segment,
             segments,
             meta,
+            incarnations,
             loaded: Some(state),
             unsynced_commit: None,
             failed: false,
@@ -551,7 +625,7 @@ impl WalStorage {
             &self.dir,
             seq,
             self.segment.offset,
-            &self.meta,
+            (&self.meta, &self.incarnations),
             // A record larger than a segment gets one of its own, with
             // room for the header too.
             self.options.segment_bytes.max(record_len + 4096),
@@ -581,13 +655,14 @@ impl WalStorage {
         // A held commit index rides along (the batch's own is never older).
         let commit = batch.commit.max(self.unsynced_commit.take());
         self.buffer.clear();
-        let record = RecordRef::Batch {
+        let record = RecordRef::BatchV2 {
             promised: &batch.promised,
             entries: &batch.entries,
             commit,
             snapshot,
             truncate_through: batch.truncate_through,
             initialized: batch.initialized,
+            incarnations: &batch.incarnations,
         };
         encode_record(&record, &mut self.buffer)?;
         let record_len = self.buffer.len() as u64;
@@ -614,6 +689,9 @@ impl WalStorage {
             batch.truncate_through,
             batch.initialized,
         );
+        if let Some(known) = &batch.incarnations {
+            self.incarnations = known.clone();
+        }
         if let Some(open) = self.segments.back_mut() {
             let highest = batch.entries.iter().map(|(slot, _, _)| *slot).max();
             open.slot_max = open.slot_max.max(highest.unwrap_or(0));

@@ -205,6 +205,11 @@ impl Replica {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
         config.proposal_id_start = config.proposal_id_start.max(now_nanos);
+        // A replica that finds its storage blank takes a new incarnation,
+        // above any it had before if the clock has moved on (if not, its
+        // peers tell it, and it takes the next one). Seconds keep the
+        // number short: every vote carries it.
+        config.blank_incarnation = config.blank_incarnation.max(now_nanos / 1_000_000_000);
         let durable = storage
             .load()
             .map_err(|e| ReplicaError::Storage(e.to_string()))?;

@@ -23,6 +23,8 @@ pub struct Net {
     pub applied: Vec<Vec<(Slot, Batch)>>,
     /// Proposal ids whose proposers were told "dropped", per replica.
     pub dropped: Vec<Vec<u64>>,
+    /// Restarts so far: each gives new proposal ids and incarnations.
+    restarts: u64,
 }
 
 impl Net {
@@ -55,6 +57,7 @@ impl Net {
             chosen: BTreeMap::new(),
             applied: vec![Vec::new(); n as usize],
             dropped: vec![Vec::new(); n as usize],
+            restarts: 0,
         };
         for id in 0..n {
             net.drain(id);
@@ -227,7 +230,9 @@ impl Net {
         }
         let mut config = self.configs[id as usize].clone();
         config.recover_when_empty = true;
-        config.proposal_id_start = 1 << 40;
+        self.restarts += 1;
+        config.proposal_id_start = self.restarts << 40;
+        config.blank_incarnation = self.restarts;
         let durable = self.storages[id as usize].load().expect("memory storage");
         self.nodes[id as usize] = Some(Paxos::new(config, durable));
         self.applied[id as usize].clear();
@@ -358,4 +363,115 @@ fn deposed_leader_learning_a_decision_by_catchup_keeps_agreement() {
 #[test]
 fn deposed_leader_learning_a_snapshot_by_catchup_keeps_agreement() {
     finish_late_catchup(deposed_leader_with_late_catchup(true));
+}
+
+/// The second review finding: a promise sent by a replica's previous
+/// incarnation, before it lost its disk, is counted after the replica has
+/// recovered and voted again. R promises C's ballot (the promise is slow);
+/// R loses its disk and recovers from L, B and A, which have not seen that
+/// ballot; L decides "v" with {L, R, B}; then C counts R's old promise with
+/// A's and its own, and decides "w" in the same slot.
+#[test]
+fn a_promise_from_before_a_lost_disk_is_not_counted() {
+    const L: NodeId = 0;
+    const R: NodeId = 1;
+    const B: NodeId = 2;
+    const C: NodeId = 3;
+    const A: NodeId = 4;
+    let mut net = Net::new(5);
+    net.campaign(L);
+    net.exchange(L, &[R, B, C, A]);
+    assert!(net.node(L).is_leader());
+    // C stands with a higher ballot; only R hears it, and R's promise is slow.
+    net.campaign(C);
+    net.drop(C, &[L, B]);
+    net.deliver(C, R);
+    let stale_promise = net
+        .held
+        .iter()
+        .any(|(f, t, m)| *f == R && *t == C && matches!(m, Message::Promise { .. }));
+    assert!(stale_promise, "R promised C's ballot");
+    // R loses its disk and recovers from L, B and A.
+    net.crash(R);
+    net.restart(R, true);
+    assert_eq!(net.node(R).role(), RoleKind::Recovering);
+    net.drop_where(R, C, |m| matches!(m, Message::RecoverRequest { .. }));
+    for peer in [L, B, A] {
+        net.deliver_where(R, peer, |m| matches!(m, Message::RecoverRequest { .. }));
+        net.deliver(peer, R);
+    }
+    assert_eq!(net.node(R).role(), RoleKind::Follower, "R recovered");
+    // L decides "v" in slot 1 with R and B.
+    net.propose(L, "v");
+    net.drop(L, &[C, A]);
+    net.exchange(L, &[R, B]);
+    assert_eq!(net.node(L).commit_index(), 1, "v is chosen");
+    // A now promises C's ballot; C counts A's promise and R's old one.
+    net.deliver(C, A);
+    net.deliver(A, C);
+    net.deliver(R, C);
+    if net.node(C).is_leader() {
+        net.propose(C, "w");
+        net.exchange(C, &[A, R]);
+    }
+    let converged = net.run_until(200, |n| {
+        (0..5).all(|id| n.applied[id].iter().any(|(slot, _)| *slot >= 1))
+    });
+    assert!(converged, "the group never applied slot 1 everywhere");
+}
+
+/// The same hole with acceptances: R's acceptance of "v", sent before R
+/// lost its disk, reaches the leader L after R has recovered from B, C and
+/// A (none of which held "v" then) and helped C decide "w" in that slot.
+/// B's acceptance, sent after B answered R's recovery, says R has a new
+/// incarnation; L must then not count R's old one.
+#[test]
+fn an_acceptance_from_before_a_lost_disk_is_not_counted() {
+    const L: NodeId = 0;
+    const R: NodeId = 1;
+    const B: NodeId = 2;
+    const C: NodeId = 3;
+    const A: NodeId = 4;
+    let is_accept = |m: &Message| matches!(m, Message::Accept { .. });
+    let mut net = Net::new(5);
+    net.campaign(L);
+    net.exchange(L, &[R, B, C, A]);
+    assert!(net.node(L).is_leader());
+    // L proposes "v"; R accepts at once (its answer is slow), B's copy is slow.
+    net.propose(L, "v");
+    net.drop(L, &[C, A]);
+    net.deliver_where(L, R, is_accept);
+    // R loses its disk and recovers from B, C and A.
+    net.crash(R);
+    net.restart(R, true);
+    net.drop_where(R, L, |m| matches!(m, Message::RecoverRequest { .. }));
+    for peer in [B, C, A] {
+        net.deliver_where(R, peer, |m| matches!(m, Message::RecoverRequest { .. }));
+        net.deliver(peer, R);
+    }
+    assert_eq!(net.node(R).role(), RoleKind::Follower, "R recovered");
+    // B now accepts "v".
+    net.deliver_where(L, B, is_accept);
+    // C is elected by R, A and itself and decides "w" in slot 1.
+    net.campaign(C);
+    net.drop(C, &[L, B]);
+    net.exchange(C, &[R, A]);
+    assert!(net.node(C).is_leader(), "C leads");
+    net.exchange(C, &[R, A]);
+    net.propose(C, "w");
+    net.drop(C, &[L, B]);
+    net.exchange(C, &[R, A]);
+    assert_eq!(net.node(C).commit_index(), 1, "w is chosen");
+    // L hears R's old acceptance, then B's.
+    net.deliver(R, L);
+    net.deliver(B, L);
+    assert_eq!(
+        net.node(L).commit_index(),
+        0,
+        "v was not chosen by current voters"
+    );
+    let converged = net.run_until(200, |n| {
+        (0..5).all(|id| n.applied[id].iter().any(|(slot, _)| *slot >= 1))
+    });
+    assert!(converged, "the group never applied slot 1 everywhere");
 }
