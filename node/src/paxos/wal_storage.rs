@@ -21,10 +21,13 @@
 //!
 //! A record is framed as: length (u32, little-endian), CRC-32 of the length
 //! and the payload (u32), then the payload (postcard). A record whose length
-//! runs past the segment, or whose checksum fails, ends the segment. In the
-//! newest segment that is the write a crash cut short, never acknowledged.
-//! In an older one, the next segment's header says where it must end, so
-//! damage there is an error, not a silently shorter log.
+//! runs past the segment, or whose checksum fails, ends the segment if only
+//! zeros follow it: that is the write a crash cut short, never
+//! acknowledged. Followed by anything else it is damage, and an error (see
+//! `read_records`). In an older segment, the next segment's header also
+//! says where it must end, so damage there is an error, not a silently
+//! shorter log. The newest segment is synced on open, before a new one
+//! vouches for where it ends.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -253,6 +256,14 @@ fn encode_record(record: &RecordRef<'_>, buffer: &mut Vec<u8>) -> Result<(), Sto
 /// Reads the records of one segment, stopping at the first that is
 /// incomplete or fails its checksum. Also returns where the last good
 /// record ends.
+///
+/// A crash can only tear the record being written, the last: it leaves a
+/// mix of that record's bytes and the zeros it was written over, and only
+/// zeros after it (records are appended into preallocated zeros, and a
+/// reopened log never writes after a torn record). So a bad record followed
+/// by anything but zeros is damage, not a crash (etcd's rule): an error,
+/// since dropping it would silently drop every promise and acceptance
+/// after it.
 fn read_records(path: &Path) -> Result<(Vec<Record>, u64), StorageError> {
     let file = File::open(path).map_err(|e| io_error(path.display(), e))?;
     let file_len = file
@@ -262,6 +273,7 @@ fn read_records(path: &Path) -> Result<(Vec<Record>, u64), StorageError> {
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut records = Vec::new();
     let mut offset = 0u64;
+    let frame_bytes = FRAME_BYTES as u64;
     loop {
         let mut frame = [0u8; FRAME_BYTES];
         match reader.read_exact(&mut frame) {
@@ -272,8 +284,10 @@ fn read_records(path: &Path) -> Result<(Vec<Record>, u64), StorageError> {
         let length: [u8; 4] = frame[..4].try_into().unwrap_or_default();
         let crc = u32::from_le_bytes(frame[4..].try_into().unwrap_or_default());
         let payload_len = u32::from_le_bytes(length) as u64;
-        // Zero length: the preallocated space past the last record.
-        if payload_len == 0 || offset + FRAME_BYTES as u64 + payload_len > file_len {
+        // Zero length: the preallocated space past the last record (or a
+        // torn one). A length past the end: a torn frame (or damage).
+        if payload_len == 0 || offset + frame_bytes + payload_len > file_len {
+            expect_zeros_after(path, offset, offset + frame_bytes)?;
             break;
         }
         let mut payload = vec![0u8; payload_len as usize];
@@ -283,6 +297,7 @@ fn read_records(path: &Path) -> Result<(Vec<Record>, u64), StorageError> {
             Err(e) => return Err(io_error(path.display(), e)),
         }
         if checksum(&length, &payload) != crc {
+            expect_zeros_after(path, offset, offset + frame_bytes + payload_len)?;
             break;
         }
         let record = postcard::from_bytes(&payload).map_err(|e| {
@@ -295,6 +310,37 @@ fn read_records(path: &Path) -> Result<(Vec<Record>, u64), StorageError> {
         offset += FRAME_BYTES as u64 + payload_len;
     }
     Ok((records, offset))
+}
+
+/// Checks that nothing but zeros follows `from` in the segment at `path`,
+/// where the bad record at `record` ends the log (see `read_records`).
+fn expect_zeros_after(path: &Path, record: u64, from: u64) -> Result<(), StorageError> {
+    let file = File::open(path).map_err(|e| io_error(path.display(), e))?;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut at = from;
+    loop {
+        let read = file
+            .read_at(&mut chunk, at)
+            .map_err(|e| io_error(path.display(), e))?;
+        if read == 0 {
+            return Ok(());
+        }
+        if let Some(i) = chunk[..read].iter().position(|b| *b != 0) {
+            let what = if record == 0 {
+                "the segment's header".to_string()
+            } else {
+                format!("the record at byte {record}")
+            };
+            return Err(StorageError::Corrupt(format!(
+                "{} is damaged: {what} fails its checksum or its length, but data \
+                 follows it (at byte {}), so it is not a write cut short by a crash; \
+                 the records after it cannot be trusted",
+                path.display(),
+                at + i as u64
+            )));
+        }
+        at += read as u64;
+    }
 }
 
 /// Snapshot file: CRC-32 of the rest (u32), the index (u64), the data.
@@ -583,6 +629,16 @@ impl WalStorage {
             )));
         }
         let (state, meta, infos, end) = replay(&dir, &seqs)?;
+        if let Some(newest) = seqs.last() {
+            // Its last records may have been written but not yet synced
+            // when the process died: the replica is about to act on them
+            // (and the next header vouches for where they end), so they
+            // must be durable first.
+            let path = dir.join(segment_name(*newest));
+            File::open(&path)
+                .and_then(|f| f.sync_data())
+                .map_err(|e| io_error(format!("syncing {}", path.display()), e))?;
+        }
 
         let mut buffer = Vec::new();
         let seq = seqs.last().map_or(1, |newest| newest + 1);

@@ -125,6 +125,12 @@ impl Workload {
         if self.rng.chance(0.05) {
             batch.initialized = true;
         }
+        if self.rng.chance(0.05) {
+            // A peer's recovery recorded (rare, so some segments' headers
+            // carry the vector and some records change it).
+            let len = self.rng.below(6) as usize;
+            batch.incarnations = Some((0..len).map(|_| self.rng.below(1 << 40)).collect());
+        }
         batch
     }
 }
@@ -243,9 +249,13 @@ fn a_record_cut_short_by_a_crash_is_dropped() {
     let both = state_of(&[&w.first, &w.second]);
     assert_ne!(only_first, both);
     // Every prefix of the second record, followed by the zeros of the
-    // preallocated space or by garbage, reads back as the first alone.
+    // preallocated space, reads back as the first alone; so does the
+    // record with garbage in its body (a torn write that left its frame).
     for cut in start..=end {
         for garbage in [false, true] {
+            if garbage && cut < start + 8 {
+                continue;
+            }
             let mut bytes = w.after_second.clone();
             for byte in &mut bytes[cut..=end] {
                 *byte = if garbage { rng.next_u64() as u8 } else { 0 };
@@ -261,6 +271,37 @@ fn a_record_cut_short_by_a_crash_is_dropped() {
     }
     let mut wal = WalStorage::open(w.dir.path(), WalOptions::default()).unwrap();
     assert_eq!(wal.load().unwrap(), both, "the whole record reads back");
+}
+
+/// Damage inside the newest segment, with records after it, is not a torn
+/// tail: reading it as one would forget the promises and acceptances
+/// after it. Before, any bad record ended the log silently.
+#[test]
+fn a_bad_record_followed_by_data_is_damage_not_a_torn_tail() {
+    let seed = test_seed("wal_damage_before_data");
+    let mut rng = SimRng::new(seed);
+    let second = PersistBatch {
+        entries: vec![(2, Ballot::new(3, 1), Workload::new(2).command_batch())],
+        commit: Some(2),
+        ..Default::default()
+    };
+    let w = two_writes(second);
+    let differs = |i: &usize| w.after_first[*i] != w.after_second[*i];
+    let first_start = w.after_first.iter().position(|b| *b != 0).unwrap();
+    let second_start = (0..w.after_first.len()).find(differs).unwrap();
+    // A flipped bit anywhere in the header or the first record, with the
+    // second record after it.
+    for _ in 0..50 {
+        let mut bytes = w.after_second.clone();
+        let at = first_start + rng.below((second_start - first_start) as u64) as usize;
+        bytes[at] ^= 1 << rng.below(8);
+        let copy = w.copy_with_segment(&bytes);
+        let message = open_error(copy.path());
+        assert!(
+            message.contains("damaged") || message.contains("header"),
+            "seed {seed}: flipped byte {at}: {message}"
+        );
+    }
 }
 
 #[test]
