@@ -71,6 +71,17 @@ pub struct Config {
     pub election_timeout_max_ticks: u64,
     /// Unanswered Prepares and Accepts are sent again after this long.
     pub retry_interval_ticks: u64,
+    /// A replica whose election timeout runs out first asks whether a
+    /// majority would promise it a ballot (`Message::PreVote`), and stands
+    /// only if so. A replica cut off from the group (or one that can send
+    /// but not receive) then never raises the others' ballots, so it cannot
+    /// depose a leader they all follow when it returns.
+    pub pre_vote: bool,
+    /// A replica that has heard from a live leader within the minimum
+    /// election timeout neither promises a higher ballot to another replica
+    /// nor grants it a pre-vote (a leader counts itself live: it steps down
+    /// on its own once a majority is silent). Raft's CheckQuorum.
+    pub check_quorum: bool,
     /// Slots proposed but not yet decided, at most.
     pub pipeline_window_slots: usize,
     /// Limits on one slot's batch.
@@ -111,6 +122,8 @@ impl Config {
             election_timeout_min_ticks: 10,
             election_timeout_max_ticks: 20,
             retry_interval_ticks: 4,
+            pre_vote: true,
+            check_quorum: true,
             pipeline_window_slots: 32,
             batch_commands_max: 4096,
             batch_bytes_max: 4 << 20,
@@ -207,6 +220,8 @@ pub enum RoleKind {
     /// Started on blank storage; not voting until it has recovered.
     Recovering,
     Follower,
+    /// Asking whether a majority would vote for it (see `Config::pre_vote`).
+    PreCandidate,
     Candidate,
     Leader,
 }
@@ -224,6 +239,10 @@ pub struct Stats {
     /// Votes (promises, acceptances, recovery answers) ignored because they
     /// came from an incarnation of their sender older than one known here.
     pub stale_votes_ignored: u64,
+    /// Pre-vote rounds begun (each may lead to an election).
+    pub pre_votes_started: u64,
+    /// Prepares ignored because this replica hears a live leader.
+    pub prepares_ignored_leader_alive: u64,
 }
 
 // Counters are observations, not protocol state: two replicas that differ
@@ -250,6 +269,15 @@ struct LogEntry {
 struct InFlight {
     /// Bit i set: replica i has accepted this slot in the current ballot.
     acks: u64,
+    sent_tick: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PreCandidacy {
+    /// The ballot it would stand with.
+    ballot: Ballot,
+    /// Bit i set: replica i would promise it (own bit included).
+    grants: u64,
     sent_tick: u64,
 }
 
@@ -325,6 +353,7 @@ enum Role {
     Follower {
         leader: Option<NodeId>,
     },
+    PreCandidate(PreCandidacy),
     Candidate(Candidacy),
     /// Boxed: it is much the largest, and replicas are mostly followers.
     Leader(Box<Leadership>),
@@ -336,7 +365,9 @@ fn leading(role: &mut Role) -> Result<&mut Leadership, ProposeError> {
     match role {
         Role::Leader(l) => Ok(l),
         Role::Follower { leader } => Err(ProposeError::NotLeader { leader: *leader }),
-        Role::Candidate(_) | Role::Recovering(_) => Err(ProposeError::NotLeader { leader: None }),
+        Role::PreCandidate(_) | Role::Candidate(_) | Role::Recovering(_) => {
+            Err(ProposeError::NotLeader { leader: None })
+        }
     }
 }
 
@@ -382,6 +413,10 @@ pub struct Paxos {
     /// id). A vote counts only from its sender's newest known incarnation.
     incarnations: Vec<Incarnation>,
     role: Role,
+    /// When this follower last heard its leader (None: no leader known).
+    /// With `check_quorum`, a leader heard within the minimum election
+    /// timeout is live: its followers promise no one else.
+    leader_heard_tick: Option<u64>,
     next_proposal_id: u64,
     catchup_sent_tick: Option<u64>,
     out: Ready,
@@ -438,6 +473,7 @@ impl Paxos {
             min_done: 0,
             incarnations,
             role: Role::Follower { leader: None },
+            leader_heard_tick: None,
             catchup_sent_tick: None,
             out: Ready::default(),
             stats: Stats::default(),
@@ -484,12 +520,19 @@ impl Paxos {
             }
             Role::Follower { .. } => {
                 if self.now_tick >= self.election_deadline_tick {
-                    self.start_election();
+                    self.campaign();
+                }
+            }
+            Role::PreCandidate(p) => {
+                if self.now_tick >= self.election_deadline_tick {
+                    self.campaign();
+                } else if self.now_tick - p.sent_tick >= self.config.retry_interval_ticks {
+                    self.send_pre_votes();
                 }
             }
             Role::Candidate(c) => {
                 if self.now_tick >= self.election_deadline_tick {
-                    self.start_election();
+                    self.campaign();
                 } else if self.now_tick - c.sent_tick >= self.config.retry_interval_ticks {
                     self.send_prepares(false);
                 }
@@ -609,6 +652,12 @@ impl Paxos {
             return;
         }
         match msg {
+            Message::PreVote { ballot } => self.on_pre_vote(from, ballot),
+            Message::PreVoteReply {
+                ballot,
+                granted,
+                promised,
+            } => self.on_pre_vote_reply(from, ballot, granted, promised),
             Message::Prepare { ballot, from_slot } => self.on_prepare(from, ballot, from_slot),
             Message::Promise {
                 ballot,
@@ -689,6 +738,7 @@ impl Paxos {
         match self.role {
             Role::Recovering(_) => RoleKind::Recovering,
             Role::Follower { .. } => RoleKind::Follower,
+            Role::PreCandidate(_) => RoleKind::PreCandidate,
             Role::Candidate(_) => RoleKind::Candidate,
             Role::Leader(_) => RoleKind::Leader,
         }
@@ -702,7 +752,7 @@ impl Paxos {
     pub fn leader_hint(&self) -> Option<NodeId> {
         match &self.role {
             Role::Follower { leader } => *leader,
-            Role::Candidate(_) | Role::Recovering(_) => None,
+            Role::PreCandidate(_) | Role::Candidate(_) | Role::Recovering(_) => None,
             Role::Leader(_) => Some(self.config.id),
         }
     }
@@ -711,7 +761,7 @@ impl Paxos {
         match &self.role {
             Role::Leader(l) => l.ballot,
             Role::Candidate(c) => c.ballot,
-            Role::Follower { .. } | Role::Recovering(_) => self.promised,
+            Role::Follower { .. } | Role::PreCandidate(_) | Role::Recovering(_) => self.promised,
         }
     }
 
@@ -805,6 +855,89 @@ impl Paxos {
         self.election_deadline_tick = self.now_tick + timeout;
     }
 
+    /// The election timeout ran out: stand, after a pre-vote if enabled.
+    fn campaign(&mut self) {
+        if self.config.pre_vote && self.config.peers > 1 {
+            self.start_pre_vote();
+        } else {
+            self.start_election();
+        }
+    }
+
+    fn start_pre_vote(&mut self) {
+        self.drop_leadership();
+        let ballot = Ballot::new(
+            self.max_round_seen.max(self.promised.round) + 1,
+            self.config.id,
+        );
+        self.stats.pre_votes_started += 1;
+        self.role = Role::PreCandidate(PreCandidacy {
+            ballot,
+            grants: 1 << self.config.id,
+            sent_tick: self.now_tick,
+        });
+        self.leader_heard_tick = None;
+        self.reset_election_deadline();
+        self.send_pre_votes();
+    }
+
+    fn send_pre_votes(&mut self) {
+        let now = self.now_tick;
+        let Role::PreCandidate(p) = &mut self.role else {
+            return;
+        };
+        p.sent_tick = now;
+        let (ballot, grants) = (p.ballot, p.grants);
+        for peer in 0..self.config.peers {
+            if grants & (1 << peer) == 0 {
+                self.out.messages.push((peer, Message::PreVote { ballot }));
+            }
+        }
+    }
+
+    /// With `check_quorum`: this replica leads, or follows a leader it has
+    /// heard within the minimum election timeout.
+    fn hears_live_leader(&self) -> bool {
+        if !self.config.check_quorum {
+            return false;
+        }
+        match self.role {
+            Role::Leader(_) => true,
+            Role::Follower { leader: Some(_) } => self
+                .leader_heard_tick
+                .is_some_and(|t| self.now_tick - t < self.config.election_timeout_min_ticks),
+            _ => false,
+        }
+    }
+
+    fn on_pre_vote(&mut self, from: NodeId, ballot: Ballot) {
+        let granted = ballot > self.promised && !self.hears_live_leader();
+        self.out.messages.push((
+            from,
+            Message::PreVoteReply {
+                ballot,
+                granted,
+                promised: self.promised,
+            },
+        ));
+    }
+
+    fn on_pre_vote_reply(&mut self, from: NodeId, ballot: Ballot, granted: bool, promised: Ballot) {
+        // Out-bid whoever refused for a promise as high: the next try can win.
+        self.max_round_seen = self.max_round_seen.max(promised.round);
+        let quorum = self.config.quorum();
+        let Role::PreCandidate(p) = &mut self.role else {
+            return;
+        };
+        if ballot != p.ballot || !granted {
+            return;
+        }
+        p.grants |= 1 << from;
+        if p.grants.count_ones() as usize >= quorum {
+            self.start_election();
+        }
+    }
+
     fn start_election(&mut self) {
         self.drop_leadership();
         let ballot = Ballot::new(
@@ -857,6 +990,12 @@ impl Paxos {
     }
 
     fn on_prepare(&mut self, from: NodeId, ballot: Ballot, from_slot: Slot) {
+        if ballot > self.promised && self.hears_live_leader() {
+            // A majority follows a live leader: a higher ballot would only
+            // depose it. Ignored, as if lost; the sender asks again later.
+            self.stats.prepares_ignored_leader_alive += 1;
+            return;
+        }
         if ballot < self.promised {
             self.out.messages.push((
                 from,
@@ -992,7 +1131,7 @@ impl Paxos {
         let mine = match &self.role {
             Role::Leader(l) => l.ballot,
             Role::Candidate(c) => c.ballot,
-            Role::Follower { .. } | Role::Recovering(_) => return,
+            Role::Follower { .. } | Role::PreCandidate(_) | Role::Recovering(_) => return,
         };
         if promised > mine {
             self.step_down(Some(promised.node));
@@ -1004,6 +1143,8 @@ impl Paxos {
     fn step_down(&mut self, leader: Option<NodeId>) {
         self.drop_leadership();
         self.role = Role::Follower { leader };
+        // Whoever leads now has not been heard from yet.
+        self.leader_heard_tick = None;
     }
 
     fn drop_leadership(&mut self) {
@@ -1135,6 +1276,7 @@ impl Paxos {
         }
         self.set_promised(ballot);
         self.role = Role::Follower { leader: Some(from) };
+        self.leader_heard_tick = Some(self.now_tick);
         self.reset_election_deadline();
         let mut slots = Vec::with_capacity(entries.len());
         for (slot, batch) in entries {
@@ -1552,6 +1694,10 @@ impl Paxos {
                 }
                 l.read_round_acked[peer as usize] = 0;
                 l.done[peer as usize] = 0;
+            }
+            Role::PreCandidate(p) => {
+                // Not binding, but a quorum of them should be current too.
+                p.grants &= !(1u64 << peer);
             }
             Role::Follower { .. } => {}
         }

@@ -136,6 +136,9 @@ pub struct Sim {
     partition: Vec<u32>,
     /// A deaf replica receives nothing (it still sends).
     deaf: Vec<bool>,
+    /// One-way cuts: nothing sent from the first replica reaches the second,
+    /// while the other way works (a half-broken link, or a firewall rule).
+    one_way: BTreeSet<(NodeId, NodeId)>,
     /// The one value each slot may have: checked on every apply.
     chosen: BTreeMap<Slot, Batch>,
     proposed: BTreeSet<Bytes>,
@@ -185,6 +188,7 @@ impl Sim {
             faults: Faults::default(),
             partition: vec![0; n as usize],
             deaf: vec![false; n as usize],
+            one_way: BTreeSet::new(),
             chosen: BTreeMap::new(),
             proposed: BTreeSet::new(),
             sent: BTreeMap::new(),
@@ -280,8 +284,15 @@ impl Sim {
         }
     }
 
+    /// Removes every partition and one-way cut.
     pub fn heal(&mut self) {
         self.partition.iter_mut().for_each(|p| *p = 0);
+        self.one_way.clear();
+    }
+
+    /// From now on, nothing `from` sends reaches `to` (until `heal`).
+    pub fn cut_one_way(&mut self, from: NodeId, to: NodeId) {
+        self.one_way.insert((from, to));
     }
 
     pub fn set_deaf(&mut self, id: NodeId, deaf: bool) {
@@ -501,7 +512,10 @@ impl Sim {
             let pick = due[self.rng.below(due.len() as u64) as usize];
             let packet = self.packets.swap_remove(pick);
             let (from, to) = (packet.from as usize, packet.to as usize);
-            if self.partition[from] != self.partition[to] || self.deaf[to] {
+            if self.partition[from] != self.partition[to]
+                || self.deaf[to]
+                || self.one_way.contains(&(packet.from, packet.to))
+            {
                 continue;
             }
             if let Some(node) = self.nodes[to].as_mut() {

@@ -87,6 +87,18 @@ pub struct PromisedEntry {
 /// Everything replicas say to each other.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Message {
+    /// "Would you promise this ballot if I stood?", asked before a real
+    /// election (Raft's PreVote). It changes nothing at the receiver, so a
+    /// replica that cannot win (cut off, or with a live leader everyone
+    /// else hears) never raises the ballots of the others.
+    PreVote { ballot: Ballot },
+    /// The answer: granted when the receiver has promised nothing as high
+    /// and hears no live leader. `promised` lets the asker out-bid it.
+    PreVoteReply {
+        ballot: Ballot,
+        granted: bool,
+        promised: Ballot,
+    },
     /// Phase 1a for every slot from `from_slot` on: one per ballot, not per slot.
     Prepare { ballot: Ballot, from_slot: Slot },
     /// Phase 1b. `behind` means the candidate is too far behind this replica
@@ -159,7 +171,10 @@ impl Message {
             | Message::Accept { ballot, .. }
             | Message::Accepted { ballot, .. } => Some(*ballot),
             Message::Nack { promised } => Some(*promised),
-            Message::CatchUpRequest { .. }
+            // A pre-vote's ballot is only a question: nobody raises theirs for it.
+            Message::PreVote { .. }
+            | Message::PreVoteReply { .. }
+            | Message::CatchUpRequest { .. }
             | Message::CatchUpReply { .. }
             | Message::RecoverRequest { .. }
             | Message::RecoverReply { .. } => None,
@@ -194,6 +209,8 @@ impl Message {
     /// A short name for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
+            Message::PreVote { .. } => "prevote",
+            Message::PreVoteReply { .. } => "prevote_reply",
             Message::Prepare { .. } => "prepare",
             Message::Promise { .. } => "promise",
             Message::Accept { entries, .. } if entries.is_empty() => "heartbeat",

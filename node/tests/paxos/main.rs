@@ -8,6 +8,7 @@ mod common;
 mod agreement;
 mod compaction;
 mod crash;
+mod disruption;
 mod economy;
 mod faults;
 mod model;

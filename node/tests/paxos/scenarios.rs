@@ -38,6 +38,12 @@ impl Net {
         let configs: Vec<Config> = (0..n)
             .map(|id| {
                 let mut c = Config::new_group(id, n);
+                // The schedules elect whom they choose, when they choose:
+                // pre-votes and leader stickiness only ever hold an election
+                // back (as if its messages were lost or it came later), so
+                // every schedule here is one the full protocol can run too.
+                c.pre_vote = false;
+                c.check_quorum = false;
                 c.election_timeout_min_ticks = 3;
                 c.election_timeout_max_ticks = 3;
                 c.heartbeat_interval_ticks = 1;
