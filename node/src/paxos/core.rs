@@ -186,9 +186,20 @@ pub enum ProposeError {
 /// The effects of everything fed in since the last call to [`Paxos::ready`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Ready {
-    /// Make these durable before sending `messages`.
+    /// Make these durable (one sync) before sending `persisted_messages`
+    /// and before applying `committed`.
     pub persist: PersistBatch,
+    /// May leave at once, before `persist` is durable: they vouch for
+    /// nothing this replica has yet to write (a leader's Accepts and
+    /// heartbeats, Prepares, pre-votes, catch-up), so the followers' syncs
+    /// overlap this one. A leader counts its own acceptance only on later
+    /// input, which a driver handles after this sync.
     pub messages: Vec<(NodeId, Message)>,
+    /// Must wait until `persist` is durable: they report this replica's
+    /// acceptor state (promises, acceptances, refusals, recovery answers),
+    /// which only counts once it survives a crash (raft-rs's
+    /// `persisted_messages`).
+    pub persisted_messages: Vec<(NodeId, Message)>,
     /// Install this in the state machine before applying `committed`.
     pub snapshot: Option<Snapshot>,
     /// Decided batches, in slot order, not yet handed out.
@@ -207,6 +218,7 @@ impl Ready {
     pub fn is_empty(&self) -> bool {
         self.persist.is_empty()
             && self.messages.is_empty()
+            && self.persisted_messages.is_empty()
             && self.snapshot.is_none()
             && self.committed.is_empty()
             && self.dropped.is_empty()
@@ -619,7 +631,7 @@ impl Paxos {
                     // yet), so the requester sees its request was taken.
                     self.learn_incarnation(from, incarnation);
                     let incarnations = self.wire_incarnations();
-                    self.out.messages.push((
+                    self.send(
                         from,
                         Message::RecoverReply {
                             initialized: false,
@@ -629,7 +641,7 @@ impl Paxos {
                             snapshot: None,
                             incarnations,
                         },
-                    ))
+                    )
                 }
                 Message::RecoverReply {
                     initialized,
@@ -726,6 +738,15 @@ impl Paxos {
             self.applied = self.commit;
         }
         std::mem::take(&mut self.out)
+    }
+
+    /// Queues a message in the half of the `Ready` its kind belongs to.
+    fn send(&mut self, to: NodeId, msg: Message) {
+        if msg.reports_acceptor_state() {
+            self.out.persisted_messages.push((to, msg));
+        } else {
+            self.out.messages.push((to, msg));
+        }
     }
 
     // ----- Queries -----
@@ -890,7 +911,7 @@ impl Paxos {
         let (ballot, grants) = (p.ballot, p.grants);
         for peer in 0..self.config.peers {
             if grants & (1 << peer) == 0 {
-                self.out.messages.push((peer, Message::PreVote { ballot }));
+                self.send(peer, Message::PreVote { ballot });
             }
         }
     }
@@ -912,14 +933,14 @@ impl Paxos {
 
     fn on_pre_vote(&mut self, from: NodeId, ballot: Ballot) {
         let granted = ballot > self.promised && !self.hears_live_leader();
-        self.out.messages.push((
+        self.send(
             from,
             Message::PreVoteReply {
                 ballot,
                 granted,
                 promised: self.promised,
             },
-        ));
+        );
     }
 
     fn on_pre_vote_reply(&mut self, from: NodeId, ballot: Ballot, granted: bool, promised: Ballot) {
@@ -973,7 +994,7 @@ impl Paxos {
             .filter(|p| *p != self.config.id && (all || !c.promises.contains_key(p)))
             .collect();
         for peer in targets {
-            self.out.messages.push((peer, msg.clone()));
+            self.send(peer, msg.clone());
         }
     }
 
@@ -997,12 +1018,12 @@ impl Paxos {
             return;
         }
         if ballot < self.promised {
-            self.out.messages.push((
+            self.send(
                 from,
                 Message::Nack {
                     promised: self.promised,
                 },
-            ));
+            );
             return;
         }
         if ballot > self.promised {
@@ -1020,7 +1041,7 @@ impl Paxos {
             self.promised_entries(from_slot)
         };
         let incarnations = self.wire_incarnations();
-        self.out.messages.push((
+        self.send(
             from,
             Message::Promise {
                 ballot,
@@ -1029,7 +1050,7 @@ impl Paxos {
                 behind,
                 incarnations,
             },
-        ));
+        );
     }
 
     fn on_promise(
@@ -1241,6 +1262,7 @@ impl Paxos {
         l.sent_tick[peer as usize] = self.now_tick;
         l.commit_sent[peer as usize] = self.commit;
         l.read_round_sent[peer as usize] = l.read_round;
+        // A leader's Accept leaves before its own sync (see `Ready::messages`).
         self.out.messages.push((
             peer,
             Message::Accept {
@@ -1263,12 +1285,12 @@ impl Paxos {
         read_round: u64,
     ) {
         if ballot < self.promised {
-            self.out.messages.push((
+            self.send(
                 from,
                 Message::Nack {
                     promised: self.promised,
                 },
-            ));
+            );
             return;
         }
         if ballot > self.promised || !matches!(self.role, Role::Follower { .. }) {
@@ -1284,7 +1306,7 @@ impl Paxos {
             slots.push(slot);
         }
         let incarnations = self.wire_incarnations();
-        self.out.messages.push((
+        self.send(
             from,
             Message::Accepted {
                 ballot,
@@ -1293,7 +1315,7 @@ impl Paxos {
                 read_round,
                 incarnations,
             },
-        ));
+        );
         // Commit what we hold from this very ballot; anything else must be fetched.
         while self.commit < commit {
             let next = self.commit + 1;
@@ -1506,12 +1528,12 @@ impl Paxos {
         }
         self.catchup_sent_tick = Some(self.now_tick);
         self.stats.catchup_requests_sent += 1;
-        self.out.messages.push((
+        self.send(
             from,
             Message::CatchUpRequest {
                 from_slot: self.commit + 1,
             },
-        ));
+        );
     }
 
     fn on_catchup_request(&mut self, from: NodeId, from_slot: Slot) {
@@ -1538,14 +1560,14 @@ impl Paxos {
                 entries.push((*slot, e.batch.clone()));
             }
         }
-        self.out.messages.push((
+        self.send(
             from,
             Message::CatchUpReply {
                 snapshot,
                 entries,
                 commit: self.commit,
             },
-        ));
+        );
     }
 
     fn on_catchup_reply(
@@ -1635,7 +1657,7 @@ impl Paxos {
             .map(|(slot, e)| (*slot, e.ballot, e.batch.clone()))
             .collect();
         let incarnations = self.wire_incarnations();
-        self.out.messages.push((
+        self.send(
             from,
             Message::RecoverReply {
                 initialized: true,
@@ -1645,7 +1667,7 @@ impl Paxos {
                 snapshot: self.snapshot.clone(),
                 incarnations,
             },
-        ));
+        );
     }
 
     // ----- Incarnations -----

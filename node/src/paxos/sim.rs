@@ -67,6 +67,12 @@ pub struct Faults {
     pub drop_reply: f64,
     /// Each message is delayed by 0 to this many ticks, which also reorders.
     pub delay_max_ticks: u64,
+    /// Probability that a replica crashes during a sync: the messages that
+    /// may leave before it (`Ready::messages`) are out, the writes and
+    /// the messages that wait for them are lost. It restarts from its
+    /// storage 5 to 20 ticks later. This is the window a real driver opens
+    /// by sending a leader's Accepts before its own sync.
+    pub crash_during_sync: f64,
 }
 
 struct Packet {
@@ -145,6 +151,10 @@ pub struct Sim {
     /// Messages handed to the network, by kind.
     pub sent: BTreeMap<&'static str, u64>,
     restarts: u64,
+    /// Replicas that crashed during a sync, and the tick they restart at.
+    restart_at_tick: BTreeMap<NodeId, u64>,
+    /// Crashes during a sync so far (see `Faults::crash_during_sync`).
+    pub crashes_during_sync: u64,
     /// Reads begun and not yet confirmed or dropped, by (replica, read id):
     /// the highest slot any replica had applied when the read began. A
     /// confirmed read's index must reach it, or the read could miss a
@@ -193,6 +203,8 @@ impl Sim {
             proposed: BTreeSet::new(),
             sent: BTreeMap::new(),
             restarts: 0,
+            restart_at_tick: BTreeMap::new(),
+            crashes_during_sync: 0,
             reads_pending: BTreeMap::new(),
             reads_confirmed: Vec::new(),
             reads_dropped: Vec::new(),
@@ -309,6 +321,7 @@ impl Sim {
     /// Starts a crashed replica again from its storage.
     pub fn restart(&mut self, id: NodeId) {
         assert!(self.nodes[id as usize].is_none(), "replica {id} is running");
+        self.restart_at_tick.remove(&id);
         self.restarts += 1;
         let mut config = self.configs[id as usize].clone();
         config.seed = self.seed ^ self.restarts.wrapping_mul(0x9E37_79B9);
@@ -333,6 +346,15 @@ impl Sim {
     pub fn run(&mut self, ticks: u64) {
         for _ in 0..ticks {
             self.now_tick += 1;
+            let now = self.now_tick;
+            let due: Vec<NodeId> = (self.restart_at_tick.iter())
+                .filter(|(_, at)| **at <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in due {
+                self.restart_at_tick.remove(&id);
+                self.restart(id);
+            }
             self.deliver_due();
             for id in 0..self.len() {
                 if let Some(node) = self.nodes[id as usize].as_mut() {
@@ -416,39 +438,19 @@ impl Sim {
 
     fn handle_ready(&mut self, id: NodeId, ready: Ready) {
         let seed = self.seed;
-        // Durable first, as a real driver must.
+        // In the driver's order: the early messages, the sync, the rest.
+        self.send_all(id, ready.messages);
+        if ready.persist.needs_sync() && self.rng.chance(self.faults.crash_during_sync) {
+            self.crashes_during_sync += 1;
+            self.crash(id);
+            let down_ticks = 5 + self.rng.below(16);
+            self.restart_at_tick.insert(id, self.now_tick + down_ticks);
+            return;
+        }
         self.storages[id as usize]
             .persist(&ready.persist)
             .expect("memory storage");
-        for (to, msg) in ready.messages {
-            *self.sent.entry(msg.kind()).or_default() += 1;
-            let is_reply = matches!(
-                msg,
-                Message::Promise { .. }
-                    | Message::Accepted { .. }
-                    | Message::Nack { .. }
-                    | Message::CatchUpReply { .. }
-            );
-            let p = if is_reply {
-                self.faults.drop_reply
-            } else {
-                self.faults.drop_request
-            };
-            if self.rng.chance(p) {
-                continue;
-            }
-            let delay = if self.faults.delay_max_ticks > 0 {
-                self.rng.below(self.faults.delay_max_ticks + 1)
-            } else {
-                0
-            };
-            self.packets.push(Packet {
-                from: id,
-                to,
-                deliver_tick: self.now_tick + delay,
-                msg,
-            });
-        }
+        self.send_all(id, ready.persisted_messages);
         let applied = &mut self.applied[id as usize];
         if let Some(snapshot) = ready.snapshot {
             applied.install(&snapshot.data);
@@ -496,6 +498,39 @@ impl Sim {
             if self.reads_pending.remove(&(id, read)).is_some() {
                 self.reads_dropped.push((id, read));
             }
+        }
+    }
+
+    /// Hands messages to the network, applying the faults.
+    fn send_all(&mut self, id: NodeId, messages: Vec<(NodeId, Message)>) {
+        for (to, msg) in messages {
+            *self.sent.entry(msg.kind()).or_default() += 1;
+            let is_reply = matches!(
+                msg,
+                Message::Promise { .. }
+                    | Message::Accepted { .. }
+                    | Message::Nack { .. }
+                    | Message::CatchUpReply { .. }
+            );
+            let p = if is_reply {
+                self.faults.drop_reply
+            } else {
+                self.faults.drop_request
+            };
+            if self.rng.chance(p) {
+                continue;
+            }
+            let delay = if self.faults.delay_max_ticks > 0 {
+                self.rng.below(self.faults.delay_max_ticks + 1)
+            } else {
+                0
+            };
+            self.packets.push(Packet {
+                from: id,
+                to,
+                deliver_tick: self.now_tick + delay,
+                msg,
+            });
         }
     }
 

@@ -424,15 +424,12 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
 
     fn handle_ready(&mut self) -> Result<(), StorageError> {
         let ready = self.paxos.ready();
-        // Accepts and Prepares go out before our sync, so the followers'
-        // syncs overlap ours; what vouches for our acceptor state waits for
-        // it. This loop handles no input in between, so our own acceptance
-        // is counted only after it is durable.
-        let (after_sync, before_sync): (Vec<_>, Vec<_>) = ready
-            .messages
-            .into_iter()
-            .partition(|(_, msg)| msg.reports_acceptor_state());
-        for (to, msg) in before_sync {
+        // In the order the core asks for (see `Ready`): what may leave
+        // before our sync does, so the followers' syncs overlap ours; then
+        // the sync; then what vouches for our acceptor state. This loop
+        // handles no input in between, so our own acceptance is counted
+        // only after it is durable.
+        for (to, msg) in ready.messages {
             self.transport.send(to, msg);
         }
         if !ready.persist.is_empty() {
@@ -441,7 +438,7 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
                 self.syncs += 1;
             }
         }
-        for (to, msg) in after_sync {
+        for (to, msg) in ready.persisted_messages {
             self.transport.send(to, msg);
         }
         if let Some(snapshot) = ready.snapshot {

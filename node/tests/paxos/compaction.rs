@@ -157,7 +157,8 @@ fn a_leader_ignores_a_late_snapshot_and_still_decides_its_window() {
     let settle = |nodes: &mut Vec<Paxos>, drop_from_leader: bool| loop {
         let mut sent = Vec::new();
         for (id, node) in nodes.iter_mut().enumerate() {
-            for (to, msg) in node.ready().messages {
+            let ready = node.ready();
+            for (to, msg) in ready.messages.into_iter().chain(ready.persisted_messages) {
                 if !(drop_from_leader && id == 0) {
                     sent.push((id as u32, to, msg));
                 }

@@ -5,8 +5,21 @@
 //! delivering one again later (duplication, within a budget), ticking any
 //! replica (which starts elections), proposing at any leader, and crashing a
 //! replica and restarting it from its storage, or with its disk lost (blank
-//! storage: it must recover from its peers before it votes again). States are deduplicated by a
-//! 64-bit fingerprint, so memory is 8 bytes per state plus the current path. Along every path we check:
+//! storage: it must recover from its peers before it votes again).
+//!
+//! Each replica's effects are handled as the driver handles them: the
+//! messages that may leave before the sync (`Ready::messages`) leave, then
+//! the replica is blocked in its sync, and a separate step completes the
+//! sync (the writes become durable, `Ready::persisted_messages` leave, the
+//! decisions are applied). A replica that may still crash can crash inside
+//! that window, losing the writes while its early messages are out.
+//!
+//! 5-replica checks start from a scripted prologue (the first steps of a
+//! schedule a review found) and explore every interleaving from there:
+//! exhaustive search over 5 replicas from the start is out of reach.
+//!
+//! States are deduplicated by a 64-bit fingerprint, so memory is 8 bytes
+//! per state plus the current path. Along every path we check:
 //! - agreement: no slot is ever decided with two different values, on any
 //!   replica, before or after a crash;
 //! - validity: every decided command was proposed;
@@ -23,14 +36,30 @@ use std::hash::{Hash, Hasher};
 use std::time::Instant;
 
 use bytes::Bytes;
-use shardkv::paxos::{Batch, Config, DurableState, Message, NodeId, Paxos, Slot};
+use shardkv::paxos::{
+    Batch, Config, DurableState, Message, NodeId, Paxos, PersistBatch, RoleKind, Slot,
+};
 
-const PEERS: u32 = 3;
+/// A replica blocked in its sync: what completes when the sync does.
+#[derive(Clone, Hash, PartialEq, Eq)]
+struct Unsynced {
+    persist: PersistBatch,
+    messages: Vec<(NodeId, Vec<u8>)>,
+    committed: Vec<(Slot, Batch)>,
+    reads: Vec<(u64, Slot)>,
+    dropped: Vec<u64>,
+}
 
 #[derive(Clone, Hash, PartialEq, Eq)]
 struct State {
     nodes: Vec<Option<Paxos>>,
     storage: Vec<DurableState>,
+    /// Per replica: blocked in a sync (it takes no input until done).
+    unsynced: Vec<Option<Unsynced>>,
+    /// Blank restarts so far: each takes a new incarnation.
+    blank_restarts: u8,
+    /// The prologue is over: `Bounds::cut` applies.
+    searching: bool,
     /// (from, to, encoded message): a set, so duplicates collapse.
     network: BTreeSet<(NodeId, NodeId, Vec<u8>)>,
     /// Every slot decided anywhere on this path, with its value.
@@ -48,6 +77,7 @@ struct State {
 }
 
 struct Bounds {
+    peers: u32,
     proposals: u8,
     /// Linearizable reads begun at a leader.
     reads: u8,
@@ -60,13 +90,25 @@ struct Bounds {
     lose_disk: bool,
     /// Only this replica may crash (all may, if `None`).
     crash_only: Option<NodeId>,
-    /// Only this replica may tick, i.e. start an election (all may, if `None`).
-    tick_only: Option<NodeId>,
+    /// Only these replicas may tick, i.e. start an election (all may, if `None`).
+    tick_only: Option<&'static [NodeId]>,
+    /// Run with pre-votes and leader stickiness (see `config`).
+    pre_vote: bool,
+    /// Scripted first steps, run before the search (5-replica schedules).
+    prologue: Option<fn(&mut State, &Bounds)>,
+    /// Links that lose everything sent over them after the prologue (from,
+    /// to): a scenario's topology, which keeps 5 replicas tractable.
+    cut: &'static [(NodeId, NodeId)],
+    /// A state the search must reach, to show it checked something (by
+    /// default: every proposal decided and every read confirmed). For a
+    /// scenario, the state in which the bug it is for did its damage.
+    goal: Option<fn(&State) -> bool>,
 }
 
 /// What every check starts from: replica 0 elected, 2 proposals, one
 /// competing election, and nothing else.
 const BASE: Bounds = Bounds {
+    peers: 3,
     proposals: 2,
     reads: 0,
     crashes: 0,
@@ -76,10 +118,14 @@ const BASE: Bounds = Bounds {
     lose_disk: false,
     crash_only: None,
     tick_only: None,
+    pre_vote: false,
+    prologue: None,
+    cut: &[],
+    goal: None,
 };
 
-fn config(id: NodeId) -> Config {
-    let mut c = Config::new_group(id, PEERS);
+fn config(id: NodeId, bounds: &Bounds) -> Config {
+    let mut c = Config::new_group(id, bounds.peers);
     // One tick of silence starts an election; heartbeats and retries are off
     // because redelivery from the network already models them.
     c.election_timeout_min_ticks = 1;
@@ -91,8 +137,8 @@ fn config(id: NodeId) -> Config {
     // an election began later. So checking without them covers them, and
     // with a one-tick timeout their clocks would forbid the competing
     // elections this check is for. `model_check_pre_vote` runs them.
-    c.pre_vote = false;
-    c.check_quorum = false;
+    c.pre_vote = bounds.pre_vote;
+    c.check_quorum = bounds.pre_vote;
     c
 }
 
@@ -108,22 +154,67 @@ fn fingerprint(state: &State) -> u64 {
     h.finish()
 }
 
-/// Collects a replica's effects: persist, send, check what it decided.
+fn encode(messages: Vec<(NodeId, Message)>) -> Result<Vec<(NodeId, Vec<u8>)>, String> {
+    (messages.into_iter())
+        .map(|(to, msg)| Ok((to, postcard::to_allocvec(&msg).map_err(|e| e.to_string())?)))
+        .collect()
+}
+
+fn send(state: &mut State, bounds: &Bounds, from: NodeId, to: NodeId, bytes: Vec<u8>) {
+    if !(state.searching && bounds.cut.contains(&(from, to))) {
+        state.network.insert((from, to, bytes));
+    }
+}
+
+/// Whether `id` may still crash on this path: only then is its sync a
+/// separate step (without a crash, finishing the sync at once is
+/// indistinguishable, as the network may delay any message).
+fn may_crash(state: &State, id: NodeId, bounds: &Bounds) -> bool {
+    state.searching && state.crashes_left > 0 && bounds.crash_only.is_none_or(|c| c == id)
+}
+
+/// Collects a replica's effects as the driver does: the early messages
+/// leave, then the sync (a step of its own if the replica may crash in it).
 fn drain(state: &mut State, id: NodeId, bounds: &Bounds) -> Result<(), String> {
     let Some(node) = state.nodes[id as usize].as_mut() else {
         return Ok(());
     };
+    debug_assert!(state.unsynced[id as usize].is_none(), "input while syncing");
     let ready = node.ready();
+    for (to, bytes) in encode(ready.messages)? {
+        send(state, bounds, id, to, bytes);
+    }
+    let unsynced = Unsynced {
+        persist: ready.persist,
+        messages: encode(ready.persisted_messages)?,
+        committed: ready.committed,
+        reads: ready.reads,
+        dropped: ready.dropped,
+    };
+    if unsynced.persist.needs_sync() && may_crash(state, id, bounds) {
+        state.unsynced[id as usize] = Some(unsynced);
+        return Ok(());
+    }
+    complete_sync(state, id, unsynced, bounds)
+}
+
+/// The sync is done: writes durable, the waiting messages sent, decisions
+/// checked and applied.
+fn complete_sync(
+    state: &mut State,
+    id: NodeId,
+    unsynced: Unsynced,
+    bounds: &Bounds,
+) -> Result<(), String> {
     // A batch that needs no sync (a newer commit index alone) may be lost
     // in a crash: the model always loses it, the worst case.
-    if ready.persist.needs_sync() {
-        ready.persist.apply_to(&mut state.storage[id as usize]);
+    if unsynced.persist.needs_sync() {
+        unsynced.persist.apply_to(&mut state.storage[id as usize]);
     }
-    for (to, msg) in ready.messages {
-        let bytes = postcard::to_allocvec(&msg).map_err(|e| e.to_string())?;
-        state.network.insert((id, to, bytes));
+    for (to, bytes) in unsynced.messages {
+        send(state, bounds, id, to, bytes);
     }
-    for (slot, batch) in ready.committed {
+    for (slot, batch) in unsynced.committed {
         for c in &batch.commands {
             let known = (0..bounds.proposals).any(|i| value(i) == c.data);
             if !known {
@@ -145,7 +236,7 @@ fn drain(state: &mut State, id: NodeId, bounds: &Bounds) -> Result<(), String> {
             }
         }
     }
-    for (read, index) in ready.reads {
+    for (read, index) in unsynced.reads {
         let needed = state.reads_pending.remove(&(id, read)).ok_or_else(|| {
             format!("replica {id} confirmed read {read}, never begun or already answered")
         })?;
@@ -157,7 +248,7 @@ fn drain(state: &mut State, id: NodeId, bounds: &Bounds) -> Result<(), String> {
         }
         state.reads_confirmed += 1;
     }
-    for read in ready.dropped {
+    for read in unsynced.dropped {
         state.reads_pending.remove(&(id, read));
     }
     Ok(())
@@ -167,7 +258,7 @@ fn successors(state: &State, bounds: &Bounds) -> Result<Vec<State>, String> {
     let mut next = Vec::new();
     for key in &state.network {
         let (from, to, bytes) = key;
-        if state.nodes[*to as usize].is_none() {
+        if state.nodes[*to as usize].is_none() || state.unsynced[*to as usize].is_some() {
             continue;
         }
         // Deliver it; within the budget, also deliver it and keep a copy in
@@ -188,11 +279,27 @@ fn successors(state: &State, bounds: &Bounds) -> Result<Vec<State>, String> {
             next.push(s);
         }
     }
-    for id in 0..PEERS {
+    for id in 0..bounds.peers {
         let i = id as usize;
+        if let Some(unsynced) = &state.unsynced[i] {
+            // Blocked in its sync: it finishes, or it crashes inside it.
+            let mut s = state.clone();
+            s.unsynced[i] = None;
+            complete_sync(&mut s, id, unsynced.clone(), bounds)?;
+            next.push(s);
+            if may_crash(state, id, bounds) {
+                let mut s = state.clone();
+                s.crashes_left -= 1;
+                s.unsynced[i] = None;
+                s.nodes[i] = None;
+                s.reads_pending.retain(|(node, _), _| *node != id);
+                next.push(s);
+            }
+            continue;
+        }
         match &state.nodes[i] {
             Some(node) => {
-                if state.ticks_left > 0 && bounds.tick_only.is_none_or(|t| t == id) {
+                if state.ticks_left > 0 && bounds.tick_only.is_none_or(|t| t.contains(&id)) {
                     let mut s = state.clone();
                     s.ticks_left -= 1;
                     s.nodes[i].as_mut().unwrap().tick();
@@ -234,10 +341,12 @@ fn successors(state: &State, bounds: &Bounds) -> Result<Vec<State>, String> {
             }
             None => {
                 let mut s = state.clone();
+                let mut c = config(id, bounds);
                 if bounds.lose_disk {
                     s.storage[i] = DurableState::default();
+                    s.blank_restarts += 1;
+                    c.blank_incarnation = u64::from(s.blank_restarts);
                 }
-                let mut c = config(id);
                 // Blank storage after a crash is a lost disk, never a new group.
                 c.recover_when_empty = true;
                 s.nodes[i] = Some(Paxos::new(c, s.storage[i].clone()));
@@ -254,27 +363,96 @@ fn successors(state: &State, bounds: &Bounds) -> Result<Vec<State>, String> {
 /// ballot 1. Exploring the first election's interleavings adds states but no
 /// interesting behaviour; competing elections are explored afterwards.
 fn elect_replica_zero(state: &mut State, bounds: &Bounds) {
-    state.nodes[0].as_mut().unwrap().tick();
-    drain(state, 0, bounds).unwrap();
-    while let Some(key) = state.network.iter().next().cloned() {
-        state.network.remove(&key);
-        let (from, to, bytes) = key;
-        let msg: Message = postcard::from_bytes(&bytes).unwrap();
-        state.nodes[to as usize].as_mut().unwrap().step(from, msg);
-        drain(state, to, bounds).unwrap();
+    elect(state, bounds, 0, None);
+}
+
+// ----- Scripted steps, for prologues -----
+
+/// Ticks `id` until it stands (pre-vote off in scripted checks), then
+/// delivers its Prepares to `voters` (all, if `None`) and their answers,
+/// and its takeover Accepts and their answers, until it leads.
+fn elect(state: &mut State, bounds: &Bounds, id: NodeId, voters: Option<&[NodeId]>) {
+    let node = state.nodes[id as usize].as_mut().unwrap();
+    node.tick();
+    drain(state, id, bounds).unwrap();
+    let voters: Vec<NodeId> = match voters {
+        Some(v) => v.to_vec(),
+        None => (0..bounds.peers).filter(|p| *p != id).collect(),
+    };
+    for v in &voters {
+        deliver(state, bounds, id, *v, |m| {
+            matches!(m, Message::Prepare { .. })
+        });
+    }
+    for v in &voters {
+        deliver(state, bounds, *v, id, |m| {
+            matches!(m, Message::Promise { .. })
+        });
     }
     assert!(
-        state.nodes[0].as_ref().unwrap().is_leader(),
-        "prologue must elect replica 0"
+        state.nodes[id as usize].as_ref().unwrap().is_leader(),
+        "prologue must elect replica {id}"
     );
 }
 
+/// Delivers every message in flight from `from` to `to` that `pick` selects.
+fn deliver(
+    state: &mut State,
+    bounds: &Bounds,
+    from: NodeId,
+    to: NodeId,
+    pick: impl Fn(&Message) -> bool,
+) {
+    let keys: Vec<_> = (state.network.iter())
+        .filter(|(f, t, bytes)| {
+            *f == from && *t == to && pick(&postcard::from_bytes(bytes).unwrap())
+        })
+        .cloned()
+        .collect();
+    for key in keys {
+        state.network.remove(&key);
+        let msg: Message = postcard::from_bytes(&key.2).unwrap();
+        state.nodes[to as usize].as_mut().unwrap().step(from, msg);
+        drain(state, to, bounds).unwrap();
+    }
+}
+
+/// Removes (loses) every message in flight from `from` to `to` that `pick` selects.
+fn lose(state: &mut State, from: NodeId, to: NodeId, pick: impl Fn(&Message) -> bool) {
+    state.network.retain(|(f, t, bytes)| {
+        !(*f == from && *t == to && pick(&postcard::from_bytes(bytes).unwrap()))
+    });
+}
+
+fn propose(state: &mut State, bounds: &Bounds, id: NodeId) {
+    let v = value(state.proposals_made);
+    state.proposals_made += 1;
+    state.nodes[id as usize]
+        .as_mut()
+        .unwrap()
+        .propose(v)
+        .expect("the scripted proposer leads");
+    drain(state, id, bounds).unwrap();
+}
+
+fn any(_: &Message) -> bool {
+    true
+}
+
+fn is_accept(m: &Message) -> bool {
+    matches!(m, Message::Accept { .. })
+}
+
 fn explore(bounds: Bounds, state_limit: usize) -> (usize, bool) {
+    let peers = bounds.peers as usize;
     let mut init = State {
-        nodes: (0..PEERS)
-            .map(|id| Some(Paxos::new(config(id), DurableState::default())))
+        nodes: (0..bounds.peers)
+            .map(|id| Some(Paxos::new(config(id, &bounds), DurableState::default())))
             .collect(),
-        storage: vec![DurableState::default(); PEERS as usize],
+        storage: vec![DurableState::default(); peers],
+        unsynced: vec![None; peers],
+        blank_restarts: 0,
+        searching: false,
         network: BTreeSet::new(),
         decided: BTreeMap::new(),
         proposals_made: 0,
@@ -285,21 +463,32 @@ fn explore(bounds: Bounds, state_limit: usize) -> (usize, bool) {
         ticks_left: bounds.ticks,
         duplicates_left: bounds.duplicates,
     };
-    for id in 0..PEERS {
+    for id in 0..bounds.peers {
         drain(&mut init, id, &bounds).unwrap();
     }
     if bounds.pre_elected {
         elect_replica_zero(&mut init, &bounds);
     }
+    if let Some(prologue) = bounds.prologue {
+        prologue(&mut init, &bounds);
+    }
+    init.searching = true;
     let mut seen: HashSet<u64> = HashSet::new();
     let mut stack = vec![init];
     seen.insert(fingerprint(&stack[0]));
     let mut all_decided_reachable = false;
+    let started = Instant::now();
+    let mut progress_at = 1_000_000;
     while let Some(state) = stack.pop() {
         let decided_commands: usize = state.decided.values().map(|b| b.commands.len()).sum();
-        if decided_commands == bounds.proposals as usize && state.reads_confirmed == bounds.reads {
-            all_decided_reachable = true;
-        }
+        let goal = match bounds.goal {
+            Some(goal) => goal(&state),
+            None => {
+                decided_commands == bounds.proposals as usize
+                    && state.reads_confirmed == bounds.reads
+            }
+        };
+        all_decided_reachable |= goal;
         let next = match successors(&state, &bounds) {
             Ok(n) => n,
             Err(violation) => panic!("model check found a violation: {violation}"),
@@ -313,6 +502,10 @@ fn explore(bounds: Bounds, state_limit: usize) -> (usize, bool) {
             seen.len() <= state_limit,
             "state space larger than {state_limit}: tighten the bounds"
         );
+        if seen.len() >= progress_at {
+            eprintln!("  ... {} states, {:?}", seen.len(), started.elapsed());
+            progress_at += 1_000_000;
+        }
     }
     (seen.len(), all_decided_reachable)
 }
@@ -327,7 +520,8 @@ fn check(name: &str, bounds: Bounds) {
     );
     assert!(
         reachable,
-        "the search never decided all {proposals} proposals and confirmed all {reads} reads: it checked nothing"
+        "the search never reached its goal (by default: all {proposals} proposals decided \
+         and all {reads} reads confirmed): it checked nothing"
     );
 }
 
@@ -370,7 +564,7 @@ fn model_check_lost_disk() {
             crashes: 1,
             lose_disk: true,
             crash_only: Some(1),
-            tick_only: Some(2),
+            tick_only: Some(&[2]),
             ..BASE
         },
     );
@@ -426,8 +620,193 @@ fn model_check_custom() {
             duplicates: v[3],
             lose_disk: v.get(4).is_some_and(|x| *x == 1),
             crash_only: v.get(5).map(|x| NodeId::from(*x)),
-            tick_only: v.get(6).map(|x| NodeId::from(*x)),
+            tick_only: v.get(6).map(|x| &*Vec::leak(vec![NodeId::from(*x)])),
             reads: v.get(7).copied().unwrap_or(0),
+            ..BASE
+        },
+    );
+}
+
+#[test]
+fn model_check_pre_vote() {
+    // With pre-votes and leader stickiness on, as the driver runs: leader 0
+    // proposes one value while replicas 1 and 2 may each tick twice (a
+    // pre-vote needs a silent leader for a whole timeout), with loss and
+    // reordering throughout.
+    check(
+        "pre-vote on, 1 proposal, 4 ticks at replicas 1 and 2",
+        Bounds {
+            proposals: 1,
+            ticks: 4,
+            tick_only: Some(&[1, 2]),
+            pre_vote: true,
+            ..BASE
+        },
+    );
+}
+
+// ----- 5 replicas -----
+
+/// Replicas A to E.
+const A: NodeId = 0;
+const B: NodeId = 1;
+const C: NodeId = 2;
+const D: NodeId = 3;
+const E: NodeId = 4;
+
+/// The first review finding, up to its branch point: B led and decided
+/// v0 in slot 1 with C and D (A and E missed it); A was elected by B and E,
+/// asking B to catch it up because B's commit was higher (that request is
+/// in flight); A re-decided slot 1 and proposed v1 in slot 2, which only C
+/// has accepted. From here the search may elect D, deliver or lose
+/// anything, and let the leaders propose v2, v3 and v4 (a leader's commit
+/// index travels on its next Accept: heartbeats are off in the model).
+fn prologue_late_catchup(state: &mut State, bounds: &Bounds) {
+    elect(state, bounds, B, None);
+    for peer in [A, C, D, E] {
+        deliver(state, bounds, B, peer, is_accept);
+        deliver(state, bounds, peer, B, any);
+    }
+    propose(state, bounds, B);
+    lose(state, B, A, any);
+    lose(state, B, E, any);
+    for peer in [C, D] {
+        deliver(state, bounds, B, peer, any);
+        deliver(state, bounds, peer, B, any);
+    }
+    assert_eq!(state.nodes[B as usize].as_ref().unwrap().commit_index(), 1);
+    for peer in [C, D] {
+        lose(state, A, peer, any);
+    }
+    elect(state, bounds, A, Some(&[B, E]));
+    let asked = (state.network.iter()).any(|(f, t, bytes)| {
+        *f == A
+            && *t == B
+            && matches!(
+                postcard::from_bytes(bytes).unwrap(),
+                Message::CatchUpRequest { .. }
+            )
+    });
+    assert!(asked, "A asked B to catch it up");
+    for peer in [B, C, D, E] {
+        deliver(state, bounds, A, peer, is_accept);
+        deliver(state, bounds, peer, A, any);
+    }
+    assert_eq!(state.nodes[A as usize].as_ref().unwrap().commit_index(), 1);
+    propose(state, bounds, A);
+    lose(state, A, B, is_accept);
+    lose(state, A, D, any);
+    lose(state, A, E, any);
+    deliver(state, bounds, A, C, any);
+    lose(state, C, A, any);
+}
+
+fn in_flight(state: &State, from: NodeId, to: NodeId, pick: impl Fn(&Message) -> bool) -> bool {
+    (state.network.iter())
+        .any(|(f, t, bytes)| *f == from && *t == to && pick(&postcard::from_bytes(bytes).unwrap()))
+}
+
+/// Where the bug struck: A still leads in its ballot, slot 2 is decided
+/// (by D's majority), and B's catch-up reply covering it is on its way to A.
+fn goal_late_catchup(state: &State) -> bool {
+    let a_leads = state.nodes[A as usize]
+        .as_ref()
+        .is_some_and(|a| a.is_leader());
+    let reply = |m: &Message| matches!(m, Message::CatchUpReply { commit, .. } if *commit >= 2);
+    a_leads && state.decided.contains_key(&2) && in_flight(state, B, A, reply)
+}
+
+#[test]
+fn model_check_five_replicas_late_catchup() {
+    check(
+        "5 replicas: a late catch-up reply at a deposed leader",
+        Bounds {
+            peers: 5,
+            proposals: 5,
+            ticks: 1,
+            tick_only: Some(&[D]),
+            pre_elected: false,
+            prologue: Some(prologue_late_catchup),
+            goal: Some(goal_late_catchup),
+            // A reaches B and C; D reaches B and E; C never hears of D.
+            cut: &[
+                (A, D),
+                (D, A),
+                (A, E),
+                (E, A),
+                (D, C),
+                (C, D),
+                (C, B),
+                (B, C),
+                (C, E),
+                (E, C),
+                (B, E),
+                (E, B),
+            ],
+            ..BASE
+        },
+    );
+}
+
+/// The second review finding, up to its branch point: L (replica 0) leads;
+/// C (3) stood with a higher ballot and only R (1) has promised it, and
+/// that promise is in flight. From here the search may crash R, losing its
+/// disk, deliver or lose anything, and let the leaders propose.
+fn prologue_stale_promise(state: &mut State, bounds: &Bounds) {
+    const L: NodeId = 0;
+    const R: NodeId = 1;
+    const B: NodeId = 2;
+    const C: NodeId = 3;
+    const A: NodeId = 4;
+    elect(state, bounds, L, None);
+    for peer in [R, B, C, A] {
+        deliver(state, bounds, L, peer, is_accept);
+        deliver(state, bounds, peer, L, any);
+    }
+    let c = state.nodes[C as usize].as_mut().unwrap();
+    c.tick();
+    drain(state, C, bounds).unwrap();
+    lose(state, C, L, any);
+    lose(state, C, B, any);
+    deliver(state, bounds, C, R, any);
+}
+
+/// Where the bug struck: R has recovered from a lost disk, L has decided
+/// slot 1, and R's promise from before is still on its way to C.
+fn goal_stale_promise(state: &State) -> bool {
+    let recovered = state.blank_restarts > 0
+        && state.nodes[1]
+            .as_ref()
+            .is_some_and(|r| r.role() == RoleKind::Follower);
+    let promise = |m: &Message| matches!(m, Message::Promise { .. });
+    recovered && state.decided.contains_key(&1) && in_flight(state, 1, 3, promise)
+}
+
+#[test]
+fn model_check_five_replicas_stale_promise() {
+    check(
+        "5 replicas: a promise from before a lost disk",
+        Bounds {
+            peers: 5,
+            proposals: 2,
+            ticks: 0,
+            crashes: 1,
+            lose_disk: true,
+            crash_only: Some(1),
+            pre_elected: false,
+            prologue: Some(prologue_stale_promise),
+            goal: Some(goal_stale_promise),
+            // C and A never reach L or B, nor they C and A.
+            cut: &[
+                (3, 0),
+                (3, 2),
+                (0, 3),
+                (2, 3),
+                (4, 0),
+                (0, 4),
+                (4, 2),
+                (2, 4),
+            ],
             ..BASE
         },
     );

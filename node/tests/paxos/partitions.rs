@@ -106,6 +106,9 @@ fn lots_of_requests_under_changing_random_partitions() {
     sim.faults.drop_request = 0.05;
     sim.faults.drop_reply = 0.05;
     sim.faults.delay_max_ticks = 3;
+    // Now and then a replica dies inside a sync, after its early messages
+    // (a leader's Accepts) left and before its own writes were durable.
+    sim.faults.crash_during_sync = 0.002;
     let mut values: Vec<String> = Vec::new();
     let mut repartitions = 0u64;
     while repartitions < soak_rounds() {
@@ -176,11 +179,16 @@ fn lots_of_requests_under_changing_random_partitions() {
     }
     assert_converged(&mut sim);
     println!(
-        "lots: seed {seed}: {} ticks, {repartitions} partitions, {} values, {} slots decided, \
-         {rounds} retry rounds after healing",
+        "lots: seed {seed}: {} ticks, {repartitions} partitions, {} crashes during a sync, \
+         {} values, {} slots decided, {rounds} retry rounds after healing",
         sim.now_tick(),
+        sim.crashes_during_sync,
         values.len(),
         sim.chosen().len()
+    );
+    assert!(
+        sim.crashes_during_sync >= 10,
+        "seed {seed}: the soak must reach crashes during a sync"
     );
 }
 

@@ -85,10 +85,13 @@ impl Net {
             return;
         };
         let ready = node.ready();
+        for (to, msg) in ready.messages {
+            self.held.push((id, to, msg));
+        }
         self.storages[id as usize]
             .persist(&ready.persist)
             .expect("memory storage");
-        for (to, msg) in ready.messages {
+        for (to, msg) in ready.persisted_messages {
             self.held.push((id, to, msg));
         }
         if ready.snapshot.is_some() {
