@@ -84,6 +84,10 @@ pub struct Config {
     pub check_quorum: bool,
     /// Slots proposed but not yet decided, at most.
     pub pipeline_window_slots: usize,
+    /// Payload bytes proposed but not yet decided, at most (past it, new
+    /// commands wait): bounds what a takeover re-proposes and a promise
+    /// reports of one leader's slots.
+    pub pipeline_window_bytes_max: usize,
     /// Limits on one slot's batch.
     pub batch_commands_max: usize,
     pub batch_bytes_max: usize,
@@ -92,7 +96,10 @@ pub struct Config {
     /// Decided entries in one catch-up reply, at most (a replica further
     /// behind asks again).
     pub catchup_entries_max: usize,
-    /// Payload bytes in one catch-up reply, at most (one entry always fits).
+    /// Payload bytes of log entries in one message, at most (one entry
+    /// always fits): a catch-up reply, a page of a recovery answer, an
+    /// Accept (a takeover or a resend goes in several), and the decided
+    /// part of a promise (a candidate further behind must catch up first).
     pub catchup_bytes_max: usize,
     /// Entries kept above the low-water mark for lagging replicas; past it the
     /// log is cut at this replica's snapshot and laggards get the snapshot.
@@ -125,6 +132,7 @@ impl Config {
             pre_vote: true,
             check_quorum: true,
             pipeline_window_slots: 32,
+            pipeline_window_bytes_max: 64 << 20,
             batch_commands_max: 4096,
             batch_bytes_max: 4 << 20,
             proposal_queue_max: 65536,
@@ -282,6 +290,8 @@ struct InFlight {
     /// Bit i set: replica i has accepted this slot in the current ballot.
     acks: u64,
     sent_tick: u64,
+    /// Its payload, counted against `pipeline_window_bytes_max`.
+    bytes: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -305,6 +315,8 @@ struct Leadership {
     ballot: Ballot,
     next_slot: Slot,
     inflight: BTreeMap<Slot, InFlight>,
+    /// Payload bytes of `inflight`.
+    inflight_bytes: usize,
     pending: VecDeque<Command>,
     /// Last tick each replica was heard from in this ballot (own entry unused).
     heard_tick: Vec<u64>,
@@ -342,11 +354,11 @@ struct PendingRead {
     index: Slot,
 }
 
-/// What a peer reported to a recovering replica.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+/// What a peer reported to a recovering replica (over one or more pages).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 struct PeerState {
     promised: Ballot,
-    entries: Vec<(Slot, Ballot, Batch)>,
+    entries: BTreeMap<Slot, (Ballot, Batch)>,
     /// Its entries at or below this are decided.
     commit: Slot,
     snapshot: Option<Snapshot>,
@@ -354,9 +366,29 @@ struct PeerState {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Recovery {
-    /// Each peer's answer; `None` if that peer is blank itself.
+    /// Each peer's whole answer; `None` if that peer is blank itself.
     replies: BTreeMap<NodeId, Option<PeerState>>,
+    /// Answers still coming, page by page, with the slot to ask from next.
+    partial: BTreeMap<NodeId, (PeerState, Slot)>,
     sent_tick: u64,
+}
+
+impl PeerState {
+    /// Folds in one page: the newest snapshot, the highest promise and
+    /// commit, and per slot the value accepted in the highest ballot (a page
+    /// delivered twice changes nothing).
+    fn merge(&mut self, page: PeerState) {
+        self.promised = self.promised.max(page.promised);
+        self.commit = self.commit.max(page.commit);
+        if page.snapshot.as_ref().map(|s| s.index) > self.snapshot.as_ref().map(|s| s.index) {
+            self.snapshot = page.snapshot;
+        }
+        for (slot, (ballot, batch)) in page.entries {
+            if self.entries.get(&slot).is_none_or(|(b, _)| ballot > *b) {
+                self.entries.insert(slot, (ballot, batch));
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -504,6 +536,7 @@ impl Paxos {
                 paxos.incarnations[me] = paxos.config.blank_incarnation.max(1);
                 paxos.role = Role::Recovering(Recovery {
                     replies: BTreeMap::new(),
+                    partial: BTreeMap::new(),
                     sent_tick: 0,
                 });
                 paxos.send_recover_requests();
@@ -626,7 +659,7 @@ impl Paxos {
         if let Role::Recovering(_) = self.role {
             // Not a voter yet: answer recovery questions, ignore the rest.
             match msg {
-                Message::RecoverRequest { incarnation } => {
+                Message::RecoverRequest { incarnation, .. } => {
                     // Remembered (not durably: this replica holds nothing
                     // yet), so the requester sees its request was taken.
                     self.learn_incarnation(from, incarnation);
@@ -640,6 +673,7 @@ impl Paxos {
                             commit: 0,
                             snapshot: None,
                             incarnations,
+                            more: false,
                         },
                     )
                 }
@@ -650,14 +684,17 @@ impl Paxos {
                     commit,
                     snapshot,
                     incarnations: _,
+                    more,
                 } => {
-                    let state = initialized.then_some(PeerState {
+                    let page = initialized.then(|| PeerState {
                         promised,
-                        entries,
+                        entries: (entries.into_iter())
+                            .map(|(slot, ballot, batch)| (slot, (ballot, batch)))
+                            .collect(),
                         commit,
                         snapshot,
                     });
-                    self.on_recover_reply(from, state);
+                    self.on_recover_reply(from, page, more);
                 }
                 _ => {}
             }
@@ -699,7 +736,10 @@ impl Paxos {
                 entries,
                 commit,
             } => self.on_catchup_reply(from, snapshot, entries, commit),
-            Message::RecoverRequest { incarnation } => self.on_recover_request(from, incarnation),
+            Message::RecoverRequest {
+                incarnation,
+                from_slot,
+            } => self.on_recover_request(from, incarnation, from_slot),
             Message::RecoverReply { .. } => {} // we are not recovering
         }
     }
@@ -998,6 +1038,26 @@ impl Paxos {
         }
     }
 
+    /// True if the entries from `from_slot` through the commit index hold
+    /// more than `limit` payload bytes (stops counting there).
+    fn decided_bytes_exceed(&self, from_slot: Slot, limit: usize) -> bool {
+        if from_slot > self.commit {
+            return false;
+        }
+        let mut bytes = 0;
+        for e in self
+            .log
+            .range(from_slot.max(1)..=self.commit)
+            .map(|(_, e)| e)
+        {
+            bytes += e.batch.size_bytes();
+            if bytes > limit {
+                return true;
+            }
+        }
+        false
+    }
+
     fn promised_entries(&self, from_slot: Slot) -> Vec<PromisedEntry> {
         self.log
             .range(from_slot.max(1)..)
@@ -1032,9 +1092,12 @@ impl Paxos {
             self.reset_election_deadline();
         }
         // A candidate we are far ahead of could not rebuild the slots we
-        // compacted, and a huge list would not fit a message: it must catch up.
+        // compacted, and a huge list would not fit a message: it must catch
+        // up first. (What lies above our commit index is bounded by the
+        // leaders' windows.)
         let behind = from_slot <= self.compacted_through
-            || self.commit.saturating_sub(from_slot) >= self.config.catchup_entries_max as u64;
+            || self.commit.saturating_sub(from_slot) >= self.config.catchup_entries_max as u64
+            || self.decided_bytes_exceed(from_slot, self.config.catchup_bytes_max);
         let entries = if behind {
             Vec::new()
         } else {
@@ -1112,6 +1175,7 @@ impl Paxos {
             ballot,
             next_slot: last + 1,
             inflight: BTreeMap::new(),
+            inflight_bytes: 0,
             pending: VecDeque::new(),
             heard_tick: vec![self.now_tick; peers],
             sent_tick: vec![0; peers],
@@ -1128,11 +1192,14 @@ impl Paxos {
         for slot in self.commit + 1..=last {
             let batch = chosen.remove(&slot).map(|(_, _, b)| b).unwrap_or_default();
             self.accept_locally(slot, ballot, batch.clone());
+            let bytes = batch.size_bytes();
+            leadership.inflight_bytes += bytes;
             leadership.inflight.insert(
                 slot,
                 InFlight {
                     acks: 1 << self.config.id,
                     sent_tick: self.now_tick,
+                    bytes,
                 },
             );
             entries.push((slot, batch));
@@ -1213,7 +1280,10 @@ impl Paxos {
             let Role::Leader(l) = &mut self.role else {
                 return;
             };
-            if l.pending.is_empty() || l.inflight.len() >= self.config.pipeline_window_slots {
+            if l.pending.is_empty()
+                || l.inflight.len() >= self.config.pipeline_window_slots
+                || l.inflight_bytes >= self.config.pipeline_window_bytes_max
+            {
                 return;
             }
             let mut commands = Vec::new();
@@ -1232,11 +1302,13 @@ impl Paxos {
             let slot = l.next_slot;
             l.next_slot += 1;
             let ballot = l.ballot;
+            l.inflight_bytes += bytes;
             l.inflight.insert(
                 slot,
                 InFlight {
                     acks: 1 << id,
                     sent_tick: self.now_tick,
+                    bytes,
                 },
             );
             let batch = Batch { commands };
@@ -1250,9 +1322,27 @@ impl Paxos {
     fn broadcast_accept(&mut self, entries: Vec<(Slot, Batch)>) {
         for peer in 0..self.config.peers {
             if peer != self.config.id {
-                self.send_accept(peer, entries.clone());
+                self.send_accepts(peer, entries.clone());
             }
         }
+    }
+
+    /// Sends `entries` in as many Accepts as `catchup_bytes_max` needs (a
+    /// takeover or a resend may hold a whole window), so no message grows
+    /// past what a peer's decoder takes.
+    fn send_accepts(&mut self, peer: NodeId, entries: Vec<(Slot, Batch)>) {
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        for (slot, batch) in entries {
+            let size = batch.size_bytes();
+            if !chunk.is_empty() && bytes + size > self.config.catchup_bytes_max {
+                self.send_accept(peer, std::mem::take(&mut chunk));
+                bytes = 0;
+            }
+            bytes += size;
+            chunk.push((slot, batch));
+        }
+        self.send_accept(peer, chunk);
     }
 
     fn send_accept(&mut self, peer: NodeId, entries: Vec<(Slot, Batch)>) {
@@ -1443,7 +1533,9 @@ impl Paxos {
         if (f.acks.count_ones() as usize) < quorum {
             return;
         }
-        l.inflight.remove(&slot);
+        if let Some(f) = l.inflight.remove(&slot) {
+            l.inflight_bytes -= f.bytes;
+        }
         if let Some(e) = self.log.get_mut(&slot) {
             e.decided = true;
         }
@@ -1512,7 +1604,7 @@ impl Paxos {
             let idle = now - l.sent_tick[peer] >= heartbeat;
             let news = l.commit_sent[peer] < self.commit;
             if !entries.is_empty() || idle || news {
-                self.send_accept(peer as NodeId, entries);
+                self.send_accepts(peer as NodeId, entries);
             }
         }
     }
@@ -1636,26 +1728,48 @@ impl Paxos {
         let incarnation = self.incarnations[self.config.id as usize];
         for peer in 0..self.config.peers {
             // Ask again whoever has not answered as initialised: a blank
-            // peer may have started since.
+            // peer may have started since. An answer in pages goes on from
+            // the page it has reached.
             if peer != self.config.id && !r.replies.get(&peer).is_some_and(Option::is_some) {
-                self.out
-                    .messages
-                    .push((peer, Message::RecoverRequest { incarnation }));
+                let from_slot = r.partial.get(&peer).map_or(0, |(_, next)| *next);
+                self.out.messages.push((
+                    peer,
+                    Message::RecoverRequest {
+                        incarnation,
+                        from_slot,
+                    },
+                ));
             }
         }
     }
 
-    fn on_recover_request(&mut self, from: NodeId, incarnation: Incarnation) {
+    fn on_recover_request(&mut self, from: NodeId, incarnation: Incarnation, from_slot: Slot) {
         // Recorded durably before the reply leaves (it reports acceptor
         // state, so it waits for the sync): from now on this replica never
         // counts a vote of `from`'s older incarnations, and says so in its
         // own votes. That is what the recovery argument needs.
         self.learn_incarnation(from, incarnation);
-        let entries = self
-            .log
-            .iter()
-            .map(|(slot, e)| (*slot, e.ballot, e.batch.clone()))
-            .collect();
+        // A page of the log, bounded as a catch-up reply is; the snapshot
+        // too if the page starts at or below it (the first always does).
+        let snapshot = (from_slot <= self.compacted_through)
+            .then(|| self.snapshot.clone())
+            .flatten();
+        let start = from_slot.max(self.compacted_through + 1);
+        let mut entries = Vec::new();
+        let mut bytes = 0;
+        let mut more = false;
+        for (slot, e) in self.log.range(start..) {
+            let size = e.batch.size_bytes();
+            if !entries.is_empty()
+                && (entries.len() >= self.config.catchup_entries_max
+                    || bytes + size > self.config.catchup_bytes_max)
+            {
+                more = true;
+                break;
+            }
+            bytes += size;
+            entries.push((*slot, e.ballot, e.batch.clone()));
+        }
         let incarnations = self.wire_incarnations();
         self.send(
             from,
@@ -1664,8 +1778,9 @@ impl Paxos {
                 promised: self.promised,
                 entries,
                 commit: self.commit,
-                snapshot: self.snapshot.clone(),
+                snapshot,
                 incarnations,
+                more,
             },
         );
     }
@@ -1705,6 +1820,7 @@ impl Paxos {
         match &mut self.role {
             Role::Recovering(r) => {
                 r.replies.remove(&peer);
+                r.partial.remove(&peer);
             }
             Role::Candidate(c) => {
                 c.promises.remove(&peer);
@@ -1745,6 +1861,7 @@ impl Paxos {
             self.incarnations[me] = reported + 1;
             if let Role::Recovering(r) = &mut self.role {
                 r.replies.clear();
+                r.partial.clear();
             }
             self.send_recover_requests();
             return false;
@@ -1752,10 +1869,39 @@ impl Paxos {
         reported == mine
     }
 
-    fn on_recover_reply(&mut self, from: NodeId, state: Option<PeerState>) {
+    fn on_recover_reply(&mut self, from: NodeId, page: Option<PeerState>, more: bool) {
         let peers = self.config.peers as usize;
         let Role::Recovering(r) = &mut self.role else {
             return;
+        };
+        if r.replies.get(&from).is_some_and(Option::is_some) {
+            return; // its whole answer is in: a late duplicate page
+        }
+        let state = match page {
+            None => {
+                r.partial.remove(&from);
+                None
+            }
+            Some(page) => {
+                let last = page.entries.keys().next_back().copied();
+                let (mut state, next) = r.partial.remove(&from).unwrap_or_default();
+                state.merge(page);
+                if more {
+                    // Ask for the next page at once.
+                    let next = last.map_or(next, |slot| next.max(slot + 1));
+                    r.partial.insert(from, (state, next));
+                    let incarnation = self.incarnations[self.config.id as usize];
+                    self.out.messages.push((
+                        from,
+                        Message::RecoverRequest {
+                            incarnation,
+                            from_slot: next,
+                        },
+                    ));
+                    return;
+                }
+                Some(state)
+            }
         };
         r.replies.insert(from, state);
         let initialized: Vec<PeerState> = r.replies.values().flatten().cloned().collect();
@@ -1784,7 +1930,7 @@ impl Paxos {
         // accepted in the highest ballot.
         let mut best: BTreeMap<Slot, (bool, Ballot, Batch)> = BTreeMap::new();
         for peer in peers {
-            for (slot, ballot, batch) in peer.entries {
+            for (slot, (ballot, batch)) in peer.entries {
                 let rank = (slot <= peer.commit, ballot);
                 if slot > floor && best.get(&slot).is_none_or(|(d, b, _)| rank > (*d, *b)) {
                     best.insert(slot, (rank.0, ballot, batch));

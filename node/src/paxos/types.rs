@@ -146,12 +146,18 @@ pub enum Message {
         commit: Slot,
     },
     /// From a replica that started with empty storage: "tell me what you
-    /// hold as an acceptor, and remember that my incarnation is now this"
-    /// (see `Paxos` on recovery).
-    RecoverRequest { incarnation: Incarnation },
+    /// hold as an acceptor, from this slot on, and remember that my
+    /// incarnation is now this" (see `Paxos` on recovery). The answer comes
+    /// in pages bounded in bytes; each asks for the next.
+    RecoverRequest {
+        incarnation: Incarnation,
+        from_slot: Slot,
+    },
     /// The sender's acceptor state; `initialized` false (and the state
     /// empty) if it is itself new or recovering. `incarnations` is what the
     /// sender knows, durably, once it has recorded the requester's.
+    /// `snapshot` comes when the requested slot is at or below it; `more`
+    /// says entries past these remain.
     RecoverReply {
         initialized: bool,
         promised: Ballot,
@@ -159,6 +165,7 @@ pub enum Message {
         commit: Slot,
         snapshot: Option<Snapshot>,
         incarnations: Incarnations,
+        more: bool,
     },
 }
 
@@ -203,6 +210,28 @@ impl Message {
             | Message::Accepted { incarnations, .. }
             | Message::RecoverReply { incarnations, .. } => Some(incarnations),
             _ => None,
+        }
+    }
+
+    /// Payload bytes it carries (log entries and snapshots), to bound
+    /// bursts of input and messages by size as well as count.
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            Message::Promise { entries, .. } => entries.iter().map(|e| e.batch.size_bytes()).sum(),
+            Message::Accept { entries, .. } => entries.iter().map(|(_, b)| b.size_bytes()).sum(),
+            Message::CatchUpReply {
+                snapshot, entries, ..
+            } => {
+                let entries: usize = entries.iter().map(|(_, b)| b.size_bytes()).sum();
+                entries + snapshot.as_ref().map_or(0, |s| s.data.len())
+            }
+            Message::RecoverReply {
+                snapshot, entries, ..
+            } => {
+                let entries: usize = entries.iter().map(|(_, _, b)| b.size_bytes()).sum();
+                entries + snapshot.as_ref().map_or(0, |s| s.data.len())
+            }
+            _ => 0,
         }
     }
 

@@ -100,6 +100,10 @@ pub struct ReplicaOptions {
     pub inbox_capacity: usize,
     /// Inputs handled before one `Ready`, at most (bounds a group commit).
     pub inbox_burst_max: usize,
+    /// Payload bytes of the inputs handled before one `Ready`, at most: a
+    /// lagging follower draining a backlog of large Accepts writes one
+    /// bounded record per sync, not one the log cannot frame.
+    pub inbox_burst_bytes_max: usize,
 }
 
 impl Default for ReplicaOptions {
@@ -109,6 +113,7 @@ impl Default for ReplicaOptions {
             snapshot_every_slots: 1000,
             inbox_capacity: 16384,
             inbox_burst_max: 4096,
+            inbox_burst_bytes_max: 64 << 20,
         }
     }
 }
@@ -163,6 +168,17 @@ enum Input {
     Propose(Bytes, oneshot::Sender<Result<Bytes, ReplicaError>>),
     ReadBarrier(oneshot::Sender<Result<(), ReplicaError>>),
     Shutdown,
+}
+
+impl Input {
+    /// What it may add to the next sync.
+    fn payload_bytes(&self) -> usize {
+        match self {
+            Input::Message(_, msg) => msg.payload_bytes(),
+            Input::Propose(command, _) => command.len(),
+            Input::ReadBarrier(_) | Input::Shutdown => 0,
+        }
+    }
 }
 
 /// A cheap-to-clone handle to a running replica.
@@ -367,13 +383,19 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
             let timeout = next_tick.saturating_duration_since(Instant::now());
             match rx.recv_timeout(timeout) {
                 Ok(input) => {
+                    let mut bytes = input.payload_bytes();
                     if !self.handle_input(input) {
                         return Ok(());
                     }
-                    // Take whatever else has queued: one sync for all of it.
+                    // Take whatever else has queued: one sync for all of it,
+                    // up to a bound in count and in bytes.
                     for _ in 1..self.options.inbox_burst_max {
+                        if bytes >= self.options.inbox_burst_bytes_max {
+                            break;
+                        }
                         match rx.try_recv() {
                             Ok(input) => {
+                                bytes += input.payload_bytes();
                                 if !self.handle_input(input) {
                                     return self.handle_ready();
                                 }

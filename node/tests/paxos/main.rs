@@ -15,4 +15,5 @@ mod model;
 mod partitions;
 mod reads;
 mod scenarios;
+mod sizes;
 mod storage;

@@ -25,6 +25,8 @@ pub struct Net {
     pub dropped: Vec<Vec<u64>>,
     /// Restarts so far: each gives new proposal ids and incarnations.
     restarts: u64,
+    /// Every message sent: (kind, payload bytes).
+    pub sent: Vec<(&'static str, usize)>,
 }
 
 impl Net {
@@ -64,6 +66,7 @@ impl Net {
             applied: vec![Vec::new(); n as usize],
             dropped: vec![Vec::new(); n as usize],
             restarts: 0,
+            sent: Vec::new(),
         };
         for id in 0..n {
             net.drain(id);
@@ -85,13 +88,17 @@ impl Net {
             return;
         };
         let ready = node.ready();
-        for (to, msg) in ready.messages {
+        let early = ready.messages.into_iter();
+        let (persist, persisted) = (ready.persist, ready.persisted_messages);
+        for (to, msg) in early {
+            self.sent.push((msg.kind(), msg.payload_bytes()));
             self.held.push((id, to, msg));
         }
         self.storages[id as usize]
-            .persist(&ready.persist)
+            .persist(&persist)
             .expect("memory storage");
-        for (to, msg) in ready.persisted_messages {
+        for (to, msg) in persisted {
+            self.sent.push((msg.kind(), msg.payload_bytes()));
             self.held.push((id, to, msg));
         }
         if ready.snapshot.is_some() {
