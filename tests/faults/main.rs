@@ -2,19 +2,19 @@
 //!
 //! It creates a network namespace (`ip netns add`, so it needs root) and
 //! runs itself inside it. There it starts 3 shardmasters and 3 groups of 3
-//! kvservers, each node on its own loopback address (127.0.1.x; a node
-//! connects from the address it listens on, so iptables can tell nodes
+//! (or 5) kvservers, each node on its own loopback address (127.0.1.x; a
+//! node connects from the address it listens on, so iptables can tell nodes
 //! apart). Concurrent clients record every operation's call, return and
 //! result while a nemesis, driven by a printed seed, partitions the nodes
 //! with iptables (random halves, an isolated group leader, a bridge, a
-//! majority ring in every group),
+//! majority ring in every group, a node cut off one way only),
 //! resets connections at random, kills and restarts nodes, pauses them with
 //! SIGSTOP, and, at the same time, moves shards and joins and leaves a
 //! group. After the faults heal, every key is read back: every acknowledged
 //! append must be there, and the history must be linearizable per key.
 //!
 //! ```text
-//! shardkv-faults [--duration SECONDS] [--seed N] [--out DIR]
+//! shardkv-faults [--duration SECONDS] [--replicas 3|5] [--seed N] [--out DIR]
 //! ```
 //!
 //! Exit 0 when the run found nothing; 1 on any anomaly or lost write, with
@@ -57,12 +57,23 @@ struct Opts {
     /// How long clients run while the nemesis acts, in seconds.
     #[arg(long, default_value_t = 60)]
     duration: u64,
+    /// Replicas in each kvserver group: 3 or 5 (the shardmaster has 3).
+    #[arg(long, default_value_t = 3, value_parser = parse_replicas)]
+    replicas: usize,
     /// The seed for the workload and the nemesis (default: from the clock).
     #[arg(long, env = "SHARDKV_SEED")]
     seed: Option<u64>,
     /// Where the history and the schedule go when the run fails.
     #[arg(long, default_value = "target/faults")]
     out: PathBuf,
+}
+
+fn parse_replicas(s: &str) -> Result<usize, String> {
+    match s {
+        "3" => Ok(3),
+        "5" => Ok(5),
+        _ => Err(format!("groups have 3 or 5 replicas, not {s}")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -94,6 +105,8 @@ fn main() -> ExitCode {
         .args([
             "--duration",
             &opts.duration.to_string(),
+            "--replicas",
+            &opts.replicas.to_string(),
             "--seed",
             &seed.to_string(),
         ])
@@ -153,6 +166,38 @@ fn cut(a: &[String], b: &[String]) {
     }
 }
 
+/// Blocks what every node of `from` sends to every node of `to`; the other
+/// way still works.
+fn cut_one_way(from: &[String], to: &[String]) {
+    for x in from {
+        for y in to {
+            iptables(&["-A", CHAIN, "-s", ip_of(x), "-d", ip_of(y), "-j", "DROP"]);
+        }
+    }
+}
+
+/// Cuts the links of a Paxos group so every member still sees a majority,
+/// but not the same one: with 3, one link; with 5, a ring (each member
+/// keeps its two neighbours). Returns the links cut.
+fn majority_ring(members: &[String], rng: &mut SimRng) -> Vec<String> {
+    let n = members.len();
+    let pairs: Vec<(usize, usize)> = if n == 5 {
+        let mut order: Vec<usize> = (0..n).collect();
+        shuffle(&mut order, rng);
+        (0..n).map(|i| (order[i], order[(i + 2) % n])).collect()
+    } else {
+        let a = rng.below(n as u64) as usize;
+        vec![(a, (a + 1 + rng.below(n as u64 - 1) as usize) % n)]
+    };
+    for (a, b) in &pairs {
+        cut(&[members[*a].clone()], &[members[*b].clone()]);
+    }
+    pairs
+        .iter()
+        .map(|(a, b)| format!("{}-{}", members[*a], members[*b]))
+        .collect()
+}
+
 fn heal_network() {
     iptables(&["-F", CHAIN]);
 }
@@ -167,8 +212,8 @@ struct Shared {
 async fn run(opts: Opts) -> ExitCode {
     let seed = opts.seed.expect("the outer process passes the seed");
     println!(
-        "shardkv-faults: seed {seed} (rerun with --seed {seed}), {} s",
-        opts.duration
+        "shardkv-faults: seed {seed} (rerun with --seed {seed}), {} s, groups of {}",
+        opts.duration, opts.replicas
     );
     sh("ip", &["link", "set", "lo", "up"]).expect("loopback up");
     iptables(&["-N", CHAIN]);
@@ -176,7 +221,8 @@ async fn run(opts: Opts) -> ExitCode {
 
     let master = |i: usize| format!("127.0.1.{}:7000", 1 + i);
     let member = |g: usize, i: usize| format!("127.0.1.{}:7000", 10 * g + i);
-    let mut cluster = Cluster::start_at("127.0.1.1", GROUPS, 3, &master, &member).await;
+    let replicas = opts.replicas;
+    let mut cluster = Cluster::start_at("127.0.1.1", GROUPS, replicas, &master, &member).await;
     for gid in 1..=GROUPS as u64 {
         cluster.join(gid).await;
     }
@@ -259,7 +305,7 @@ async fn run(opts: Opts) -> ExitCode {
     let reconfig = {
         let log = log.clone();
         let masters = masters.clone();
-        let toggled: Vec<String> = (0..3).map(|i| member(GROUPS, i)).collect();
+        let toggled: Vec<String> = (0..replicas).map(|i| member(GROUPS, i)).collect();
         let mut rng = SimRng::new(seed ^ 0x5eed_cafe);
         tokio::spawn(async move {
             let admin = shardkv::shardmaster::client::ShardMasterClient::new(
@@ -302,7 +348,7 @@ async fn run(opts: Opts) -> ExitCode {
         .collect();
     while start.elapsed() < run_for {
         let hold = Duration::from_millis(1000 + rng.below(3000));
-        match rng.below(7) {
+        match rng.below(8) {
             0 => {
                 let mut shuffled = servers.clone();
                 shuffle(&mut shuffled, &mut rng);
@@ -337,16 +383,26 @@ async fn run(opts: Opts) -> ExitCode {
                 cut(a, b);
             }
             6 => {
-                // A majority ring in every Paxos group of 3: one link cut,
-                // so each member sees a majority, but not the same one.
+                // A majority ring in every Paxos group.
                 let mut cuts = Vec::new();
                 for members in std::iter::once(&cluster.masters).chain(cluster.groups.iter()) {
-                    let a = rng.below(3) as usize;
-                    let b = (a + 1 + rng.below(2) as usize) % 3;
-                    cut(&[members[a].addr.clone()], &[members[b].addr.clone()]);
-                    cuts.push(format!("{}-{}", members[a].addr, members[b].addr));
+                    let addrs: Vec<String> = members.iter().map(|n| n.addr.clone()).collect();
+                    cuts.extend(majority_ring(&addrs, &mut rng));
                 }
                 log(format!("majority rings, cut {cuts:?} for {hold:?}"));
+            }
+            7 => {
+                // One node cut off one way only: it hears nothing, or
+                // nothing it sends arrives (a half-broken link).
+                let node = servers[rng.below(servers.len() as u64) as usize].clone();
+                let rest: Vec<String> = servers.iter().filter(|s| **s != node).cloned().collect();
+                if rng.below(2) == 0 {
+                    log(format!("{node} hears nothing for {hold:?}"));
+                    cut_one_way(&rest, std::slice::from_ref(&node));
+                } else {
+                    log(format!("nothing {node} sends arrives for {hold:?}"));
+                    cut_one_way(std::slice::from_ref(&node), &rest);
+                }
             }
             3 => {
                 log(format!("reset 5% of connections' packets for {hold:?}"));
