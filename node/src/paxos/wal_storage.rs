@@ -287,6 +287,7 @@ fn read_records(path: &Path) -> Result<(Vec<Record>, u64), StorageError> {
         // Zero length: the preallocated space past the last record (or a
         // torn one). A length past the end: a torn frame (or damage).
         if payload_len == 0 || offset + frame_bytes + payload_len > file_len {
+            expect_not_flipped(path, offset, payload_len as u32, crc, file_len)?;
             expect_zeros_after(path, offset, offset + frame_bytes)?;
             break;
         }
@@ -297,6 +298,7 @@ fn read_records(path: &Path) -> Result<(Vec<Record>, u64), StorageError> {
             Err(e) => return Err(io_error(path.display(), e)),
         }
         if checksum(&length, &payload) != crc {
+            expect_not_flipped(path, offset, payload_len as u32, crc, file_len)?;
             expect_zeros_after(path, offset, offset + frame_bytes + payload_len)?;
             break;
         }
@@ -310,6 +312,41 @@ fn read_records(path: &Path) -> Result<(Vec<Record>, u64), StorageError> {
         offset += FRAME_BYTES as u64 + payload_len;
     }
     Ok((records, offset))
+}
+
+/// A length with one bit flipped can make a damaged record look like a
+/// torn last one: too long, it swallows the records after it, which then
+/// pass for the torn bytes. A torn write never flips a bit of a length
+/// whose payload it wrote whole, so if the record checks out with one bit
+/// of its length flipped back, it is damage.
+fn expect_not_flipped(
+    path: &Path,
+    record: u64,
+    length: u32,
+    crc: u32,
+    file_len: u64,
+) -> Result<(), StorageError> {
+    let file = File::open(path).map_err(|e| io_error(path.display(), e))?;
+    let frame_bytes = FRAME_BYTES as u64;
+    for bit in 0..32 {
+        let candidate = length ^ (1 << bit);
+        let end = record + frame_bytes + u64::from(candidate);
+        if candidate == 0 || end > file_len {
+            continue;
+        }
+        let mut payload = vec![0u8; candidate as usize];
+        file.read_exact_at(&mut payload, record + frame_bytes)
+            .map_err(|e| io_error(path.display(), e))?;
+        if checksum(&candidate.to_le_bytes(), &payload) == crc {
+            return Err(StorageError::Corrupt(format!(
+                "{} is damaged: the length of the record at byte {record} has a flipped \
+                 bit (it checks out as {candidate} bytes, not {length}); the records \
+                 after it cannot be trusted",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Checks that nothing but zeros follows `from` in the segment at `path`,

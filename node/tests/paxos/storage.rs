@@ -286,15 +286,23 @@ fn a_bad_record_followed_by_data_is_damage_not_a_torn_tail() {
         ..Default::default()
     };
     let w = two_writes(second);
-    let differs = |i: &usize| w.after_first[*i] != w.after_second[*i];
-    let first_start = w.after_first.iter().position(|b| *b != 0).unwrap();
-    let second_start = (0..w.after_first.len()).find(differs).unwrap();
-    // A flipped bit anywhere in the header or the first record, with the
-    // second record after it.
-    for _ in 0..50 {
+    // The header and the first record end at the last byte written before
+    // the second (the second's first bytes may be zeros, like the space it
+    // went into, so this is safer than where the two files first differ).
+    let first_end = w.after_first.iter().rposition(|b| *b != 0).unwrap() + 1;
+    // Every bit of the first record's length: a longer length could make
+    // it swallow the second record and pass for a torn last one.
+    let header_len = 8 + u32::from_le_bytes(w.after_first[..4].try_into().unwrap()) as usize;
+    let length_bits = (0..32).map(|bit| header_len * 8 + bit);
+    // And a flipped bit anywhere in the header or the first record, with
+    // the second record after it.
+    let random_bits: Vec<usize> = (0..50)
+        .map(|_| rng.below(first_end as u64 * 8) as usize)
+        .collect();
+    for bit in length_bits.chain(random_bits) {
         let mut bytes = w.after_second.clone();
-        let at = first_start + rng.below((second_start - first_start) as u64) as usize;
-        bytes[at] ^= 1 << rng.below(8);
+        let at = bit / 8;
+        bytes[at] ^= 1 << (bit % 8);
         let copy = w.copy_with_segment(&bytes);
         let message = open_error(copy.path());
         assert!(
