@@ -121,6 +121,10 @@ pub enum Message {
         commit: Slot,
         min_done: Slot,
         read_round: u64,
+        /// The leader's knowledge of incarnations, so a member learns when
+        /// a peer knows a later incarnation of it than its own (see
+        /// `Paxos::check_own_incarnation`).
+        incarnations: Incarnations,
     },
     /// Phase 2b, also the heartbeat reply: proves liveness and reports the
     /// sender's compaction point (`done`) for the low-water mark. It echoes
@@ -157,8 +161,12 @@ pub enum Message {
     /// empty) if it is itself new or recovering. `incarnations` is what the
     /// sender knows, durably, once it has recorded the requester's.
     /// `snapshot` comes when the requested slot is at or below it; `more`
-    /// says entries past these remain.
+    /// says entries past these remain. `for_incarnation` and `from_slot`
+    /// echo the request it answers: a page for an earlier request (an
+    /// earlier attempt, or a page already taken) must not count.
     RecoverReply {
+        for_incarnation: Incarnation,
+        from_slot: Slot,
         initialized: bool,
         promised: Ballot,
         entries: Vec<(Slot, Ballot, Batch)>,
@@ -202,15 +210,24 @@ impl Message {
         )
     }
 
-    /// The sender's knowledge of incarnations, on the messages that are
-    /// votes (or acceptor state) and so count only from the newest one.
+    /// The sender's knowledge of incarnations, where a message carries it.
     pub fn incarnations(&self) -> Option<&[Incarnation]> {
         match self {
             Message::Promise { incarnations, .. }
             | Message::Accepted { incarnations, .. }
-            | Message::RecoverReply { incarnations, .. } => Some(incarnations),
+            | Message::RecoverReply { incarnations, .. }
+            | Message::Accept { incarnations, .. } => Some(incarnations),
             _ => None,
         }
+    }
+
+    /// True for votes and acceptor state (promises, acceptances, recovery
+    /// answers): they count only from their sender's newest incarnation.
+    pub fn is_vote(&self) -> bool {
+        matches!(
+            self,
+            Message::Promise { .. } | Message::Accepted { .. } | Message::RecoverReply { .. }
+        )
     }
 
     /// Payload bytes it carries (log entries and snapshots), to bound

@@ -223,9 +223,11 @@ impl Replica {
         config.proposal_id_start = config.proposal_id_start.max(now_nanos);
         // A replica that finds its storage blank takes a new incarnation,
         // above any it had before if the clock has moved on (if not, its
-        // peers tell it, and it takes the next one). Seconds keep the
-        // number short: every vote carries it.
-        config.blank_incarnation = config.blank_incarnation.max(now_nanos / 1_000_000_000);
+        // peers tell it, and it takes the next one). Two lives must never
+        // take the same number, or their votes cannot be told apart: a
+        // clock reading in nanoseconds is unique unless the clock is set
+        // back to the very nanosecond.
+        config.blank_incarnation = config.blank_incarnation.max(now_nanos);
         let durable = storage
             .load()
             .map_err(|e| ReplicaError::Storage(e.to_string()))?;

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use shardkv::paxos::{
-    Batch, Config, DurableState, MemStorage, Message, NodeId, Paxos, RoleKind, Slot, Storage,
+    Batch, Config, DurableState, Incarnation, MemStorage, Message, NodeId, Paxos, RoleKind, Slot,
+    Storage,
 };
 
 /// A group whose network is the test's hands.
@@ -239,8 +240,15 @@ impl Net {
     }
 
     /// Restarts `id` from its storage, or from blank storage (a lost disk,
-    /// so it recovers from its peers before it votes again).
+    /// so it recovers from its peers before it votes again), with an
+    /// incarnation above any before (a new one per restart).
     pub fn restart(&mut self, id: NodeId, lose_disk: bool) {
+        self.restart_with(id, lose_disk, self.restarts + 1);
+    }
+
+    /// As `restart`, taking `incarnation` if the storage is blank (what the
+    /// driver's clock reading would give).
+    pub fn restart_with(&mut self, id: NodeId, lose_disk: bool, incarnation: Incarnation) {
         if lose_disk {
             self.storages[id as usize] = MemStorage::new();
         }
@@ -248,7 +256,7 @@ impl Net {
         config.recover_when_empty = true;
         self.restarts += 1;
         config.proposal_id_start = self.restarts << 40;
-        config.blank_incarnation = self.restarts;
+        config.blank_incarnation = incarnation;
         let durable = self.storages[id as usize].load().expect("memory storage");
         self.nodes[id as usize] = Some(Paxos::new(config, durable));
         self.applied[id as usize].clear();
@@ -490,4 +498,222 @@ fn an_acceptance_from_before_a_lost_disk_is_not_counted() {
         (0..5).all(|id| n.applied[id].iter().any(|(slot, _)| *slot >= 1))
     });
     assert!(converged, "the group never applied slot 1 everywhere");
+}
+
+fn is_recover_request(m: &Message) -> bool {
+    matches!(m, Message::RecoverRequest { .. })
+}
+
+/// Found by review. A page of a recovery answer for a request of an
+/// earlier attempt (the recovering replica crashed while still blank and
+/// restarted) was taken as P's whole answer, without the slots before it:
+/// R adopted without the value L decided with {L, R, P}, and A (elected by
+/// A, R, B) filled that slot with a no-op. A page now names the request it
+/// answers (incarnation and first slot), and only the one awaited counts.
+#[test]
+fn a_late_recovery_page_from_an_earlier_attempt_is_not_taken() {
+    const L: NodeId = 0;
+    const R: NodeId = 1;
+    const P: NodeId = 2;
+    const A: NodeId = 3;
+    const B: NodeId = 4;
+    // One entry per page; recovery requests are resent once the schedule
+    // is over and the group runs freely.
+    let mut net = Net::with_config(5, |c| {
+        c.catchup_entries_max = 1;
+        c.retry_interval_ticks = 5;
+    });
+    net.campaign(L);
+    net.exchange(L, &[R, P, A, B]);
+    assert!(net.node(L).is_leader());
+    // L decides "x" (slot 1) and "y" (slot 2) with R and P; A and B miss both.
+    for value in ["x", "y"] {
+        net.propose(L, value);
+        net.drop(L, &[A, B]);
+        net.exchange(L, &[R, P]);
+    }
+    assert_eq!(net.node(L).commit_index(), 2);
+    assert_eq!(
+        net.chosen.get(&1).map(|b| b.commands[0].data.clone()),
+        Some(Bytes::from_static(b"x"))
+    );
+    // R loses its disk (incarnation 1). P answers page 1 (slot 1, more);
+    // R asks P for the page from slot 2; that request is slow.
+    net.crash(R);
+    net.restart_with(R, true, 1);
+    assert_eq!(net.node(R).role(), RoleKind::Recovering);
+    net.deliver_where(R, P, is_recover_request);
+    net.deliver(P, R);
+    let asked_from_2 = net.held.iter().any(|(f, t, m)| {
+        *f == R && *t == P && matches!(m, Message::RecoverRequest { from_slot: 2, .. })
+    });
+    assert!(asked_from_2, "R asked P for its second page");
+    for peer in [L, A, B] {
+        net.drop_where(R, peer, is_recover_request);
+    }
+    // R crashes before it has recovered: its storage is still blank, so it
+    // restarts recovering (incarnation 2) and asks everyone from slot 0.
+    net.crash(R);
+    net.restart_with(R, false, 2);
+    assert_eq!(net.node(R).role(), RoleKind::Recovering);
+    // P takes the new request first (records incarnation 2), then the slow
+    // one from the previous attempt; its answer to that comes back first.
+    net.deliver_where(R, P, |m| {
+        matches!(
+            m,
+            Message::RecoverRequest {
+                incarnation: 2,
+                from_slot: 0
+            }
+        )
+    });
+    net.deliver_where(R, P, |m| {
+        matches!(m, Message::RecoverRequest { from_slot: 2, .. })
+    });
+    net.deliver_where(P, R, |m| {
+        matches!(m, Message::RecoverReply { entries, .. } if entries.first().is_some_and(|e| e.0 == 2))
+    });
+    net.drop(P, &[R]);
+    // A and B (which hold nothing) answer; L's answer is lost.
+    net.drop_where(R, L, is_recover_request);
+    for peer in [A, B] {
+        net.deliver_where(R, peer, is_recover_request);
+        net.deliver(peer, R);
+    }
+    assert_eq!(
+        net.node(R).role(),
+        RoleKind::Recovering,
+        "a page for an earlier attempt does not complete P's answer"
+    );
+    // A stands, with A, R and B; R cannot vote yet.
+    net.campaign(A);
+    net.drop(A, &[L, P]);
+    net.exchange(A, &[R, B]);
+    if net.node(A).is_leader() {
+        net.exchange(A, &[R, B]);
+    }
+    let converged = net.run_until(200, |n| {
+        (0..5).all(|id| n.applied[id].iter().any(|(slot, _)| *slot >= 1))
+    });
+    assert!(converged, "the group never applied slot 1 everywhere");
+    // The invariant the recovery needs: R holds every value it may have
+    // voted for in a decision.
+    let r = net.storages[R as usize].state();
+    let holds_slot_1 =
+        r.entries.contains_key(&1) || r.snapshot.as_ref().is_some_and(|s| s.index >= 1);
+    assert!(
+        holds_slot_1,
+        "R recovered without slot 1, which it helped decide"
+    );
+}
+
+/// Found by review: the incarnation rule needs every life of a replica to
+/// take a new number. The driver once took the clock in seconds, so two
+/// disk losses within a second gave two lives the same number, and peers
+/// could not tell a vote of the earlier life from one of the later (the
+/// schedule of `a_promise_from_before_a_lost_disk_is_not_counted`, with
+/// both lives at 7). It now takes nanoseconds. This test shows the
+/// assumption that remains, so it is not run: it fails by design.
+#[test]
+#[ignore = "documents an assumption: two lives of a replica never draw the same clock reading"]
+fn two_lives_with_one_incarnation_cannot_be_told_apart() {
+    two_lives(7, 7);
+}
+
+/// Control: the same schedule with a strictly newer second incarnation holds.
+#[test]
+fn two_lives_with_distinct_incarnations_hold() {
+    two_lives(7, 8);
+}
+
+fn two_lives(first: Incarnation, second: Incarnation) {
+    const L: NodeId = 0;
+    const R: NodeId = 1;
+    const B: NodeId = 2;
+    const C: NodeId = 3;
+    const A: NodeId = 4;
+    let mut net = Net::with_config(5, |_| {});
+    net.campaign(L);
+    net.exchange(L, &[R, B, C, A]);
+    assert!(net.node(L).is_leader());
+    // R loses its disk once and recovers from everyone at incarnation 7.
+    net.crash(R);
+    net.restart_with(R, true, first);
+    for peer in [L, B, C, A] {
+        net.deliver_where(R, peer, is_recover_request);
+        net.deliver(peer, R);
+    }
+    assert_eq!(net.node(R).role(), RoleKind::Follower, "R recovered");
+    net.exchange(L, &[R, B, C, A]);
+    // C stands with a higher ballot; only R hears it; R's promise is slow.
+    net.campaign(C);
+    net.drop(C, &[L, B]);
+    net.deliver(C, R);
+    // R loses its disk again within the same second: incarnation 7 again.
+    net.crash(R);
+    net.restart_with(R, true, second);
+    net.drop_where(R, C, is_recover_request);
+    for peer in [L, B, A] {
+        net.deliver_where(R, peer, is_recover_request);
+        net.deliver(peer, R);
+    }
+    assert_eq!(net.node(R).role(), RoleKind::Follower, "R recovered again");
+    // L decides "v" in slot 1 with R and B.
+    net.propose(L, "v");
+    net.drop(L, &[C, A]);
+    net.exchange(L, &[R, B]);
+    assert_eq!(net.node(L).commit_index(), 1, "v is chosen");
+    // A promises C's ballot; C counts A's promise and R's old one.
+    net.deliver(C, A);
+    net.deliver(A, C);
+    net.deliver(R, C);
+    if net.node(C).is_leader() {
+        net.propose(C, "w");
+        net.exchange(C, &[A, R]);
+    }
+    let converged = net.run_until(200, |n| {
+        (0..5).all(|id| n.applied[id].iter().any(|(slot, _)| *slot >= 1))
+    });
+    assert!(converged, "the group never applied slot 1 everywhere");
+}
+
+/// Found by review: R restarts blank at incarnation 5 and L records it; R
+/// crashes while still blank and comes back at 3 (the clock stepped back);
+/// P, Q and S answer first and R adopts at 3. L then ignored every vote R
+/// gave in this life, for good (a group of 5 survived one fewer failure).
+/// Now the leader's Accepts carry what it knows, and R, hearing of a later
+/// incarnation of itself, takes the next one.
+#[test]
+fn an_incarnation_below_one_a_peer_knows_is_raised() {
+    const L: NodeId = 0;
+    const R: NodeId = 1;
+    const P: NodeId = 2;
+    const Q: NodeId = 3;
+    const S: NodeId = 4;
+    let mut net = Net::with_config(5, |_| {});
+    net.campaign(L);
+    net.exchange(L, &[R, P, Q, S]);
+    assert!(net.node(L).is_leader());
+    net.crash(R);
+    net.restart_with(R, true, 5);
+    net.deliver_where(R, L, is_recover_request);
+    net.drop(L, &[R]);
+    net.drop(R, &[P, Q, S]);
+    net.crash(R);
+    net.restart_with(R, false, 3);
+    net.drop_where(R, L, is_recover_request);
+    for peer in [P, Q, S] {
+        net.deliver_where(R, peer, is_recover_request);
+        net.deliver(peer, R);
+    }
+    assert_eq!(net.node(R).role(), RoleKind::Follower, "R recovered");
+    // L proposes; only R accepts (P, Q, S are slow). R's current vote is ignored.
+    net.propose(L, "v");
+    net.drop(L, &[P, Q, S]);
+    net.exchange(L, &[R]);
+    assert_eq!(
+        net.node(L).stats().stale_votes_ignored,
+        0,
+        "L ignored R's acceptance from R's current (and only live) life"
+    );
 }

@@ -92,26 +92,49 @@ impl Paxos {
         }
     }
 
-    /// A recovery answer also tells what the peer knows of this replica.
-    /// Returns false if the answer must not count: it is to an older
-    /// request (the peer may not have recorded the current incarnation), or
-    /// the peer knows a later incarnation than ours, so this replica takes
-    /// the next one and asks everyone again.
+    /// A vote also tells what its sender knows of this replica. If that is
+    /// a later incarnation than ours (an earlier life took a higher number:
+    /// a clock stepped back), this replica takes the next one: otherwise
+    /// that peer, and everyone it tells, would ignore all its votes. A
+    /// recovering replica then asks everyone again (returns false: the
+    /// answer does not count); a voter records it and goes on (it only
+    /// makes peers drop its older votes).
     pub(super) fn check_own_incarnation(&mut self, reported: Incarnation) -> bool {
-        if !matches!(self.role, Role::Recovering(_)) {
+        let me = self.config.id as usize;
+        if reported <= self.incarnations[me] {
             return true;
         }
-        let me = self.config.id as usize;
-        let mine = self.incarnations[me];
-        if reported > mine {
-            self.incarnations[me] = reported + 1;
-            if let Role::Recovering(r) = &mut self.role {
-                r.replies.clear();
-                r.partial.clear();
-            }
+        self.incarnations[me] = reported + 1;
+        if let Role::Recovering(r) = &mut self.role {
+            r.replies.clear();
+            r.partial.clear();
             self.send_recover_requests();
             return false;
         }
-        reported == mine
+        tracing::warn!(
+            replica = self.config.id,
+            incarnation = reported + 1,
+            "a peer knows a later incarnation of this replica (its storage is older than \
+             its last recovery, or the clock stepped back); taking the next one"
+        );
+        self.out.persist.incarnations = Some(self.incarnations.clone());
+        true
+    }
+
+    /// Whether a recovery answer is to the request this replica is waiting
+    /// for from `from`: its current incarnation (so the peer has recorded
+    /// it), and the page it asked for next (0 for the first). Anything else
+    /// answers an earlier attempt, or is a page already taken.
+    pub(super) fn answers_current_request(
+        &self,
+        from: NodeId,
+        for_incarnation: Incarnation,
+        from_slot: Slot,
+    ) -> bool {
+        let Role::Recovering(r) = &self.role else {
+            return false;
+        };
+        let expected = r.partial.get(&from).map_or(0, |(_, next)| *next);
+        for_incarnation == self.incarnations[self.config.id as usize] && from_slot == expected
     }
 }

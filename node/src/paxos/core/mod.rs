@@ -656,22 +656,23 @@ impl Paxos {
         }
         if let Some(known) = msg.incarnations() {
             let reported_mine = known.get(self.config.id as usize).copied();
-            if !self.learn_incarnations(from, known) {
+            if !self.learn_incarnations(from, known) && msg.is_vote() {
                 // Sent by an incarnation of `from` that has since lost its
                 // disk: its vote may contradict what the new one gives.
                 self.stats.stale_votes_ignored += 1;
                 return;
             }
-            if let Message::RecoverReply { .. } = msg {
-                if !self.check_own_incarnation(reported_mine.unwrap_or(0)) {
-                    return;
-                }
+            if !self.check_own_incarnation(reported_mine.unwrap_or(0)) {
+                return;
             }
         }
         if let Role::Recovering(_) = self.role {
             // Not a voter yet: answer recovery questions, ignore the rest.
             match msg {
-                Message::RecoverRequest { incarnation, .. } => {
+                Message::RecoverRequest {
+                    incarnation,
+                    from_slot,
+                } => {
                     // Remembered (not durably: this replica holds nothing
                     // yet), so the requester sees its request was taken.
                     self.learn_incarnation(from, incarnation);
@@ -679,6 +680,8 @@ impl Paxos {
                     self.send(
                         from,
                         Message::RecoverReply {
+                            for_incarnation: incarnation,
+                            from_slot,
                             initialized: false,
                             promised: Ballot::default(),
                             entries: Vec::new(),
@@ -690,6 +693,8 @@ impl Paxos {
                     )
                 }
                 Message::RecoverReply {
+                    for_incarnation,
+                    from_slot,
                     initialized,
                     promised,
                     entries,
@@ -698,6 +703,9 @@ impl Paxos {
                     incarnations: _,
                     more,
                 } => {
+                    if !self.answers_current_request(from, for_incarnation, from_slot) {
+                        return;
+                    }
                     let page = initialized.then(|| PeerState {
                         promised,
                         entries: (entries.into_iter())
@@ -733,6 +741,7 @@ impl Paxos {
                 commit,
                 min_done,
                 read_round,
+                incarnations: _,
             } => self.on_accept(from, ballot, entries, commit, min_done, read_round),
             Message::Accepted {
                 ballot,

@@ -76,6 +76,8 @@ impl Paxos {
         self.send(
             from,
             Message::RecoverReply {
+                for_incarnation: incarnation,
+                from_slot,
                 initialized: true,
                 promised: self.promised,
                 entries,

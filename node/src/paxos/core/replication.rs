@@ -100,6 +100,7 @@ impl Paxos {
     }
 
     pub(super) fn send_accept(&mut self, peer: NodeId, entries: Vec<(Slot, Batch)>) {
+        let incarnations = self.wire_incarnations();
         let Role::Leader(l) = &mut self.role else {
             return;
         };
@@ -114,17 +115,16 @@ impl Paxos {
         l.sent_tick[peer as usize] = self.now_tick;
         l.commit_sent[peer as usize] = self.commit;
         l.read_round_sent[peer as usize] = l.read_round;
+        let accept = Message::Accept {
+            ballot: l.ballot,
+            entries,
+            commit: self.commit,
+            min_done: self.min_done,
+            read_round: l.read_round,
+            incarnations,
+        };
         // A leader's Accept leaves before its own sync (see `Ready::messages`).
-        self.out.messages.push((
-            peer,
-            Message::Accept {
-                ballot: l.ballot,
-                entries,
-                commit: self.commit,
-                min_done: self.min_done,
-                read_round: l.read_round,
-            },
-        ));
+        self.out.messages.push((peer, accept));
     }
 
     pub(super) fn on_accept(
