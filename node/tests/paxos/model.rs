@@ -368,8 +368,8 @@ fn elect_replica_zero(state: &mut State, bounds: &Bounds) {
 
 // ----- Scripted steps, for prologues -----
 
-/// Ticks `id` until it stands (pre-vote off in scripted checks), then
-/// delivers its Prepares to `voters` (all, if `None`) and their answers,
+/// Ticks `id` once (a one-tick timeout), delivers its pre-votes if asked
+/// and their answers, then its Prepares to `voters` (all, if `None`) and their answers,
 /// and its takeover Accepts and their answers, until it leads.
 fn elect(state: &mut State, bounds: &Bounds, id: NodeId, voters: Option<&[NodeId]>) {
     let node = state.nodes[id as usize].as_mut().unwrap();
@@ -379,6 +379,17 @@ fn elect(state: &mut State, bounds: &Bounds, id: NodeId, voters: Option<&[NodeId
         Some(v) => v.to_vec(),
         None => (0..bounds.peers).filter(|p| *p != id).collect(),
     };
+    // With pre-votes on, the tick asked for them first.
+    for v in &voters {
+        deliver(state, bounds, id, *v, |m| {
+            matches!(m, Message::PreVote { .. })
+        });
+    }
+    for v in &voters {
+        deliver(state, bounds, *v, id, |m| {
+            matches!(m, Message::PreVoteReply { .. })
+        });
+    }
     for v in &voters {
         deliver(state, bounds, id, *v, |m| {
             matches!(m, Message::Prepare { .. })
@@ -546,11 +557,18 @@ fn model_check_competing_ballots() {
 
 #[test]
 fn model_check_crash_restart() {
-    // As above, and any replica may crash at any point and restart from its
-    // storage. Measured: about 5.7 million states.
+    // One proposal, a competing election, and any replica may crash at any
+    // point, inside its sync too (a leader after its Accepts left, before
+    // its own writes were durable), and restart from its storage. With 2
+    // proposals, crashing only the leader passes 11 million states (by
+    // hand: `model_check_custom`).
     check(
-        "2 proposals, 1 competing election, 1 crash-restart",
-        Bounds { crashes: 1, ..BASE },
+        "1 proposal, 1 competing election, 1 crash-restart",
+        Bounds {
+            proposals: 1,
+            crashes: 1,
+            ..BASE
+        },
     );
 }
 
@@ -559,8 +577,9 @@ fn model_check_lost_disk() {
     // As above, but the crashed replica loses its disk: it must recover
     // what it promised and accepted from the others before it votes again.
     check(
-        "2 proposals, 1 competing election, 1 crash losing the disk",
+        "1 proposal, 1 competing election, 1 crash losing the disk",
         Bounds {
+            proposals: 1,
             crashes: 1,
             lose_disk: true,
             crash_only: Some(1),
@@ -628,16 +647,18 @@ fn model_check_custom() {
 }
 
 #[test]
+#[ignore = "long: over 5 million states, about 3 minutes and more"]
 fn model_check_pre_vote() {
     // With pre-votes and leader stickiness on, as the driver runs: leader 0
-    // proposes one value while replicas 1 and 2 may each tick twice (a
-    // pre-vote needs a silent leader for a whole timeout), with loss and
+    // proposes one value while replicas 1 and 2 may tick (a tick ends a
+    // follower's one-tick timeout: it asks for pre-votes, and no longer
+    // counts the leader live, so it can grant the other's), with loss and
     // reordering throughout.
     check(
-        "pre-vote on, 1 proposal, 4 ticks at replicas 1 and 2",
+        "pre-vote on, 1 proposal, 2 ticks at replicas 1 and 2",
         Bounds {
             proposals: 1,
-            ticks: 4,
+            ticks: 2,
             tick_only: Some(&[1, 2]),
             pre_vote: true,
             ..BASE
