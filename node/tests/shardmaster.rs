@@ -338,25 +338,31 @@ async fn query_at_a_cut_off_replica_never_answers_stale() {
     let cluster = Cluster::start(1000).await;
     let ck = cluster.client();
     ck.join(1, servers(1)).await.unwrap();
-    // Cut replica 2 off from its peers, and wait until it notices (it stands
-    // for election on its own).
+    // Cut replica 2 off from its peers, and wait until it notices (it asks
+    // for pre-votes on its own; nobody answers).
     cluster.net.set_isolated(2, true);
     let noticed = cluster.replicas[2]
-        .wait_for(TIMEOUT, |s| s.role == RoleKind::Candidate)
+        .wait_for(TIMEOUT, |s| s.role == RoleKind::PreCandidate)
         .await;
-    assert!(noticed, "isolated replica never stood for election");
+    assert!(
+        noticed,
+        "isolated replica never asked to stand for election"
+    );
     let joined = ck.join(2, servers(2)).await.unwrap();
     // Ask the cut-off replica. It must not answer from its own stale state:
     // either it cannot answer yet, or its answer includes the join.
     let bound = cluster.bound_client(2, TIMEOUT);
     let pending = tokio::spawn(async move { bound.query(None).await });
     // Let it stay cut off with the query pending for two more of its
-    // election rounds.
-    let round = cluster.replicas[2].status().ballot.round;
+    // rounds of asking.
+    let campaigns = cluster.replicas[2].status().campaigns;
     let waited = cluster.replicas[2]
-        .wait_for(TIMEOUT, |s| s.ballot.round >= round + 2)
+        .wait_for(TIMEOUT, |s| s.campaigns >= campaigns + 2)
         .await;
-    assert!(waited, "isolated replica stopped standing for election");
+    assert!(
+        waited,
+        "isolated replica stopped asking to stand for election"
+    );
     if pending.is_finished() {
         let answer = pending.await.unwrap();
         assert!(

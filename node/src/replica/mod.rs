@@ -159,6 +159,9 @@ pub struct Status {
     pub inbox_dropped: u64,
     /// Storage syncs performed.
     pub syncs: u64,
+    /// Times it stood, or asked whether it could (pre-votes and elections
+    /// begun): a replica cut off from its group keeps counting up.
+    pub campaigns: u64,
     /// False once the replica thread has stopped (shut down or failed).
     pub running: bool,
 }
@@ -350,6 +353,7 @@ fn status_of(paxos: &Paxos, dropped: u64, syncs: u64, running: bool) -> Status {
         log_len: paxos.log_len(),
         inbox_dropped: dropped,
         syncs,
+        campaigns: paxos.stats().pre_votes_started + paxos.stats().elections_started,
         running,
     }
 }

@@ -515,3 +515,79 @@ fn damage_inside_an_older_segment_is_refused() {
     let mut wal = WalStorage::open(dir.path(), small_segments()).unwrap();
     assert_eq!(wal.load().unwrap(), model.load().unwrap());
 }
+
+/// A log written before incarnations were recorded (the first header and
+/// batch record variants) still opens, with every field read back.
+#[test]
+fn a_log_from_before_incarnations_still_opens() {
+    use serde::Serialize;
+
+    // The old records' shapes, field for field (postcard is not
+    // self-describing: the order is the format).
+    #[derive(Serialize)]
+    struct OldMeta {
+        promised: Ballot,
+        commit: u64,
+        snapshot: Option<u64>,
+        truncated_through: u64,
+        initialized: bool,
+    }
+    #[derive(Serialize)]
+    enum OldRecord {
+        Header {
+            previous_end: u64,
+            meta: OldMeta,
+        },
+        Batch {
+            promised: Option<Ballot>,
+            entries: Vec<(u64, Ballot, shardkv::paxos::Batch)>,
+            commit: Option<u64>,
+            snapshot: Option<u64>,
+            truncate_through: Option<u64>,
+            initialized: bool,
+        },
+    }
+    fn frame(record: &OldRecord, out: &mut Vec<u8>) {
+        let payload = postcard::to_allocvec(record).unwrap();
+        let length = (payload.len() as u32).to_le_bytes();
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&length);
+        hasher.update(&payload);
+        out.extend_from_slice(&length);
+        out.extend_from_slice(&hasher.finalize().to_le_bytes());
+        out.extend_from_slice(&payload);
+    }
+    let ballot = Ballot::new(4, 2);
+    let batch = Workload::new(3).command_batch();
+    let mut bytes = Vec::new();
+    let header = OldRecord::Header {
+        previous_end: 0,
+        meta: OldMeta {
+            promised: Ballot::new(3, 1),
+            commit: 0,
+            snapshot: None,
+            truncated_through: 0,
+            initialized: true,
+        },
+    };
+    frame(&header, &mut bytes);
+    let record = OldRecord::Batch {
+        promised: Some(ballot),
+        entries: vec![(1, ballot, batch.clone())],
+        commit: Some(1),
+        snapshot: None,
+        truncate_through: None,
+        initialized: false,
+    };
+    frame(&record, &mut bytes);
+    bytes.resize(bytes.len() + 4096, 0); // the preallocated space
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(format!("wal-{:020}.log", 1)), &bytes).unwrap();
+    let mut wal = WalStorage::open(dir.path(), WalOptions::default()).unwrap();
+    let state = wal.load().unwrap();
+    assert_eq!(state.promised, ballot);
+    assert_eq!(state.commit, 1);
+    assert!(state.initialized);
+    assert_eq!(state.entries.get(&1), Some(&(ballot, batch)));
+    assert!(state.incarnations.is_empty(), "no incarnation recorded yet");
+}

@@ -150,7 +150,11 @@ impl Paxos {
         }
         self.set_promised(ballot);
         self.role = Role::Follower { leader: Some(from) };
-        self.leader_heard_tick = Some(self.now_tick);
+        if self.config.check_quorum {
+            // Only stickiness reads it; left alone otherwise, so replicas
+            // that differ in nothing else stay equal (for the model check).
+            self.leader_heard_tick = Some(self.now_tick);
+        }
         self.reset_election_deadline();
         let mut slots = Vec::with_capacity(entries.len());
         for (slot, batch) in entries {
