@@ -548,48 +548,41 @@ fn replay(
         incarnations = header_incarnations;
         let mut slot_max = 0;
         for record in records {
-            let (promised, accepted, commit, snapshot, truncate_through, initialized, known) =
-                match record {
-                    Record::Batch {
-                        promised,
-                        entries,
-                        commit,
-                        snapshot,
-                        truncate_through,
-                        initialized,
-                    } => (
-                        promised,
-                        entries,
-                        commit,
-                        snapshot,
-                        truncate_through,
-                        initialized,
-                        None,
-                    ),
-                    Record::BatchV2 {
-                        promised,
-                        entries,
-                        commit,
-                        snapshot,
-                        truncate_through,
-                        initialized,
-                        incarnations,
-                    } => (
-                        promised,
-                        entries,
-                        commit,
-                        snapshot,
-                        truncate_through,
-                        initialized,
-                        incarnations,
-                    ),
-                    Record::Header { .. } | Record::HeaderV2 { .. } => {
-                        return Err(StorageError::Corrupt(format!(
-                            "{} holds a second header",
-                            path.display()
-                        )))
-                    }
-                };
+            // An old batch reads as a new one that changed no incarnation.
+            let record = match record {
+                Record::Batch {
+                    promised,
+                    entries,
+                    commit,
+                    snapshot,
+                    truncate_through,
+                    initialized,
+                } => Record::BatchV2 {
+                    promised,
+                    entries,
+                    commit,
+                    snapshot,
+                    truncate_through,
+                    initialized,
+                    incarnations: None,
+                },
+                other => other,
+            };
+            let Record::BatchV2 {
+                promised,
+                entries: accepted,
+                commit,
+                snapshot,
+                truncate_through,
+                initialized,
+                incarnations: known,
+            } = record
+            else {
+                return Err(StorageError::Corrupt(format!(
+                    "{} holds a second header",
+                    path.display()
+                )));
+            };
             meta.apply(promised, commit, snapshot, truncate_through, initialized);
             if let Some(known) = known {
                 incarnations = known;
