@@ -284,17 +284,12 @@ impl Paxos {
             inflight: BTreeMap::new(),
             inflight_bytes: 0,
             pending: VecDeque::new(),
-            heard_tick: vec![self.now_tick; peers],
-            sent_tick: vec![0; peers],
-            commit_sent: vec![0; peers],
-            done: vec![0; peers],
+            peers: vec![PeerProgress::new(self.now_tick); peers],
             takeover_last: last,
             read_round: 0,
-            read_round_acked: vec![0; peers],
-            read_round_sent: vec![0; peers],
             reads: VecDeque::new(),
         };
-        leadership.done[self.config.id as usize] = self.snapshot_index();
+        leadership.peers[self.config.id as usize].done = self.snapshot_index();
         let mut entries = Vec::new();
         for slot in self.commit + 1..=last {
             let batch = chosen.remove(&slot).map(|(_, _, b)| b).unwrap_or_default();

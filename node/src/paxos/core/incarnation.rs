@@ -76,8 +76,9 @@ impl Paxos {
                 for f in l.inflight.values_mut() {
                     f.acks &= others;
                 }
-                l.read_round_acked[peer as usize] = 0;
-                l.done[peer as usize] = 0;
+                let progress = &mut l.peers[peer as usize];
+                progress.read_round_acked = 0;
+                progress.done = 0;
             }
             Role::PreCandidate(p) => {
                 // Not binding, but a quorum of them should be current too.

@@ -330,14 +330,9 @@ struct Leadership {
     /// Payload bytes of `inflight`.
     inflight_bytes: usize,
     pending: VecDeque<Command>,
-    /// Last tick each replica was heard from in this ballot (own entry unused).
-    heard_tick: Vec<u64>,
-    /// Last tick a message went to each replica, for heartbeats.
-    sent_tick: Vec<u64>,
-    /// Commit index last sent to each replica, to send news promptly.
-    commit_sent: Vec<Slot>,
-    /// Each replica's reported snapshot point.
-    done: Vec<Slot>,
+    /// What this leader knows of each replica, indexed by id (the own
+    /// entry only carries `done`).
+    peers: Vec<PeerProgress>,
     /// The last slot this leader's takeover re-proposed: every value an
     /// earlier ballot may have chosen lies at or below it, so no read is
     /// served from a state short of it.
@@ -345,13 +340,48 @@ struct Leadership {
     /// Read-confirmation rounds begun in this ballot. Every Accept carries
     /// the latest; followers echo it.
     read_round: u64,
-    /// The highest round each replica has echoed in this ballot (own entry
-    /// unused).
-    read_round_acked: Vec<u64>,
-    /// The round last sent to each replica.
-    read_round_sent: Vec<u64>,
     /// Reads waiting for a majority to confirm their round, oldest first.
     reads: VecDeque<PendingRead>,
+}
+
+impl Leadership {
+    /// The lowest snapshot point any replica reported: log below it can go.
+    fn group_done(&self) -> Slot {
+        self.peers.iter().map(|p| p.done).min().unwrap_or(0)
+    }
+}
+
+/// What a leader tracks of one replica in its ballot.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PeerProgress {
+    /// Last tick it was heard from, to step down when a majority is silent.
+    heard_tick: u64,
+    /// Last tick a message went to it, for heartbeats.
+    sent_tick: u64,
+    /// Commit index last sent to it, to send news promptly.
+    commit_sent: Slot,
+    /// Its reported snapshot point: the log below the group's lowest is
+    /// no longer needed by anyone.
+    done: Slot,
+    /// The highest read round it has echoed in this ballot.
+    read_round_acked: u64,
+    /// The read round last sent to it.
+    read_round_sent: u64,
+}
+
+impl PeerProgress {
+    /// A replica as a new leader first sees it: heard from now (it just
+    /// promised, or will be given an election timeout to answer).
+    fn new(now_tick: u64) -> Self {
+        PeerProgress {
+            heard_tick: now_tick,
+            sent_tick: 0,
+            commit_sent: 0,
+            done: 0,
+            read_round_acked: 0,
+            read_round_sent: 0,
+        }
+    }
 }
 
 /// A linearizable read waiting for its leadership check (ReadIndex).
@@ -777,8 +807,8 @@ impl Paxos {
         self.out.persist.snapshot = Some(snapshot.clone());
         self.snapshot = Some(snapshot);
         if let Role::Leader(l) = &mut self.role {
-            l.done[self.config.id as usize] = index;
-            self.min_done = self.min_done.max(l.done.iter().copied().min().unwrap_or(0));
+            l.peers[self.config.id as usize].done = index;
+            self.min_done = self.min_done.max(l.group_done());
         }
         self.truncate_log();
     }

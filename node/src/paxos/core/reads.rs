@@ -18,7 +18,7 @@ impl Paxos {
     pub(super) fn send_read_round(&mut self) {
         for peer in 0..self.config.peers {
             let behind = matches!(&self.role, Role::Leader(l)
-                if l.read_round_sent[peer as usize] < l.read_round);
+                if l.peers[peer as usize].read_round_sent < l.read_round);
             if peer != self.config.id && behind {
                 self.send_accept(peer, Vec::new());
             }
@@ -37,9 +37,13 @@ impl Paxos {
         // leader if it has begun the round, has echoed it or a later one.
         // Rounds only grow along the queue, so stop at the first unconfirmed.
         while let Some(read) = l.reads.front() {
-            let echoed = (l.read_round_acked.iter().enumerate())
-                .filter(|&(peer, &acked)| {
-                    let round = if peer == me { l.read_round } else { acked };
+            let echoed = (l.peers.iter().enumerate())
+                .filter(|&(peer, progress)| {
+                    let round = if peer == me {
+                        l.read_round
+                    } else {
+                        progress.read_round_acked
+                    };
                     round >= read.round
                 })
                 .count();

@@ -112,9 +112,10 @@ impl Paxos {
             entries.iter().all(|(slot, _)| *slot < l.next_slot),
             "a leader sends only slots it has proposed"
         );
-        l.sent_tick[peer as usize] = self.now_tick;
-        l.commit_sent[peer as usize] = self.commit;
-        l.read_round_sent[peer as usize] = l.read_round;
+        let progress = &mut l.peers[peer as usize];
+        progress.sent_tick = self.now_tick;
+        progress.commit_sent = self.commit;
+        progress.read_round_sent = l.read_round;
         let accept = Message::Accept {
             ballot: l.ballot,
             entries,
@@ -198,11 +199,11 @@ impl Paxos {
         if ballot != l.ballot {
             return;
         }
-        l.heard_tick[from as usize] = now;
-        let acked = &mut l.read_round_acked[from as usize];
-        *acked = (*acked).max(read_round.min(l.read_round));
-        l.done[from as usize] = done;
-        let group_done = l.done.iter().copied().min().unwrap_or(0);
+        let progress = &mut l.peers[from as usize];
+        progress.heard_tick = now;
+        progress.read_round_acked = progress.read_round_acked.max(read_round.min(l.read_round));
+        progress.done = done;
+        let group_done = l.group_done();
         for slot in &slots {
             if let Some(f) = l.inflight.get_mut(slot) {
                 f.acks |= 1 << from;
@@ -300,11 +301,10 @@ impl Paxos {
         };
         // Step aside when a majority has been silent for a whole election
         // timeout: we are probably cut off, and clients should go elsewhere.
-        let heard = l
-            .heard_tick
-            .iter()
-            .enumerate()
-            .filter(|(i, t)| *i == me || now - **t <= self.config.election_timeout_max_ticks)
+        let heard = (l.peers.iter().enumerate())
+            .filter(|(i, p)| {
+                *i == me || now - p.heard_tick <= self.config.election_timeout_max_ticks
+            })
             .count();
         if heard < quorum {
             tracing::debug!(
@@ -338,8 +338,9 @@ impl Paxos {
                 continue;
             }
             let Role::Leader(l) = &self.role else { return };
-            let idle = now - l.sent_tick[peer] >= heartbeat;
-            let news = l.commit_sent[peer] < self.commit;
+            let progress = &l.peers[peer];
+            let idle = now - progress.sent_tick >= heartbeat;
+            let news = progress.commit_sent < self.commit;
             if !entries.is_empty() || idle || news {
                 self.send_accepts(peer as NodeId, entries);
             }
