@@ -174,10 +174,32 @@ async fn basic_join_leave_and_bad_input() {
     }
     assert_eq!(ck.query(None).await.unwrap(), c3);
 
-    // A group that left may join again.
-    let c4 = ck.join(1, servers(1)).await.unwrap();
+    // A gid that left is retired: joining it again is refused, by name,
+    // and changes nothing. Another gid joins.
+    match ck.join(1, servers(1)).await {
+        Err(ClientError::Rejected(why)) => assert!(
+            why.contains("gid 1 left in configuration 3 and is retired"),
+            "{why}"
+        ),
+        other => panic!("a retired gid joined again: {other:?}"),
+    }
+    assert_eq!(ck.query(None).await.unwrap(), c3);
+    let c4 = ck.join(3, servers(3)).await.unwrap();
     assert_eq!(c4.num, 4);
     check_balanced(&c4);
+    // Bad server addresses are refused, naming the entry.
+    for bad in ["", "host", "host:0", "host:port", "two words:1", "[::1:1", "http://h:1"] {
+        match ck.join(9, vec!["ok:1".to_string(), bad.to_string()]).await {
+            Err(ClientError::Rejected(why)) => {
+                assert!(why.contains(&format!("{bad:?}")), "{bad}: {why}")
+            }
+            other => panic!("joined with server {bad:?}: {other:?}"),
+        }
+    }
+    assert_eq!(ck.query(None).await.unwrap(), c4);
+    ck.join(9, vec!["[::1]:7".into(), "10.0.0.1:7".into(), "a-b.c_d:7".into()])
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -18,6 +17,7 @@ use tokio::sync::Semaphore;
 use tonic::Code;
 
 use super::pool::ChannelPool;
+use super::state::SESSION_REPLIES_MAX;
 use super::{key_to_shard, InvalidRequest, Limits};
 use crate::proto::kv as pb;
 use crate::proto::kv::shard_kv_client::ShardKvClient;
@@ -27,6 +27,11 @@ use crate::shardmaster::{Config, Gid};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_millis(200);
+
+/// The longest [`ClerkOptions::timeout`]: a write is re-sent for no longer,
+/// well inside [`crate::shardkv::state::WRITE_AGE_MS_MAX`], so no copy of
+/// it can be applied after its session ends.
+pub const CLERK_TIMEOUT_MAX: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 pub struct ClerkOptions {
@@ -38,6 +43,8 @@ pub struct ClerkOptions {
     /// Checked before sending; should match the servers'.
     pub limits: Limits,
     /// Operations in flight at once on this Clerk; more wait their turn.
+    /// At most [`crate::shardkv::state::SESSION_REPLIES_MAX`], the replies
+    /// a shard keeps per client.
     pub in_flight_max: usize,
 }
 
@@ -64,6 +71,8 @@ pub enum ClerkError {
     Timeout { after: Duration, last_error: String },
     #[error("shardmaster: {0}")]
     Master(#[from] ClientError),
+    #[error("invalid client options: {0}")]
+    Options(String),
 }
 
 /// A key/value client. Cheap to clone; clones share one session.
@@ -79,11 +88,10 @@ struct Inner {
     pool: ChannelPool,
     /// The replica index that answered last, per group.
     leaders: Mutex<HashMap<Gid, usize>>,
-    /// Random per Clerk; with `next_seq` names each write uniquely.
+    /// Random per Clerk; with a sequence number names each write uniquely.
     client_id: u64,
-    next_seq: AtomicU64,
-    /// Writes sent and not yet answered (or abandoned).
-    outstanding: Mutex<BTreeSet<u64>>,
+    /// Sequence numbers handed out, and those still awaiting a reply.
+    seqs: Mutex<SeqTracker>,
     /// Bounds the operations in flight, hence `outstanding`.
     in_flight: Semaphore,
     options: ClerkOptions,
@@ -99,6 +107,19 @@ struct Answer {
 impl Clerk {
     /// `masters` are the shardmaster replicas' addresses (`host:port`).
     pub fn new(masters: &[String], options: ClerkOptions) -> Result<Self, ClerkError> {
+        if options.timeout > CLERK_TIMEOUT_MAX {
+            return Err(ClerkError::Options(format!(
+                "timeout {:?} is longer than {CLERK_TIMEOUT_MAX:?}: past it, a retried write \
+                 could outlive its session",
+                options.timeout
+            )));
+        }
+        if options.in_flight_max > SESSION_REPLIES_MAX {
+            return Err(ClerkError::Options(format!(
+                "{} operations in flight; a shard keeps replies for at most {SESSION_REPLIES_MAX}",
+                options.in_flight_max
+            )));
+        }
         let masters = ShardMasterClient::new(masters, options.timeout)?;
         let client_id = std::hash::RandomState::new().build_hasher().finish();
         Ok(Clerk {
@@ -108,8 +129,7 @@ impl Clerk {
                 pool: ChannelPool::new(options.attempt_timeout),
                 leaders: Mutex::new(HashMap::new()),
                 client_id,
-                next_seq: AtomicU64::new(1),
-                outstanding: Mutex::new(BTreeSet::new()),
+                seqs: Mutex::new(SeqTracker::default()),
                 in_flight: Semaphore::new(options.in_flight_max.max(1)),
                 options,
             }),
@@ -197,13 +217,8 @@ impl Clerk {
         Ok(())
     }
 
-    fn first_unacked(&self, seq: u64) -> u64 {
-        let outstanding = self
-            .inner
-            .outstanding
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        outstanding.first().copied().unwrap_or(seq).min(seq)
+    fn seqs(&self) -> std::sync::MutexGuard<'_, SeqTracker> {
+        self.inner.seqs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn execute(
@@ -218,13 +233,7 @@ impl Clerk {
         let seq = if kind == pb::OpKind::Get {
             0
         } else {
-            let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-            self.inner
-                .outstanding
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(seq);
-            seq
+            self.seqs().begin()
         };
         // However the attempt ends, the seq stops being outstanding: an
         // answered write is acknowledged; an abandoned one must never apply
@@ -323,7 +332,7 @@ impl Clerk {
             let request = pb::KvRequest {
                 client: self.inner.client_id,
                 seq,
-                first_unacked: self.first_unacked(seq),
+                first_unacked: self.seqs().first_unacked(seq),
                 op: kind as i32,
                 key: key.clone(),
                 value: value.clone(),
@@ -393,10 +402,104 @@ impl Drop for Outstanding<'_> {
     fn drop(&mut self) {
         if self.seq != 0 {
             self.inner
-                .outstanding
+                .seqs
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .remove(&self.seq);
+                .end(self.seq);
         }
+    }
+}
+
+/// A Clerk's sequence numbers. A number is outstanding from the instant it
+/// is handed out: were it taken first and recorded after, another task could
+/// compute a watermark above it in between, and a server would then drop
+/// the reply of a write still in flight (its retry answered `Stale` though
+/// it was applied).
+#[derive(Debug)]
+pub(crate) struct SeqTracker {
+    next: u64,
+    /// Writes sent and not yet answered (or abandoned).
+    outstanding: BTreeSet<u64>,
+}
+
+impl Default for SeqTracker {
+    fn default() -> Self {
+        // 0 means "not a write".
+        SeqTracker {
+            next: 1,
+            outstanding: BTreeSet::new(),
+        }
+    }
+}
+
+impl SeqTracker {
+    /// A new write's sequence number, outstanding until [`SeqTracker::end`].
+    pub(crate) fn begin(&mut self) -> u64 {
+        let seq = self.next;
+        self.next += 1;
+        self.outstanding.insert(seq);
+        seq
+    }
+
+    /// The watermark to send with `seq`: every write below it is answered
+    /// or abandoned, so servers may forget their replies.
+    pub(crate) fn first_unacked(&self, seq: u64) -> u64 {
+        self.outstanding.first().copied().unwrap_or(seq).min(seq)
+    }
+
+    pub(crate) fn end(&mut self, seq: u64) {
+        self.outstanding.remove(&seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::SeqTracker;
+    use crate::shardkv::state::{ClientOp, Command, CommandReply, KvState, OpKind, OpReply};
+    use crate::shardmaster::Config;
+
+    fn append(state: &mut KvState, seq: u64, first_unacked: u64) -> CommandReply {
+        state.apply_command(Command::Client(ClientOp {
+            client: 7,
+            seq,
+            first_unacked,
+            kind: OpKind::Append,
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from_static(b"x"),
+        }))
+    }
+
+    /// Task A takes a number; task B takes the next, computes its
+    /// watermark, and reaches the shard first; then A's write arrives. It
+    /// must be applied, not refused as `Stale`. Before sequence numbers
+    /// were taken and recorded in one step, B's watermark passed A's number
+    /// (A's had been taken but not yet recorded).
+    #[test]
+    fn a_watermark_never_passes_a_write_still_in_flight() {
+        let mut state = KvState::new(1);
+        state.apply_command(Command::Reconfigure(Config {
+            num: 1,
+            shards: vec![1],
+            groups: [(1, vec!["a:1".to_string()])].into(),
+        }));
+        let mut seqs = SeqTracker::default();
+        let a = seqs.begin();
+        let b = seqs.begin();
+        let b_watermark = seqs.first_unacked(b);
+        assert_eq!(
+            append(&mut state, b, b_watermark),
+            CommandReply::Op(OpReply::Done)
+        );
+        seqs.end(b);
+        let a_watermark = seqs.first_unacked(a);
+        assert_eq!(
+            append(&mut state, a, a_watermark),
+            CommandReply::Op(OpReply::Done),
+            "A's first attempt"
+        );
+        seqs.end(a);
+        assert_eq!(seqs.first_unacked(seqs.next), seqs.next);
     }
 }

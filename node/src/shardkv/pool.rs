@@ -5,7 +5,13 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use std::future::Future;
+
 use tonic::transport::Channel;
+use tonic::{Response, Status};
+
+use crate::proto::kv::shard_kv_client::ShardKvClient;
+use crate::shardmaster::service::leader_hint;
 
 /// Past this many addresses the pool is cleared: configurations name few
 /// servers, so this only guards against unbounded growth under churn.
@@ -43,5 +49,53 @@ impl ChannelPool {
         }
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
+    }
+
+    /// Calls each of a group's servers at most twice, following leader
+    /// hints, until one succeeds.
+    pub async fn call_group<T, F, Fut>(
+        &self,
+        servers: &[String],
+        call_timeout: Duration,
+        mut call: F,
+    ) -> Result<T, String>
+    where
+        F: FnMut(ShardKvClient<tonic::transport::Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        if servers.is_empty() {
+            return Err("group has no servers".into());
+        }
+        let mut index = 0;
+        let mut last_error = String::new();
+        for _ in 0..servers.len() * 2 {
+            let addr = &servers[index];
+            let channel = match self.get(addr) {
+                Ok(channel) => channel,
+                Err(e) => {
+                    // One bad entry must not hide the group's other servers.
+                    last_error = e;
+                    index = (index + 1) % servers.len();
+                    continue;
+                }
+            };
+            let client = ShardKvClient::new(channel)
+                .max_decoding_message_size(super::server::MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(super::server::MESSAGE_BYTES_MAX);
+            match tokio::time::timeout(call_timeout, call(client)).await {
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Err(status)) => {
+                    last_error = format!("{addr}: {}", status.message());
+                    index = leader_hint(&status)
+                        .filter(|h| *h < servers.len() && *h != index)
+                        .unwrap_or((index + 1) % servers.len());
+                }
+                Err(_) => {
+                    last_error = format!("{addr}: no answer");
+                    index = (index + 1) % servers.len();
+                }
+            }
+        }
+        Err(last_error)
     }
 }

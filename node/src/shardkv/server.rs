@@ -1,7 +1,9 @@
 //! A kvserver: the gRPC face of one replica of a group, and the loop by
 //! which the group's leader follows the shardmaster and moves shards.
 
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,15 +19,14 @@ use super::Limits;
 use crate::paxos::sim::SimRng;
 use crate::paxos::RoleKind;
 use crate::proto::kv as pb;
-use crate::proto::kv::shard_kv_client::ShardKvClient;
 use crate::proto::kv::shard_kv_server::{ShardKv, ShardKvServer};
 use crate::replica::{Replica, ReplicaError};
-use crate::shardmaster::client::ShardMasterClient;
-use crate::shardmaster::service::{leader_hint, not_leader};
+use crate::shardmaster::client::{ClientError, ShardMasterClient};
+use crate::shardmaster::service::not_leader;
 use crate::shardmaster::{Config, Gid};
 
 /// Shard transfers can be large; client requests are bounded by [`Limits`].
-const MESSAGE_BYTES_MAX: usize = 256 << 20;
+pub(crate) const MESSAGE_BYTES_MAX: usize = 256 << 20;
 
 /// Test-only fault injection: the lab's "unreliable network" at the RPC
 /// layer. A dropped request is refused unexecuted; a dropped reply is
@@ -46,6 +47,14 @@ pub struct KvServerOptions {
     pub peer_call_timeout: Duration,
     pub limits: Limits,
     pub unreliable: Option<Unreliable>,
+    /// How often the leader moves the group's logged time forward, which
+    /// ends idle sessions and refuses writes decided too late.
+    pub clock_interval: Duration,
+    /// A shard's previous holder that has left the configuration and has
+    /// not answered for this long is taken to be gone with its copy (the
+    /// operator removes a group only once it holds none), so the new owner
+    /// stops telling it to delete.
+    pub departed_holder_grace: Duration,
 }
 
 impl Default for KvServerOptions {
@@ -55,6 +64,8 @@ impl Default for KvServerOptions {
             peer_call_timeout: Duration::from_secs(2),
             limits: Limits::default(),
             unreliable: None,
+            clock_interval: Duration::from_secs(2),
+            departed_holder_grace: Duration::from_secs(30),
         }
     }
 }
@@ -81,6 +92,14 @@ struct Shared {
     faults: Mutex<SimRng>,
     /// Where operations are counted and timed, if the node exports metrics.
     metrics: Option<crate::daemon::metrics::Metrics>,
+    /// The incarnation this process has claimed at the shardmaster; the
+    /// group takes no configuration before its leader has claimed.
+    claimed: Mutex<Option<u64>>,
+    /// The shardmaster's refusal of the claim, reported by GroupStatus.
+    refused: Mutex<Option<String>>,
+    /// When each pending delete to a holder no longer in the latest
+    /// configuration first failed (see `departed_holder_grace`).
+    departed_failing: Mutex<BTreeMap<(u64, Source), tokio::time::Instant>>,
 }
 
 impl KvServer {
@@ -102,6 +121,9 @@ impl KvServer {
                 faults: Mutex::new(SimRng::new(seed)),
                 options,
                 metrics: None,
+                claimed: Mutex::new(None),
+                refused: Mutex::new(None),
+                departed_failing: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -201,11 +223,20 @@ impl KvServer {
     /// again at once instead of waiting a poll interval.
     async fn reconfigure_step(&self) -> bool {
         let mut progress = false;
+        let claimed = match self.claim().await {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not claim this group's incarnation");
+                false
+            }
+        };
+        self.advance_clock().await;
         let (num, ready) = {
             let s = self.inner.state.lock();
             (s.config.num, s.ready_for_next_config())
         };
-        if ready {
+        let mut latest = None;
+        if ready && claimed {
             match self.inner.masters.query(Some(num + 1)).await {
                 Ok(next) if next.num == num + 1 => {
                     tracing::info!(gid = self.inner.gid, num = next.num, "taking configuration");
@@ -215,7 +246,7 @@ impl KvServer {
                         Err(e) => tracing::debug!(error = %e, "could not propose a configuration"),
                     }
                 }
-                Ok(_) => {}
+                Ok(other) => latest = Some(other),
                 Err(e) => tracing::debug!(error = %e, "shardmaster unavailable"),
             }
         }
@@ -234,12 +265,18 @@ impl KvServer {
                 s.pending_deletes.clone(),
             )
         };
+        if latest.is_none() && !(pulling.is_empty() && deletes.is_empty()) {
+            // Pulls and deletes dial groups where they are now.
+            latest = self.inner.masters.query(None).await.ok();
+        }
+        let latest = latest.unwrap_or_else(|| prev.clone());
         let mut tasks = JoinSet::new();
         for shard in pulling {
             let server = self.clone();
             let prev = prev.clone();
+            let latest = latest.clone();
             tasks.spawn(async move {
-                let result = server.pull(num, shard, &prev).await;
+                let result = server.pull(num, shard, &prev, &latest).await;
                 if let Err(e) = &result {
                     tracing::debug!(shard, num, error = %e, "shard pull failed; will retry");
                 }
@@ -248,8 +285,9 @@ impl KvServer {
         }
         for (shard, source) in deletes {
             let server = self.clone();
+            let latest = latest.clone();
             tasks.spawn(async move {
-                let result = server.release(shard, source).await;
+                let result = server.release(shard, source, &latest).await;
                 if let Err(e) = &result {
                     tracing::debug!(shard, error = %e, "delete notice failed; will retry");
                 }
@@ -262,16 +300,85 @@ impl KvServer {
         progress
     }
 
+    /// Makes sure the group has an incarnation and that this process has
+    /// claimed it at the shardmaster. True once claimed.
+    async fn claim(&self) -> Result<bool, String> {
+        let incarnation = self.inner.state.lock().incarnation;
+        let incarnation = match incarnation {
+            Some(i) => i,
+            None => {
+                // Random: a group wiped and started again must not draw
+                // the same one. The first Begin applied wins.
+                let drawn = std::hash::RandomState::new().build_hasher().finish();
+                self.propose(&Command::Begin { incarnation: drawn })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match self.inner.state.lock().incarnation {
+                    Some(i) => i,
+                    None => return Ok(false),
+                }
+            }
+        };
+        if *lock(&self.inner.claimed) == Some(incarnation) {
+            return Ok(true);
+        }
+        match self.inner.masters.claim(self.inner.gid, incarnation).await {
+            Ok(_) => {
+                *lock(&self.inner.claimed) = Some(incarnation);
+                *lock(&self.inner.refused) = None;
+                Ok(true)
+            }
+            Err(ClientError::Rejected(why)) => {
+                if lock(&self.inner.refused).as_deref() != Some(why.as_str()) {
+                    tracing::error!(gid = self.inner.gid, "{why}");
+                }
+                *lock(&self.inner.refused) = Some(why.clone());
+                Err(why)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Moves the group's logged time forward, once per `clock_interval`,
+    /// while it owns shards (only they hold sessions).
+    async fn advance_clock(&self) {
+        let (clock_ms, owns) = {
+            let s = self.inner.state.lock();
+            (s.clock_ms, !s.owned.is_empty())
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let interval_ms = self.inner.options.clock_interval.as_millis() as u64;
+        if owns && now_ms >= clock_ms.saturating_add(interval_ms) {
+            if let Err(e) = self.propose(&Command::Clock { now_ms }).await {
+                tracing::debug!(error = %e, "could not advance the group's clock");
+            }
+        }
+    }
+
     /// Where shard `shard`, owned here from configuration `num`, lives now:
     /// with its owner in `prev`, or, if it had none, with its last owner
     /// before that. `None`: the shard never had an owner, so no data.
-    async fn locate(&self, num: u64, shard: u64, prev: &Config) -> Result<Option<Source>, String> {
+    /// The servers are the owner's in `latest`, where it may have moved,
+    /// or, if it has left, the last ones known.
+    async fn locate(
+        &self,
+        num: u64,
+        shard: u64,
+        prev: &Config,
+        latest: &Config,
+    ) -> Result<Option<Source>, String> {
         let mut config = prev.clone();
         let mut first_not_owning = num;
         loop {
             let owner = config.shards.get(shard as usize).copied().unwrap_or(0);
             if owner != 0 {
-                let servers = config.groups.get(&owner).cloned().unwrap_or_default();
+                let servers = (latest.groups.get(&owner))
+                    .or_else(|| config.groups.get(&owner))
+                    .cloned()
+                    .unwrap_or_default();
                 return Ok(Some(Source {
                     gid: owner,
                     config_num: first_not_owning,
@@ -291,8 +398,14 @@ impl KvServer {
         }
     }
 
-    async fn pull(&self, num: u64, shard: u64, prev: &Config) -> Result<(), String> {
-        let source = self.locate(num, shard, prev).await?;
+    async fn pull(
+        &self,
+        num: u64,
+        shard: u64,
+        prev: &Config,
+        latest: &Config,
+    ) -> Result<(), String> {
+        let source = self.locate(num, shard, prev, latest).await?;
         let data = match &source {
             None => ShardData::default(),
             Some(source) if source.gid == self.inner.gid => {
@@ -313,11 +426,15 @@ impl KvServer {
                     gid: self.inner.gid,
                 };
                 let reply = self
-                    .call_group(&source.servers, |mut c| async move {
-                        c.pull_shard(request).await
-                    })
+                    .inner
+                    .pool
+                    .call_group(
+                        &source.servers,
+                        self.inner.options.peer_call_timeout,
+                        |mut c| async move { c.pull_shard(request).await },
+                    )
                     .await?;
-                postcard::from_bytes(&reply.data)
+                super::state::decode_shard(&reply.data)
                     .map_err(|e| format!("undecodable shard from group {}: {e}", source.gid))?
             }
         };
@@ -332,7 +449,9 @@ impl KvServer {
     }
 
     /// Tells a shard's previous holder to drop its copy, then records that.
-    async fn release(&self, shard: u64, source: Source) -> Result<(), String> {
+    /// The holder is dialled where `latest` says it is; one that has left
+    /// and stays silent past `departed_holder_grace` is taken to be gone.
+    async fn release(&self, shard: u64, source: Source, latest: &Config) -> Result<(), String> {
         if source.gid == self.inner.gid {
             let command = Command::DeleteShard {
                 config_num: source.config_num,
@@ -345,10 +464,37 @@ impl KvServer {
                 shard,
                 gid: self.inner.gid,
             };
-            self.call_group(&source.servers, |mut c| async move {
-                c.delete_shard(request).await
-            })
-            .await?;
+            let servers = latest.groups.get(&source.gid).unwrap_or(&source.servers);
+            let timeout = self.inner.options.peer_call_timeout;
+            let called = (self.inner.pool)
+                .call_group(servers, timeout, |mut c| async move {
+                    c.delete_shard(request).await
+                })
+                .await;
+            let key = (shard, source.clone());
+            match called {
+                Ok(_) => {
+                    lock(&self.inner.departed_failing).remove(&key);
+                }
+                Err(e) if latest.groups.contains_key(&source.gid) => return Err(e),
+                Err(e) => {
+                    let now = tokio::time::Instant::now();
+                    let since = *lock(&self.inner.departed_failing)
+                        .entry(key.clone())
+                        .or_insert(now);
+                    if now.duration_since(since) < self.inner.options.departed_holder_grace {
+                        return Err(e);
+                    }
+                    tracing::warn!(
+                        shard,
+                        holder = source.gid,
+                        silent_for = ?now.duration_since(since),
+                        "the shard's previous holder has left the configuration and does not \
+                         answer; taking its copy as gone with it: {e}"
+                    );
+                    lock(&self.inner.departed_failing).remove(&key);
+                }
+            }
         }
         self.propose(&Command::DeleteAcknowledged { shard, source })
             .await
@@ -356,40 +502,6 @@ impl KvServer {
         Ok(())
     }
 
-    /// Calls each of a group's servers at most twice, following leader
-    /// hints, until one succeeds.
-    async fn call_group<T, F, Fut>(&self, servers: &[String], mut call: F) -> Result<T, String>
-    where
-        F: FnMut(ShardKvClient<tonic::transport::Channel>) -> Fut,
-        Fut: Future<Output = Result<Response<T>, Status>>,
-    {
-        if servers.is_empty() {
-            return Err("group has no servers".into());
-        }
-        let mut index = 0;
-        let mut last_error = String::new();
-        for _ in 0..servers.len() * 2 {
-            let addr = &servers[index];
-            let channel = self.inner.pool.get(addr)?;
-            let client = ShardKvClient::new(channel)
-                .max_decoding_message_size(MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(MESSAGE_BYTES_MAX);
-            match tokio::time::timeout(self.inner.options.peer_call_timeout, call(client)).await {
-                Ok(Ok(response)) => return Ok(response.into_inner()),
-                Ok(Err(status)) => {
-                    last_error = format!("{addr}: {}", status.message());
-                    index = leader_hint(&status)
-                        .filter(|h| *h < servers.len() && *h != index)
-                        .unwrap_or((index + 1) % servers.len());
-                }
-                Err(_) => {
-                    last_error = format!("{addr}: no answer");
-                    index = (index + 1) % servers.len();
-                }
-            }
-        }
-        Err(last_error)
-    }
     async fn execute_op(&self, r: pb::KvRequest) -> Result<Response<pb::KvReply>, Status> {
         let kind = op_kind(r.op)?;
         self.inner
@@ -413,15 +525,16 @@ impl KvServer {
         let result = if kind == OpKind::Get {
             self.read(&r.key).await?
         } else {
-            self.propose(&Command::Client(ClientOp {
+            let proposed_ms = self.inner.state.lock().clock_ms;
+            let op = ClientOp {
                 client: r.client,
                 seq: r.seq,
                 first_unacked: r.first_unacked,
                 kind,
                 key: r.key,
                 value: r.value,
-            }))
-            .await?
+            };
+            self.propose(&Command::ClientAt { op, proposed_ms }).await?
         };
         if self.inject(|u| u.drop_reply) {
             return Err(Status::unavailable("injected fault: reply dropped"));
@@ -442,6 +555,21 @@ impl KvServer {
                 "the appended value would exceed {} bytes; nothing stored",
                 super::state::STORED_VALUE_BYTES_MAX
             ))),
+            CommandReply::Op(OpReply::TooOld) => Err(Status::failed_precondition(format!(
+                "the write was decided more than {} s after it was proposed; not applied, \
+                 and it never will be",
+                super::state::WRITE_AGE_MS_MAX / 1000
+            ))),
+            CommandReply::Op(OpReply::TooManyPending) => Err(Status::failed_precondition(format!(
+                "this client has {} writes awaiting acknowledgement in the shard; not applied",
+                super::state::SESSION_REPLIES_MAX
+            ))),
+            CommandReply::Op(OpReply::AppliedReplyNotKept { bytes }) => {
+                Err(Status::failed_precondition(format!(
+                    "applied once already; its reply ({bytes} bytes) was too large to keep for \
+                     a retry"
+                )))
+            }
             CommandReply::Malformed(e) => Err(Status::internal(format!("command refused: {e}"))),
             CommandReply::Step(_) | CommandReply::NotYet => {
                 Err(Status::internal("unexpected reply to a client operation"))
@@ -595,8 +723,14 @@ impl ShardKv for KvServer {
             pending_deletes: s.pending_deletes.len() as u64,
             applied_slot: replica.applied,
             keys: s.key_count() as u64,
+            refused: lock(&self.inner.refused).clone().unwrap_or_default(),
+            sessions: s.session_count() as u64,
         }))
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What a client is told when the replica refuses or fails a request.

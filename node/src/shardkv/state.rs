@@ -33,6 +33,28 @@ use crate::shardmaster::{Config, Gid};
 /// constant, not a flag: every replica must make the same decision.
 pub const STORED_VALUE_BYTES_MAX: usize = 64 << 20;
 
+/// A client's session in a shard ends after this much of the group's
+/// logged time without a write from it there. Constants, not flags, for
+/// the same reason as above.
+pub const SESSION_IDLE_MS_MAX: u64 = 10 * 60 * 1000;
+
+/// A write decided this long (of logged time) after the kvserver proposed
+/// it is refused, not applied: so a delayed copy can never outlive its
+/// session and be applied twice. A session expires only after
+/// [`SESSION_IDLE_MS_MAX`], so a duplicate would need a client still
+/// re-sending a write minutes after its first copy was applied; the Clerk
+/// gives up after at most [`crate::shardkv::clerk::CLERK_TIMEOUT_MAX`].
+pub const WRITE_AGE_MS_MAX: u64 = 2 * 60 * 1000;
+
+/// Replies a session keeps for writes its client has not acknowledged; a
+/// write past it is refused. The Clerk never has more in flight.
+pub const SESSION_REPLIES_MAX: usize = 1024;
+
+/// A reply larger than this (a PutHash's previous value) is answered once
+/// and kept only as "applied": a retry learns it was applied, not the
+/// value. Bounds a session to about `SESSION_REPLIES_MAX` × this.
+pub const KEPT_REPLY_BYTES_MAX: usize = 4 << 10;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpKind {
     Get,
@@ -70,6 +92,15 @@ pub enum OpReply {
     Stale,
     /// The Append would make the value larger than [`STORED_VALUE_BYTES_MAX`].
     ValueTooLarge,
+    /// Decided more than [`WRITE_AGE_MS_MAX`] after it was proposed: not
+    /// applied, now or ever.
+    TooOld,
+    /// The session already holds [`SESSION_REPLIES_MAX`] unacknowledged
+    /// replies: not applied.
+    TooManyPending,
+    /// Applied once; its reply was larger than [`KEPT_REPLY_BYTES_MAX`]
+    /// and is not kept for retries.
+    AppliedReplyNotKept { bytes: u64 },
 }
 
 /// Where a shard's previous copy lives, so its holder can be told to drop it.
@@ -105,6 +136,23 @@ pub enum Command {
         shard: u64,
         source: Source,
     },
+    /// This life of the group's data: the first one applied wins. Taken
+    /// before any configuration, and claimed at the shardmaster, so a group
+    /// whose every replica lost its storage cannot pass for a new one.
+    Begin {
+        incarnation: u64,
+    },
+    /// The group's logged time moves to `now_ms` (never back); sessions
+    /// idle past [`SESSION_IDLE_MS_MAX`] end.
+    Clock {
+        now_ms: u64,
+    },
+    /// A client operation, with the logged time at which the kvserver
+    /// proposed it (see [`WRITE_AGE_MS_MAX`]).
+    ClientAt {
+        op: ClientOp,
+        proposed_ms: u64,
+    },
 }
 
 /// What applying a [`Command`] returns.
@@ -127,6 +175,8 @@ pub struct Session {
     pub acked_below: u64,
     /// Replies the client may still ask for again.
     pub replies: BTreeMap<u64, OpReply>,
+    /// The logged time of its last write here, for expiry.
+    pub last_write_ms: u64,
 }
 
 /// A shard's contents: they move between groups as one unit, so a retry
@@ -135,6 +185,27 @@ pub struct Session {
 pub struct ShardData {
     pub kv: BTreeMap<Bytes, Bytes>,
     pub sessions: BTreeMap<u64, Session>,
+    /// `(last_write_ms, client)` of every session, oldest first: expiry
+    /// looks only at the sessions that end.
+    pub idle_order: BTreeSet<(u64, u64)>,
+}
+
+impl ShardData {
+    /// Ends the sessions whose last write here is older than
+    /// [`SESSION_IDLE_MS_MAX`] at `now_ms`.
+    fn expire_sessions(&mut self, now_ms: u64) -> usize {
+        let mut ended = 0;
+        while let Some(&(last_write_ms, client)) = self.idle_order.first() {
+            if last_write_ms.saturating_add(SESSION_IDLE_MS_MAX) >= now_ms {
+                break;
+            }
+            self.idle_order.pop_first();
+            self.sessions.remove(&client);
+            ended += 1;
+        }
+        debug_assert_eq!(self.idle_order.len(), self.sessions.len());
+        ended
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +239,98 @@ pub struct KvState {
     /// A shard can have several: it may move away and back before an old
     /// holder answers.
     pub pending_deletes: BTreeSet<(u64, Source)>,
+    /// This life of the group's data (see [`Command::Begin`]); `None`
+    /// until the first leader takes one.
+    pub incarnation: Option<u64>,
+    /// The group's logged time: the latest [`Command::Clock`].
+    pub clock_ms: u64,
+}
+
+/// The state as encoded before incarnations and logged time.
+#[derive(Deserialize)]
+struct KvStateV1 {
+    gid: Gid,
+    config: Config,
+    prev_config: Config,
+    owned: BTreeMap<u64, OwnedShardV1>,
+    outgoing: BTreeMap<(u64, u64), ShardDataV1>,
+    pending_deletes: BTreeSet<(u64, Source)>,
+}
+
+#[derive(Deserialize)]
+struct OwnedShardV1 {
+    status: ShardStatus,
+    data: ShardDataV1,
+}
+
+#[derive(Deserialize)]
+struct ShardDataV1 {
+    kv: BTreeMap<Bytes, Bytes>,
+    sessions: BTreeMap<u64, SessionV1>,
+}
+
+#[derive(Deserialize)]
+struct SessionV1 {
+    acked_below: u64,
+    replies: BTreeMap<u64, OpReply>,
+}
+
+impl From<ShardDataV1> for ShardData {
+    fn from(old: ShardDataV1) -> Self {
+        // Old sessions count as written at time 0: the first clock ends them
+        // once they have been idle that long by the group's new clock.
+        let sessions: BTreeMap<u64, Session> = (old.sessions.into_iter())
+            .map(|(client, s)| {
+                let session = Session {
+                    acked_below: s.acked_below,
+                    replies: s.replies,
+                    last_write_ms: 0,
+                };
+                (client, session)
+            })
+            .collect();
+        let idle_order = sessions.keys().map(|c| (0, *c)).collect();
+        ShardData {
+            kv: old.kv,
+            sessions,
+            idle_order,
+        }
+    }
+}
+
+impl From<KvStateV1> for KvState {
+    fn from(old: KvStateV1) -> Self {
+        KvState {
+            gid: old.gid,
+            config: old.config,
+            prev_config: old.prev_config,
+            owned: (old.owned.into_iter())
+                .map(|(shard, o)| {
+                    let owned = OwnedShard {
+                        status: o.status,
+                        data: o.data.into(),
+                    };
+                    (shard, owned)
+                })
+                .collect(),
+            outgoing: (old.outgoing.into_iter())
+                .map(|(key, data)| (key, data.into()))
+                .collect(),
+            pending_deletes: old.pending_deletes,
+            incarnation: None,
+            clock_ms: 0,
+        }
+    }
+}
+
+/// Reads a shard as another group handed it out, in this layout or the
+/// one before it.
+pub fn decode_shard(bytes: &[u8]) -> Result<ShardData, postcard::Error> {
+    postcard::from_bytes::<ShardData>(bytes).or_else(|e| {
+        postcard::from_bytes::<ShardDataV1>(bytes)
+            .map(Into::into)
+            .map_err(|_| e)
+    })
 }
 
 fn empty_config() -> Config {
@@ -184,6 +347,8 @@ impl KvState {
             owned: BTreeMap::new(),
             outgoing: BTreeMap::new(),
             pending_deletes: BTreeSet::new(),
+            incarnation: None,
+            clock_ms: 0,
         }
     }
 
@@ -210,7 +375,37 @@ impl KvState {
 
     pub fn apply_command(&mut self, command: Command) -> CommandReply {
         match command {
+            // Logged before writes were stamped: no age to check.
             Command::Client(op) => CommandReply::Op(self.apply_client(op)),
+            Command::ClientAt { op, proposed_ms } => {
+                if op.kind != OpKind::Get
+                    && self.clock_ms > proposed_ms.saturating_add(WRITE_AGE_MS_MAX)
+                {
+                    return CommandReply::Op(OpReply::TooOld);
+                }
+                CommandReply::Op(self.apply_client(op))
+            }
+            Command::Begin { incarnation } => {
+                if self.incarnation.is_some() {
+                    return CommandReply::Step(false);
+                }
+                self.incarnation = Some(incarnation);
+                CommandReply::Step(true)
+            }
+            Command::Clock { now_ms } => {
+                if now_ms <= self.clock_ms {
+                    return CommandReply::Step(false);
+                }
+                self.clock_ms = now_ms;
+                // Frozen outgoing copies are left as they are: their
+                // sessions expire at the new owner, by its clock.
+                for owned in self.owned.values_mut() {
+                    if owned.status == ShardStatus::Serving {
+                        owned.data.expire_sessions(now_ms);
+                    }
+                }
+                CommandReply::Step(true)
+            }
             Command::Reconfigure(next) => CommandReply::Step(self.apply_reconfigure(next)),
             Command::InstallShard {
                 config_num,
@@ -256,6 +451,7 @@ impl KvState {
             return OpReply::WrongGroup;
         }
         let data = &mut owned.data;
+        let now_ms = self.clock_ms;
         let session = data.sessions.entry(op.client).or_default();
         if op.seq < session.acked_below {
             return OpReply::Stale;
@@ -263,6 +459,19 @@ impl KvState {
         if let Some(reply) = session.replies.get(&op.seq) {
             return reply.clone();
         }
+        // Acknowledged replies go first, so a client with few in flight
+        // is never refused for the ones it already has.
+        let first_unacked = op.first_unacked.min(op.seq);
+        if first_unacked > session.acked_below {
+            session.acked_below = first_unacked;
+            session.replies = session.replies.split_off(&first_unacked);
+        }
+        if session.replies.len() >= SESSION_REPLIES_MAX {
+            return OpReply::TooManyPending;
+        }
+        data.idle_order.remove(&(session.last_write_ms, op.client));
+        session.last_write_ms = now_ms;
+        data.idle_order.insert((now_ms, op.client));
         let reply = match op.kind {
             OpKind::Get => unreachable!("handled above"),
             OpKind::Put => {
@@ -295,11 +504,16 @@ impl KvState {
                 OpReply::Done
             }
         };
-        session.replies.insert(op.seq, reply.clone());
-        if op.first_unacked > session.acked_below {
-            session.acked_below = op.first_unacked;
-            session.replies = session.replies.split_off(&op.first_unacked);
-        }
+        let kept = match &reply {
+            OpReply::Value(Some(v)) if v.len() > KEPT_REPLY_BYTES_MAX => {
+                OpReply::AppliedReplyNotKept {
+                    bytes: v.len() as u64,
+                }
+            }
+            other => other.clone(),
+        };
+        session.replies.insert(op.seq, kept);
+        debug_assert!(session.replies.len() <= SESSION_REPLIES_MAX);
         reply
     }
 
@@ -369,6 +583,11 @@ impl KvState {
         }
     }
 
+    /// Client sessions held in owned shards.
+    pub fn session_count(&self) -> usize {
+        self.owned.values().map(|s| s.data.sessions.len()).sum()
+    }
+
     /// Number of keys stored, owned and outgoing.
     pub fn key_count(&self) -> usize {
         self.owned.values().map(|s| s.data.kv.len()).sum::<usize>()
@@ -403,7 +622,12 @@ impl StateMachine for KvState {
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        let state: KvState = postcard::from_bytes(snapshot).map_err(|e| e.to_string())?;
+        let state: KvState = match postcard::from_bytes::<KvState>(snapshot) {
+            Ok(state) => state,
+            Err(e) => postcard::from_bytes::<KvStateV1>(snapshot)
+                .map(Into::into)
+                .map_err(|_| e.to_string())?,
+        };
         if state.gid != self.gid {
             return Err(format!(
                 "snapshot is of group {}, this is group {}",
@@ -423,7 +647,7 @@ mod tests {
         let mut groups = BTreeMap::new();
         for g in &shards {
             if *g != 0 {
-                groups.insert(*g, vec![format!("g{g}")]);
+                groups.insert(*g, vec![format!("g{g}:1")]);
             }
         }
         Config {
@@ -597,6 +821,187 @@ mod tests {
             CommandReply::Step(false)
         );
         assert_eq!(a.config.num, 1);
+    }
+
+    fn stamped(op: Command, proposed_ms: u64) -> Command {
+        let Command::Client(op) = op else {
+            unreachable!("a client op")
+        };
+        Command::ClientAt { op, proposed_ms }
+    }
+
+    fn clock(s: &mut KvState, now_ms: u64) {
+        s.apply_command(Command::Clock { now_ms });
+    }
+
+    #[test]
+    fn an_idle_session_ends_and_a_late_copy_of_its_write_is_refused() {
+        let mut s = KvState::new(1);
+        s.apply_command(Command::Reconfigure(config(1, vec![1])));
+        clock(&mut s, 1_000);
+        let append = stamped(op(7, 1, OpKind::Append, "k", "x"), 1_000);
+        assert_eq!(
+            s.apply_command(append.clone()),
+            CommandReply::Op(OpReply::Done)
+        );
+        assert_eq!(s.session_count(), 1);
+        // A retry while the session lives gets the kept reply.
+        clock(&mut s, 1_000 + WRITE_AGE_MS_MAX);
+        assert_eq!(
+            s.apply_command(append.clone()),
+            CommandReply::Op(OpReply::Done)
+        );
+        // Idle for the whole limit: not yet ended; one more ms: ended.
+        clock(&mut s, 1_000 + SESSION_IDLE_MS_MAX);
+        assert_eq!(s.session_count(), 1);
+        clock(&mut s, 1_001 + SESSION_IDLE_MS_MAX);
+        assert_eq!(s.session_count(), 0);
+        // The old copy, decided now, is refused rather than applied twice.
+        assert_eq!(s.apply_command(append), CommandReply::Op(OpReply::TooOld));
+        assert_eq!(
+            get(&mut s, "k"),
+            CommandReply::Op(OpReply::Value(Some(Bytes::from("x"))))
+        );
+        // The clock never goes back.
+        clock(&mut s, 5);
+        assert_eq!(s.clock_ms, 1_001 + SESSION_IDLE_MS_MAX);
+    }
+
+    #[test]
+    fn only_idle_sessions_end() {
+        let mut s = KvState::new(1);
+        s.apply_command(Command::Reconfigure(config(1, vec![1])));
+        for client in 1..=3 {
+            clock(&mut s, client * 1_000);
+            s.apply_command(stamped(
+                op(client, 1, OpKind::Put, "k", "v"),
+                client * 1_000,
+            ));
+        }
+        // Client 1 writes again later: it is not idle.
+        clock(&mut s, 4_000);
+        s.apply_command(stamped(op(1, 2, OpKind::Put, "k", "w"), 4_000));
+        clock(&mut s, 2_500 + SESSION_IDLE_MS_MAX);
+        let shard = s.shard_of(b"k");
+        let data = &s.owned[&shard].data;
+        assert_eq!(data.sessions.keys().copied().collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(data.idle_order.len(), 2);
+    }
+
+    #[test]
+    fn a_session_keeps_a_bounded_number_of_small_replies() {
+        let mut s = KvState::new(1);
+        s.apply_command(Command::Reconfigure(config(1, vec![1])));
+        let unacked = |seq: u64| {
+            Command::Client(ClientOp {
+                client: 7,
+                seq,
+                first_unacked: 1,
+                kind: OpKind::Append,
+                key: Bytes::from_static(b"k"),
+                value: Bytes::from_static(b"x"),
+            })
+        };
+        for seq in 1..=SESSION_REPLIES_MAX as u64 {
+            assert_eq!(s.apply_command(unacked(seq)), CommandReply::Op(OpReply::Done));
+        }
+        let next = SESSION_REPLIES_MAX as u64 + 1;
+        assert_eq!(
+            s.apply_command(unacked(next)),
+            CommandReply::Op(OpReply::TooManyPending)
+        );
+        // Acknowledging frees room.
+        assert_eq!(
+            s.apply_command(op(7, next, OpKind::Append, "k", "x")),
+            CommandReply::Op(OpReply::Done)
+        );
+        // A large PutHash reply is answered once, then only as "applied".
+        let big = "v".repeat(KEPT_REPLY_BYTES_MAX + 1);
+        s.apply_command(op(8, 1, OpKind::Put, "big", &big));
+        let put_hash = op(8, 2, OpKind::PutHash, "big", "x");
+        assert_eq!(
+            s.apply_command(put_hash.clone()),
+            CommandReply::Op(OpReply::Value(Some(Bytes::from(big.clone()))))
+        );
+        assert_eq!(
+            s.apply_command(put_hash),
+            CommandReply::Op(OpReply::AppliedReplyNotKept {
+                bytes: big.len() as u64
+            })
+        );
+    }
+
+    #[test]
+    fn the_first_incarnation_applied_wins() {
+        let mut s = KvState::new(1);
+        assert_eq!(
+            s.apply_command(Command::Begin { incarnation: 5 }),
+            CommandReply::Step(true)
+        );
+        assert_eq!(
+            s.apply_command(Command::Begin { incarnation: 6 }),
+            CommandReply::Step(false)
+        );
+        assert_eq!(s.incarnation, Some(5));
+    }
+
+    #[test]
+    fn a_snapshot_from_before_sessions_expired_still_restores() {
+        #[derive(Serialize)]
+        struct OldSession {
+            acked_below: u64,
+            replies: BTreeMap<u64, OpReply>,
+        }
+        #[derive(Serialize)]
+        struct OldData {
+            kv: BTreeMap<Bytes, Bytes>,
+            sessions: BTreeMap<u64, OldSession>,
+        }
+        #[derive(Serialize)]
+        struct OldOwned {
+            status: ShardStatus,
+            data: OldData,
+        }
+        #[derive(Serialize)]
+        struct Old {
+            gid: Gid,
+            config: Config,
+            prev_config: Config,
+            owned: BTreeMap<u64, OldOwned>,
+            outgoing: BTreeMap<(u64, u64), OldData>,
+            pending_deletes: BTreeSet<(u64, Source)>,
+        }
+        let data = || OldData {
+            kv: BTreeMap::from([(Bytes::from("k"), Bytes::from("v"))]),
+            sessions: BTreeMap::from([(
+                7,
+                OldSession {
+                    acked_below: 2,
+                    replies: BTreeMap::from([(2, OpReply::Done)]),
+                },
+            )]),
+        };
+        let old = Old {
+            gid: 1,
+            config: config(2, vec![1, 2]),
+            prev_config: config(1, vec![1, 1]),
+            owned: BTreeMap::from([(
+                0,
+                OldOwned {
+                    status: ShardStatus::Serving,
+                    data: data(),
+                },
+            )]),
+            outgoing: BTreeMap::from([((2, 1), data())]),
+            pending_deletes: BTreeSet::new(),
+        };
+        let mut s = KvState::new(1);
+        s.restore(&postcard::to_allocvec(&old).unwrap()).unwrap();
+        assert_eq!(s.owned[&0].data.sessions[&7].replies[&2], OpReply::Done);
+        assert_eq!(s.owned[&0].data.idle_order, BTreeSet::from([(0, 7)]));
+        assert_eq!(s.outgoing[&(2, 1)].kv.len(), 1);
+        let shard = decode_shard(&postcard::to_allocvec(&data()).unwrap()).unwrap();
+        assert_eq!(shard.sessions[&7].acked_below, 2);
     }
 
     #[test]

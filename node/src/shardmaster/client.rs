@@ -103,6 +103,19 @@ impl ShardMasterClient {
             .await
     }
 
+    /// Records that `gid`'s data is in its life `incarnation` (see
+    /// [`super::Op::Claim`]); refused if another life claimed it first.
+    pub async fn claim(&self, gid: Gid, incarnation: u64) -> Result<Config, ClientError> {
+        self.call(|tag| {
+            Rpc::Claim(pb::ClaimRequest {
+                tag,
+                gid,
+                incarnation,
+            })
+        })
+        .await
+    }
+
     /// Configuration `num`, or the latest for `None` (or a number past it).
     pub async fn query(&self, num: Option<u64>) -> Result<Config, ClientError> {
         let num = num.and_then(|n| i64::try_from(n).ok()).unwrap_or(-1);
@@ -175,6 +188,7 @@ enum Rpc {
     Leave(pb::LeaveRequest),
     Move(pb::MoveRequest),
     Query(pb::QueryRequest),
+    Claim(pb::ClaimRequest),
 }
 
 impl Rpc {
@@ -187,6 +201,7 @@ impl Rpc {
             Rpc::Leave(r) => client.leave(*r).await,
             Rpc::Move(r) => client.r#move(*r).await,
             Rpc::Query(r) => client.query(*r).await,
+            Rpc::Claim(r) => client.claim(*r).await,
         }
     }
 }

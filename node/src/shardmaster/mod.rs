@@ -62,6 +62,13 @@ pub enum Op {
     Query {
         num: Option<u64>,
     },
+    /// A group's replicas record which life of its data they hold: the
+    /// first claim of a gid wins, and a group whose storage was wiped (a
+    /// new incarnation) is refused rather than replay history as if new.
+    Claim {
+        gid: Gid,
+        incarnation: u64,
+    },
 }
 
 /// A request as logged: the client id and sequence number make retries
@@ -85,6 +92,28 @@ pub enum ShardMasterError {
     UnknownGroup(Gid),
     #[error("request could not be decoded: {0}")]
     Malformed(String),
+    #[error("group {gid}'s server {address:?} is not host:port: {reason}")]
+    BadServerAddress {
+        gid: Gid,
+        address: String,
+        reason: String,
+    },
+    #[error(
+        "gid {gid} left in configuration {left_in} and is retired: a gid is never reused, \
+         since its old shards' history names it; join the group under a new gid"
+    )]
+    RetiredGroup { gid: Gid, left_in: u64 },
+    #[error(
+        "group {gid}'s replicas all started from blank storage (incarnation {offered}), \
+         but the group already served data as incarnation {claimed}: that data is lost, \
+         and replaying history as a new group would serve it empty. Remove the gid \
+         (leave {gid}) and join the group under a new gid"
+    )]
+    GroupDataLost {
+        gid: Gid,
+        claimed: u64,
+        offered: u64,
+    },
 }
 
 /// The result of a request: the configuration it produced or asked for.
@@ -97,6 +126,19 @@ pub struct ShardMasterState {
     configs: Vec<Config>,
     /// Last sequence number and reply per client, for at-most-once.
     sessions: BTreeMap<u64, (u64, Reply)>,
+    /// Gids that left, with the configuration that removed them: a Join
+    /// of one is refused, since other groups' pulls and deletes for the
+    /// shards it held still name it.
+    retired: BTreeMap<Gid, u64>,
+    /// The incarnation each gid's group claimed (see [`Op::Claim`]).
+    incarnations: BTreeMap<Gid, u64>,
+}
+
+/// The state as encoded before gids were retired and claimed.
+#[derive(Deserialize)]
+struct ShardMasterStateV1 {
+    configs: Vec<Config>,
+    sessions: BTreeMap<u64, (u64, Reply)>,
 }
 
 impl ShardMasterState {
@@ -104,6 +146,38 @@ impl ShardMasterState {
         ShardMasterState {
             configs: vec![Config::initial(shards)],
             sessions: BTreeMap::new(),
+            retired: BTreeMap::new(),
+            incarnations: BTreeMap::new(),
+        }
+    }
+
+    /// Reads a snapshot, in this layout or the one before it.
+    fn decode(snapshot: &[u8]) -> Result<Self, String> {
+        match postcard::from_bytes::<ShardMasterState>(snapshot) {
+            Ok(state) => Ok(state),
+            Err(new_error) => {
+                let old: ShardMasterStateV1 = postcard::from_bytes(snapshot)
+                    .map_err(|_| format!("shardmaster snapshot: {new_error}"))?;
+                // Every gid in some configuration but not the latest has left.
+                let mut retired = BTreeMap::new();
+                let latest = old.configs.last().map(|c| c.groups.clone());
+                for pair in old.configs.windows(2) {
+                    for gid in pair[0].groups.keys() {
+                        if !pair[1].groups.contains_key(gid) {
+                            retired.insert(*gid, pair[1].num);
+                        }
+                    }
+                }
+                if let Some(latest) = latest {
+                    retired.retain(|gid, _| !latest.contains_key(gid));
+                }
+                Ok(ShardMasterState {
+                    configs: old.configs,
+                    sessions: old.sessions,
+                    retired,
+                    incarnations: BTreeMap::new(),
+                })
+            }
         }
     }
 
@@ -147,6 +221,18 @@ impl ShardMasterState {
                 if servers.is_empty() {
                     return Err(ShardMasterError::NoServers(gid));
                 }
+                for address in &servers {
+                    check_server_address(address).map_err(|reason| {
+                        ShardMasterError::BadServerAddress {
+                            gid,
+                            address: address.clone(),
+                            reason,
+                        }
+                    })?;
+                }
+                if let Some(&left_in) = self.retired.get(&gid) {
+                    return Err(ShardMasterError::RetiredGroup { gid, left_in });
+                }
                 if next.groups.get(&gid) == Some(&servers) {
                     return Ok(next); // already joined with these servers
                 }
@@ -159,6 +245,31 @@ impl ShardMasterState {
                 if next.groups.remove(&gid).is_none() {
                     return Ok(next); // leaving an unknown group is harmless
                 }
+                self.retired.insert(gid, next.num + 1);
+            }
+            Op::Claim { gid, incarnation } => {
+                if gid == 0 {
+                    return Err(ShardMasterError::InvalidGid);
+                }
+                match self.incarnations.get(&gid) {
+                    Some(&claimed) if claimed != incarnation => {
+                        return Err(ShardMasterError::GroupDataLost {
+                            gid,
+                            claimed,
+                            offered: incarnation,
+                        });
+                    }
+                    Some(_) => {}
+                    None => {
+                        // A retired gid's new life would own nothing; refuse
+                        // it plainly rather than record it.
+                        if let Some(&left_in) = self.retired.get(&gid) {
+                            return Err(ShardMasterError::RetiredGroup { gid, left_in });
+                        }
+                        self.incarnations.insert(gid, incarnation);
+                    }
+                }
+                return Ok(next);
             }
             Op::Move { shard, gid } => {
                 if gid == 0 {
@@ -208,9 +319,39 @@ impl StateMachine for ShardMasterState {
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        *self = postcard::from_bytes(snapshot).map_err(|e| e.to_string())?;
+        *self = Self::decode(snapshot)?;
         Ok(())
     }
+}
+
+/// A server address as groups dial it: `host:port`, the host a DNS name,
+/// an IPv4 address or a bracketed IPv6 one. Checked in the state machine,
+/// so every replica refuses the same Joins.
+pub fn check_server_address(address: &str) -> Result<(), String> {
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err("no port".into());
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(format!("port {port:?} is not a number from 1 to 65535")),
+    }
+    if host.is_empty() {
+        return Err("no host".into());
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let ip = inner.strip_suffix(']').ok_or("unclosed '[' in the host")?;
+        return ip
+            .parse::<std::net::Ipv6Addr>()
+            .map(|_| ())
+            .map_err(|_| format!("{ip:?} is not an IPv6 address"));
+    }
+    let name_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_';
+    if !host.chars().all(name_char) {
+        return Err(format!(
+            "host {host:?} has characters no name or address has"
+        ));
+    }
+    Ok(())
 }
 
 /// The state shared by the replica thread and the service, which answers
@@ -227,7 +368,7 @@ mod tests {
             seq,
             op: Op::Join {
                 gid,
-                servers: vec![format!("s{gid}")],
+                servers: vec![format!("s{gid}:1")],
             },
         }
     }
@@ -253,6 +394,85 @@ mod tests {
         let num = state.latest().num;
         state.execute(join(7, 1, 1)).unwrap();
         assert_eq!(state.latest().num, num);
+    }
+
+    fn claim(state: &mut ShardMasterState, seq: u64, gid: Gid, incarnation: u64) -> Reply {
+        state.execute(Request {
+            client: 9,
+            seq,
+            op: Op::Claim { gid, incarnation },
+        })
+    }
+
+    #[test]
+    fn the_first_claim_of_a_gid_wins_and_a_retired_gid_stays_retired() {
+        let mut state = ShardMasterState::new(4);
+        state.execute(join(7, 1, 1)).unwrap();
+        assert!(claim(&mut state, 1, 1, 11).is_ok());
+        assert!(claim(&mut state, 2, 1, 11).is_ok(), "the same life again");
+        // Every replica wiped: a new life of a gid that served data.
+        assert!(matches!(
+            claim(&mut state, 3, 1, 12),
+            Err(ShardMasterError::GroupDataLost {
+                gid: 1,
+                claimed: 11,
+                offered: 12
+            })
+        ));
+        state
+            .execute(Request {
+                client: 7,
+                seq: 2,
+                op: Op::Leave { gid: 1 },
+            })
+            .unwrap();
+        assert!(matches!(
+            state.execute(join(7, 3, 1)),
+            Err(ShardMasterError::RetiredGroup { gid: 1, left_in: 2 })
+        ));
+        // A gid that never claimed and then left: a new life is refused too.
+        state.execute(join(7, 4, 2)).unwrap();
+        state
+            .execute(Request {
+                client: 7,
+                seq: 5,
+                op: Op::Leave { gid: 2 },
+            })
+            .unwrap();
+        assert!(matches!(
+            claim(&mut state, 4, 2, 5),
+            Err(ShardMasterError::RetiredGroup { gid: 2, left_in: 4 })
+        ));
+        // Claims make no configuration.
+        assert_eq!(state.latest().num, 4);
+    }
+
+    #[test]
+    fn a_snapshot_from_before_retired_gids_learns_them_from_history() {
+        #[derive(Serialize)]
+        struct Old<'a> {
+            configs: &'a Vec<Config>,
+            sessions: &'a BTreeMap<u64, (u64, Reply)>,
+        }
+        let mut state = ShardMasterState::new(4);
+        state.execute(join(7, 1, 1)).unwrap();
+        state.execute(join(7, 2, 2)).unwrap();
+        state
+            .execute(Request {
+                client: 7,
+                seq: 3,
+                op: Op::Leave { gid: 1 },
+            })
+            .unwrap();
+        let old = postcard::to_allocvec(&Old {
+            configs: &state.configs,
+            sessions: &state.sessions,
+        })
+        .unwrap();
+        let mut restored = ShardMasterState::new(4);
+        restored.restore(&old).unwrap();
+        assert_eq!(restored, state);
+        assert_eq!(restored.retired, BTreeMap::from([(1, 3)]));
     }
 
     #[test]

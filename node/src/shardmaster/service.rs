@@ -240,6 +240,19 @@ impl ShardMaster for ShardMasterService {
             .await
     }
 
+    async fn claim(
+        &self,
+        request: GrpcRequest<pb::ClaimRequest>,
+    ) -> Result<Response<pb::Config>, Status> {
+        let r = *request.get_ref();
+        let op = Op::Claim {
+            gid: r.gid,
+            incarnation: r.incarnation,
+        };
+        self.execute(request, r.tag, op, async |mut c, req| c.claim(req).await)
+            .await
+    }
+
     async fn query(
         &self,
         request: GrpcRequest<pb::QueryRequest>,
