@@ -188,7 +188,15 @@ async fn basic_join_leave_and_bad_input() {
     assert_eq!(c4.num, 4);
     check_balanced(&c4);
     // Bad server addresses are refused, naming the entry.
-    for bad in ["", "host", "host:0", "host:port", "two words:1", "[::1:1", "http://h:1"] {
+    for bad in [
+        "",
+        "host",
+        "host:0",
+        "host:port",
+        "two words:1",
+        "[::1:1",
+        "http://h:1",
+    ] {
         match ck.join(9, vec!["ok:1".to_string(), bad.to_string()]).await {
             Err(ClientError::Rejected(why)) => {
                 assert!(why.contains(&format!("{bad:?}")), "{bad}: {why}")
@@ -197,9 +205,12 @@ async fn basic_join_leave_and_bad_input() {
         }
     }
     assert_eq!(ck.query(None).await.unwrap(), c4);
-    ck.join(9, vec!["[::1]:7".into(), "10.0.0.1:7".into(), "a-b.c_d:7".into()])
-        .await
-        .unwrap();
+    ck.join(
+        9,
+        vec!["[::1]:7".into(), "10.0.0.1:7".into(), "a-b.c_d:7".into()],
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

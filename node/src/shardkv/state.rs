@@ -884,7 +884,10 @@ mod tests {
         clock(&mut s, 2_500 + SESSION_IDLE_MS_MAX);
         let shard = s.shard_of(b"k");
         let data = &s.owned[&shard].data;
-        assert_eq!(data.sessions.keys().copied().collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(
+            data.sessions.keys().copied().collect::<Vec<_>>(),
+            vec![1, 3]
+        );
         assert_eq!(data.idle_order.len(), 2);
     }
 
@@ -903,7 +906,10 @@ mod tests {
             })
         };
         for seq in 1..=SESSION_REPLIES_MAX as u64 {
-            assert_eq!(s.apply_command(unacked(seq)), CommandReply::Op(OpReply::Done));
+            assert_eq!(
+                s.apply_command(unacked(seq)),
+                CommandReply::Op(OpReply::Done)
+            );
         }
         let next = SESSION_REPLIES_MAX as u64 + 1;
         assert_eq!(

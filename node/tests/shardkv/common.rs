@@ -83,6 +83,16 @@ impl Cluster {
     /// Starts a shardmaster group of 3 and `groups` kv groups of `replicas`
     /// (gids 100, 101, ...), none joined yet.
     pub async fn start(groups: usize, replicas: usize, unreliable: Option<Unreliable>) -> Cluster {
+        let options = KvServerOptions {
+            unreliable,
+            ..Default::default()
+        };
+        Self::start_with(groups, replicas, options).await
+    }
+
+    /// As [`Cluster::start`], with the kvservers' options (the poll interval
+    /// and call timeout are the tests' own).
+    pub async fn start_with(groups: usize, replicas: usize, options: KvServerOptions) -> Cluster {
         let (listeners, master_addrs) = bind_all(3).await;
         let net = LocalNetwork::new(3);
         let mut master_stops = Vec::new();
@@ -104,8 +114,7 @@ impl Cluster {
         let options = KvServerOptions {
             poll_interval: Duration::from_millis(50),
             peer_call_timeout: Duration::from_secs(1),
-            unreliable,
-            ..Default::default()
+            ..options
         };
         let mut cluster = Cluster {
             masters_admin: ShardMasterClient::new(&master_addrs, WAIT).unwrap(),
@@ -246,6 +255,33 @@ impl Cluster {
         };
         let node = self.start_node(self.group(gid), i, listener);
         self.group_mut(gid).nodes[i] = Some(node);
+    }
+
+    /// Stops every replica of `gid`, removes their storage, and starts
+    /// them again blank on the same addresses: a group that lost every disk.
+    pub async fn wipe_group(&mut self, gid: Gid) {
+        self.kill_group(gid).await;
+        for i in 0..self.group(gid).addrs.len() {
+            std::fs::remove_dir_all(self.storage_path(gid, i)).unwrap();
+        }
+        self.group_mut(gid).net = LocalNetwork::new(self.group(gid).addrs.len());
+        for i in 0..self.group(gid).addrs.len() {
+            self.restart(gid, i).await;
+        }
+    }
+
+    /// Stops every replica of `gid` and starts them again from their
+    /// storage on new ports (pods rescheduled at other addresses). Nothing
+    /// is told the new addresses.
+    pub async fn readdress_group(&mut self, gid: Gid) {
+        self.kill_group(gid).await;
+        let (listeners, addrs) = bind_all(self.group(gid).addrs.len()).await;
+        self.group_mut(gid).addrs = addrs;
+        self.group_mut(gid).net = LocalNetwork::new(listeners.len());
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let node = self.start_node(self.group(gid), i, listener);
+            self.group_mut(gid).nodes[i] = Some(node);
+        }
     }
 
     pub async fn kill_group(&mut self, gid: Gid) {

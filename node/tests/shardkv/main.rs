@@ -4,9 +4,11 @@
 //!
 //! `basic` ports the lab's shardkv suite; `history` records concurrent
 //! histories under faults and checks them linearizable; `handoff` covers
-//! garbage collection and deduplication across migration.
+//! garbage collection and deduplication across migration; `lifecycle` the
+//! edges of a group's life: wiped, readdressed, gone before its deletes.
 
 mod basic;
 mod common;
 mod handoff;
 mod history;
+mod lifecycle;

@@ -1,0 +1,193 @@
+//! A group's life at its edges, as an operator drives it: every disk lost,
+//! pods rescheduled at new addresses, a group removed before the deletes it
+//! was sent were acknowledged.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use shardkv::proto::kv::GroupStatusRequest;
+use shardkv::shardkv::clerk::ClerkError;
+use shardkv::shardkv::key_to_shard;
+use shardkv::shardkv::pool::ChannelPool;
+use shardkv::shardkv::server::KvServerOptions;
+
+use crate::common::{key, Cluster, SHARDS, WAIT};
+
+const KEYS: usize = 40;
+
+/// Polls `done` until it holds or `WAIT` passes.
+async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn shard_of(i: usize) -> usize {
+    key_to_shard(key(i).as_bytes(), SHARDS)
+}
+
+/// Every replica of a serving group loses its storage and starts blank
+/// under the same gid. Before groups claimed an incarnation, it replayed
+/// history from configuration 1 as a new group and served its shards empty:
+/// acknowledged keys read as not found. Now the shardmaster refuses it; its
+/// shards are unavailable, never wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_lost_every_disk_is_refused_not_served_empty() {
+    let mut cluster = Cluster::start(2, 3, None).await;
+    let ck = cluster.clerk();
+    cluster.join(100).await;
+    for i in 0..KEYS {
+        ck.put(key(i), format!("v{i}")).await.unwrap();
+    }
+    cluster.join(101).await;
+    cluster.await_settled().await;
+    let config = cluster.admin().query(None).await.unwrap();
+    let lost: BTreeSet<usize> = (0..KEYS)
+        .filter(|i| config.shards[shard_of(*i)] == 100)
+        .collect();
+    assert!(!lost.is_empty() && lost.len() < KEYS);
+
+    cluster.wipe_group(100).await;
+    // Refused, or (as before) replayed up to the latest configuration.
+    let refused = async || {
+        for r in 0..3 {
+            let status = cluster.status(100, r).await;
+            if status.refused.contains("all started from blank storage") {
+                return true;
+            }
+        }
+        false
+    };
+    wait_until("the wiped group settles one way or the other", async || {
+        refused().await || (cluster.states(100).iter()).any(|s| s.lock().config.num >= config.num)
+    })
+    .await;
+    let impatient = cluster.clerk_with_timeout(Duration::from_secs(2));
+    let sampled_lost: Vec<usize> = lost.iter().copied().take(3).collect();
+    for i in (0..KEYS).filter(|i| !lost.contains(i) || sampled_lost.contains(i)) {
+        let got = impatient.get(key(i)).await;
+        if lost.contains(&i) {
+            assert!(
+                matches!(got, Err(ClerkError::Timeout { .. })),
+                "key {i} of the wiped group: {got:?}"
+            );
+        } else {
+            assert_eq!(got.unwrap(), Some(Bytes::from(format!("v{i}"))));
+        }
+    }
+    assert!(refused().await, "the refusal is reported");
+    for (r, state) in cluster.states(100).iter().enumerate() {
+        let s = state.lock();
+        assert_eq!(s.config.num, 0, "replica {r} took a configuration");
+        assert_eq!(s.key_count(), 0);
+    }
+}
+
+/// A group is stopped and comes back at new addresses while another group
+/// still has to pull from it; the admin re-joins it with the new list. The
+/// puller must follow it there: before, it dialled only the addresses of
+/// the configuration it pulled for, and never took another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_follows_its_source_to_new_addresses() {
+    let mut cluster = Cluster::start(2, 3, None).await;
+    let ck = cluster.clerk();
+    cluster.join(100).await;
+    for i in 0..KEYS {
+        ck.put(key(i), format!("v{i}")).await.unwrap();
+    }
+    cluster.kill_group(100).await;
+    cluster.join(101).await;
+    let pulling = async || {
+        let states = cluster.states(101);
+        let s = states[0].lock();
+        s.config.num == 2 && !s.ready_for_next_config()
+    };
+    wait_until("group 101 starts pulling from the stopped group", pulling).await;
+    cluster.readdress_group(100).await;
+    cluster.join(100).await;
+    cluster.await_settled().await;
+    for i in 0..KEYS {
+        let got = ck.get(key(i)).await.unwrap();
+        assert_eq!(got, Some(Bytes::from(format!("v{i}"))));
+    }
+}
+
+/// A group leaves; its new owners pull everything, but the group cannot
+/// decide their deletes (its replicas are cut off from each other), and is
+/// then removed. Before, the new owner kept its pending deletes and dialled
+/// the dead addresses on every round, forever. Now, once the holder is out
+/// of the configuration and silent past the grace, the delete counts as
+/// done, and every group ends with no copy of what it does not own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_removed_before_acknowledging_its_deletes_is_let_go() {
+    let options = KvServerOptions {
+        departed_holder_grace: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let mut cluster = Cluster::start_with(2, 3, options).await;
+    let ck = cluster.clerk();
+    cluster.join(100).await;
+    cluster.join(101).await;
+    cluster.await_settled().await;
+    for i in 0..KEYS {
+        ck.put(key(i), format!("v{i}")).await.unwrap();
+    }
+    cluster.leave(100).await;
+    let latest = cluster.admin().query(None).await.unwrap().num;
+    wait_until("the leaving group hands its shards off", async || {
+        cluster
+            .states(100)
+            .iter()
+            .all(|s| s.lock().config.num == latest)
+    })
+    .await;
+    for r in 0..3 {
+        cluster.group(100).net.set_isolated(r, true);
+    }
+    wait_until("group 101 has every shard, deletes pending", async || {
+        let states = cluster.states(101);
+        let s = states[0].lock();
+        s.config.num == latest && s.ready_for_next_config() && !s.pending_deletes.is_empty()
+    })
+    .await;
+    cluster.kill_group(100).await;
+    wait_until("group 101 lets the removed holder go", async || {
+        cluster
+            .states(101)
+            .iter()
+            .all(|s| s.lock().pending_deletes.is_empty())
+    })
+    .await;
+    for state in cluster.states(101) {
+        let s = state.lock();
+        assert!(s.outgoing.is_empty());
+        assert_eq!(s.owned.len(), SHARDS);
+        assert_eq!(s.key_count(), KEYS, "only the owned copies are held");
+    }
+    for i in 0..KEYS {
+        let got = ck.get(key(i)).await.unwrap();
+        assert_eq!(got, Some(Bytes::from(format!("v{i}"))));
+    }
+}
+
+/// One server entry that cannot be dialled must not hide the group's
+/// others. Before, the first unparsable address ended the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_server_entry_does_not_hide_the_others() {
+    let cluster = Cluster::start(1, 1, None).await;
+    let pool = ChannelPool::new(Duration::from_secs(1));
+    let servers = vec![
+        "not an address".to_string(),
+        cluster.group(100).addrs[0].clone(),
+    ];
+    let status = pool
+        .call_group(&servers, Duration::from_secs(1), |mut c| async move {
+            c.group_status(GroupStatusRequest {}).await
+        })
+        .await
+        .unwrap();
+    assert_eq!(status.gid, 100);
+}
