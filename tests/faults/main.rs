@@ -509,15 +509,19 @@ async fn run(opts: Opts) -> ExitCode {
     tighten_unknown_appends(&mut history);
     let verdict = check(&history, Duration::from_secs(120));
     match &verdict {
-        Verdict::Linearizable => {}
-        Verdict::NotLinearizable { key, operations } => problems.push(format!(
+        Ok(Verdict::Linearizable) => {}
+        Ok(Verdict::NotLinearizable { key, operations }) => problems.push(format!(
             "anomaly: the {operations} operations on {} are not linearizable",
             String::from_utf8_lossy(key)
         )),
-        Verdict::Unknown { key } => problems.push(format!(
+        Ok(Verdict::Unknown { keys }) => problems.push(format!(
             "the checker ran out of time on {}: no verdict",
-            String::from_utf8_lossy(key)
+            keys.iter()
+                .map(|k| String::from_utf8_lossy(k))
+                .collect::<Vec<_>>()
+                .join(", ")
         )),
+        Err(e) => problems.push(format!("the recorded history is malformed: {e}")),
     }
     let (ok, failed, unknown) = (
         shared.ok.load(Ordering::Relaxed),

@@ -155,7 +155,8 @@ async fn histories_under_moves_partitions_crashes_and_drops_are_linearizable() {
         tally.ok > 100,
         "seed {seed}: too few operations completed to prove anything"
     );
-    let verdict = check(&history, Duration::from_secs(60));
+    let verdict = check(&history, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("seed {seed}: the recorded history is malformed: {e}"));
     assert_eq!(
         verdict,
         Verdict::Linearizable,
