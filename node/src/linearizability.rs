@@ -24,7 +24,7 @@
 //! of the machine's speed.
 //!
 //! Memory: the caches of all keys together stay within
-//! [`Limits::cache_max_bytes`] ([`CACHE_MAX_BYTES_DEFAULT`] for [`check`]),
+//! [`Limits::cache_bytes_max`] ([`CACHE_BYTES_MAX_DEFAULT`] for [`check`]),
 //! shared evenly among the keys still undecided. A cache that is full is
 //! emptied and refilled: the cache only spares the search revisits, so
 //! forgetting it costs time, never a wrong verdict. Everything else the
@@ -107,11 +107,11 @@ pub struct Limits {
     /// of it (the clock is read every [`CLOCK_CHECK_STEPS`] search steps).
     pub time: Duration,
     /// For the caches of all keys together, counting what they allocate.
-    pub cache_max_bytes: usize,
+    pub cache_bytes_max: usize,
 }
 
 /// The caches' memory bound that [`check`] uses.
-pub const CACHE_MAX_BYTES_DEFAULT: usize = 512 << 20;
+pub const CACHE_BYTES_MAX_DEFAULT: usize = 512 << 20;
 
 /// Search steps between readings of the clock. A step costs at most a copy
 /// and a hash of one value, so with values of a few kilobytes this many
@@ -129,7 +129,7 @@ pub fn check(history: &[Operation], limit: Duration) -> Result<Verdict, HistoryE
         history,
         Limits {
             time: limit,
-            cache_max_bytes: CACHE_MAX_BYTES_DEFAULT,
+            cache_bytes_max: CACHE_BYTES_MAX_DEFAULT,
         },
     )
 }
@@ -159,7 +159,7 @@ pub fn check_within(history: &[Operation], limits: Limits) -> Result<Verdict, Hi
     while !undecided.is_empty() {
         // Keys only ever leave, so a key's share only grows: what its cache
         // already holds stays within the bound.
-        let cache_share_bytes = limits.cache_max_bytes / undecided.len();
+        let cache_share_bytes = limits.cache_bytes_max / undecided.len();
         let mut still_undecided = Vec::with_capacity(undecided.len());
         let mut turns = undecided.into_iter();
         while let Some((key, operations, mut search)) = turns.next() {
@@ -323,12 +323,12 @@ impl<'h> KeySearch<'h> {
     }
 
     /// Searches for up to `slice_steps` steps, or until `deadline` (if any),
-    /// with the cache held within `cache_max_bytes`.
+    /// with the cache held within `cache_bytes_max`.
     fn run(
         &mut self,
         slice_steps: u64,
         deadline: Option<Instant>,
-        cache_max_bytes: usize,
+        cache_bytes_max: usize,
     ) -> Progress {
         for done in 0..slice_steps {
             if self.next[HEAD] == self.end {
@@ -341,7 +341,7 @@ impl<'h> KeySearch<'h> {
                 return Progress::OutOfTime;
             }
             self.steps += 1;
-            if let Some(verdict) = self.step(cache_max_bytes) {
+            if let Some(verdict) = self.step(cache_bytes_max) {
                 return verdict;
             }
         }
@@ -353,7 +353,7 @@ impl<'h> KeySearch<'h> {
     }
 
     /// One step of the search: `Some` once it is decided.
-    fn step(&mut self, cache_max_bytes: usize) -> Option<Progress> {
+    fn step(&mut self, cache_bytes_max: usize) -> Option<Progress> {
         // The live events always end with a return (each operation's comes
         // after its call), which backtracks before the walk could pass it.
         assert_ne!(self.node, self.end, "walked past the last event");
@@ -362,7 +362,7 @@ impl<'h> KeySearch<'h> {
         if !is_return {
             if let Some(after) = step(&self.state, self.ops[op]) {
                 self.linearized[word] |= bit;
-                if self.cache.insert(&self.linearized, &after, cache_max_bytes) {
+                if self.cache.insert(&self.linearized, &after, cache_bytes_max) {
                     let before = std::mem::replace(&mut self.state, after);
                     self.stack.push((op, before));
                     self.unlink(self.call_node[op]);
@@ -794,7 +794,7 @@ mod tests {
     fn a_key_that_takes_many_slices_to_refute_is_still_reported_promptly() {
         let slow_to_refute = undecidable_key("9", 13);
         let mut alone = KeySearch::new(&slow_to_refute.iter().collect::<Vec<_>>());
-        let verdict_alone = alone.run(u64::MAX, None, CACHE_MAX_BYTES_DEFAULT);
+        let verdict_alone = alone.run(u64::MAX, None, CACHE_BYTES_MAX_DEFAULT);
         assert_eq!(verdict_alone, Progress::NotLinearizable);
         let steps_alone = alone.steps;
         drop(alone);
@@ -950,12 +950,12 @@ mod tests {
     fn run_stepwise(
         search: &mut KeySearch,
         max_steps: u64,
-        cache_max_bytes: usize,
+        cache_bytes_max: usize,
     ) -> (Progress, usize, usize) {
         let (mut most_bytes, mut emptied) = (0, 0);
         for _ in 0..max_steps {
             let before = search.cache.len;
-            let progress = search.run(1, None, cache_max_bytes);
+            let progress = search.run(1, None, cache_bytes_max);
             most_bytes = most_bytes.max(search.cache.allocated_bytes());
             emptied += usize::from(search.cache.len < before);
             if progress != Progress::Paused {
@@ -972,11 +972,11 @@ mod tests {
     fn a_bounded_cache_stays_within_its_bound_and_keeps_the_verdicts() {
         let ops = undecidable_key("x", 30);
         let mut search = KeySearch::new(&ops.iter().collect::<Vec<_>>());
-        let cache_max_bytes = 64 << 10;
-        let (progress, most_bytes, emptied) = run_stepwise(&mut search, 200_000, cache_max_bytes);
+        let cache_bytes_max = 64 << 10;
+        let (progress, most_bytes, emptied) = run_stepwise(&mut search, 200_000, cache_bytes_max);
         println!("at most {most_bytes} bytes, emptied {emptied} times");
         assert_eq!(progress, Progress::Paused);
-        assert!(most_bytes <= cache_max_bytes, "{most_bytes} bytes");
+        assert!(most_bytes <= cache_bytes_max, "{most_bytes} bytes");
         assert!(emptied > 10, "emptied only {emptied} times");
 
         let seed = crate::paxos::sim::test_seed(
@@ -996,14 +996,14 @@ mod tests {
                 &h,
                 Limits {
                     time: LIMIT,
-                    cache_max_bytes: 0,
+                    cache_bytes_max: 0,
                 },
             );
             assert_eq!(uncached, Ok(roomy.clone()), "seed {seed}: {h:?}");
-            let cache_max_bytes = 4 << 10;
+            let cache_bytes_max = 4 << 10;
             let mut small = KeySearch::new(&h.iter().collect::<Vec<_>>());
             let (progress, most_bytes, emptied) =
-                run_stepwise(&mut small, 1 << 30, cache_max_bytes);
+                run_stepwise(&mut small, 1 << 30, cache_bytes_max);
             let expected = match roomy {
                 Verdict::Linearizable => Progress::Linearizable,
                 Verdict::NotLinearizable { .. } => Progress::NotLinearizable,
@@ -1011,7 +1011,7 @@ mod tests {
             };
             assert_eq!(progress, expected, "seed {seed}: a small cache: {h:?}");
             assert!(
-                most_bytes <= cache_max_bytes,
+                most_bytes <= cache_bytes_max,
                 "seed {seed}: {most_bytes} bytes"
             );
             refuted += usize::from(expected == Progress::NotLinearizable);
@@ -1040,10 +1040,10 @@ mod tests {
             }
             let ops: Vec<&Operation> = h.iter().collect();
             let mut whole = KeySearch::new(&ops);
-            let in_one_go = whole.run(u64::MAX, None, CACHE_MAX_BYTES_DEFAULT);
+            let in_one_go = whole.run(u64::MAX, None, CACHE_BYTES_MAX_DEFAULT);
             let mut sliced = KeySearch::new(&ops);
             let in_slices = loop {
-                match sliced.run(1, None, CACHE_MAX_BYTES_DEFAULT) {
+                match sliced.run(1, None, CACHE_BYTES_MAX_DEFAULT) {
                     Progress::Paused => {}
                     decided => break decided,
                 }
