@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use shardkv::proto::kv::shard_kv_client::ShardKvClient;
 use shardkv::proto::kv::GroupStatusRequest;
-use shardkv::shardmaster::client::ShardMasterClient;
+use shardkv::shardmaster::client::{ClientError, ShardMasterClient};
 use shardkv::shardmaster::Config;
 use tonic::transport::Endpoint;
 
@@ -42,11 +42,31 @@ pub async fn latest_config(masters: &[String]) -> Result<Config, String> {
         .map_err(|e| e.to_string())
 }
 
-pub async fn join(masters: &[String], gid: u64, servers: Vec<String>) -> Result<Config, String> {
-    master(masters)?
-        .join(gid, servers)
-        .await
-        .map_err(|e| e.to_string())
+/// Why a Join did not happen.
+#[derive(Debug)]
+pub enum JoinError {
+    /// The shardmaster decided against it (its reason); trying again
+    /// would not help.
+    Refused(String),
+    /// It could not be asked.
+    Failed(String),
+}
+
+impl std::fmt::Display for JoinError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JoinError::Refused(why) => write!(f, "refused: {why}"),
+            JoinError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+pub async fn join(masters: &[String], gid: u64, servers: Vec<String>) -> Result<Config, JoinError> {
+    let client = master(masters).map_err(JoinError::Failed)?;
+    client.join(gid, servers).await.map_err(|e| match e {
+        ClientError::Rejected(why) => JoinError::Refused(why),
+        other => JoinError::Failed(other.to_string()),
+    })
 }
 
 pub async fn leave(masters: &[String], gid: u64) -> Result<Config, String> {
@@ -75,6 +95,7 @@ async fn replica_status(address: &str) -> Result<ReplicaReport, String> {
         serving: reply.serving.len(),
         pulling: reply.pulling.len(),
         outgoing: reply.outgoing.len(),
+        pending_deletes: reply.pending_deletes,
         keys: reply.keys,
     })
 }

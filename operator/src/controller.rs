@@ -172,7 +172,14 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
                 ("leave", "Leave", "Left", "LeaveFailed")
             };
             let result = if joining {
-                cluster::join(masters, decision.gid, servers.clone()).await
+                match cluster::join(masters, decision.gid, servers.clone()).await {
+                    Err(cluster::JoinError::Refused(why)) => {
+                        observed.join_refused = Some(why.clone());
+                        Err(format!("refused: {why}"))
+                    }
+                    Err(cluster::JoinError::Failed(why)) => Err(why),
+                    Ok(config) => Ok(config),
+                }
             } else {
                 cluster::leave(masters, decision.gid).await
             };
@@ -199,7 +206,10 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
                 Err(e) => {
                     let note = format!("could not {step} gid {gid}: {e}");
                     publish(ctx, rg, EventType::Warning, failed_reason, action, note).await;
-                    observed.master = Err(e);
+                    // A refusal leaves the view of the shardmaster as it was.
+                    if observed.join_refused.is_none() {
+                        observed.master = Err(e);
+                    }
                 }
             }
             decision = decide(&observed);
@@ -346,6 +356,7 @@ async fn observe(
         master,
         group,
         pdb_api_missing: false,
+        join_refused: refused_before(&status),
     })
 }
 
@@ -421,4 +432,17 @@ async fn publish(
     if let Err(e) = ctx.recorder.publish(&event, &rg.object_ref(&())).await {
         warn!(group = %rg.name_any(), "could not publish event {reason}: {e}");
     }
+}
+
+/// The shardmaster's refusal to join, as the status recorded it: it stands,
+/// since the gid cannot change.
+fn refused_before(status: &crate::crd::ReplicaGroupStatus) -> Option<String> {
+    let joined = status.conditions.iter().find(|c| c.type_ == "Joined")?;
+    (joined.reason == "JoinRefused").then(|| {
+        let message = &joined.message;
+        // Recover the shardmaster's own words from the condition's message.
+        let start = message.find(": ").map(|i| i + 2).unwrap_or(0);
+        let end = message.find(". This ReplicaGroup").unwrap_or(message.len());
+        message[start..end.max(start)].to_string()
+    })
 }

@@ -38,13 +38,21 @@ pub struct ReplicaReport {
     pub pulling: usize,
     /// Shards handed off whose new owner has not yet confirmed them.
     pub outgoing: usize,
+    /// Shards installed here whose previous holder has not yet been told
+    /// to drop its copy: removing the group now would leave that copy
+    /// behind for good.
+    pub pending_deletes: u64,
     pub keys: u64,
 }
 
 impl ReplicaReport {
     /// This replica has applied `latest` (so the Leave) and holds nothing.
     fn drained(&self, latest: u64) -> bool {
-        self.config_num >= latest && self.serving == 0 && self.pulling == 0 && self.outgoing == 0
+        self.config_num >= latest
+            && self.serving == 0
+            && self.pulling == 0
+            && self.outgoing == 0
+            && self.pending_deletes == 0
     }
 }
 
@@ -79,6 +87,9 @@ pub struct Observed {
     pub group: GroupView,
     /// The API server does not serve policy/v1 PodDisruptionBudget.
     pub pdb_api_missing: bool,
+    /// The shardmaster refused to join this group (a retired gid, say):
+    /// its words. Final: the gid cannot change, so no Join is tried again.
+    pub join_refused: Option<String>,
 }
 
 /// The one thing to do now.
@@ -249,6 +260,15 @@ pub fn decide(o: &Observed) -> Decision {
                 format!("gid {gid} has left the configuration"),
             );
         }
+        Ok(_) if o.join_refused.is_some() => {
+            let why = o.join_refused.clone().unwrap_or_default();
+            let message = format!(
+                "the shardmaster refused to join gid {gid}: {why}. This ReplicaGroup will not \
+                 join; delete it and create one with an unused gid"
+            );
+            degraded.push(("JoinRefused", message.clone()));
+            joined_cond = cond("Joined", Some(false), "JoinRefused", message);
+        }
         Ok(_) => {
             busy = true;
             let need = majority(replicas);
@@ -346,9 +366,13 @@ pub fn decide(o: &Observed) -> Decision {
                     GroupView::Reported(r) => r.iter().any(|r| r.drained(m.config_num)),
                     _ => false,
                 };
+                // Never joined, and every replica that answered has taken
+                // no configuration at all (a refused group): it holds nothing.
+                let never_took_a_config = matches!(&o.group, GroupView::Reported(r)
+                    if r.iter().all(|r| *r == ReplicaReport::default()));
                 let never_served = !o.was_joined
-                    && o.ready_replicas == 0
-                    && matches!(o.group, GroupView::Unreachable(_));
+                    && ((o.ready_replicas == 0 && matches!(o.group, GroupView::Unreachable(_)))
+                        || never_took_a_config);
                 if drained || never_served || o.allow_data_loss {
                     step = Step::ReleaseFinalizer;
                     let why = if drained {
@@ -371,9 +395,15 @@ pub fn decide(o: &Observed) -> Decision {
                             match best {
                                 Some(b) => format!(
                                     "the most advanced replica has applied configuration {} \
-                                     of {}, serves {}, pulls {} and still holds {} \
-                                     handed-off shards",
-                                    b.config_num, m.config_num, b.serving, b.pulling, b.outgoing
+                                     of {}, serves {}, pulls {}, still holds {} \
+                                     handed-off shards and has {} old copies elsewhere to \
+                                     have deleted",
+                                    b.config_num,
+                                    m.config_num,
+                                    b.serving,
+                                    b.pulling,
+                                    b.outgoing,
+                                    b.pending_deletes
                                 ),
                                 None => "no replica reported".into(),
                             }
@@ -479,6 +509,7 @@ mod tests {
             }),
             group: GroupView::NotAsked,
             pdb_api_missing: false,
+            join_refused: None,
         }
     }
 
@@ -691,7 +722,12 @@ mod tests {
             serving,
             pulling,
             outgoing,
+            pending_deletes: 0,
             keys: 5,
+        };
+        let pending = |config_num| ReplicaReport {
+            pending_deletes: 1,
+            ..report(config_num, 0, 0, 0)
         };
         let cases = [
             (GroupView::NotAsked, Step::Nothing),
@@ -701,6 +737,12 @@ mod tests {
             (GroupView::Reported(vec![report(9, 2, 0, 0)]), Step::Nothing),
             (GroupView::Reported(vec![report(9, 0, 1, 0)]), Step::Nothing),
             (GroupView::Reported(vec![report(9, 0, 0, 3)]), Step::Nothing),
+            // It must still have an old holder drop its copy: removed now,
+            // that copy would stay there for good.
+            (
+                GroupView::Reported(vec![pending(9), pending(9)]),
+                Step::Nothing,
+            ),
             (
                 GroupView::Reported(vec![report(9, 0, 0, 3), report(9, 0, 0, 0)]),
                 Step::ReleaseFinalizer,
@@ -724,6 +766,34 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn a_refused_join_is_degraded_says_what_to_do_and_is_not_retried() {
+        let mut o = observed();
+        not_joined(&mut o);
+        o.join_refused = Some("gid 7 left in configuration 3 and is retired".into());
+        let d = decide(&o);
+        assert_eq!(d.step, Step::Nothing);
+        let joined = condition(&d, "Joined");
+        assert_eq!((joined.status, joined.reason), (Some(false), "JoinRefused"));
+        let deg = condition(&d, "Degraded");
+        assert_eq!((deg.status, deg.reason), (Some(true), "JoinRefused"));
+        assert!(deg.message.contains("left in configuration 3"));
+        assert!(deg.message.contains("create one with an unused gid"));
+        // Deleting it: its replicas took no configuration, so it goes.
+        o.deleting = true;
+        o.group = GroupView::Reported(vec![ReplicaReport::default(); 3]);
+        assert_eq!(decide(&o).step, Step::ReleaseFinalizer);
+        // A replica that took one may hold data: held.
+        o.group = GroupView::Reported(vec![
+            ReplicaReport::default(),
+            ReplicaReport {
+                config_num: 2,
+                ..Default::default()
+            },
+        ]);
+        assert_eq!(decide(&o).step, Step::Nothing);
     }
 
     #[test]
