@@ -346,10 +346,7 @@ impl KvServer {
             let s = self.inner.state.lock();
             (s.clock_ms, !s.owned.is_empty())
         };
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now_ms = wall_clock_ms();
         let interval_ms = self.inner.options.clock_interval.as_millis() as u64;
         if owns && now_ms >= clock_ms.saturating_add(interval_ms) {
             if let Err(e) = self.propose(&Command::Clock { now_ms }).await {
@@ -526,6 +523,15 @@ impl KvServer {
             self.read(&r.key).await?
         } else {
             let proposed_ms = self.inner.state.lock().clock_ms;
+            // Stamped with a logged time well behind the wall clock, the
+            // write could be refused as too old once the next Clock lands:
+            // wait for the leader to move the clock first.
+            let behind_ms = wall_clock_ms().saturating_sub(proposed_ms);
+            if proposed_ms == 0 || behind_ms > super::state::WRITE_AGE_MS_MAX / 4 {
+                return Err(Status::unavailable(
+                    "the group's logged time is not yet current; retry",
+                ));
+            }
             let op = ClientOp {
                 client: r.client,
                 seq: r.seq,
@@ -727,6 +733,14 @@ impl ShardKv for KvServer {
             sessions: s.session_count() as u64,
         }))
     }
+}
+
+/// Milliseconds since the Unix epoch, by this machine's clock.
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -191,6 +191,22 @@ pub struct ShardData {
 }
 
 impl ShardData {
+    /// Moves the sessions last written at time 0 to `now_ms`. Once per
+    /// group, at its first clock.
+    fn restamp_unclocked_sessions(&mut self, now_ms: u64) {
+        let unclocked: Vec<u64> = (self.idle_order.iter())
+            .take_while(|(at, _)| *at == 0)
+            .map(|(_, client)| *client)
+            .collect();
+        for client in unclocked {
+            self.idle_order.remove(&(0, client));
+            self.idle_order.insert((now_ms, client));
+            if let Some(session) = self.sessions.get_mut(&client) {
+                session.last_write_ms = now_ms;
+            }
+        }
+    }
+
     /// Ends the sessions whose last write here is older than
     /// [`SESSION_IDLE_MS_MAX`] at `now_ms`.
     fn expire_sessions(&mut self, now_ms: u64) -> usize {
@@ -396,7 +412,16 @@ impl KvState {
                 if now_ms <= self.clock_ms {
                     return CommandReply::Step(false);
                 }
+                let first = self.clock_ms == 0;
                 self.clock_ms = now_ms;
+                if first {
+                    // Sessions written before the group had a clock (or
+                    // restored from before clocks) start their idle time
+                    // now, not at time 0: they must not end at once.
+                    for owned in self.owned.values_mut() {
+                        owned.data.restamp_unclocked_sessions(now_ms);
+                    }
+                }
                 // Frozen outgoing copies are left as they are: their
                 // sessions expire at the new owner, by its clock.
                 for owned in self.owned.values_mut() {
@@ -865,6 +890,24 @@ mod tests {
         // The clock never goes back.
         clock(&mut s, 5);
         assert_eq!(s.clock_ms, 1_001 + SESSION_IDLE_MS_MAX);
+    }
+
+    /// A write applied before the group's first clock (a new group, or one
+    /// that just received its first shard) must not have its session end at
+    /// that clock: a retry of it would then be applied twice.
+    #[test]
+    fn a_session_from_before_the_first_clock_does_not_end_at_it() {
+        let mut s = KvState::new(1);
+        s.apply_command(Command::Reconfigure(config(1, vec![1])));
+        let append = op(7, 1, OpKind::Append, "k", "x");
+        s.apply_command(append.clone());
+        clock(&mut s, 1_000 + SESSION_IDLE_MS_MAX * 3);
+        assert_eq!(s.session_count(), 1);
+        assert_eq!(s.apply_command(append), CommandReply::Op(OpReply::Done));
+        assert_eq!(
+            get(&mut s, "k"),
+            CommandReply::Op(OpReply::Value(Some(Bytes::from("x"))))
+        );
     }
 
     #[test]
