@@ -191,18 +191,33 @@ pub struct ShardData {
 }
 
 impl ShardData {
-    /// Moves the sessions last written at time 0 to `now_ms`. Once per
-    /// group, at its first clock.
-    fn restamp_unclocked_sessions(&mut self, now_ms: u64) {
-        let unclocked: Vec<u64> = (self.idle_order.iter())
-            .take_while(|(at, _)| *at == 0)
-            .map(|(_, client)| *client)
-            .collect();
-        for client in unclocked {
-            self.idle_order.remove(&(0, client));
-            self.idle_order.insert((now_ms, client));
+    /// Moves every session last written at `from_ms` (the previous clock)
+    /// or later up to just below `to_ms`: only those written since the
+    /// previous clock, so the cost is that of the writes in one interval.
+    /// Just below, so the next clock does not take them for recent again.
+    fn lift_recent_sessions(&mut self, from_ms: u64, to_ms: u64) {
+        debug_assert!(to_ms > from_ms);
+        let recent = self.idle_order.split_off(&(from_ms, 0));
+        for (at, client) in recent {
+            let lifted = at.max(to_ms - 1);
+            self.idle_order.insert((lifted, client));
             if let Some(session) = self.sessions.get_mut(&client) {
-                session.last_write_ms = now_ms;
+                session.last_write_ms = lifted;
+            }
+        }
+    }
+
+    /// Raises every session's last write to at least `floor_ms`: a shard
+    /// arriving from a group whose clock is behind keeps its sessions for
+    /// their full idle time by this group's clock. Installing a shard
+    /// costs its size anyway.
+    fn raise_sessions_to(&mut self, floor_ms: u64) {
+        let old = self.idle_order.split_off(&(0, 0));
+        for (at, client) in old {
+            let raised = at.max(floor_ms);
+            self.idle_order.insert((raised, client));
+            if let Some(session) = self.sessions.get_mut(&client) {
+                session.last_write_ms = raised;
             }
         }
     }
@@ -391,15 +406,12 @@ impl KvState {
 
     pub fn apply_command(&mut self, command: Command) -> CommandReply {
         match command {
-            // Logged before writes were stamped: no age to check.
-            Command::Client(op) => CommandReply::Op(self.apply_client(op)),
+            // Logged before writes were stamped: applied by the rules of
+            // then (no age, no bounds), so a replica replaying it agrees
+            // with one that restored a snapshot taken after it.
+            Command::Client(op) => CommandReply::Op(self.apply_client(op, None)),
             Command::ClientAt { op, proposed_ms } => {
-                if op.kind != OpKind::Get
-                    && self.clock_ms > proposed_ms.saturating_add(WRITE_AGE_MS_MAX)
-                {
-                    return CommandReply::Op(OpReply::TooOld);
-                }
-                CommandReply::Op(self.apply_client(op))
+                CommandReply::Op(self.apply_client(op, Some(proposed_ms)))
             }
             Command::Begin { incarnation } => {
                 if self.incarnation.is_some() {
@@ -412,15 +424,13 @@ impl KvState {
                 if now_ms <= self.clock_ms {
                     return CommandReply::Step(false);
                 }
-                let first = self.clock_ms == 0;
-                self.clock_ms = now_ms;
-                if first {
-                    // Sessions written before the group had a clock (or
-                    // restored from before clocks) start their idle time
-                    // now, not at time 0: they must not end at once.
-                    for owned in self.owned.values_mut() {
-                        owned.data.restamp_unclocked_sessions(now_ms);
-                    }
+                let previous_ms = std::mem::replace(&mut self.clock_ms, now_ms);
+                for owned in self.owned.values_mut() {
+                    // Written since the last clock: just now, however far
+                    // this clock jumps (a group's first, or one after a
+                    // leader whose clock was behind). Their idle time
+                    // starts here, or they would end at once.
+                    owned.data.lift_recent_sessions(previous_ms, now_ms);
                 }
                 // Frozen outgoing copies are left as they are: their
                 // sessions expire at the new owner, by its clock.
@@ -464,7 +474,10 @@ impl KvState {
         OpReply::Value(value)
     }
 
-    fn apply_client(&mut self, op: ClientOp) -> OpReply {
+    /// `proposed_ms`: the logged time its kvserver proposed it at; `None`
+    /// for a write logged before writes were stamped (old rules: no age,
+    /// no bounds).
+    fn apply_client(&mut self, op: ClientOp, proposed_ms: Option<u64>) -> OpReply {
         if op.kind == OpKind::Get {
             return self.get(&op.key);
         }
@@ -477,13 +490,18 @@ impl KvState {
         }
         let data = &mut owned.data;
         let now_ms = self.clock_ms;
+        // An answer already given comes first: every copy of a write gets
+        // the same one, applied or refused.
+        if let Some(session) = data.sessions.get(&op.client) {
+            if op.seq < session.acked_below {
+                return OpReply::Stale;
+            }
+            if let Some(reply) = session.replies.get(&op.seq) {
+                return reply.clone();
+            }
+        }
+        let bounded = proposed_ms.is_some();
         let session = data.sessions.entry(op.client).or_default();
-        if op.seq < session.acked_below {
-            return OpReply::Stale;
-        }
-        if let Some(reply) = session.replies.get(&op.seq) {
-            return reply.clone();
-        }
         // Acknowledged replies go first, so a client with few in flight
         // is never refused for the ones it already has.
         let first_unacked = op.first_unacked.min(op.seq);
@@ -491,12 +509,22 @@ impl KvState {
             session.acked_below = first_unacked;
             session.replies = session.replies.split_off(&first_unacked);
         }
-        if session.replies.len() >= SESSION_REPLIES_MAX {
+        if bounded && session.replies.len() >= SESSION_REPLIES_MAX {
+            // Not kept: the bound is on what is kept. A new session has no
+            // replies, so it is never refused here (it is in the index).
             return OpReply::TooManyPending;
         }
+        // Never lowered: a write stamped by a clock that is behind must not
+        // shorten a session.
+        let last_write_ms = session.last_write_ms.max(now_ms);
         data.idle_order.remove(&(session.last_write_ms, op.client));
-        session.last_write_ms = now_ms;
-        data.idle_order.insert((now_ms, op.client));
+        session.last_write_ms = last_write_ms;
+        data.idle_order.insert((last_write_ms, op.client));
+        if proposed_ms.is_some_and(|p| now_ms > p.saturating_add(WRITE_AGE_MS_MAX)) {
+            // Kept as its answer, so a copy still in flight is refused too.
+            session.replies.insert(op.seq, OpReply::TooOld);
+            return OpReply::TooOld;
+        }
         let reply = match op.kind {
             OpKind::Get => unreachable!("handled above"),
             OpKind::Put => {
@@ -530,7 +558,7 @@ impl KvState {
             }
         };
         let kept = match &reply {
-            OpReply::Value(Some(v)) if v.len() > KEPT_REPLY_BYTES_MAX => {
+            OpReply::Value(Some(v)) if bounded && v.len() > KEPT_REPLY_BYTES_MAX => {
                 OpReply::AppliedReplyNotKept {
                     bytes: v.len() as u64,
                 }
@@ -597,6 +625,8 @@ impl KvState {
         }
         match self.owned.get_mut(&shard) {
             Some(owned) if owned.status == ShardStatus::Pulling => {
+                let mut data = data;
+                data.raise_sessions_to(self.clock_ms);
                 owned.data = data;
                 owned.status = ShardStatus::Serving;
                 if let Some(source) = source {
@@ -870,16 +900,19 @@ mod tests {
             CommandReply::Op(OpReply::Done)
         );
         assert_eq!(s.session_count(), 1);
-        // A retry while the session lives gets the kept reply.
-        clock(&mut s, 1_000 + WRITE_AGE_MS_MAX);
+        // Written since the clock of 1 s: its idle time starts at the next.
+        clock(&mut s, 2_000);
+        // A retry while the session lives gets the kept reply, however old.
+        clock(&mut s, 2_000 + WRITE_AGE_MS_MAX * 2);
         assert_eq!(
             s.apply_command(append.clone()),
             CommandReply::Op(OpReply::Done)
         );
-        // Idle for the whole limit: not yet ended; one more ms: ended.
-        clock(&mut s, 1_000 + SESSION_IDLE_MS_MAX);
+        // Its idle time started just below that clock. Idle for the whole
+        // limit: not yet ended; one more ms: ended.
+        clock(&mut s, 1_999 + SESSION_IDLE_MS_MAX);
         assert_eq!(s.session_count(), 1);
-        clock(&mut s, 1_001 + SESSION_IDLE_MS_MAX);
+        clock(&mut s, 2_001 + SESSION_IDLE_MS_MAX);
         assert_eq!(s.session_count(), 0);
         // The old copy, decided now, is refused rather than applied twice.
         assert_eq!(s.apply_command(append), CommandReply::Op(OpReply::TooOld));
@@ -889,7 +922,88 @@ mod tests {
         );
         // The clock never goes back.
         clock(&mut s, 5);
-        assert_eq!(s.clock_ms, 1_001 + SESSION_IDLE_MS_MAX);
+        assert_eq!(s.clock_ms, 2_001 + SESSION_IDLE_MS_MAX);
+    }
+
+    /// A write refused as too old keeps that answer: a copy of it still in
+    /// flight elsewhere, decided later with a fresh stamp, is refused too,
+    /// so "never" holds.
+    #[test]
+    fn a_write_refused_as_too_old_stays_refused() {
+        let mut s = KvState::new(1);
+        s.apply_command(Command::Reconfigure(config(1, vec![1])));
+        clock(&mut s, 1_000);
+        let late = stamped(op(7, 1, OpKind::Append, "k", "x"), 1_000);
+        clock(&mut s, 1_001 + WRITE_AGE_MS_MAX);
+        assert_eq!(s.apply_command(late), CommandReply::Op(OpReply::TooOld));
+        let fresh = stamped(op(7, 1, OpKind::Append, "k", "x"), 1_001 + WRITE_AGE_MS_MAX);
+        assert_eq!(s.apply_command(fresh), CommandReply::Op(OpReply::TooOld));
+        assert_eq!(get(&mut s, "k"), CommandReply::Op(OpReply::Value(None)));
+    }
+
+    /// Writes while the logged time stands still (the group's first
+    /// moments, or a leader whose clock is behind proposes no clock) and
+    /// then a clock far ahead: the sessions do not end at it, and a retry
+    /// with a fresh stamp gets its kept reply.
+    #[test]
+    fn a_jump_of_the_clock_does_not_end_sessions_just_written() {
+        for start_ms in [0, 1_000] {
+            let mut s = KvState::new(1);
+            s.apply_command(Command::Reconfigure(config(1, vec![1])));
+            clock(&mut s, start_ms);
+            let append = op(7, 1, OpKind::Append, "k", "x");
+            assert_eq!(
+                s.apply_command(stamped(append.clone(), start_ms)),
+                CommandReply::Op(OpReply::Done)
+            );
+            let jump_ms = start_ms + SESSION_IDLE_MS_MAX * 3;
+            clock(&mut s, jump_ms);
+            assert_eq!(s.session_count(), 1, "start {start_ms}");
+            assert_eq!(
+                s.apply_command(stamped(append, jump_ms)),
+                CommandReply::Op(OpReply::Done)
+            );
+            assert_eq!(
+                get(&mut s, "k"),
+                CommandReply::Op(OpReply::Value(Some(Bytes::from("x"))))
+            );
+        }
+    }
+
+    /// A shard arriving from a group whose clock is far behind keeps its
+    /// sessions for their whole idle time by the new owner's clock.
+    #[test]
+    fn an_installed_shard_keeps_its_sessions_by_the_new_owners_clock() {
+        let mut a = KvState::new(1);
+        let mut b = KvState::new(2);
+        a.apply_command(Command::Reconfigure(config(1, vec![1, 1])));
+        b.apply_command(Command::Reconfigure(config(1, vec![1, 1])));
+        clock(&mut a, 1_000);
+        let moving = key_in(1, 2);
+        let append = op(7, 1, OpKind::Append, &moving, "x");
+        a.apply_command(stamped(append.clone(), 1_000));
+        let behind_ms = 1_000 + SESSION_IDLE_MS_MAX * 5;
+        clock(&mut b, behind_ms);
+        for s in [&mut a, &mut b] {
+            s.apply_command(Command::Reconfigure(config(2, vec![1, 2])));
+        }
+        let data = a.outgoing[&(2, 1)].clone();
+        b.apply_command(Command::InstallShard {
+            config_num: 2,
+            shard: 1,
+            data,
+            source: None,
+        });
+        clock(&mut b, behind_ms + 1);
+        assert_eq!(b.session_count(), 1);
+        assert_eq!(
+            b.apply_command(stamped(append, behind_ms + 1)),
+            CommandReply::Op(OpReply::Done)
+        );
+        assert_eq!(
+            get(&mut b, &moving),
+            CommandReply::Op(OpReply::Value(Some(Bytes::from("x"))))
+        );
     }
 
     /// A write applied before the group's first clock (a new group, or one
@@ -924,7 +1038,9 @@ mod tests {
         // Client 1 writes again later: it is not idle.
         clock(&mut s, 4_000);
         s.apply_command(stamped(op(1, 2, OpKind::Put, "k", "w"), 4_000));
-        clock(&mut s, 2_500 + SESSION_IDLE_MS_MAX);
+        // Each write's idle time starts just below the clock after it:
+        // client 2's at 2.999 s, client 3's at 3.999 s.
+        clock(&mut s, 3_500 + SESSION_IDLE_MS_MAX);
         let shard = s.shard_of(b"k");
         let data = &s.owned[&shard].data;
         assert_eq!(
@@ -938,15 +1054,16 @@ mod tests {
     fn a_session_keeps_a_bounded_number_of_small_replies() {
         let mut s = KvState::new(1);
         s.apply_command(Command::Reconfigure(config(1, vec![1])));
-        let unacked = |seq: u64| {
-            Command::Client(ClientOp {
+        let unacked = |seq: u64| Command::ClientAt {
+            op: ClientOp {
                 client: 7,
                 seq,
                 first_unacked: 1,
                 kind: OpKind::Append,
                 key: Bytes::from_static(b"k"),
                 value: Bytes::from_static(b"x"),
-            })
+            },
+            proposed_ms: 0,
         };
         for seq in 1..=SESSION_REPLIES_MAX as u64 {
             assert_eq!(
@@ -961,13 +1078,13 @@ mod tests {
         );
         // Acknowledging frees room.
         assert_eq!(
-            s.apply_command(op(7, next, OpKind::Append, "k", "x")),
+            s.apply_command(stamped(op(7, next, OpKind::Append, "k", "x"), 0)),
             CommandReply::Op(OpReply::Done)
         );
         // A large PutHash reply is answered once, then only as "applied".
         let big = "v".repeat(KEPT_REPLY_BYTES_MAX + 1);
-        s.apply_command(op(8, 1, OpKind::Put, "big", &big));
-        let put_hash = op(8, 2, OpKind::PutHash, "big", "x");
+        s.apply_command(stamped(op(8, 1, OpKind::Put, "big", &big), 0));
+        let put_hash = stamped(op(8, 2, OpKind::PutHash, "big", "x"), 0);
         assert_eq!(
             s.apply_command(put_hash.clone()),
             CommandReply::Op(OpReply::Value(Some(Bytes::from(big.clone()))))
