@@ -73,6 +73,10 @@ pub enum ClerkError {
     Master(#[from] ClientError),
     #[error("invalid client options: {0}")]
     Options(String),
+    /// The write was applied (once), but its reply was too large to keep
+    /// for this retry.
+    #[error("{0}")]
+    AppliedReplyLost(String),
 }
 
 /// A key/value client. Cheap to clone; clones share one session.
@@ -358,6 +362,11 @@ impl Clerk {
                         outcome,
                         value: reply.value,
                     });
+                }
+                Ok(Err(status)) if status.code() == Code::AlreadyExists => {
+                    return GroupAttempt::Failed(ClerkError::AppliedReplyLost(
+                        status.message().to_string(),
+                    ));
                 }
                 Ok(Err(status))
                     if matches!(

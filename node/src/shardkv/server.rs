@@ -170,6 +170,10 @@ impl KvServer {
                     }
                 }
                 progress = false;
+                if server.inner.replica.status().role != RoleKind::Leader {
+                    // A grace counts silence seen by one leader, unbroken.
+                    lock(&server.inner.departed_failing).clear();
+                }
                 if server.inner.replica.status().role == RoleKind::Leader {
                     tokio::select! {
                         _ = &mut shutdown => return,
@@ -265,12 +269,27 @@ impl KvServer {
                 s.pending_deletes.clone(),
             )
         };
-        if latest.is_none() && !(pulling.is_empty() && deletes.is_empty()) {
+        let holds_copies = !self.inner.state.lock().outgoing.is_empty();
+        if latest.is_none() && (holds_copies || !(pulling.is_empty() && deletes.is_empty())) {
             // Pulls and deletes dial groups where they are now.
             latest = self.inner.masters.query(None).await.ok();
         }
         let latest = latest.unwrap_or_else(|| prev.clone());
         let mut tasks = JoinSet::new();
+        if !latest.groups.contains_key(&self.inner.gid) {
+            let outgoing: Vec<(u64, u64)> =
+                self.inner.state.lock().outgoing.keys().copied().collect();
+            for (config_num, shard) in outgoing {
+                let server = self.clone();
+                tasks.spawn(async move {
+                    let result = server.drop_if_installed(config_num, shard).await;
+                    if let Err(e) = &result {
+                        tracing::debug!(shard, config_num, error = %e, "outgoing copy still needed");
+                    }
+                    result.unwrap_or(false)
+                });
+            }
+        }
         for shard in pulling {
             let server = self.clone();
             let prev = prev.clone();
@@ -340,15 +359,13 @@ impl KvServer {
     }
 
     /// Moves the group's logged time forward, once per `clock_interval`,
-    /// while it owns shards (only they hold sessions).
+    /// whether or not it owns shards: a group that receives one must not
+    /// stamp its first writes with a time long past.
     async fn advance_clock(&self) {
-        let (clock_ms, owns) = {
-            let s = self.inner.state.lock();
-            (s.clock_ms, !s.owned.is_empty())
-        };
+        let clock_ms = self.inner.state.lock().clock_ms;
         let now_ms = wall_clock_ms();
         let interval_ms = self.inner.options.clock_interval.as_millis() as u64;
-        if owns && now_ms >= clock_ms.saturating_add(interval_ms) {
+        if now_ms >= clock_ms.saturating_add(interval_ms) {
             if let Err(e) = self.propose(&Command::Clock { now_ms }).await {
                 tracing::debug!(error = %e, "could not advance the group's clock");
             }
@@ -443,6 +460,58 @@ impl KvServer {
         };
         self.propose(&command).await.map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    /// A group that has left holds a copy nobody may tell it to delete: the
+    /// new owner can give up on a silent holder (see `release`). So it
+    /// asks the owner itself, and drops the copy once the owner has
+    /// installed it (a configuration past it, or serving the shard in it),
+    /// since nothing will pull it again. True if it dropped it.
+    async fn drop_if_installed(&self, config_num: u64, shard: u64) -> Result<bool, String> {
+        let config =
+            (self.inner.masters.query(Some(config_num)).await).map_err(|e| e.to_string())?;
+        let owner = config.shards.get(shard as usize).copied().unwrap_or(0);
+        if owner == 0 || owner == self.inner.gid || config.num != config_num {
+            // Unassigned there: whoever takes it later pulls it and says so.
+            return Ok(false);
+        }
+        let latest = self
+            .inner
+            .masters
+            .query(None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(servers) = latest
+            .groups
+            .get(&owner)
+            .or_else(|| config.groups.get(&owner))
+        else {
+            return Err(format!(
+                "shard {shard}'s owner in configuration {config_num} is unknown"
+            ));
+        };
+        let timeout = self.inner.options.peer_call_timeout;
+        let status = (self.inner.pool)
+            .call_group(servers, timeout, |mut c| async move {
+                c.group_status(pb::GroupStatusRequest {}).await
+            })
+            .await?;
+        let installed = status.config_num > config_num
+            || (status.config_num == config_num && status.serving.contains(&shard));
+        if !installed {
+            return Ok(false);
+        }
+        tracing::info!(
+            shard,
+            config_num,
+            owner,
+            "the new owner has the shard; dropping the copy"
+        );
+        let command = Command::DeleteShard { config_num, shard };
+        match self.propose(&command).await.map_err(|e| e.to_string())? {
+            CommandReply::Step(dropped) => Ok(dropped),
+            other => Err(format!("unexpected reply {other:?}")),
+        }
     }
 
     /// Tells a shard's previous holder to drop its copy, then records that.
@@ -571,7 +640,7 @@ impl KvServer {
                 super::state::SESSION_REPLIES_MAX
             ))),
             CommandReply::Op(OpReply::AppliedReplyNotKept { bytes }) => {
-                Err(Status::failed_precondition(format!(
+                Err(Status::already_exists(format!(
                     "applied once already; its reply ({bytes} bytes) was too large to keep for \
                      a retry"
                 )))

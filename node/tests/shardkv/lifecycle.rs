@@ -116,13 +116,19 @@ async fn a_pull_follows_its_source_to_new_addresses() {
 }
 
 /// A group leaves; its new owners pull everything, but the group cannot
-/// decide their deletes (its replicas are cut off from each other), and is
-/// then removed. Before, the new owner kept its pending deletes and dialled
-/// the dead addresses on every round, forever. Now, once the holder is out
-/// of the configuration and silent past the grace, the delete counts as
-/// done, and every group ends with no copy of what it does not own.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_holder_removed_before_acknowledging_its_deletes_is_let_go() {
+/// decide their deletes (its replicas are cut off from each other). Then
+/// either it is removed, or it comes back.
+///
+/// Removed: before, the new owner kept its pending deletes and dialled the
+/// dead addresses on every round, forever. Now, once the holder is out of
+/// the configuration and silent past the grace, the delete counts as done.
+///
+/// Back after the new owner gave up: nobody would ever tell it to delete
+/// its copies, and the operator would wait for them forever. Now a group
+/// that has left asks each copy's new owner, and drops what it installed.
+///
+/// Either way every group ends holding only what it owns.
+async fn a_holder_that_cannot_acknowledge(removed: bool) {
     let options = KvServerOptions {
         departed_holder_grace: Duration::from_secs(1),
         ..Default::default()
@@ -153,14 +159,32 @@ async fn a_holder_removed_before_acknowledging_its_deletes_is_let_go() {
         s.config.num == latest && s.ready_for_next_config() && !s.pending_deletes.is_empty()
     })
     .await;
-    cluster.kill_group(100).await;
-    wait_until("group 101 lets the removed holder go", async || {
+    if removed {
+        cluster.kill_group(100).await;
+    }
+    wait_until("group 101 lets the holder go", async || {
         cluster
             .states(101)
             .iter()
             .all(|s| s.lock().pending_deletes.is_empty())
     })
     .await;
+    if !removed {
+        assert!(
+            (cluster.states(100).iter()).any(|s| !s.lock().outgoing.is_empty()),
+            "the holder still has the copies it was never told to drop"
+        );
+        for r in 0..3 {
+            cluster.group(100).net.set_isolated(r, false);
+        }
+        wait_until("the holder drops what the new owner installed", async || {
+            (cluster.states(100).iter()).all(|s| {
+                let s = s.lock();
+                s.outgoing.is_empty() && s.key_count() == 0
+            })
+        })
+        .await;
+    }
     for state in cluster.states(101) {
         let s = state.lock();
         assert!(s.outgoing.is_empty());
@@ -171,6 +195,16 @@ async fn a_holder_removed_before_acknowledging_its_deletes_is_let_go() {
         let got = ck.get(key(i)).await.unwrap();
         assert_eq!(got, Some(Bytes::from(format!("v{i}"))));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_removed_before_acknowledging_its_deletes_is_let_go() {
+    a_holder_that_cannot_acknowledge(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_let_go_while_alive_drops_its_copies_itself() {
+    a_holder_that_cannot_acknowledge(false).await;
 }
 
 /// One server entry that cannot be dialled must not hide the group's
