@@ -47,6 +47,10 @@ impl Config {
 /// What a client asks of the shardmaster.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
+    /// A Join as logged before gids were retired: applied by the rules of
+    /// then (a gid that left may join again; any address), so a replica
+    /// replaying an old log agrees with one that restored a later snapshot.
+    /// Clients now send [`Op::JoinChecked`].
     Join {
         gid: Gid,
         servers: Vec<String>,
@@ -68,6 +72,11 @@ pub enum Op {
     Claim {
         gid: Gid,
         incarnation: u64,
+    },
+    /// A Join: refused for a retired gid or a server that is not `host:port`.
+    JoinChecked {
+        gid: Gid,
+        servers: Vec<String>,
     },
 }
 
@@ -212,26 +221,31 @@ impl ShardMasterState {
 
     fn apply_op(&mut self, op: Op) -> Reply {
         let mut next = self.latest().clone();
+        let checked = matches!(op, Op::JoinChecked { .. });
         match op {
             Op::Query { num } => return Ok(self.query(num).clone()),
-            Op::Join { gid, servers } => {
+            Op::Join { gid, servers } | Op::JoinChecked { gid, servers } => {
                 if gid == 0 {
                     return Err(ShardMasterError::InvalidGid);
                 }
                 if servers.is_empty() {
                     return Err(ShardMasterError::NoServers(gid));
                 }
-                for address in &servers {
-                    check_server_address(address).map_err(|reason| {
-                        ShardMasterError::BadServerAddress {
-                            gid,
-                            address: address.clone(),
-                            reason,
-                        }
-                    })?;
-                }
-                if let Some(&left_in) = self.retired.get(&gid) {
-                    return Err(ShardMasterError::RetiredGroup { gid, left_in });
+                if checked {
+                    for address in &servers {
+                        check_server_address(address).map_err(|reason| {
+                            ShardMasterError::BadServerAddress {
+                                gid,
+                                address: address.clone(),
+                                reason,
+                            }
+                        })?;
+                    }
+                    if let Some(&left_in) = self.retired.get(&gid) {
+                        return Err(ShardMasterError::RetiredGroup { gid, left_in });
+                    }
+                } else {
+                    self.retired.remove(&gid);
                 }
                 if next.groups.get(&gid) == Some(&servers) {
                     return Ok(next); // already joined with these servers
@@ -251,21 +265,19 @@ impl ShardMasterState {
                 if gid == 0 {
                     return Err(ShardMasterError::InvalidGid);
                 }
+                // A gid in no configuration ever has owned nothing: a new
+                // life of it replaces the old. (A first claim of a retired
+                // gid is taken too: it may still owe its hand-offs.)
+                let ever_member = next.groups.contains_key(&gid) || self.retired.contains_key(&gid);
                 match self.incarnations.get(&gid) {
-                    Some(&claimed) if claimed != incarnation => {
+                    Some(&claimed) if claimed != incarnation && ever_member => {
                         return Err(ShardMasterError::GroupDataLost {
                             gid,
                             claimed,
                             offered: incarnation,
                         });
                     }
-                    Some(_) => {}
-                    None => {
-                        // A retired gid's new life would own nothing; refuse
-                        // it plainly rather than record it.
-                        if let Some(&left_in) = self.retired.get(&gid) {
-                            return Err(ShardMasterError::RetiredGroup { gid, left_in });
-                        }
+                    _ => {
                         self.incarnations.insert(gid, incarnation);
                     }
                 }
@@ -366,7 +378,7 @@ mod tests {
         Request {
             client,
             seq,
-            op: Op::Join {
+            op: Op::JoinChecked {
                 gid,
                 servers: vec![format!("s{gid}:1")],
             },
@@ -430,7 +442,8 @@ mod tests {
             state.execute(join(7, 3, 1)),
             Err(ShardMasterError::RetiredGroup { gid: 1, left_in: 2 })
         ));
-        // A gid that never claimed and then left: a new life is refused too.
+        // A gid that joined, left before it ever claimed: its first claim
+        // is taken (it may still owe hand-offs), a second life's is not.
         state.execute(join(7, 4, 2)).unwrap();
         state
             .execute(Request {
@@ -439,12 +452,17 @@ mod tests {
                 op: Op::Leave { gid: 2 },
             })
             .unwrap();
-        assert!(matches!(
-            claim(&mut state, 4, 2, 5),
-            Err(ShardMasterError::RetiredGroup { gid: 2, left_in: 4 })
-        ));
+        assert!(claim(&mut state, 4, 2, 5).is_ok());
+        assert!(claim(&mut state, 5, 2, 6).is_err());
+        // A gid in no configuration yet: a new life replaces the old one
+        // (the group was recreated before it ever joined).
+        assert!(claim(&mut state, 6, 3, 7).is_ok());
+        assert!(claim(&mut state, 7, 3, 8).is_ok());
+        state.execute(join(7, 6, 3)).unwrap();
+        assert!(claim(&mut state, 8, 3, 8).is_ok());
+        assert!(claim(&mut state, 9, 3, 9).is_err());
         // Claims make no configuration.
-        assert_eq!(state.latest().num, 4);
+        assert_eq!(state.latest().num, 5);
     }
 
     #[test]
@@ -473,6 +491,32 @@ mod tests {
         restored.restore(&old).unwrap();
         assert_eq!(restored, state);
         assert_eq!(restored.retired, BTreeMap::from([(1, 3)]));
+    }
+
+    /// An old log's Join of a gid that had left replays as it was applied
+    /// then, so replaying agrees with restoring a snapshot taken after it.
+    #[test]
+    fn an_old_log_rejoin_replays_by_the_old_rules() {
+        let mut state = ShardMasterState::new(4);
+        let legacy = |seq, gid: Gid| Request {
+            client: 1,
+            seq,
+            op: Op::Join {
+                gid,
+                servers: vec![format!("old-style-{gid}")],
+            },
+        };
+        state.execute(legacy(1, 1)).unwrap();
+        state
+            .execute(Request {
+                client: 1,
+                seq: 2,
+                op: Op::Leave { gid: 1 },
+            })
+            .unwrap();
+        let again = state.execute(legacy(3, 1)).unwrap();
+        assert!(again.groups.contains_key(&1));
+        assert!(state.retired.is_empty());
     }
 
     #[test]

@@ -209,7 +209,7 @@ impl ShardMaster for ShardMasterService {
         request: GrpcRequest<pb::JoinRequest>,
     ) -> Result<Response<pb::Config>, Status> {
         let r = request.get_ref().clone();
-        let op = Op::Join {
+        let op = Op::JoinChecked {
             gid: r.gid,
             servers: r.servers,
         };

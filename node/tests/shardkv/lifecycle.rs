@@ -177,12 +177,15 @@ async fn a_holder_that_cannot_acknowledge(removed: bool) {
         for r in 0..3 {
             cluster.group(100).net.set_isolated(r, false);
         }
-        wait_until("the holder drops what the new owner installed", async || {
-            (cluster.states(100).iter()).all(|s| {
-                let s = s.lock();
-                s.outgoing.is_empty() && s.key_count() == 0
-            })
-        })
+        wait_until(
+            "the holder drops what the new owner installed",
+            async || {
+                (cluster.states(100).iter()).all(|s| {
+                    let s = s.lock();
+                    s.outgoing.is_empty() && s.key_count() == 0
+                })
+            },
+        )
         .await;
     }
     for state in cluster.states(101) {
