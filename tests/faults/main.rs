@@ -31,16 +31,23 @@ use bytes::Bytes;
 use clap::Parser;
 use shardkv::linearizability::{check, Input, Operation, Verdict};
 use shardkv::paxos::sim::SimRng;
+use shardkv::proto::kv::shard_kv_client::ShardKvClient;
+use shardkv::proto::kv::{GroupStatusReply, GroupStatusRequest};
 use shardkv::shardkv::clerk::{Clerk, ClerkError, ClerkOptions};
 use shardkv::shardkv::key_to_shard;
+use shardkv::shardmaster::client::ClientError;
 use shardkv::shardmaster::DEFAULT_SHARDS;
 use shardkv_cluster_tests::{Cluster, Node};
+use tokio::task::JoinSet;
 
 /// Set inside the namespace, to the namespace's name.
 const IN_NETNS: &str = "SHARDKV_FAULTS_NETNS";
 const GROUPS: usize = 3;
-/// Group 3 is joined and left by the nemesis; 1 and 2 stay.
+/// Group 3 leaves in the second half of the run, and every later attempt
+/// to join it again must be refused (its gid is retired); 1 and 2 stay.
 const TOGGLED_GID: u64 = 3;
+/// Clients that each make one write and go: thousands of sessions.
+const SHORT_LIVED_CLIENTS_PER_S: u64 = 40;
 const CLIENTS: u64 = 5;
 const KEYS: u64 = 8;
 /// A client operation gives up after this long; its outcome is then unknown.
@@ -302,6 +309,38 @@ async fn run(opts: Opts) -> ExitCode {
                 .push(format!("{:.3} {what}", start.elapsed().as_secs_f64()));
         }
     };
+    // Short-lived clients: a new Clerk (a new session) per write, each to a
+    // key of its own, all read back at the end.
+    let short_lived = {
+        let masters = masters.clone();
+        tokio::spawn(async move {
+            let mut written = Vec::new();
+            let mut failed = 0usize;
+            let mut n = 0u64;
+            let mut running = JoinSet::new();
+            while start.elapsed() < run_for {
+                n += 1;
+                let masters = masters.clone();
+                running.spawn(async move {
+                    let options = ClerkOptions {
+                        timeout: CLIENT_TIMEOUT,
+                        ..Default::default()
+                    };
+                    let ck = Clerk::new(&masters, options).expect("clerk");
+                    (n, ck.put(format!("short-{n}"), format!("{n}")).await)
+                });
+                tokio::time::sleep(Duration::from_millis(1000 / SHORT_LIVED_CLIENTS_PER_S)).await;
+            }
+            while let Some(done) = running.join_next().await {
+                match done.expect("short-lived client") {
+                    (n, Ok(())) => written.push(n),
+                    (_, Err(_)) => failed += 1,
+                }
+            }
+            (written, failed)
+        })
+    };
+
     let reconfig = {
         let log = log.clone();
         let masters = masters.clone();
@@ -314,17 +353,23 @@ async fn run(opts: Opts) -> ExitCode {
             )
             .expect("admin");
             let mut joined = true;
+            let mut rejoined = Vec::new();
             while start.elapsed() < run_for {
                 tokio::time::sleep(Duration::from_millis(500 + rng.below(1500))).await;
-                let result = if rng.below(3) == 0 {
-                    joined = !joined;
-                    if joined {
-                        log(format!("join group {TOGGLED_GID}"));
-                        admin.join(TOGGLED_GID, toggled.clone()).await
-                    } else {
-                        log(format!("leave group {TOGGLED_GID}"));
-                        admin.leave(TOGGLED_GID).await
+                let result = if rng.below(3) == 0 && start.elapsed() > run_for / 2 {
+                    if !joined {
+                        log(format!("join group {TOGGLED_GID} again (must be refused)"));
+                        match admin.join(TOGGLED_GID, toggled.clone()).await {
+                            Err(ClientError::Rejected(why)) if why.contains("retired") => {
+                                log(format!("  refused: {why}"));
+                            }
+                            other => rejoined.push(format!("{other:?}")),
+                        }
+                        continue;
                     }
+                    joined = false;
+                    log(format!("leave group {TOGGLED_GID}"));
+                    admin.leave(TOGGLED_GID).await
                 } else {
                     let key = format!("f{}", rng.below(KEYS));
                     let shard = key_to_shard(key.as_bytes(), DEFAULT_SHARDS) as u64;
@@ -336,6 +381,7 @@ async fn run(opts: Opts) -> ExitCode {
                     log(format!("  (the shardmaster did not answer: {e})"));
                 }
             }
+            rejoined
         })
     };
 
@@ -455,7 +501,8 @@ async fn run(opts: Opts) -> ExitCode {
     for c in clients {
         c.await.expect("client task");
     }
-    reconfig.await.expect("reconfiguration task");
+    let rejoined = reconfig.await.expect("reconfiguration task");
+    let (short_written, short_failed) = short_lived.await.expect("short-lived clients");
     log("all faults healed; reading every key".into());
 
     // Read back every key, with time to recover.
@@ -506,6 +553,22 @@ async fn run(opts: Opts) -> ExitCode {
             )),
         }
     }
+    for answer in rejoined {
+        problems.push(format!("a retired gid was joined again: {answer}"));
+    }
+    for n in &short_written {
+        match ck.get(format!("short-{n}")).await {
+            Ok(Some(v)) if v == n.to_string().as_bytes() => {}
+            other => problems.push(format!(
+                "lost write: a short-lived client's acknowledged put of short-{n} reads {other:?}"
+            )),
+        }
+    }
+    println!(
+        "shardkv-faults: {} short-lived clients wrote once each ({short_failed} gave up)",
+        short_written.len()
+    );
+    problems.extend(garbage(&cluster).await);
     tighten_unknown_appends(&mut history);
     let verdict = check(&history, Duration::from_secs(120));
     match &verdict {
@@ -548,6 +611,45 @@ async fn run(opts: Opts) -> ExitCode {
         println!("  history and schedule in {}", dir.display());
     }
     ExitCode::from(1)
+}
+
+/// Once every fault has healed: no group holds a copy of a shard it no
+/// longer owns, nor still has an old holder to tell, for long.
+async fn garbage(cluster: &Cluster) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut left = Vec::new();
+        for (g, members) in cluster.groups.iter().enumerate() {
+            for node in members {
+                match group_status(&node.addr).await {
+                    Ok(s) if s.outgoing.is_empty() && s.pending_deletes == 0 => {}
+                    Ok(s) => left.push(format!(
+                        "garbage: group {} replica {} still holds {} handed-off copies and \
+                         has {} old holders to tell",
+                        g + 1,
+                        node.addr,
+                        s.outgoing.len(),
+                        s.pending_deletes
+                    )),
+                    Err(e) => left.push(format!("group {} replica {}: {e}", g + 1, node.addr)),
+                }
+            }
+        }
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn group_status(addr: &str) -> Result<GroupStatusReply, String> {
+    let mut client = ShardKvClient::connect(format!("http://{addr}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let reply = client.group_status(GroupStatusRequest {}).await;
+    reply
+        .map(|r| r.into_inner())
+        .map_err(|e| e.message().to_string())
 }
 
 /// Narrows the appends that timed out, without changing the verdict, so the
