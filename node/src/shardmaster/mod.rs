@@ -115,8 +115,9 @@ pub enum ShardMasterError {
     #[error(
         "group {gid}'s replicas all started from blank storage (incarnation {offered}), \
          but the group already served data as incarnation {claimed}: that data is lost, \
-         and replaying history as a new group would serve it empty. Remove the gid \
-         (leave {gid}) and join the group under a new gid"
+         and replaying history as a new group would serve it empty, so its shards stay \
+         unavailable. Restore the group's volumes if a copy survives; do not make it \
+         leave (its shards' new owners would wait for the lost data)"
     )]
     GroupDataLost {
         gid: Gid,
