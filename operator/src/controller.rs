@@ -173,10 +173,13 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
             };
             let result = if joining {
                 match cluster::join(masters, decision.gid, servers.clone()).await {
-                    Err(cluster::JoinError::Refused(why)) => {
+                    // A retired gid stays retired: the refusal is final. Others
+                    // (a bad address from the settings, say) are tried again.
+                    Err(cluster::JoinError::Refused(why)) if why.contains("is retired") => {
                         observed.join_refused = Some(why.clone());
                         Err(format!("refused: {why}"))
                     }
+                    Err(cluster::JoinError::Refused(why)) => Err(format!("refused: {why}")),
                     Err(cluster::JoinError::Failed(why)) => Err(why),
                     Ok(config) => Ok(config),
                 }

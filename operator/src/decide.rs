@@ -369,7 +369,8 @@ pub fn decide(o: &Observed) -> Decision {
                 // Never joined, and every replica that answered has taken
                 // no configuration at all (a refused group): it holds nothing.
                 let never_took_a_config = matches!(&o.group, GroupView::Reported(r)
-                    if r.iter().all(|r| *r == ReplicaReport::default()));
+                    if r.len() == replicas as usize
+                        && r.iter().all(|r| *r == ReplicaReport::default()));
                 let never_served = !o.was_joined
                     && ((o.ready_replicas == 0 && matches!(o.group, GroupView::Unreachable(_)))
                         || never_took_a_config);
@@ -788,11 +789,15 @@ mod tests {
         // A replica that took one may hold data: held.
         o.group = GroupView::Reported(vec![
             ReplicaReport::default(),
+            ReplicaReport::default(),
             ReplicaReport {
                 config_num: 2,
                 ..Default::default()
             },
         ]);
+        assert_eq!(decide(&o).step, Step::Nothing);
+        // So may one that did not answer.
+        o.group = GroupView::Reported(vec![ReplicaReport::default(); 2]);
         assert_eq!(decide(&o).step, Step::Nothing);
     }
 
