@@ -97,6 +97,7 @@ async fn replica_status(address: &str) -> Result<ReplicaReport, String> {
         outgoing: reply.outgoing.len(),
         pending_deletes: reply.pending_deletes,
         keys: reply.keys,
+        refused: Some(reply.refused).filter(|r| !r.is_empty()),
     })
 }
 

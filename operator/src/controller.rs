@@ -336,8 +336,16 @@ async fn observe(
     };
     let joined = master.as_ref().is_ok_and(|m| m.joined);
     let last_group = master.as_ref().is_ok_and(|m| m.groups == 1);
-    // Only a deletion needs the replicas' own account of what they hold.
-    let group = if deleting && (!joined || last_group) {
+    // A deletion needs the replicas' own account of what they hold; a live
+    // group's account says whether the shardmaster refused it. Not asked:
+    // a group being deleted that has not left yet, or one with no replica
+    // ready to answer.
+    let asked = if deleting {
+        !joined || last_group
+    } else {
+        ready_replicas > 0
+    };
+    let group = if asked {
         cluster::group_view(&servers).await
     } else {
         GroupView::NotAsked

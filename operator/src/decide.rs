@@ -43,9 +43,22 @@ pub struct ReplicaReport {
     /// behind for good.
     pub pending_deletes: u64,
     pub keys: u64,
+    /// The shardmaster's refusal of the group's claim (its replicas all
+    /// lost their storage), if its leader reported one.
+    pub refused: Option<String>,
 }
 
 impl ReplicaReport {
+    /// The replica has taken no configuration and holds nothing.
+    fn untouched(&self) -> bool {
+        self.config_num == 0
+            && self.serving == 0
+            && self.pulling == 0
+            && self.outgoing == 0
+            && self.pending_deletes == 0
+            && self.keys == 0
+    }
+
     /// This replica has applied `latest` (so the Leave) and holds nothing.
     fn drained(&self, latest: u64) -> bool {
         self.config_num >= latest
@@ -175,6 +188,11 @@ pub fn decide(o: &Observed) -> Decision {
             "ReplicasNotReady",
             format!("{} of {replicas} replicas are ready", o.ready_replicas),
         ));
+    }
+    if let GroupView::Reported(reports) = &o.group {
+        if let Some(why) = reports.iter().find_map(|r| r.refused.as_ref()) {
+            degraded.push(("GroupDataLost", why.clone()));
+        }
     }
     if o.pdb_api_missing {
         degraded.push((
@@ -370,7 +388,7 @@ pub fn decide(o: &Observed) -> Decision {
                 // no configuration at all (a refused group): it holds nothing.
                 let never_took_a_config = matches!(&o.group, GroupView::Reported(r)
                     if r.len() == replicas as usize
-                        && r.iter().all(|r| *r == ReplicaReport::default()));
+                        && r.iter().all(ReplicaReport::untouched));
                 let never_served = !o.was_joined
                     && ((o.ready_replicas == 0 && matches!(o.group, GroupView::Unreachable(_)))
                         || never_took_a_config);
@@ -725,6 +743,7 @@ mod tests {
             outgoing,
             pending_deletes: 0,
             keys: 5,
+            refused: None,
         };
         let pending = |config_num| ReplicaReport {
             pending_deletes: 1,
@@ -767,6 +786,20 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn a_group_whose_claim_was_refused_is_degraded_with_the_reason() {
+        let mut o = observed();
+        let refused = ReplicaReport {
+            refused: Some("group 7's replicas all started from blank storage".into()),
+            ..Default::default()
+        };
+        o.group = GroupView::Reported(vec![ReplicaReport::default(), refused]);
+        let d = decide(&o);
+        let deg = condition(&d, "Degraded");
+        assert_eq!((deg.status, deg.reason), (Some(true), "GroupDataLost"));
+        assert!(deg.message.contains("blank storage"));
     }
 
     #[test]
