@@ -191,7 +191,7 @@ pub fn decide(o: &Observed) -> Decision {
     }
     if let GroupView::Reported(reports) = &o.group {
         if let Some(why) = reports.iter().find_map(|r| r.refused.as_ref()) {
-            degraded.push(("GroupDataLost", why.clone()));
+            degraded.insert(0, ("GroupDataLost", why.clone()));
         }
     }
     if o.pdb_api_missing {
@@ -284,7 +284,8 @@ pub fn decide(o: &Observed) -> Decision {
                 "the shardmaster refused to join gid {gid}: {why}. This ReplicaGroup will not \
                  join; delete it and create one with an unused gid"
             );
-            degraded.push(("JoinRefused", message.clone()));
+            // First: it is why the group serves nothing.
+            degraded.insert(0, ("JoinRefused", message.clone()));
             joined_cond = cond("Joined", Some(false), "JoinRefused", message);
         }
         Ok(_) => {

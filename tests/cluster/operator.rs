@@ -723,6 +723,42 @@ async fn operator_on_a_real_api_server() {
         started.elapsed()
     ));
 
+    // Re-created under its retired gid: refused, and told what to do.
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(group("g1", 1)).unwrap(),
+        )
+        .await
+        .expect("re-create g1");
+    until("the re-created g1 refused", &op, || async {
+        let g = groups.get("g1").await.ok()?;
+        let d = condition(&g, "Degraded")?;
+        (d.1 == "JoinRefused" && d.2.contains("retired") && d.2.contains("unused gid"))
+            .then_some(())
+    })
+    .await;
+    // Still refused on later reconciles, and never joined.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let g = groups.get("g1").await.unwrap();
+    assert_eq!(condition(&g, "Joined").unwrap().1, "JoinRefused");
+    assert!(!in_config(1));
+    groups
+        .delete("g1", &DeleteParams::default())
+        .await
+        .expect("delete the re-created g1");
+    until(
+        "the re-created g1, which held nothing, released",
+        &op,
+        || async { groups.get_opt("g1").await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+    kubelet.stop("g1");
+    log(&format!(
+        "a retired gid refused and released ({:?})",
+        started.elapsed()
+    ));
+
     // The last group holds data: refused until deliberately overridden.
     groups
         .delete("g2", &DeleteParams::default())
