@@ -46,6 +46,13 @@ pub const SESSION_IDLE_MS_MAX: u64 = 10 * 60 * 1000;
 /// gives up after at most [`crate::shardkv::clerk::CLERK_TIMEOUT_MAX`].
 pub const WRITE_AGE_MS_MAX: u64 = 2 * 60 * 1000;
 
+/// One [`Command::Clock`] moves the logged time by at most this much (but
+/// a group's first clock sets it outright). The leader proposes one per
+/// `clock_interval` (2 s), so logged time runs at most 5 times as fast as a
+/// leader's own timer, whatever its wall clock says: a session cannot end
+/// within seconds because one leader's clock is hours ahead.
+pub const CLOCK_STEP_MS_MAX: u64 = 10_000;
+
 /// Replies a session keeps for writes its client has not acknowledged; a
 /// write past it is refused. The Clerk never has more in flight.
 pub const SESSION_REPLIES_MAX: usize = 1024;
@@ -424,7 +431,13 @@ impl KvState {
                 if now_ms <= self.clock_ms {
                     return CommandReply::Step(false);
                 }
-                let previous_ms = std::mem::replace(&mut self.clock_ms, now_ms);
+                let next_ms = if self.clock_ms == 0 {
+                    now_ms
+                } else {
+                    now_ms.min(self.clock_ms + CLOCK_STEP_MS_MAX)
+                };
+                let previous_ms = std::mem::replace(&mut self.clock_ms, next_ms);
+                let now_ms = next_ms;
                 for owned in self.owned.values_mut() {
                     // Written since the last clock: just now, however far
                     // this clock jumps (a group's first, or one after a
@@ -885,7 +898,12 @@ mod tests {
         Command::ClientAt { op, proposed_ms }
     }
 
+    /// Moves the logged time to `now_ms`, one step at a time as a leader
+    /// would.
     fn clock(s: &mut KvState, now_ms: u64) {
+        while s.clock_ms < now_ms {
+            s.apply_command(Command::Clock { now_ms });
+        }
         s.apply_command(Command::Clock { now_ms });
     }
 
@@ -956,11 +974,17 @@ mod tests {
                 s.apply_command(stamped(append.clone(), start_ms)),
                 CommandReply::Op(OpReply::Done)
             );
-            let jump_ms = start_ms + SESSION_IDLE_MS_MAX * 3;
-            clock(&mut s, jump_ms);
+            // One clock from a leader whose wall clock is far ahead.
+            s.apply_command(Command::Clock {
+                now_ms: start_ms + SESSION_IDLE_MS_MAX * 3,
+            });
+            if start_ms > 0 {
+                assert_eq!(s.clock_ms, start_ms + CLOCK_STEP_MS_MAX, "one step at most");
+            }
             assert_eq!(s.session_count(), 1, "start {start_ms}");
+            let now_ms = s.clock_ms;
             assert_eq!(
-                s.apply_command(stamped(append, jump_ms)),
+                s.apply_command(stamped(append, now_ms)),
                 CommandReply::Op(OpReply::Done)
             );
             assert_eq!(
@@ -968,6 +992,32 @@ mod tests {
                 CommandReply::Op(OpReply::Value(Some(Bytes::from("x"))))
             );
         }
+    }
+
+    /// A write, an ordinary clock after it, then a clock from a leader
+    /// whose wall clock is an hour ahead: the logged time moves one step,
+    /// so the session does not end and a retry gets its kept reply.
+    #[test]
+    fn a_leader_far_ahead_moves_the_logged_time_one_step() {
+        let mut s = KvState::new(1);
+        s.apply_command(Command::Reconfigure(config(1, vec![1])));
+        clock(&mut s, 1_000);
+        let append = op(7, 1, OpKind::Append, "k", "x");
+        s.apply_command(stamped(append.clone(), 1_000));
+        clock(&mut s, 3_000);
+        s.apply_command(Command::Clock {
+            now_ms: 3_000 + 3_600_000,
+        });
+        assert_eq!(s.clock_ms, 3_000 + CLOCK_STEP_MS_MAX);
+        assert_eq!(s.session_count(), 1);
+        assert_eq!(
+            s.apply_command(stamped(append, s.clock_ms)),
+            CommandReply::Op(OpReply::Done)
+        );
+        assert_eq!(
+            get(&mut s, "k"),
+            CommandReply::Op(OpReply::Value(Some(Bytes::from("x"))))
+        );
     }
 
     /// A shard arriving from a group whose clock is far behind keeps its
