@@ -747,7 +747,7 @@ impl ShardKv for KvServer {
             "handing out shard"
         );
         Ok(Response::new(pb::PullShardReply {
-            data: super::state::encode(&data),
+            data: super::state::encode_versioned(&data),
         }))
     }
 
