@@ -120,6 +120,10 @@ fn main() -> ExitCode {
         .arg("--out")
         .arg(&opts.out)
         .env(IN_NETNS, &ns)
+        // Every kvserver drops 2% of its replies after executing: lost
+        // acknowledgements of pulls, deletes and writes.
+        .env("SHARDKV_FAULT_DROP_REPLY", "0.02")
+        .env("SHARDKV_FAULT_SEED", seed.to_string())
         .status();
     let _ = sh("ip", &["netns", "del", &ns]);
     match status {

@@ -21,7 +21,7 @@ use tonic_health::ServingStatus;
 use crate::paxos::{Config as PaxosConfig, WalOptions, WalStorage};
 use crate::replica::grpc::{GrpcTransport, PaxosPeerService};
 use crate::replica::{Replica, ReplicaOptions, StateMachine, Status};
-use crate::shardkv::server::{KvServer, KvServerOptions};
+use crate::shardkv::server::{KvServer, KvServerOptions, Unreliable};
 use crate::shardkv::state::{KvState, SharedKvState};
 use crate::shardkv::Limits;
 use crate::shardmaster::client::ShardMasterClient;
@@ -413,6 +413,7 @@ pub async fn run_kv(
     let metrics = Metrics::new("kv", &group, options.id);
     let server_options = KvServerOptions {
         limits,
+        unreliable: injected_reply_drops(gid, options.id)?,
         ..Default::default()
     };
     let server = KvServer::new(
@@ -497,4 +498,40 @@ pub async fn terminate_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
     tracing::info!("shutting down");
+}
+
+/// Test-only fault injection for the fault suite: with
+/// `SHARDKV_FAULT_DROP_REPLY=P` (0 to 1) a kvserver executes a request and
+/// then drops its reply with chance P (acknowledgements of deletes and
+/// writes lost on the way back), drawn from `SHARDKV_FAULT_SEED`. Never
+/// set in production; said loudly when set.
+fn injected_reply_drops(gid: u64, id: u32) -> Result<Option<Unreliable>, NodeError> {
+    let Ok(chance) = std::env::var("SHARDKV_FAULT_DROP_REPLY") else {
+        return Ok(None);
+    };
+    let drop_reply = chance
+        .parse::<f64>()
+        .ok()
+        .filter(|p| (0.0..=1.0).contains(p))
+        .ok_or_else(|| {
+            NodeError::Config(format!(
+                "SHARDKV_FAULT_DROP_REPLY={chance:?} is not a probability from 0 to 1"
+            ))
+        })?;
+    let seed = std::env::var("SHARDKV_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(0)
+        ^ (gid << 8)
+        ^ u64::from(id);
+    tracing::warn!(
+        drop_reply,
+        seed,
+        "fault injection on: replies are dropped (tests only)"
+    );
+    Ok(Some(Unreliable {
+        drop_request: 0.0,
+        drop_reply,
+        seed,
+    }))
 }
