@@ -533,5 +533,6 @@ fn injected_reply_drops(gid: u64, id: u32) -> Result<Option<Unreliable>, NodeErr
         drop_request: 0.0,
         drop_reply,
         seed,
+        refuse_deletes: false,
     }))
 }

@@ -36,6 +36,9 @@ pub struct Unreliable {
     pub drop_request: f64,
     pub drop_reply: f64,
     pub seed: u64,
+    /// Every DeleteShard is refused unexecuted: a holder that never hears
+    /// that its copies may go.
+    pub refuse_deletes: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -756,7 +759,12 @@ impl ShardKv for KvServer {
         request: Request<pb::DeleteShardRequest>,
     ) -> Result<Response<pb::DeleteShardReply>, Status> {
         let r = request.into_inner();
-        if self.inject(|u| u.drop_request) {
+        let refused = self
+            .inner
+            .options
+            .unreliable
+            .is_some_and(|u| u.refuse_deletes);
+        if refused || self.inject(|u| u.drop_request) {
             return Err(Status::unavailable("injected fault: request dropped"));
         }
         let command = Command::DeleteShard {

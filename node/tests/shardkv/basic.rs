@@ -230,6 +230,7 @@ async fn concurrent_appends_while_shards_move_unreliable() {
         drop_request: 0.1,
         drop_reply: 0.1,
         seed: 0,
+        refuse_deletes: false,
     };
     concurrent(
         Some(faults),
