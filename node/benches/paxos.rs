@@ -20,14 +20,14 @@ use tokio_stream::wrappers::TcpListenerStream;
 struct Counter(u64);
 
 impl StateMachine for Counter {
-    fn apply(&mut self, _slot: Slot, _command: &[u8]) -> Bytes {
+    fn apply(&mut self, _slot: Slot, _command: &[u8]) -> Result<Bytes, String> {
         self.0 += 1;
-        Bytes::new()
+        Ok(Bytes::new())
     }
     fn snapshot(&self) -> Bytes {
         Bytes::copy_from_slice(&self.0.to_le_bytes())
     }
-    fn restore(&mut self, s: &[u8]) -> Result<(), String> {
+    fn restore(&mut self, _index: Slot, s: &[u8]) -> Result<(), String> {
         let bytes: [u8; 8] = s.try_into().map_err(|_| "bad snapshot".to_string())?;
         self.0 = u64::from_le_bytes(bytes);
         Ok(())

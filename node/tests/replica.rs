@@ -23,15 +23,15 @@ struct Recorder {
 }
 
 impl StateMachine for Recorder {
-    fn apply(&mut self, slot: Slot, command: &[u8]) -> Bytes {
+    fn apply(&mut self, slot: Slot, command: &[u8]) -> Result<Bytes, String> {
         self.commands.push(Bytes::copy_from_slice(command));
         *self.shared.lock().unwrap() = self.commands.clone();
-        Bytes::from(slot.to_string())
+        Ok(Bytes::from(slot.to_string()))
     }
     fn snapshot(&self) -> Bytes {
         postcard::to_allocvec(&self.commands).unwrap().into()
     }
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+    fn restore(&mut self, _index: Slot, snapshot: &[u8]) -> Result<(), String> {
         self.commands = postcard::from_bytes(snapshot).map_err(|e| e.to_string())?;
         *self.shared.lock().unwrap() = self.commands.clone();
         Ok(())

@@ -406,7 +406,26 @@ pub async fn run_kv(
     let listen = options.listen_addr();
     let listener = bind(&listen).await?;
     let group = format!("kv-{gid}");
-    let state = SharedKvState::new(KvState::new(gid));
+    let source = crate::shardkv::snapshot::GrpcSnapshotSource {
+        gid,
+        me: options.id,
+        peers: options.peers.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        chunk_timeout: Duration::from_secs(10),
+        rounds: 6,
+    };
+    let kv_state = KvState::open(
+        gid,
+        &options.data_dir.join("state"),
+        Some(std::sync::Arc::new(source)),
+    )
+    .map_err(|e| {
+        data_dir_error(
+            &options.data_dir,
+            format!("cannot open the state store: {e}"),
+        )
+    })?;
+    let state = SharedKvState::new(kv_state);
     let (replica, thread) = start_replica(&group, &options, state.clone())?;
     let master_client = ShardMasterClient::new(&masters, Duration::from_secs(10))
         .map_err(|e| NodeError::Config(e.to_string()))?;

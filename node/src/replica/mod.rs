@@ -28,13 +28,34 @@ use crate::paxos::{
 
 /// The replicated application. Called only from the replica's thread, in
 /// slot order, identically on every replica.
+///
+/// A machine kept in memory snapshots itself whole; one kept in a store on
+/// disk (see `shardkv::store`) writes each turn without fsync, syncs at a
+/// checkpoint, and its snapshot is a small descriptor: a replica that must
+/// install one streams the state from a peer in [`Self::restore`].
 pub trait StateMachine: Send + 'static {
     /// Applies one decided command and returns its result for the proposer.
-    fn apply(&mut self, slot: Slot, command: &[u8]) -> Bytes;
-    /// Serialises the whole state, for compaction and for lagging peers.
+    /// A machine that already holds `slot` (it outlived the log) skips it.
+    /// An error means the machine cannot go on (its storage failed): the
+    /// replica stops.
+    fn apply(&mut self, slot: Slot, command: &[u8]) -> Result<Bytes, String>;
+    /// The commands of one turn are applied: a machine on disk writes them,
+    /// with the last slot, in one atomic batch (without waiting for the
+    /// disk: the log is the durable record).
+    fn end_turn(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Captures everything applied, for compaction: returns the slot the
+    /// capture durably covers (the log may be compacted through it) and
+    /// what the log keeps as its snapshot.
+    fn checkpoint(&mut self, applied: Slot) -> Result<(Slot, Bytes), String> {
+        Ok((applied, self.snapshot()))
+    }
+    /// Serialises the state (or a descriptor of it), for lagging peers.
     fn snapshot(&self) -> Bytes;
-    /// Replaces the whole state with a snapshot taken by [`Self::snapshot`].
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+    /// Takes on the state that `snapshot`, taken through slot `index`,
+    /// describes.
+    fn restore(&mut self, index: Slot, snapshot: &[u8]) -> Result<(), String>;
 }
 
 /// A state machine shared by the replica thread, which applies to it, and
@@ -69,16 +90,26 @@ impl<T> SharedMachine<T> {
 }
 
 impl<T: StateMachine> StateMachine for SharedMachine<T> {
-    fn apply(&mut self, slot: Slot, command: &[u8]) -> Bytes {
+    fn apply(&mut self, slot: Slot, command: &[u8]) -> Result<Bytes, String> {
         self.lock().apply(slot, command)
+    }
+
+    fn end_turn(&mut self) -> Result<(), String> {
+        self.lock().end_turn()
+    }
+
+    fn checkpoint(&mut self, applied: Slot) -> Result<(Slot, Bytes), String> {
+        self.lock().checkpoint(applied)
     }
 
     fn snapshot(&self) -> Bytes {
         self.lock().snapshot()
     }
 
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        self.lock().restore(snapshot)
+    fn restore(&mut self, index: Slot, snapshot: &[u8]) -> Result<(), String> {
+        // Under the lock for the whole install: this replica is behind
+        // and serves nothing meanwhile; its services' reads wait.
+        self.lock().restore(index, snapshot)
     }
 }
 
@@ -470,7 +501,7 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
             self.transport.send(to, msg);
         }
         if let Some(snapshot) = ready.snapshot {
-            if let Err(e) = self.machine.restore(&snapshot.data) {
+            if let Err(e) = self.machine.restore(snapshot.index, &snapshot.data) {
                 // A snapshot we cannot read means our state would diverge:
                 // stop rather than serve wrong data.
                 return Err(StorageError::Corrupt(format!(
@@ -487,7 +518,10 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
         let mut answers = Vec::new();
         for (slot, batch) in ready.committed {
             for command in &batch.commands {
-                let result = self.machine.apply(slot, &command.data);
+                let result = self
+                    .machine
+                    .apply(slot, &command.data)
+                    .map_err(|e| StorageError::Io(format!("state machine at slot {slot}: {e}")))?;
                 if command.origin == me {
                     if let Some(waiter) = self.waiters.remove(&command.id) {
                         answers.push((waiter, Ok(result)));
@@ -495,6 +529,11 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
                 }
             }
             last_applied = Some(slot);
+        }
+        if last_applied.is_some() {
+            self.machine
+                .end_turn()
+                .map_err(|e| StorageError::Io(format!("state machine: {e}")))?;
         }
         let leader = self.paxos.leader_hint();
         let mut read_answers = Vec::new();
@@ -531,8 +570,11 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
         self.led_in = leading;
         if let Some(applied) = last_applied {
             if applied - self.last_snapshot >= self.options.snapshot_every_slots {
-                let data = self.machine.snapshot();
-                self.paxos.compact(applied, data);
+                let (covered, data) = self
+                    .machine
+                    .checkpoint(applied)
+                    .map_err(|e| StorageError::Io(format!("state machine checkpoint: {e}")))?;
+                self.paxos.compact(covered, data);
                 self.last_snapshot = applied;
                 // The compaction's writes go out with the next Ready.
             }

@@ -487,7 +487,8 @@ mod tests {
     /// (A's had been taken but not yet recorded).
     #[test]
     fn a_watermark_never_passes_a_write_still_in_flight() {
-        let mut state = KvState::new(1);
+        let dir = std::env::temp_dir().join(format!("shardkv-clerk-test-{}", std::process::id()));
+        let mut state = KvState::temporary(1, &dir).unwrap();
         state.apply_command(Command::Reconfigure(Config {
             num: 1,
             shards: vec![1],

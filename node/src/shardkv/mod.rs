@@ -3,14 +3,17 @@
 //! which shard, and groups hand shards to each other as it changes.
 //!
 //! - [`state`]: the replicated state machine (data, duplicate tables,
-//!   reconfiguration), deterministic and free of I/O.
+//!   reconfiguration), deterministic, driven only by the commands it is
+//!   given; [`store`] keeps its data on disk.
 //! - [`server`]: the gRPC service and the leader's reconfiguration loop.
 //! - [`clerk`]: the client library.
 
 pub mod clerk;
 pub mod pool;
 pub mod server;
+pub mod snapshot;
 pub mod state;
+pub mod store;
 
 use bytes::Bytes;
 

@@ -224,7 +224,8 @@ impl KvServer {
             .read_barrier()
             .await
             .map_err(replica_status)?;
-        Ok(CommandReply::Op(self.inner.state.lock().get(key)))
+        let reply = self.inner.state.lock().get(key);
+        reply.map(CommandReply::Op).map_err(store_status)
     }
 
     /// One round of the leader's work: take the next configuration if the
@@ -436,14 +437,14 @@ impl KvServer {
             None => ShardData::default(),
             Some(source) if source.gid == self.inner.gid => {
                 // Our own earlier copy (the shard was unassigned in between).
-                let copy = self
+                let view = self
                     .inner
                     .state
                     .lock()
-                    .outgoing
-                    .get(&(source.config_num, shard))
-                    .cloned();
-                copy.ok_or_else(|| format!("own copy of shard {shard} is gone"))?
+                    .outgoing_view(source.config_num, shard);
+                let (view, copy) =
+                    view.ok_or_else(|| format!("own copy of shard {shard} is gone"))?;
+                export_copy_blocking(view, copy).await?
             }
             Some(source) => {
                 let request = pb::PullShardRequest {
@@ -732,14 +733,19 @@ impl ShardKv for KvServer {
                     s.gid, s.config.num, r.config_num
                 )));
             }
-            s.outgoing.get(&(r.config_num, r.shard)).cloned()
+            s.outgoing_view(r.config_num, r.shard)
         };
-        let Some(data) = copy else {
+        let Some((view, copy)) = copy else {
             return Err(Status::not_found(format!(
                 "no copy of shard {} from configuration {}: already handed off",
                 r.shard, r.config_num
             )));
         };
+        // Read outside the state's lock: the copy is frozen, and the view
+        // holds it even if it is dropped meanwhile.
+        let data = export_copy_blocking(view, copy)
+            .await
+            .map_err(Status::internal)?;
         if self.inject(|u| u.drop_reply) {
             return Err(Status::unavailable("injected fault: reply dropped"));
         }
@@ -785,6 +791,34 @@ impl ShardKv for KvServer {
         }
     }
 
+    type FetchSnapshotStream = super::snapshot::ChunkStream;
+
+    async fn fetch_snapshot(
+        &self,
+        request: Request<pb::FetchSnapshotRequest>,
+    ) -> Result<Response<Self::FetchSnapshotStream>, Status> {
+        let r = request.into_inner();
+        let view = {
+            let s = self.inner.state.lock();
+            if r.gid != s.gid {
+                return Err(Status::invalid_argument(format!(
+                    "this is group {}, not {}",
+                    s.gid, r.gid
+                )));
+            }
+            s.view()
+        };
+        let applied = view.applied().map_err(store_status)?;
+        if applied < r.min_applied_slot {
+            return Err(Status::failed_precondition(format!(
+                "this replica has applied through slot {applied}, not yet {}",
+                r.min_applied_slot
+            )));
+        }
+        tracing::info!(gid = r.gid, applied, "streaming a snapshot to a peer");
+        Ok(Response::new(super::snapshot::serve(view)?))
+    }
+
     async fn group_status(
         &self,
         _request: Request<pb::GroupStatusRequest>,
@@ -812,9 +846,9 @@ impl ShardKv for KvServer {
                 .collect(),
             pending_deletes: s.pending_deletes.len() as u64,
             applied_slot: replica.applied,
-            keys: s.key_count() as u64,
+            keys: s.key_count(),
             refused: lock(&self.inner.refused).clone().unwrap_or_default(),
-            sessions: s.session_count() as u64,
+            sessions: s.session_count(),
         }))
     }
 }
@@ -832,6 +866,22 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// What a client is told when the replica refuses or fails a request.
+/// A store failure as the caller sees it: this replica cannot answer.
+fn store_status(e: super::store::StoreError) -> Status {
+    Status::unavailable(format!("storage failed: {e}"))
+}
+
+/// Reads a frozen copy out of a view on a blocking thread.
+async fn export_copy_blocking(
+    view: super::store::StoreView,
+    copy: super::store::CopyId,
+) -> Result<ShardData, String> {
+    tokio::task::spawn_blocking(move || super::state::export_copy(&view, copy))
+        .await
+        .map_err(|e| format!("shard export failed: {e}"))?
+        .map_err(|e| e.to_string())
+}
+
 fn replica_status(e: ReplicaError) -> Status {
     match e {
         ReplicaError::NotLeader { leader } => not_leader(leader),

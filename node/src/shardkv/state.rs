@@ -20,10 +20,15 @@
 //!    both groups only until the new owner has it durably.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::store::{
+    CopyId, FinishedImport, Import, Space, Store, StoreError, StoreView, StreamSummary,
+};
 use super::{key_to_shard, put_hash_value};
 use crate::paxos::Slot;
 use crate::replica::{SharedMachine, StateMachine};
@@ -186,64 +191,15 @@ pub struct Session {
     pub last_write_ms: u64,
 }
 
-/// A shard's contents: they move between groups as one unit, so a retry
-/// that reaches the new owner is still recognised.
+/// A shard's contents as they travel between groups, as one unit, so a
+/// retry that reaches the new owner is still recognised. (At rest they
+/// are in the [`Store`].)
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardData {
     pub kv: BTreeMap<Bytes, Bytes>,
     pub sessions: BTreeMap<u64, Session>,
-    /// `(last_write_ms, client)` of every session, oldest first: expiry
-    /// looks only at the sessions that end.
+    /// `(last_write_ms, client)` of every session, oldest first.
     pub idle_order: BTreeSet<(u64, u64)>,
-}
-
-impl ShardData {
-    /// Moves every session last written at `from_ms` (the previous clock)
-    /// or later up to just below `to_ms`: only those written since the
-    /// previous clock, so the cost is that of the writes in one interval.
-    /// Just below, so the next clock does not take them for recent again.
-    fn lift_recent_sessions(&mut self, from_ms: u64, to_ms: u64) {
-        debug_assert!(to_ms > from_ms);
-        let recent = self.idle_order.split_off(&(from_ms, 0));
-        for (at, client) in recent {
-            let lifted = at.max(to_ms - 1);
-            self.idle_order.insert((lifted, client));
-            if let Some(session) = self.sessions.get_mut(&client) {
-                session.last_write_ms = lifted;
-            }
-        }
-    }
-
-    /// Raises every session's last write to at least `floor_ms`: a shard
-    /// arriving from a group whose clock is behind keeps its sessions for
-    /// their full idle time by this group's clock. Installing a shard
-    /// costs its size anyway.
-    fn raise_sessions_to(&mut self, floor_ms: u64) {
-        let old = self.idle_order.split_off(&(0, 0));
-        for (at, client) in old {
-            let raised = at.max(floor_ms);
-            self.idle_order.insert((raised, client));
-            if let Some(session) = self.sessions.get_mut(&client) {
-                session.last_write_ms = raised;
-            }
-        }
-    }
-
-    /// Ends the sessions whose last write here is older than
-    /// [`SESSION_IDLE_MS_MAX`] at `now_ms`.
-    fn expire_sessions(&mut self, now_ms: u64) -> usize {
-        let mut ended = 0;
-        while let Some(&(last_write_ms, client)) = self.idle_order.first() {
-            if last_write_ms.saturating_add(SESSION_IDLE_MS_MAX) >= now_ms {
-                break;
-            }
-            self.idle_order.pop_first();
-            self.sessions.remove(&client);
-            ended += 1;
-        }
-        debug_assert_eq!(self.idle_order.len(), self.sessions.len());
-        ended
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,14 +210,47 @@ pub enum ShardStatus {
     Pulling,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A shard owned in the current configuration, and where its keys are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OwnedShard {
     pub status: ShardStatus,
-    pub data: ShardData,
+    pub copy: CopyId,
+    /// Keys stored, kept exactly as writes apply (every replica agrees).
+    pub keys: u64,
+    /// Client sessions held, likewise.
+    pub sessions: u64,
+}
+
+/// A frozen copy handed off to the shard's new owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrozenCopy {
+    pub copy: CopyId,
+    pub keys: u64,
+}
+
+/// The group's small state: what [`KvState`] keeps in memory and the
+/// store keeps under `meta`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Meta {
+    gid: Gid,
+    config: Config,
+    prev_config: Config,
+    owned: BTreeMap<u64, OwnedShard>,
+    outgoing: BTreeMap<(u64, u64), FrozenCopy>,
+    pending_deletes: BTreeSet<(u64, Source)>,
+    incarnation: Option<u64>,
+    clock_ms: u64,
+}
+
+/// Fetches a snapshot of this group's state from a peer, for a replica
+/// that is behind the log or lost its disk.
+pub trait SnapshotSource: Send + Sync {
+    /// Streams a peer's state, applied through `min_applied` or later, into
+    /// `import`, and returns what its sender vouched for.
+    fn fetch(&self, min_applied: Slot, import: &mut Import) -> Result<StreamSummary, String>;
 }
 
 /// The group's replicated state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvState {
     pub gid: Gid,
     /// The configuration applied last, and the one before it (which says
@@ -272,7 +261,7 @@ pub struct KvState {
     pub owned: BTreeMap<u64, OwnedShard>,
     /// Copies handed off, by (first configuration not owning it, shard),
     /// frozen until the new owner confirms it has them.
-    pub outgoing: BTreeMap<(u64, u64), ShardData>,
+    pub outgoing: BTreeMap<(u64, u64), FrozenCopy>,
     /// Installed shards whose previous holder must still drop its copy.
     /// A shard can have several: it may move away and back before an old
     /// holder answers.
@@ -282,6 +271,39 @@ pub struct KvState {
     pub incarnation: Option<u64>,
     /// The group's logged time: the latest [`Command::Clock`].
     pub clock_ms: u64,
+    /// The data, sessions and expiry order, on disk.
+    store: Store,
+    /// The last slot applied (committed to the store at the end of a turn).
+    applied: Slot,
+    /// The small state changed this turn: the commit writes it.
+    meta_dirty: bool,
+    /// Copies dropped this turn, handed to the store once committed.
+    dropped: Vec<CopyId>,
+    /// Where a snapshot comes from when this replica must install one.
+    source: Option<Arc<dyn SnapshotSource>>,
+    /// A store failure met while applying: the turn's commit reports it,
+    /// and the replica stops rather than go on from a state it cannot
+    /// write.
+    failed: Option<StoreError>,
+}
+
+/// The state as encoded before it lived on disk: whole, in a snapshot.
+#[derive(Deserialize)]
+struct KvStateV2 {
+    gid: Gid,
+    config: Config,
+    prev_config: Config,
+    owned: BTreeMap<u64, OwnedShardV2>,
+    outgoing: BTreeMap<(u64, u64), ShardData>,
+    pending_deletes: BTreeSet<(u64, Source)>,
+    incarnation: Option<u64>,
+    clock_ms: u64,
+}
+
+#[derive(Deserialize)]
+struct OwnedShardV2 {
+    status: ShardStatus,
+    data: ShardData,
 }
 
 /// The state as encoded before incarnations and logged time.
@@ -336,15 +358,15 @@ impl From<ShardDataV1> for ShardData {
     }
 }
 
-impl From<KvStateV1> for KvState {
+impl From<KvStateV1> for KvStateV2 {
     fn from(old: KvStateV1) -> Self {
-        KvState {
+        KvStateV2 {
             gid: old.gid,
             config: old.config,
             prev_config: old.prev_config,
             owned: (old.owned.into_iter())
                 .map(|(shard, o)| {
-                    let owned = OwnedShard {
+                    let owned = OwnedShardV2 {
                         status: o.status,
                         data: o.data.into(),
                     };
@@ -375,6 +397,20 @@ const LAYOUT_V2: [u8; 11] = [
     0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2,
 ];
 
+/// Starts a snapshot that only points at the store: the log keeps this
+/// small descriptor, and the state itself streams from a peer's store.
+const LAYOUT_STORE: [u8; 11] = [
+    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 3,
+];
+
+/// What the log keeps as the snapshot of a store-backed group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct StoreDescriptor {
+    gid: Gid,
+    /// The slot the store was persisted through.
+    applied: Slot,
+}
+
 /// `value` in the current layout, marked as such.
 pub fn encode_versioned<T: Serialize>(value: &T) -> Bytes {
     // Our own types always encode; see `encode`.
@@ -401,9 +437,78 @@ fn empty_config() -> Config {
     Config::initial(0)
 }
 
+fn session_key(copy: CopyId, client: u64) -> Vec<u8> {
+    copy.key(&client.to_be_bytes())
+}
+
+fn idle_key(copy: CopyId, last_write_ms: u64, client: u64) -> Vec<u8> {
+    let mut suffix = [0u8; 16];
+    suffix[..8].copy_from_slice(&last_write_ms.to_be_bytes());
+    suffix[8..].copy_from_slice(&client.to_be_bytes());
+    copy.key(&suffix)
+}
+
+fn parse_idle_key(key: &[u8]) -> Option<(u64, u64)> {
+    let suffix = key.get(12..28)?;
+    let at = u64::from_be_bytes(suffix[..8].try_into().ok()?);
+    let client = u64::from_be_bytes(suffix[8..].try_into().ok()?);
+    Some((at, client))
+}
+
+/// Sessions looked at per store scan while ending or lifting sessions.
+const SESSION_SCAN_BATCH: usize = 1024;
+
+/// Reads one copy out of a view into its travelling form.
+pub fn export_copy(view: &StoreView, copy: CopyId) -> Result<ShardData, StoreError> {
+    let mut data = ShardData::default();
+    for item in view.copy_records(Space::Data, copy) {
+        let (key, value) = item?;
+        data.kv.insert(key, value);
+    }
+    for item in view.copy_records(Space::Sessions, copy) {
+        let (key, value) = item?;
+        let client = u64::from_be_bytes(
+            key.as_ref()
+                .try_into()
+                .map_err(|_| corrupt(view, "session key"))?,
+        );
+        let session: Session =
+            postcard::from_bytes(&value).map_err(|_| corrupt(view, "session"))?;
+        data.idle_order.insert((session.last_write_ms, client));
+        data.sessions.insert(client, session);
+    }
+    Ok(data)
+}
+
+fn corrupt(view: &StoreView, what: &str) -> StoreError {
+    StoreError::Corrupt {
+        path: view.path().to_path_buf(),
+        message: format!("undecodable {what}"),
+    }
+}
+
 impl KvState {
-    pub fn new(gid: Gid) -> Self {
-        KvState {
+    /// Opens the state of group `gid` kept at `path` (empty if new).
+    /// `source` fetches a snapshot from a peer when one must be installed.
+    pub fn open(
+        gid: Gid,
+        path: &Path,
+        source: Option<Arc<dyn SnapshotSource>>,
+    ) -> Result<Self, StoreError> {
+        Self::from_store(gid, Store::open(path)?, source)
+    }
+
+    /// A state whose store is removed when it is dropped, for tests.
+    pub fn temporary(gid: Gid, path: &Path) -> Result<Self, StoreError> {
+        Self::from_store(gid, Store::temporary(path)?, None)
+    }
+
+    fn from_store(
+        gid: Gid,
+        store: Store,
+        source: Option<Arc<dyn SnapshotSource>>,
+    ) -> Result<Self, StoreError> {
+        let mut state = KvState {
             gid,
             config: empty_config(),
             prev_config: empty_config(),
@@ -412,7 +517,71 @@ impl KvState {
             pending_deletes: BTreeSet::new(),
             incarnation: None,
             clock_ms: 0,
+            store,
+            applied: 0,
+            meta_dirty: false,
+            dropped: Vec::new(),
+            source,
+            failed: None,
+        };
+        state.load()?;
+        Ok(state)
+    }
+
+    /// Reads the small state and the applied slot back from the store.
+    fn load(&mut self) -> Result<(), StoreError> {
+        let (applied, meta) = self.store.load_meta()?;
+        self.applied = applied;
+        let Some(bytes) = meta else {
+            return Ok(());
+        };
+        let meta: Meta = postcard::from_bytes(&bytes).map_err(|e| StoreError::Corrupt {
+            path: self.store.path().to_path_buf(),
+            message: format!("group state: {e}"),
+        })?;
+        if meta.gid != self.gid {
+            return Err(StoreError::Corrupt {
+                path: self.store.path().to_path_buf(),
+                message: format!("holds group {}, this is group {}", meta.gid, self.gid),
+            });
         }
+        self.config = meta.config;
+        self.prev_config = meta.prev_config;
+        self.owned = meta.owned;
+        self.outgoing = meta.outgoing;
+        self.pending_deletes = meta.pending_deletes;
+        self.incarnation = meta.incarnation;
+        self.clock_ms = meta.clock_ms;
+        Ok(())
+    }
+
+    fn meta(&self) -> Meta {
+        Meta {
+            gid: self.gid,
+            config: self.config.clone(),
+            prev_config: self.prev_config.clone(),
+            owned: self.owned.clone(),
+            outgoing: self.outgoing.clone(),
+            pending_deletes: self.pending_deletes.clone(),
+            incarnation: self.incarnation,
+            clock_ms: self.clock_ms,
+        }
+    }
+
+    /// The last slot applied here.
+    pub fn applied(&self) -> Slot {
+        self.applied
+    }
+
+    /// A point-in-time view of the committed state (for snapshot streams).
+    pub fn view(&self) -> StoreView {
+        self.store.view()
+    }
+
+    /// A view holding the outgoing copy at (`config_num`, `shard`), if held.
+    pub fn outgoing_view(&self, config_num: u64, shard: u64) -> Option<(StoreView, CopyId)> {
+        let frozen = self.outgoing.get(&(config_num, shard))?;
+        Some((self.store.view(), frozen.copy))
     }
 
     /// The shard a key maps to in this group's configuration.
@@ -436,49 +605,37 @@ impl KvState {
             .all(|s| s.status == ShardStatus::Serving)
     }
 
+    /// Applies one command. A store failure is kept for the turn's commit
+    /// (which stops the replica), and the command's reply is then moot.
     pub fn apply_command(&mut self, command: Command) -> CommandReply {
-        match command {
+        match self.try_apply(command) {
+            Ok(reply) => reply,
+            Err(e) => {
+                let message = e.to_string();
+                self.failed.get_or_insert(e);
+                CommandReply::Malformed(message)
+            }
+        }
+    }
+
+    fn try_apply(&mut self, command: Command) -> Result<CommandReply, StoreError> {
+        Ok(match command {
             // Logged before writes were stamped: applied by the rules of
             // then (no age, no bounds), so a replica replaying it agrees
             // with one that restored a snapshot taken after it.
-            Command::Client(op) => CommandReply::Op(self.apply_client(op, None)),
+            Command::Client(op) => CommandReply::Op(self.apply_client(op, None)?),
             Command::ClientAt { op, proposed_ms } => {
-                CommandReply::Op(self.apply_client(op, Some(proposed_ms)))
+                CommandReply::Op(self.apply_client(op, Some(proposed_ms))?)
             }
             Command::Begin { incarnation } => {
                 if self.incarnation.is_some() {
-                    return CommandReply::Step(false);
+                    return Ok(CommandReply::Step(false));
                 }
                 self.incarnation = Some(incarnation);
+                self.meta_dirty = true;
                 CommandReply::Step(true)
             }
-            Command::Clock { now_ms } => {
-                if now_ms <= self.clock_ms {
-                    return CommandReply::Step(false);
-                }
-                let next_ms = if self.clock_ms == 0 {
-                    now_ms
-                } else {
-                    now_ms.min(self.clock_ms + CLOCK_STEP_MS_MAX)
-                };
-                let previous_ms = std::mem::replace(&mut self.clock_ms, next_ms);
-                let now_ms = next_ms;
-                for owned in self.owned.values_mut() {
-                    // Written since the last clock: just now, however far
-                    // this clock jumps (a group's first, or one after a
-                    // leader whose clock was behind). Their idle time
-                    // starts here, or they would end at once.
-                    owned.data.lift_recent_sessions(previous_ms, now_ms);
-                }
-                // Frozen outgoing copies are left as they are: their
-                // sessions expire at the new owner, by its clock.
-                for owned in self.owned.values_mut() {
-                    if owned.status == ShardStatus::Serving {
-                        owned.data.expire_sessions(now_ms);
-                    }
-                }
-                CommandReply::Step(true)
-            }
+            Command::Clock { now_ms } => CommandReply::Step(self.apply_clock(now_ms)?),
             Command::Reconfigure(next) => CommandReply::Step(self.apply_reconfigure(next)),
             Command::InstallShard {
                 config_num,
@@ -488,58 +645,211 @@ impl KvState {
             } => CommandReply::Step(self.apply_install(config_num, shard, data, source)),
             Command::DeleteShard { config_num, shard } => {
                 if self.config.num < config_num {
-                    return CommandReply::NotYet;
+                    return Ok(CommandReply::NotYet);
                 }
-                CommandReply::Step(self.outgoing.remove(&(config_num, shard)).is_some())
+                match self.outgoing.remove(&(config_num, shard)) {
+                    Some(frozen) => {
+                        self.dropped.push(frozen.copy);
+                        self.meta_dirty = true;
+                        CommandReply::Step(true)
+                    }
+                    None => CommandReply::Step(false),
+                }
             }
             Command::DeleteAcknowledged { shard, source } => {
-                CommandReply::Step(self.pending_deletes.remove(&(shard, source)))
+                let removed = self.pending_deletes.remove(&(shard, source));
+                self.meta_dirty |= removed;
+                CommandReply::Step(removed)
+            }
+        })
+    }
+
+    fn apply_clock(&mut self, now_ms: u64) -> Result<bool, StoreError> {
+        if now_ms <= self.clock_ms {
+            return Ok(false);
+        }
+        let next_ms = if self.clock_ms == 0 {
+            now_ms
+        } else {
+            now_ms.min(self.clock_ms + CLOCK_STEP_MS_MAX)
+        };
+        let previous_ms = std::mem::replace(&mut self.clock_ms, next_ms);
+        self.meta_dirty = true;
+        let copies: Vec<(ShardStatus, CopyId)> =
+            self.owned.values().map(|o| (o.status, o.copy)).collect();
+        for (status, copy) in copies {
+            // Written since the last clock: just now, however far this
+            // clock jumps (a group's first, or one after a leader whose
+            // clock was behind). Their idle time starts here, or they
+            // would end at once.
+            self.lift_recent_sessions(copy, previous_ms, next_ms)?;
+            // Frozen outgoing copies are left as they are: their sessions
+            // expire at the new owner, by its clock.
+            if status == ShardStatus::Serving {
+                let ended = self.expire_sessions(copy, next_ms)? as u64;
+                if let Some(o) = self.owned.get_mut(&u64::from(copy.shard)) {
+                    debug_assert!(o.sessions >= ended);
+                    o.sessions = o.sessions.saturating_sub(ended);
+                }
             }
         }
+        Ok(true)
+    }
+
+    /// Moves every session of `copy` last written at `from_ms` (the
+    /// previous clock) or later up to just below `to_ms`: only those
+    /// written since the previous clock, so the cost is that of the writes
+    /// in one interval. Just below, so the next clock does not take them
+    /// for recent again.
+    fn lift_recent_sessions(
+        &mut self,
+        copy: CopyId,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<(), StoreError> {
+        debug_assert!(to_ms > from_ms);
+        let lifted = to_ms - 1;
+        let end = idle_key(copy, lifted, 0);
+        let mut start = idle_key(copy, from_ms, 0);
+        loop {
+            let found = self
+                .store
+                .scan(Space::Idle, &start, &end, SESSION_SCAN_BATCH)?;
+            for (key, _) in &found {
+                if let Some((at, client)) = parse_idle_key(key) {
+                    self.set_last_write(copy, client, at, lifted)?;
+                }
+            }
+            match found.last() {
+                Some((key, _)) if found.len() == SESSION_SCAN_BATCH => {
+                    start = key.clone();
+                    start.push(0);
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Moves a session's place in the expiry order.
+    fn set_last_write(
+        &mut self,
+        copy: CopyId,
+        client: u64,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<(), StoreError> {
+        if from_ms == to_ms {
+            return Ok(());
+        }
+        let Some(mut session) = self.session(copy, client)? else {
+            return Ok(());
+        };
+        session.last_write_ms = to_ms;
+        self.store
+            .delete(Space::Idle, idle_key(copy, from_ms, client));
+        self.store
+            .put(Space::Idle, idle_key(copy, to_ms, client), Bytes::new());
+        self.put_session(copy, client, &session);
+        Ok(())
+    }
+
+    /// Ends the sessions whose last write here is older than
+    /// [`SESSION_IDLE_MS_MAX`] at `now_ms`.
+    fn expire_sessions(&mut self, copy: CopyId, now_ms: u64) -> Result<usize, StoreError> {
+        let Some(cutoff) = now_ms.checked_sub(SESSION_IDLE_MS_MAX) else {
+            return Ok(0);
+        };
+        let start = idle_key(copy, 0, 0);
+        // Last write strictly before `cutoff` ends the session.
+        let end = idle_key(copy, cutoff, 0);
+        let mut ended = 0;
+        loop {
+            let found = self
+                .store
+                .scan(Space::Idle, &start, &end, SESSION_SCAN_BATCH)?;
+            for (key, _) in &found {
+                if let Some((_, client)) = parse_idle_key(key) {
+                    self.store.delete(Space::Idle, key.clone());
+                    self.store
+                        .delete(Space::Sessions, session_key(copy, client));
+                    ended += 1;
+                }
+            }
+            if found.len() < SESSION_SCAN_BATCH {
+                return Ok(ended);
+            }
+        }
+    }
+
+    fn session(&self, copy: CopyId, client: u64) -> Result<Option<Session>, StoreError> {
+        let Some(bytes) = self
+            .store
+            .get(Space::Sessions, &session_key(copy, client))?
+        else {
+            return Ok(None);
+        };
+        postcard::from_bytes(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                path: self.store.path().to_path_buf(),
+                message: format!("session of client {client}: {e}"),
+            })
+    }
+
+    fn put_session(&mut self, copy: CopyId, client: u64, session: &Session) {
+        self.store
+            .put(Space::Sessions, session_key(copy, client), encode(session));
     }
 
     /// A Get at this point of the log: the value if the key's shard is
     /// owned and present here, else `WrongGroup`. Served without the log
     /// after a read barrier, and the same answer a logged Get gets.
-    pub fn get(&self, key: &[u8]) -> OpReply {
+    pub fn get(&self, key: &[u8]) -> Result<OpReply, StoreError> {
         if !self.serves(key) {
-            return OpReply::WrongGroup;
+            return Ok(OpReply::WrongGroup);
         }
-        let value = self
-            .owned
-            .get(&self.shard_of(key))
-            .and_then(|s| s.data.kv.get(key).cloned());
-        OpReply::Value(value)
+        let Some(owned) = self.owned.get(&self.shard_of(key)) else {
+            return Ok(OpReply::WrongGroup);
+        };
+        Ok(OpReply::Value(
+            self.store.get(Space::Data, &owned.copy.key(key))?,
+        ))
     }
 
     /// `proposed_ms`: the logged time its kvserver proposed it at; `None`
     /// for a write logged before writes were stamped (old rules: no age,
     /// no bounds).
-    fn apply_client(&mut self, op: ClientOp, proposed_ms: Option<u64>) -> OpReply {
+    fn apply_client(
+        &mut self,
+        op: ClientOp,
+        proposed_ms: Option<u64>,
+    ) -> Result<OpReply, StoreError> {
         if op.kind == OpKind::Get {
             return self.get(&op.key);
         }
         let shard = self.shard_of(&op.key);
-        let Some(owned) = self.owned.get_mut(&shard) else {
-            return OpReply::WrongGroup;
+        let Some(owned) = self.owned.get(&shard).copied() else {
+            return Ok(OpReply::WrongGroup);
         };
         if owned.status != ShardStatus::Serving || self.config.shards.is_empty() {
-            return OpReply::WrongGroup;
+            return Ok(OpReply::WrongGroup);
         }
-        let data = &mut owned.data;
+        let copy = owned.copy;
         let now_ms = self.clock_ms;
+        let existing = self.session(copy, op.client)?;
         // An answer already given comes first: every copy of a write gets
         // the same one, applied or refused.
-        if let Some(session) = data.sessions.get(&op.client) {
+        if let Some(session) = &existing {
             if op.seq < session.acked_below {
-                return OpReply::Stale;
+                return Ok(OpReply::Stale);
             }
             if let Some(reply) = session.replies.get(&op.seq) {
-                return reply.clone();
+                return Ok(reply.clone());
             }
         }
         let bounded = proposed_ms.is_some();
-        let session = data.sessions.entry(op.client).or_default();
+        let new_session = existing.is_none();
+        let mut session = existing.unwrap_or_default();
         // Acknowledged replies go first, so a client with few in flight
         // is never refused for the ones it already has.
         let first_unacked = op.first_unacked.min(op.seq);
@@ -550,51 +860,90 @@ impl KvState {
         if bounded && session.replies.len() >= SESSION_REPLIES_MAX {
             // Not kept: the bound is on what is kept. A new session has no
             // replies, so it is never refused here (it is in the index).
-            return OpReply::TooManyPending;
+            debug_assert!(!new_session);
+            self.put_session(copy, op.client, &session);
+            return Ok(OpReply::TooManyPending);
         }
         // Never lowered: a write stamped by a clock that is behind must not
         // shorten a session.
         let last_write_ms = session.last_write_ms.max(now_ms);
-        data.idle_order.remove(&(session.last_write_ms, op.client));
+        if !new_session {
+            self.store.delete(
+                Space::Idle,
+                idle_key(copy, session.last_write_ms, op.client),
+            );
+        }
         session.last_write_ms = last_write_ms;
-        data.idle_order.insert((last_write_ms, op.client));
+        self.store.put(
+            Space::Idle,
+            idle_key(copy, last_write_ms, op.client),
+            Bytes::new(),
+        );
         if proposed_ms.is_some_and(|p| now_ms > p.saturating_add(WRITE_AGE_MS_MAX)) {
             // Kept as its answer, so a copy still in flight is refused too.
             session.replies.insert(op.seq, OpReply::TooOld);
-            return OpReply::TooOld;
+            self.put_session(copy, op.client, &session);
+            if new_session {
+                if let Some(o) = self.owned.get_mut(&shard) {
+                    o.sessions += 1;
+                }
+                self.meta_dirty = true;
+            }
+            return Ok(OpReply::TooOld);
         }
+        let data_key = copy.key(&op.key);
+        let mut keys = owned.keys;
         let reply = match op.kind {
             OpKind::Get => unreachable!("handled above"),
             OpKind::Put => {
-                data.kv.insert(op.key, op.value);
+                if !self.store.contains(Space::Data, &data_key)? {
+                    keys += 1;
+                }
+                self.store.put(Space::Data, data_key, op.value);
                 OpReply::Done
             }
-            OpKind::Append => match data.kv.get(&op.key) {
+            OpKind::Append => match self.store.get(Space::Data, &data_key)? {
                 Some(old) if old.len() + op.value.len() > STORED_VALUE_BYTES_MAX => {
                     OpReply::ValueTooLarge
                 }
                 Some(old) => {
                     let mut joined = Vec::with_capacity(old.len() + op.value.len());
-                    joined.extend_from_slice(old);
+                    joined.extend_from_slice(&old);
                     joined.extend_from_slice(&op.value);
-                    data.kv.insert(op.key, Bytes::from(joined));
+                    self.store.put(Space::Data, data_key, Bytes::from(joined));
                     OpReply::Done
                 }
                 None => {
-                    data.kv.insert(op.key, op.value);
+                    keys += 1;
+                    self.store.put(Space::Data, data_key, op.value);
                     OpReply::Done
                 }
             },
             OpKind::PutHash => {
-                let previous = data.kv.get(&op.key).cloned().unwrap_or_default();
-                data.kv.insert(op.key, put_hash_value(&previous, &op.value));
+                let previous = self.store.get(Space::Data, &data_key)?;
+                if previous.is_none() {
+                    keys += 1;
+                }
+                let previous = previous.unwrap_or_default();
+                self.store
+                    .put(Space::Data, data_key, put_hash_value(&previous, &op.value));
                 OpReply::Value(Some(previous))
             }
             OpKind::Delete => {
-                data.kv.remove(&op.key);
+                if self.store.contains(Space::Data, &data_key)? {
+                    keys -= 1;
+                    self.store.delete(Space::Data, data_key);
+                }
                 OpReply::Done
             }
         };
+        if keys != owned.keys || new_session {
+            if let Some(o) = self.owned.get_mut(&shard) {
+                o.keys = keys;
+                o.sessions += u64::from(new_session);
+            }
+            self.meta_dirty = true;
+        }
         let kept = match &reply {
             OpReply::Value(Some(v)) if bounded && v.len() > KEPT_REPLY_BYTES_MAX => {
                 OpReply::AppliedReplyNotKept {
@@ -605,7 +954,8 @@ impl KvState {
         };
         session.replies.insert(op.seq, kept);
         debug_assert!(!bounded || session.replies.len() <= SESSION_REPLIES_MAX);
-        reply
+        self.put_session(copy, op.client, &session);
+        Ok(reply)
     }
 
     fn apply_reconfigure(&mut self, next: Config) -> bool {
@@ -629,7 +979,11 @@ impl KvState {
             let is_mine = owner == me;
             if was_mine && !is_mine {
                 if let Some(s) = self.owned.remove(&shard) {
-                    self.outgoing.insert((next.num, shard), s.data);
+                    let frozen = FrozenCopy {
+                        copy: s.copy,
+                        keys: s.keys,
+                    };
+                    self.outgoing.insert((next.num, shard), frozen);
                 }
             } else if is_mine && !was_mine {
                 // In configuration 1 every shard is new: nothing to pull.
@@ -638,16 +992,23 @@ impl KvState {
                 } else {
                     ShardStatus::Pulling
                 };
-                self.owned.insert(
-                    shard,
-                    OwnedShard {
-                        status,
-                        data: ShardData::default(),
-                    },
-                );
+                // A shard is gained at most once per configuration, so
+                // this copy's keys are its own.
+                let copy = CopyId {
+                    shard: shard as u32,
+                    generation: next.num,
+                };
+                let owned = OwnedShard {
+                    status,
+                    copy,
+                    keys: 0,
+                    sessions: 0,
+                };
+                self.owned.insert(shard, owned);
             }
         }
         self.prev_config = std::mem::replace(&mut self.config, next);
+        self.meta_dirty = true;
         true
     }
 
@@ -661,30 +1022,202 @@ impl KvState {
         if config_num != self.config.num {
             return false;
         }
-        match self.owned.get_mut(&shard) {
-            Some(owned) if owned.status == ShardStatus::Pulling => {
-                let mut data = data;
-                data.raise_sessions_to(self.clock_ms);
-                owned.data = data;
-                owned.status = ShardStatus::Serving;
-                if let Some(source) = source {
-                    self.pending_deletes.insert((shard, source));
-                }
-                true
-            }
-            _ => false,
+        let floor_ms = self.clock_ms;
+        let Some(owned) = self.owned.get_mut(&shard) else {
+            return false;
+        };
+        if owned.status != ShardStatus::Pulling {
+            return false;
+        }
+        owned.status = ShardStatus::Serving;
+        owned.keys = data.kv.len() as u64;
+        owned.sessions = data.sessions.len() as u64;
+        let copy = owned.copy;
+        if let Some(source) = source {
+            self.pending_deletes.insert((shard, source));
+        }
+        self.meta_dirty = true;
+        self.write_copy(copy, data, floor_ms);
+        true
+    }
+
+    /// Writes a shard's travelling form under `copy`. Every session's last
+    /// write is raised to at least `floor_ms`: a shard arriving from a
+    /// group whose clock is behind keeps its sessions for their full idle
+    /// time by this group's clock.
+    fn write_copy(&mut self, copy: CopyId, data: ShardData, floor_ms: u64) {
+        for (key, value) in data.kv {
+            self.store.put(Space::Data, copy.key(&key), value);
+        }
+        for (client, mut session) in data.sessions {
+            session.last_write_ms = session.last_write_ms.max(floor_ms);
+            self.store.put(
+                Space::Idle,
+                idle_key(copy, session.last_write_ms, client),
+                Bytes::new(),
+            );
+            self.put_session(copy, client, &session);
         }
     }
 
+    /// An owned shard's contents, as they would travel (tests, tools).
+    pub fn shard_data(&self, shard: u64) -> Result<ShardData, StoreError> {
+        let Some(owned) = self.owned.get(&shard) else {
+            return Ok(ShardData::default());
+        };
+        self.copy_data(owned.copy)
+    }
+
+    /// An outgoing copy's contents, if held.
+    pub fn outgoing_data(
+        &self,
+        config_num: u64,
+        shard: u64,
+    ) -> Result<Option<ShardData>, StoreError> {
+        match self.outgoing.get(&(config_num, shard)) {
+            Some(frozen) => self.copy_data(frozen.copy).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// A copy as of the last write, the uncommitted ones included.
+    fn copy_data(&self, copy: CopyId) -> Result<ShardData, StoreError> {
+        let mut data = ShardData::default();
+        for (key, value) in self.store.scan_copy(Space::Data, copy)? {
+            data.kv.insert(Bytes::copy_from_slice(&key[12..]), value);
+        }
+        for (key, value) in self.store.scan_copy(Space::Sessions, copy)? {
+            let client = key[12..].try_into().map(u64::from_be_bytes).unwrap_or(0);
+            let session: Session =
+                postcard::from_bytes(&value).map_err(|e| StoreError::Corrupt {
+                    path: self.store.path().to_path_buf(),
+                    message: format!("session of client {client}: {e}"),
+                })?;
+            data.idle_order.insert((session.last_write_ms, client));
+            data.sessions.insert(client, session);
+        }
+        Ok(data)
+    }
+
     /// Client sessions held in owned shards.
-    pub fn session_count(&self) -> usize {
-        self.owned.values().map(|s| s.data.sessions.len()).sum()
+    pub fn session_count(&self) -> u64 {
+        self.owned.values().map(|s| s.sessions).sum()
     }
 
     /// Number of keys stored, owned and outgoing.
-    pub fn key_count(&self) -> usize {
-        self.owned.values().map(|s| s.data.kv.len()).sum::<usize>()
-            + self.outgoing.values().map(|d| d.kv.len()).sum::<usize>()
+    pub fn key_count(&self) -> u64 {
+        self.owned.values().map(|s| s.keys).sum::<u64>()
+            + self.outgoing.values().map(|c| c.keys).sum::<u64>()
+    }
+
+    /// Writes this turn's changes and its last slot in one batch (no
+    /// fsync), then drops a bounded part of any copy being dropped.
+    fn commit_turn(&mut self) -> Result<(), StoreError> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        let meta = std::mem::take(&mut self.meta_dirty).then(|| encode(&self.meta()));
+        self.store.commit(self.applied, meta)?;
+        for copy in std::mem::take(&mut self.dropped) {
+            self.store.drop_copy(copy)?;
+        }
+        if self.store.sweeping() {
+            self.store.sweep()?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the whole state by a peer's, streamed into a fresh store,
+    /// applied through `min_applied` at least.
+    fn install_from_peer(&mut self, min_applied: Slot) -> Result<(), String> {
+        let Some(source) = self.source.clone() else {
+            return Err(format!(
+                "must install a snapshot at slot {min_applied} (this replica holds {}), and has no peer to fetch it from",
+                self.applied
+            ));
+        };
+        let mut import = self.store.import().map_err(|e| e.to_string())?;
+        let summary = source.fetch(min_applied, &mut import)?;
+        let finished: FinishedImport = import.finish(summary).map_err(|e| e.to_string())?;
+        self.store
+            .switch_to_imported(finished)
+            .map_err(|e| e.to_string())?;
+        self.load().map_err(|e| e.to_string())?;
+        if self.applied < min_applied {
+            return Err(format!(
+                "the snapshot fetched reaches slot {}, not {min_applied}",
+                self.applied
+            ));
+        }
+        tracing::info!(
+            gid = self.gid,
+            applied = self.applied,
+            "installed a snapshot from a peer"
+        );
+        Ok(())
+    }
+
+    /// Loads a whole-state snapshot of an earlier version into the store
+    /// (once, after an upgrade): it replaces everything.
+    fn restore_legacy(&mut self, index: Slot, snapshot: &[u8]) -> Result<(), String> {
+        let old: KvStateV2 =
+            decode_versioned::<KvStateV2, KvStateV1>(snapshot).map_err(|e| e.to_string())?;
+        if old.gid != self.gid {
+            return Err(format!(
+                "snapshot is of group {}, this is group {}",
+                old.gid, self.gid
+            ));
+        }
+        for copy in self
+            .owned
+            .values()
+            .map(|o| o.copy)
+            .chain(self.outgoing.values().map(|c| c.copy))
+        {
+            self.dropped.push(copy);
+        }
+        self.config = old.config;
+        self.prev_config = old.prev_config;
+        self.pending_deletes = old.pending_deletes;
+        self.incarnation = old.incarnation;
+        self.clock_ms = old.clock_ms;
+        self.owned.clear();
+        self.outgoing.clear();
+        // Fresh generations above any in use: configuration numbers are
+        // never that high.
+        let mut generation = u64::MAX / 2;
+        for (shard, o) in old.owned {
+            generation += 1;
+            let copy = CopyId {
+                shard: shard as u32,
+                generation,
+            };
+            let owned = OwnedShard {
+                status: o.status,
+                copy,
+                keys: o.data.kv.len() as u64,
+                sessions: o.data.sessions.len() as u64,
+            };
+            self.owned.insert(shard, owned);
+            self.write_copy(copy, o.data, 0);
+        }
+        for ((num, shard), data) in old.outgoing {
+            generation += 1;
+            let copy = CopyId {
+                shard: shard as u32,
+                generation,
+            };
+            let frozen = FrozenCopy {
+                copy,
+                keys: data.kv.len() as u64,
+            };
+            self.outgoing.insert((num, shard), frozen);
+            self.write_copy(copy, data, 0);
+        }
+        self.applied = index;
+        self.meta_dirty = true;
+        self.commit_turn().map_err(|e| e.to_string())?;
+        self.store.persist().map_err(|e| e.to_string())
     }
 }
 
@@ -702,35 +1235,87 @@ pub fn encode<T: Serialize>(value: &T) -> Bytes {
 }
 
 impl StateMachine for KvState {
-    fn apply(&mut self, _slot: Slot, command: &[u8]) -> Bytes {
+    fn apply(&mut self, slot: Slot, command: &[u8]) -> Result<Bytes, String> {
+        if slot <= self.applied {
+            // Already in the store: replayed from the log after a restart,
+            // or covered by a snapshot fetched from a peer. Nobody waits
+            // for these (a leader neither restarts nor installs).
+            return Ok(Bytes::new());
+        }
+        self.applied = slot;
         let reply = match postcard::from_bytes::<Command>(command) {
             Ok(command) => self.apply_command(command),
             Err(e) => CommandReply::Malformed(e.to_string()),
         };
-        encode(&reply)
+        if let Some(e) = &self.failed {
+            return Err(e.to_string());
+        }
+        Ok(encode(&reply))
+    }
+
+    fn end_turn(&mut self) -> Result<(), String> {
+        self.commit_turn().map_err(|e| e.to_string())
+    }
+
+    fn checkpoint(&mut self, _applied: Slot) -> Result<(Slot, Bytes), String> {
+        self.store.persist().map_err(|e| e.to_string())?;
+        let descriptor = StoreDescriptor {
+            gid: self.gid,
+            applied: self.applied,
+        };
+        let mut bytes = LAYOUT_STORE.to_vec();
+        bytes.extend_from_slice(&encode(&descriptor));
+        Ok((self.applied, Bytes::from(bytes)))
     }
 
     fn snapshot(&self) -> Bytes {
-        encode_versioned(self)
+        let descriptor = StoreDescriptor {
+            gid: self.gid,
+            applied: self.applied,
+        };
+        let mut bytes = LAYOUT_STORE.to_vec();
+        bytes.extend_from_slice(&encode(&descriptor));
+        Bytes::from(bytes)
     }
 
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        let state: KvState =
-            decode_versioned::<KvState, KvStateV1>(snapshot).map_err(|e| e.to_string())?;
-        if state.gid != self.gid {
-            return Err(format!(
-                "snapshot is of group {}, this is group {}",
-                state.gid, self.gid
-            ));
+    fn restore(&mut self, index: Slot, snapshot: &[u8]) -> Result<(), String> {
+        if index <= self.applied {
+            // The store already holds this state or a later one (the
+            // usual case at a restart).
+            return Ok(());
         }
-        *self = state;
-        Ok(())
+        match snapshot.strip_prefix(&LAYOUT_STORE[..]) {
+            Some(descriptor) => {
+                let d: StoreDescriptor =
+                    postcard::from_bytes(descriptor).map_err(|e| e.to_string())?;
+                if d.gid != self.gid {
+                    return Err(format!(
+                        "snapshot is of group {}, this is group {}",
+                        d.gid, self.gid
+                    ));
+                }
+                self.install_from_peer(index)
+            }
+            None => self.restore_legacy(index, snapshot),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fresh path under the system's temporary directory.
+    pub(super) fn scratch_dir(name: &str) -> std::path::PathBuf {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::env::temp_dir().join(format!("shardkv-{name}-{}-{n}", std::process::id()))
+    }
+
+    /// A state on a store removed when it is dropped.
+    fn state(gid: Gid) -> KvState {
+        KvState::temporary(gid, &scratch_dir("state")).unwrap()
+    }
 
     fn config(num: u64, shards: Vec<Gid>) -> Config {
         let mut groups = BTreeMap::new();
@@ -771,7 +1356,7 @@ mod tests {
 
     #[test]
     fn a_retried_write_is_applied_once_and_old_replies_are_forgotten() {
-        let mut s = KvState::new(1);
+        let mut s = state(1);
         assert!(
             s.apply_command(Command::Reconfigure(config(1, vec![1, 1])))
                 == CommandReply::Step(true)
@@ -797,13 +1382,14 @@ mod tests {
             CommandReply::Op(OpReply::Value(Some(Bytes::from("xy"))))
         );
         let shard = s.shard_of(b"k");
-        let session = &s.owned[&shard].data.sessions[&7];
+        let data = s.shard_data(shard).unwrap();
+        let session = &data.sessions[&7];
         assert_eq!(session.replies.keys().copied().collect::<Vec<_>>(), vec![2]);
     }
 
     #[test]
     fn put_hash_returns_the_previous_value_and_stores_the_hash() {
-        let mut s = KvState::new(1);
+        let mut s = state(1);
         s.apply_command(Command::Reconfigure(config(1, vec![1])));
         assert_eq!(
             s.apply_command(op(1, 1, OpKind::PutHash, "k", "a")),
@@ -822,8 +1408,8 @@ mod tests {
         let n = 2;
         let moving = key_in(1, n);
         let staying = key_in(0, n);
-        let mut a = KvState::new(1);
-        let mut b = KvState::new(2);
+        let mut a = state(1);
+        let mut b = state(2);
         let c1 = config(1, vec![1, 1]);
         let c2 = config(2, vec![1, 2]);
         for s in [&mut a, &mut b] {
@@ -846,7 +1432,7 @@ mod tests {
             b.apply_command(Command::Reconfigure(config(3, vec![2, 2]))),
             CommandReply::Step(false)
         );
-        let data = a.outgoing[&(2, 1)].clone();
+        let data = a.outgoing_data(2, 1).unwrap().unwrap();
         let source = Source {
             gid: 1,
             config_num: 2,
@@ -884,7 +1470,7 @@ mod tests {
 
     #[test]
     fn a_delete_for_a_future_configuration_waits() {
-        let mut a = KvState::new(1);
+        let mut a = state(1);
         assert_eq!(
             a.apply_command(Command::DeleteShard {
                 config_num: 3,
@@ -896,7 +1482,7 @@ mod tests {
 
     #[test]
     fn configurations_apply_in_order_only() {
-        let mut a = KvState::new(1);
+        let mut a = state(1);
         assert_eq!(
             a.apply_command(Command::Reconfigure(config(2, vec![1]))),
             CommandReply::Step(false)
@@ -930,7 +1516,7 @@ mod tests {
 
     #[test]
     fn an_idle_session_ends_and_a_late_copy_of_its_write_is_refused() {
-        let mut s = KvState::new(1);
+        let mut s = state(1);
         s.apply_command(Command::Reconfigure(config(1, vec![1])));
         clock(&mut s, 1_000);
         let append = stamped(op(7, 1, OpKind::Append, "k", "x"), 1_000);
@@ -969,7 +1555,7 @@ mod tests {
     /// so "never" holds.
     #[test]
     fn a_write_refused_as_too_old_stays_refused() {
-        let mut s = KvState::new(1);
+        let mut s = state(1);
         s.apply_command(Command::Reconfigure(config(1, vec![1])));
         clock(&mut s, 1_000);
         let late = stamped(op(7, 1, OpKind::Append, "k", "x"), 1_000);
@@ -987,7 +1573,7 @@ mod tests {
     #[test]
     fn a_jump_of_the_clock_does_not_end_sessions_just_written() {
         for start_ms in [0, 1_000] {
-            let mut s = KvState::new(1);
+            let mut s = state(1);
             s.apply_command(Command::Reconfigure(config(1, vec![1])));
             clock(&mut s, start_ms);
             let append = op(7, 1, OpKind::Append, "k", "x");
@@ -1020,7 +1606,7 @@ mod tests {
     /// so the session does not end and a retry gets its kept reply.
     #[test]
     fn a_leader_far_ahead_moves_the_logged_time_one_step() {
-        let mut s = KvState::new(1);
+        let mut s = state(1);
         s.apply_command(Command::Reconfigure(config(1, vec![1])));
         clock(&mut s, 1_000);
         let append = op(7, 1, OpKind::Append, "k", "x");
@@ -1045,8 +1631,8 @@ mod tests {
     /// sessions for their whole idle time by the new owner's clock.
     #[test]
     fn an_installed_shard_keeps_its_sessions_by_the_new_owners_clock() {
-        let mut a = KvState::new(1);
-        let mut b = KvState::new(2);
+        let mut a = state(1);
+        let mut b = state(2);
         a.apply_command(Command::Reconfigure(config(1, vec![1, 1])));
         b.apply_command(Command::Reconfigure(config(1, vec![1, 1])));
         clock(&mut a, 1_000);
@@ -1058,7 +1644,7 @@ mod tests {
         for s in [&mut a, &mut b] {
             s.apply_command(Command::Reconfigure(config(2, vec![1, 2])));
         }
-        let data = a.outgoing[&(2, 1)].clone();
+        let data = a.outgoing_data(2, 1).unwrap().unwrap();
         b.apply_command(Command::InstallShard {
             config_num: 2,
             shard: 1,
@@ -1082,7 +1668,7 @@ mod tests {
     /// that clock: a retry of it would then be applied twice.
     #[test]
     fn a_session_from_before_the_first_clock_does_not_end_at_it() {
-        let mut s = KvState::new(1);
+        let mut s = state(1);
         s.apply_command(Command::Reconfigure(config(1, vec![1])));
         let append = op(7, 1, OpKind::Append, "k", "x");
         s.apply_command(append.clone());
@@ -1097,7 +1683,7 @@ mod tests {
 
     #[test]
     fn only_idle_sessions_end() {
-        let mut s = KvState::new(1);
+        let mut s = state(1);
         s.apply_command(Command::Reconfigure(config(1, vec![1])));
         for client in 1..=3 {
             clock(&mut s, client * 1_000);
@@ -1113,7 +1699,7 @@ mod tests {
         // client 2's at 2.999 s, client 3's at 3.999 s.
         clock(&mut s, 3_500 + SESSION_IDLE_MS_MAX);
         let shard = s.shard_of(b"k");
-        let data = &s.owned[&shard].data;
+        let data = &s.shard_data(shard).unwrap();
         assert_eq!(
             data.sessions.keys().copied().collect::<Vec<_>>(),
             vec![1, 3]
@@ -1123,7 +1709,7 @@ mod tests {
 
     #[test]
     fn a_session_keeps_a_bounded_number_of_small_replies() {
-        let mut s = KvState::new(1);
+        let mut s = state(1);
         s.apply_command(Command::Reconfigure(config(1, vec![1])));
         let unacked = |seq: u64| Command::ClientAt {
             op: ClientOp {
@@ -1170,7 +1756,7 @@ mod tests {
 
     #[test]
     fn the_first_incarnation_applied_wins() {
-        let mut s = KvState::new(1);
+        let mut s = state(1);
         assert_eq!(
             s.apply_command(Command::Begin { incarnation: 5 }),
             CommandReply::Step(true)
@@ -1232,26 +1818,207 @@ mod tests {
             outgoing: BTreeMap::from([((2, 1), data())]),
             pending_deletes: BTreeSet::new(),
         };
-        let mut s = KvState::new(1);
-        s.restore(&postcard::to_allocvec(&old).unwrap()).unwrap();
-        assert_eq!(s.owned[&0].data.sessions[&7].replies[&2], OpReply::Done);
-        assert_eq!(s.owned[&0].data.idle_order, BTreeSet::from([(0, 7)]));
-        assert_eq!(s.outgoing[&(2, 1)].kv.len(), 1);
+        let mut s = state(1);
+        s.restore(40, &postcard::to_allocvec(&old).unwrap())
+            .unwrap();
+        assert_eq!(s.applied(), 40);
+        let owned = s.shard_data(0).unwrap();
+        assert_eq!(owned.sessions[&7].replies[&2], OpReply::Done);
+        assert_eq!(owned.idle_order, BTreeSet::from([(0, 7)]));
+        assert_eq!(s.outgoing_data(2, 1).unwrap().unwrap().kv.len(), 1);
+        assert_eq!(s.key_count(), 2);
+        assert_eq!(s.session_count(), 1);
         let shard = decode_shard(&postcard::to_allocvec(&data()).unwrap()).unwrap();
         assert_eq!(shard.sessions[&7].acked_below, 2);
         // The current layout is marked, and reads back as it was.
         assert_eq!(decode_shard(&encode_versioned(&shard)).unwrap(), shard);
-        let mut again = KvState::new(1);
-        again.restore(&s.snapshot()).unwrap();
-        assert_eq!(again, s);
     }
 
     #[test]
     fn undecodable_commands_change_nothing() {
-        let mut shared = SharedKvState::new(KvState::new(1));
-        let before = shared.lock().clone();
-        let reply: CommandReply = postcard::from_bytes(&shared.apply(1, b"\xff\xfe")).unwrap();
+        let mut shared = SharedKvState::new(state(1));
+        let before = shared.lock().meta();
+        let reply: CommandReply =
+            postcard::from_bytes(&shared.apply(1, b"\xff\xfe").unwrap()).unwrap();
         assert!(matches!(reply, CommandReply::Malformed(_)));
-        assert_eq!(*shared.lock(), before);
+        assert_eq!(shared.lock().meta(), before);
+    }
+
+    /// Streams another state's committed store, as a peer would.
+    struct LocalSource {
+        view: std::sync::Mutex<StoreView>,
+        /// Vouch for one record fewer than sent: a damaged transfer.
+        lie: bool,
+    }
+
+    impl SnapshotSource for LocalSource {
+        fn fetch(&self, min_applied: Slot, import: &mut Import) -> Result<StreamSummary, String> {
+            let view = self.view.lock().unwrap();
+            assert!(view.applied().unwrap() >= min_applied);
+            let mut hasher = crc32fast::Hasher::new();
+            let mut records = 0;
+            let mut chunk = Vec::new();
+            for r in view.records() {
+                let r = r.map_err(|e| e.to_string())?;
+                super::super::store::checksum_record(&mut hasher, &r);
+                records += 1;
+                chunk.push(r);
+                if chunk.len() == 7 {
+                    import.add(&chunk).map_err(|e| e.to_string())?;
+                    chunk.clear();
+                }
+            }
+            import.add(&chunk).map_err(|e| e.to_string())?;
+            Ok(StreamSummary {
+                records: records - u64::from(self.lie),
+                crc32: hasher.finalize(),
+            })
+        }
+    }
+
+    /// A group with writes in both shards, through slot `slots`, committed.
+    fn written(dir: &Path, slots: u64) -> KvState {
+        let mut s = KvState::open(1, dir, None).unwrap();
+        let mut slot = 0;
+        let mut apply = |s: &mut KvState, c: Command| {
+            slot += 1;
+            s.apply(slot, &encode(&c)).unwrap();
+        };
+        apply(&mut s, Command::Reconfigure(config(1, vec![1, 1])));
+        for i in 1..slots {
+            apply(
+                &mut s,
+                op(7, i, OpKind::Put, &format!("k{i}"), &format!("v{i}")),
+            );
+        }
+        s.end_turn().unwrap();
+        s
+    }
+
+    #[test]
+    fn a_restart_finds_the_data_and_skips_the_slots_it_holds() {
+        let dir = scratch_dir("restart");
+        let mut s = written(&dir, 50);
+        assert_eq!(s.applied(), 50);
+        let (covered, _) = s.checkpoint(50).unwrap();
+        assert_eq!(covered, 50);
+        // A turn committed after the checkpoint, not synced, is kept too
+        // by a clean close.
+        s.apply(51, &encode(&op(7, 50, OpKind::Put, "late", "x")))
+            .unwrap();
+        s.end_turn().unwrap();
+        drop(s);
+        let mut s = KvState::open(1, &dir, None).unwrap();
+        assert_eq!(s.applied(), 51);
+        assert_eq!(s.key_count(), 50);
+        // Client 7 wrote to both shards: a session in each.
+        assert_eq!(s.session_count(), 2);
+        assert_eq!(
+            get(&mut s, "k9"),
+            CommandReply::Op(OpReply::Value(Some(Bytes::from("v9"))))
+        );
+        // The log replays slots the store already holds: they change nothing.
+        let replayed = s
+            .apply(30, &encode(&op(7, 30, OpKind::Append, "k1", "again")))
+            .unwrap();
+        assert!(replayed.is_empty());
+        assert_eq!(
+            get(&mut s, "k1"),
+            CommandReply::Op(OpReply::Value(Some(Bytes::from("v1"))))
+        );
+        drop(s);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_streams_into_a_fresh_store_and_replaces_the_old_one() {
+        let (dir_a, dir_b) = (scratch_dir("snap-a"), scratch_dir("snap-b"));
+        let mut a = written(&dir_a, 40);
+        let (index, descriptor) = a.checkpoint(40).unwrap();
+        // The log keeps a few bytes, not the data.
+        assert!(descriptor.len() < 32, "{} bytes", descriptor.len());
+        let source = |lie| {
+            Some(Arc::new(LocalSource {
+                view: std::sync::Mutex::new(a.view()),
+                lie,
+            }) as Arc<dyn SnapshotSource>)
+        };
+        // A damaged stream is refused and leaves the old store as it was.
+        let mut b = KvState::open(1, &dir_b, source(true)).unwrap();
+        let err = b.restore(index, &descriptor).unwrap_err();
+        assert!(err.contains("checksum"), "{err}");
+        assert_eq!(b.applied(), 0);
+        drop(b);
+        let mut b = KvState::open(1, &dir_b, source(false)).unwrap();
+        assert!(!dir_b
+            .with_file_name(format!(
+                "{}.import",
+                dir_b.file_name().unwrap().to_string_lossy()
+            ))
+            .exists());
+        b.restore(index, &descriptor).unwrap();
+        assert_eq!(b.applied(), 40);
+        assert_eq!(b.meta(), a.meta());
+        for shard in 0..2 {
+            assert_eq!(b.shard_data(shard).unwrap(), a.shard_data(shard).unwrap());
+        }
+        drop(b);
+        // The switch is durable: a reopen finds the fetched state.
+        let b = KvState::open(1, &dir_b, None).unwrap();
+        assert_eq!(b.applied(), 40);
+        assert_eq!(b.key_count(), 39);
+        drop((a, b));
+        for dir in [dir_a, dir_b] {
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_dropped_copy_goes_in_bounded_batches_and_is_not_in_snapshots() {
+        let mut a = state(1);
+        let mut slot = 0;
+        let mut apply = |s: &mut KvState, c: Command| {
+            slot += 1;
+            s.apply(slot, &encode(&c)).unwrap();
+            s.end_turn().unwrap();
+        };
+        apply(&mut a, Command::Reconfigure(config(1, vec![1, 1])));
+        let keys = super::super::store::DROP_KEYS_PER_TURN + 100;
+        let mut written = 0;
+        for i in 0.. {
+            let key = format!("k{i}");
+            if a.shard_of(key.as_bytes()) == 1 {
+                apply(&mut a, op(7, i + 1, OpKind::Put, &key, "v"));
+                written += 1;
+                if written == keys {
+                    break;
+                }
+            }
+        }
+        apply(&mut a, Command::Reconfigure(config(2, vec![1, 2])));
+        assert_eq!(a.outgoing_data(2, 1).unwrap().unwrap().kv.len(), keys);
+        apply(
+            &mut a,
+            Command::DeleteShard {
+                config_num: 2,
+                shard: 1,
+            },
+        );
+        // The copy is gone at once for everyone; its keys go over turns.
+        assert!(a.outgoing.is_empty());
+        assert!(a.store.sweeping());
+        let leaked = a
+            .view()
+            .records()
+            .filter(|r| r.as_ref().unwrap().space == Space::Data)
+            .count();
+        assert_eq!(leaked, 0, "a snapshot carries no dropped keys");
+        a.end_turn().unwrap();
+        assert!(!a.store.sweeping());
+        let left = a
+            .store
+            .scan(Space::Data, &[], &[0xff; 13], usize::MAX)
+            .unwrap();
+        assert!(left.is_empty(), "{} keys left", left.len());
     }
 }

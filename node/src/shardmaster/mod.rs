@@ -313,16 +313,16 @@ impl ShardMasterState {
 }
 
 impl StateMachine for ShardMasterState {
-    fn apply(&mut self, _slot: Slot, command: &[u8]) -> Bytes {
+    fn apply(&mut self, _slot: Slot, command: &[u8]) -> Result<Bytes, String> {
         let reply = match postcard::from_bytes::<Request>(command) {
             Ok(request) => self.execute(request),
             Err(e) => Err(ShardMasterError::Malformed(e.to_string())),
         };
         // Encoding our own types cannot fail; an empty reply would be refused
         // by the client as malformed rather than misread.
-        postcard::to_allocvec(&reply)
+        Ok(postcard::to_allocvec(&reply)
             .map(Bytes::from)
-            .unwrap_or_default()
+            .unwrap_or_default())
     }
 
     fn snapshot(&self) -> Bytes {
@@ -331,7 +331,7 @@ impl StateMachine for ShardMasterState {
             .unwrap_or_default()
     }
 
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+    fn restore(&mut self, _index: Slot, snapshot: &[u8]) -> Result<(), String> {
         *self = Self::decode(snapshot)?;
         Ok(())
     }
@@ -489,7 +489,7 @@ mod tests {
         })
         .unwrap();
         let mut restored = ShardMasterState::new(4);
-        restored.restore(&old).unwrap();
+        restored.restore(0, &old).unwrap();
         assert_eq!(restored, state);
         assert_eq!(restored.retired, BTreeMap::from([(1, 3)]));
     }
@@ -523,7 +523,8 @@ mod tests {
     #[test]
     fn undecodable_commands_are_refused_without_effect() {
         let mut state = ShardMasterState::new(4);
-        let reply: Reply = postcard::from_bytes(&state.apply(1, b"\xff\xff garbage")).unwrap();
+        let reply: Reply =
+            postcard::from_bytes(&state.apply(1, b"\xff\xff garbage").unwrap()).unwrap();
         assert!(matches!(reply, Err(ShardMasterError::Malformed(_))));
         assert_eq!(state.latest().num, 0);
     }

@@ -1,6 +1,7 @@
 //! A whole deployment in one process.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use shardkv::paxos::{Config as PaxosConfig, MemStorage, RoleKind, WalOptions, WalStorage};
@@ -10,6 +11,7 @@ use shardkv::replica::local::LocalNetwork;
 use shardkv::replica::{Replica, ReplicaOptions};
 use shardkv::shardkv::clerk::{Clerk, ClerkOptions};
 use shardkv::shardkv::server::{KvServer, KvServerOptions, Unreliable};
+use shardkv::shardkv::snapshot::GrpcSnapshotSource;
 use shardkv::shardkv::state::{KvState, SharedKvState};
 use shardkv::shardmaster::client::ShardMasterClient;
 use shardkv::shardmaster::service::ShardMasterService;
@@ -146,13 +148,29 @@ impl Cluster {
         self.dir.path().join(format!("g{gid}-r{i}"))
     }
 
+    fn state_path(&self, gid: Gid, i: usize) -> PathBuf {
+        self.dir.path().join(format!("g{gid}-r{i}-state"))
+    }
+
     fn start_node(&self, group: &Group, i: usize, listener: TcpListener) -> KvNode {
         // Small segments, so that roll-overs happen under these workloads too.
         let wal = WalOptions {
             segment_bytes: 256 << 10,
         };
         let storage = WalStorage::open(self.storage_path(group.gid, i), wal).unwrap();
-        let state = SharedKvState::new(KvState::new(group.gid));
+        // The real store, and snapshots streamed from the group's other
+        // replicas over their gRPC ports, as a node does.
+        let source = GrpcSnapshotSource {
+            gid: group.gid,
+            me: i as u32,
+            peers: group.addrs.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            chunk_timeout: Duration::from_secs(5),
+            rounds: 3,
+        };
+        let state_dir = self.state_path(group.gid, i);
+        let state = KvState::open(group.gid, &state_dir, Some(Arc::new(source))).unwrap();
+        let state = SharedKvState::new(state);
         let (replica, thread) = Replica::start(
             PaxosConfig::new_group(i as u32, group.addrs.len() as u32),
             storage,
@@ -263,6 +281,7 @@ impl Cluster {
         self.kill_group(gid).await;
         for i in 0..self.group(gid).addrs.len() {
             std::fs::remove_dir_all(self.storage_path(gid, i)).unwrap();
+            std::fs::remove_dir_all(self.state_path(gid, i)).unwrap();
         }
         self.group_mut(gid).net = LocalNetwork::new(self.group(gid).addrs.len());
         for i in 0..self.group(gid).addrs.len() {

@@ -45,7 +45,11 @@ async fn old_owners_hold_no_copies_after_many_moves() {
                 "group {gid} replica {i} still holds old copies"
             );
             assert_eq!(s.owned.keys().copied().collect::<BTreeSet<_>>(), mine);
-            assert_eq!(s.key_count(), expected_keys, "group {gid} replica {i}");
+            assert_eq!(
+                s.key_count(),
+                expected_keys as u64,
+                "group {gid} replica {i}"
+            );
         }
         // The same, as the status RPC reports it.
         let status = cluster.status(gid, 0).await;

@@ -181,7 +181,7 @@ async fn a_holder_that_cannot_acknowledge(removed: bool) {
         let s = state.lock();
         assert!(s.outgoing.is_empty());
         assert_eq!(s.owned.len(), SHARDS);
-        assert_eq!(s.key_count(), KEYS, "only the owned copies are held");
+        assert_eq!(s.key_count(), KEYS as u64, "only the owned copies are held");
     }
     for i in 0..KEYS {
         let got = ck.get(key(i)).await.unwrap();

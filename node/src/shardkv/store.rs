@@ -1,0 +1,648 @@
+//! The group's state on disk: an embedded, ordered store (fjall, an LSM
+//! tree; `bench/engine-choice` has the figures that chose it over redb).
+//!
+//! Layout. Every copy of a shard a replica holds (owned, or frozen for the
+//! group it moved to) has a *copy id*, `(shard, generation)`, and its keys
+//! live under that 12-byte prefix in three keyspaces: `data` (user key to
+//! value), `sessions` (client to its duplicate table) and `idle` (last
+//! write time and client: the expiry order). One shard is thus iterated,
+//! exported and dropped in time proportional to it alone. `meta` holds the
+//! group's small state (configurations, which copy is which) and the
+//! applied slot.
+//!
+//! Writes. Commands are applied into an overlay in memory; [`Store::commit`]
+//! writes the overlay together with the slot it reaches in one atomic batch,
+//! without fsync: the Paxos log is the durable record, and after a crash
+//! the store comes back at some earlier batch, its slot saying exactly
+//! which (etcd's consistent index). [`Store::persist`] syncs it; the log is
+//! compacted only through a persisted slot.
+//!
+//! Snapshots. [`Store::view`] is a point-in-time view; [`Store::import`]
+//! builds a fresh store beside the live one from a stream of records, and
+//! [`Store::switch_to_imported`] replaces the live one atomically (a
+//! rename, completed or undone at the next open).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use fjall::Readable;
+use serde::{Deserialize, Serialize};
+
+use crate::paxos::Slot;
+
+/// Block cache of one replica's store: bounds its memory, whatever the
+/// data size.
+pub const STORE_CACHE_BYTES: u64 = 64 << 20;
+/// Memtable size, per keyspace, before it is flushed to a table on disk.
+pub const STORE_MEMTABLE_BYTES: u64 = 16 << 20;
+/// Keys removed per turn when dropping a copy: a dropped shard goes in
+/// bounded batches, not one batch as large as the shard.
+pub const DROP_KEYS_PER_TURN: usize = 4096;
+
+const META_APPLIED: &[u8] = b"applied";
+const META_STATE: &[u8] = b"state";
+/// Copies being dropped (local, not replicated: nothing reads them).
+const META_GARBAGE: &[u8] = b"garbage";
+/// Written into an imported store once it is complete and synced.
+const IMPORT_COMPLETE: &str = "IMPORT-COMPLETE";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store at {path}: {message}")]
+    Engine { path: PathBuf, message: String },
+    #[error("state store at {path} is corrupt: {message}")]
+    Corrupt { path: PathBuf, message: String },
+}
+
+/// Which keyspace a record belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Space {
+    Meta = 0,
+    Data = 1,
+    Sessions = 2,
+    Idle = 3,
+}
+
+const SPACES: [Space; 4] = [Space::Meta, Space::Data, Space::Sessions, Space::Idle];
+
+/// A copy of one shard: `gen` is the configuration in which this group
+/// came to own it, so copies of the same shard never share keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CopyId {
+    pub shard: u32,
+    pub generation: u64,
+}
+
+impl CopyId {
+    pub fn prefix(&self) -> [u8; 12] {
+        let mut p = [0u8; 12];
+        p[..4].copy_from_slice(&self.shard.to_be_bytes());
+        p[4..].copy_from_slice(&self.generation.to_be_bytes());
+        p
+    }
+
+    pub fn key(&self, suffix: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(12 + suffix.len());
+        k.extend_from_slice(&self.prefix());
+        k.extend_from_slice(suffix);
+        k
+    }
+}
+
+/// One record of a snapshot stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub space: Space,
+    pub key: Bytes,
+    pub value: Bytes,
+}
+
+impl Record {
+    pub fn size_bytes(&self) -> usize {
+        self.key.len() + self.value.len() + 8
+    }
+}
+
+/// The open store and the overlay of writes not yet committed.
+pub struct Store {
+    /// Where the live store lives; imports go beside it.
+    path: PathBuf,
+    db: fjall::Database,
+    spaces: [fjall::Keyspace; 4],
+    /// Writes applied since the last commit (`None`: removed). Reads look
+    /// here first, so a command sees the ones before it in the same turn.
+    overlay: BTreeMap<(Space, Vec<u8>), Option<Bytes>>,
+    /// Copies whose keys are still being removed, a batch per turn.
+    garbage: BTreeSet<CopyId>,
+    /// Removes the store's directory on drop (tests).
+    temporary: bool,
+}
+
+fn engine_error(path: &Path, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Engine {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+fn open_db(
+    path: &Path,
+    temporary: bool,
+) -> Result<(fjall::Database, [fjall::Keyspace; 4]), StoreError> {
+    let db = fjall::Database::builder(path)
+        .cache_size(STORE_CACHE_BYTES)
+        // Applying never waits for the disk: `persist` syncs when the log
+        // is to be compacted.
+        .manual_journal_persist(true)
+        .temporary(temporary)
+        .open()
+        .map_err(|e| engine_error(path, e))?;
+    let open = |name: &str| {
+        db.keyspace(name, || {
+            fjall::KeyspaceCreateOptions::default()
+                .manual_journal_persist(true)
+                .max_memtable_size(STORE_MEMTABLE_BYTES)
+        })
+        .map_err(|e| engine_error(path, e))
+    };
+    let spaces = [
+        open("meta")?,
+        open("data")?,
+        open("sessions")?,
+        open("idle")?,
+    ];
+    Ok((db, spaces))
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Completes or undoes a switch to an imported store that a crash cut
+/// short: a complete import replaces the live store; a partial one is
+/// removed.
+fn finish_switch(path: &Path) -> Result<(), StoreError> {
+    rename_import_in(path)?;
+    remove_old(path)
+}
+
+/// The renames of a switch: live to `.old`, a complete import to live.
+fn rename_import_in(path: &Path) -> Result<(), StoreError> {
+    let new = sibling(path, ".import");
+    let old = sibling(path, ".old");
+    let io = |e: std::io::Error| engine_error(path, e);
+    if new.exists() {
+        if new.join(IMPORT_COMPLETE).exists() {
+            if path.exists() {
+                if old.exists() {
+                    std::fs::remove_dir_all(&old).map_err(io)?;
+                }
+                std::fs::rename(path, &old).map_err(io)?;
+            }
+            std::fs::rename(&new, path).map_err(io)?;
+            if let Some(parent) = path.parent() {
+                sync_dir(parent).map_err(io)?;
+            }
+        } else {
+            std::fs::remove_dir_all(&new).map_err(io)?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_old(path: &Path) -> Result<(), StoreError> {
+    let old = sibling(path, ".old");
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| engine_error(path, e))?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens the store at `path`, creating it if absent, after finishing
+    /// any switch a crash interrupted.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Self::open_with(path, false, true)
+    }
+
+    /// A store removed when dropped, for tests.
+    pub fn temporary(path: &Path) -> Result<Store, StoreError> {
+        Self::open_with(path, true, true)
+    }
+
+    fn open_with(path: &Path, temporary: bool, recover: bool) -> Result<Store, StoreError> {
+        if recover {
+            finish_switch(path)?;
+        }
+        let (db, spaces) = open_db(path, temporary)?;
+        let mut store = Store {
+            path: path.to_path_buf(),
+            db,
+            spaces,
+            overlay: BTreeMap::new(),
+            garbage: BTreeSet::new(),
+            temporary,
+        };
+        if let Some(bytes) = store.read_committed(Space::Meta, META_GARBAGE)? {
+            store.garbage = postcard::from_bytes(&bytes).map_err(|e| StoreError::Corrupt {
+                path: path.to_path_buf(),
+                message: format!("garbage list: {e}"),
+            })?;
+        }
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn space(&self, space: Space) -> &fjall::Keyspace {
+        &self.spaces[space as usize]
+    }
+
+    fn read_committed(&self, space: Space, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
+        let value = self
+            .space(space)
+            .get(key)
+            .map_err(|e| engine_error(&self.path, e))?;
+        Ok(value.map(|v| Bytes::copy_from_slice(&v)))
+    }
+
+    /// The value as of the last write, committed or not.
+    pub fn get(&self, space: Space, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
+        if let Some(pending) = self.overlay.get(&(space, key.to_vec())) {
+            return Ok(pending.clone());
+        }
+        self.read_committed(space, key)
+    }
+
+    pub fn contains(&self, space: Space, key: &[u8]) -> Result<bool, StoreError> {
+        if let Some(pending) = self.overlay.get(&(space, key.to_vec())) {
+            return Ok(pending.is_some());
+        }
+        self.space(space)
+            .contains_key(key)
+            .map_err(|e| engine_error(&self.path, e))
+    }
+
+    pub fn put(&mut self, space: Space, key: Vec<u8>, value: Bytes) {
+        self.overlay.insert((space, key), Some(value));
+    }
+
+    pub fn delete(&mut self, space: Space, key: Vec<u8>) {
+        self.overlay.insert((space, key), None);
+    }
+
+    /// Up to `limit` records with keys in `[start, end)`, in key order, the
+    /// overlay included.
+    pub fn scan(
+        &self,
+        space: Space,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Bytes)>, StoreError> {
+        let mut merged: BTreeMap<Vec<u8>, Option<Bytes>> = BTreeMap::new();
+        let pending = self
+            .overlay
+            .range((space, start.to_vec())..(space, end.to_vec()));
+        for ((_, key), value) in pending {
+            merged.insert(key.clone(), value.clone());
+        }
+        // Enough committed records to fill `limit` after the overlay's
+        // removals.
+        let wanted = limit.saturating_add(merged.len());
+        for item in self.space(space).range(start..end).take(wanted) {
+            let (key, value) = item.into_inner().map_err(|e| engine_error(&self.path, e))?;
+            merged
+                .entry(key.to_vec())
+                .or_insert_with(|| Some(Bytes::copy_from_slice(&value)));
+        }
+        Ok(merged
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .take(limit)
+            .collect())
+    }
+
+    /// Every record of a copy, the overlay included: a copy's size.
+    pub fn scan_copy(
+        &self,
+        space: Space,
+        copy: CopyId,
+    ) -> Result<Vec<(Vec<u8>, Bytes)>, StoreError> {
+        let (start, end) = copy_range(copy);
+        self.scan(space, &start, &end, usize::MAX)
+    }
+
+    /// The group's small state and the slot the committed data reaches.
+    pub fn load_meta(&self) -> Result<(Slot, Option<Bytes>), StoreError> {
+        let applied = match self.read_committed(Space::Meta, META_APPLIED)? {
+            None => 0,
+            Some(b) => {
+                u64::from_be_bytes(b.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    message: "applied slot is not 8 bytes".into(),
+                })?)
+            }
+        };
+        Ok((applied, self.read_committed(Space::Meta, META_STATE)?))
+    }
+
+    /// Writes the overlay, the group's state (if changed) and the applied
+    /// slot in one atomic batch, without fsync.
+    pub fn commit(&mut self, applied: Slot, state: Option<Bytes>) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        for ((space, key), value) in std::mem::take(&mut self.overlay) {
+            match value {
+                Some(v) => batch.insert(self.space(space), key, v.to_vec()),
+                None => batch.remove(self.space(space), key),
+            }
+        }
+        if let Some(state) = state {
+            batch.insert(self.space(Space::Meta), META_STATE, state.to_vec());
+        }
+        batch.insert(
+            self.space(Space::Meta),
+            META_APPLIED,
+            applied.to_be_bytes().to_vec(),
+        );
+        batch.commit().map_err(|e| engine_error(&self.path, e))
+    }
+
+    /// Makes every commit so far durable.
+    pub fn persist(&self) -> Result<(), StoreError> {
+        self.db
+            .persist(fjall::PersistMode::SyncAll)
+            .map_err(|e| engine_error(&self.path, e))
+    }
+
+    /// Forgets a copy: its keys go a bounded batch per [`Self::sweep`].
+    /// Must be called on a committed state (it records the copy at once).
+    pub fn drop_copy(&mut self, copy: CopyId) -> Result<(), StoreError> {
+        self.garbage.insert(copy);
+        self.write_garbage()
+    }
+
+    fn write_garbage(&self) -> Result<(), StoreError> {
+        let bytes =
+            postcard::to_allocvec(&self.garbage).map_err(|e| engine_error(&self.path, e))?;
+        self.space(Space::Meta)
+            .insert(META_GARBAGE, bytes)
+            .map_err(|e| engine_error(&self.path, e))
+    }
+
+    /// True while some dropped copy still has keys on disk.
+    pub fn sweeping(&self) -> bool {
+        !self.garbage.is_empty()
+    }
+
+    /// Removes up to [`DROP_KEYS_PER_TURN`] keys of dropped copies.
+    pub fn sweep(&mut self) -> Result<(), StoreError> {
+        let Some(&copy) = self.garbage.first() else {
+            return Ok(());
+        };
+        let (start, end) = copy_range(copy);
+        let mut batch = self.db.batch();
+        let mut removed = 0;
+        for space in [Space::Data, Space::Sessions, Space::Idle] {
+            for item in self.space(space).range(start.as_slice()..end.as_slice()) {
+                if removed >= DROP_KEYS_PER_TURN {
+                    break;
+                }
+                let key = item.key().map_err(|e| engine_error(&self.path, e))?;
+                batch.remove(self.space(space), key);
+                removed += 1;
+            }
+        }
+        batch.commit().map_err(|e| engine_error(&self.path, e))?;
+        if removed < DROP_KEYS_PER_TURN {
+            self.garbage.remove(&copy);
+            self.write_garbage()?;
+        }
+        Ok(())
+    }
+
+    /// A point-in-time view of the committed state, for a snapshot stream
+    /// or a shard copy. Cheap: it pins versions, it copies nothing.
+    pub fn view(&self) -> StoreView {
+        StoreView {
+            snapshot: self.db.snapshot(),
+            spaces: self.spaces.clone(),
+            garbage: self.garbage.clone(),
+            path: self.path.clone(),
+        }
+    }
+
+    /// Starts building a fresh store beside this one, from a snapshot
+    /// stream. A partial import left by a crash is discarded first.
+    pub fn import(&self) -> Result<Import, StoreError> {
+        let path = sibling(&self.path, ".import");
+        if path.exists() {
+            std::fs::remove_dir_all(&path).map_err(|e| engine_error(&path, e))?;
+        }
+        let (db, spaces) = open_db(&path, false)?;
+        Ok(Import {
+            path,
+            db: Some(db),
+            spaces,
+            records: 0,
+            checksum: crc32fast::Hasher::new(),
+        })
+    }
+
+    /// Replaces this store by a finished import, atomically: a crash at any
+    /// point leaves either the old store or the new one at the next open.
+    pub fn switch_to_imported(&mut self, import: FinishedImport) -> Result<(), StoreError> {
+        debug_assert!(
+            self.overlay.is_empty(),
+            "no uncommitted writes are discarded"
+        );
+        drop(import);
+        // Open files move with their directory: the live store keeps
+        // working until it is replaced, then goes with `.old`.
+        rename_import_in(&self.path)?;
+        let reopened = Store::open_with(&self.path, self.temporary, false)?;
+        *self = reopened;
+        remove_old(&self.path)
+    }
+}
+
+fn copy_range(copy: CopyId) -> (Vec<u8>, Vec<u8>) {
+    let next = match copy.generation.checked_add(1) {
+        Some(generation) => CopyId {
+            shard: copy.shard,
+            generation,
+        },
+        None => CopyId {
+            shard: copy.shard.saturating_add(1),
+            generation: 0,
+        },
+    };
+    (copy.prefix().to_vec(), next.prefix().to_vec())
+}
+
+/// A point-in-time view of a store.
+pub struct StoreView {
+    snapshot: fjall::Snapshot,
+    spaces: [fjall::Keyspace; 4],
+    garbage: BTreeSet<CopyId>,
+    path: PathBuf,
+}
+
+impl StoreView {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
+        let value = self
+            .snapshot
+            .get(&self.spaces[space as usize], key)
+            .map_err(|e| engine_error(&self.path, e))?;
+        Ok(value.map(|v| Bytes::copy_from_slice(&v)))
+    }
+
+    /// The slot this view's state reaches.
+    pub fn applied(&self) -> Result<Slot, StoreError> {
+        match self.get(Space::Meta, META_APPLIED)? {
+            None => Ok(0),
+            Some(b) => Ok(u64::from_be_bytes(b.as_ref().try_into().map_err(|_| {
+                StoreError::Corrupt {
+                    path: self.path.clone(),
+                    message: "applied slot is not 8 bytes".into(),
+                }
+            })?)),
+        }
+    }
+
+    /// Every record, keyspace by keyspace in key order, leaving out copies
+    /// being dropped and the local garbage list: what a snapshot carries.
+    pub fn records(&self) -> impl Iterator<Item = Result<Record, StoreError>> + '_ {
+        SPACES.into_iter().flat_map(move |space| {
+            self.snapshot
+                .iter(&self.spaces[space as usize])
+                .map(move |item| {
+                    let (key, value) =
+                        item.into_inner().map_err(|e| engine_error(&self.path, e))?;
+                    Ok(Record {
+                        space,
+                        key: Bytes::copy_from_slice(&key),
+                        value: Bytes::copy_from_slice(&value),
+                    })
+                })
+                .filter(move |r| match r {
+                    Ok(r) => !self.excluded(r),
+                    Err(_) => true,
+                })
+        })
+    }
+
+    fn excluded(&self, r: &Record) -> bool {
+        match r.space {
+            Space::Meta => r.key.as_ref() == META_GARBAGE,
+            _ => {
+                r.key.len() >= 12 && {
+                    let shard = u32::from_be_bytes(r.key[..4].try_into().unwrap_or_default());
+                    let generation =
+                        u64::from_be_bytes(r.key[4..12].try_into().unwrap_or_default());
+                    self.garbage.contains(&CopyId { shard, generation })
+                }
+            }
+        }
+    }
+
+    /// The records of one copy in one keyspace, in key order.
+    pub fn copy_records(
+        &self,
+        space: Space,
+        copy: CopyId,
+    ) -> impl Iterator<Item = Result<(Bytes, Bytes), StoreError>> + '_ {
+        let prefix = copy.prefix();
+        self.snapshot
+            .prefix(&self.spaces[space as usize], prefix)
+            .map(move |item| {
+                let (key, value) = item.into_inner().map_err(|e| engine_error(&self.path, e))?;
+                Ok((
+                    Bytes::copy_from_slice(&key[12..]),
+                    Bytes::copy_from_slice(&value),
+                ))
+            })
+    }
+}
+
+/// A store being built from a snapshot stream.
+pub struct Import {
+    path: PathBuf,
+    db: Option<fjall::Database>,
+    spaces: [fjall::Keyspace; 4],
+    records: u64,
+    checksum: crc32fast::Hasher,
+}
+
+/// An import that is complete and durable, ready to switch to.
+pub struct FinishedImport {
+    _db: fjall::Database,
+}
+
+/// What a snapshot stream's sender vouches for at its end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamSummary {
+    pub records: u64,
+    pub crc32: u32,
+}
+
+/// The checksum of a stream: each record's keyspace, key and value.
+pub fn checksum_record(hasher: &mut crc32fast::Hasher, r: &Record) {
+    hasher.update(&[r.space as u8]);
+    hasher.update(&(r.key.len() as u32).to_be_bytes());
+    hasher.update(&r.key);
+    hasher.update(&(r.value.len() as u32).to_be_bytes());
+    hasher.update(&r.value);
+}
+
+impl Import {
+    /// Discards what was added, to start the stream over.
+    pub fn reset(&mut self) -> Result<(), StoreError> {
+        drop(self.db.take());
+        std::fs::remove_dir_all(&self.path).map_err(|e| engine_error(&self.path, e))?;
+        let (db, spaces) = open_db(&self.path, false)?;
+        self.db = Some(db);
+        self.spaces = spaces;
+        self.records = 0;
+        self.checksum = crc32fast::Hasher::new();
+        Ok(())
+    }
+
+    /// Adds a chunk of records (one batch, no fsync).
+    pub fn add(&mut self, records: &[Record]) -> Result<(), StoreError> {
+        let Some(db) = &self.db else {
+            return Err(engine_error(&self.path, "import already finished"));
+        };
+        let mut batch = db.batch();
+        for r in records {
+            checksum_record(&mut self.checksum, r);
+            batch.insert(
+                &self.spaces[r.space as usize],
+                r.key.to_vec(),
+                r.value.to_vec(),
+            );
+        }
+        self.records += records.len() as u64;
+        batch.commit().map_err(|e| engine_error(&self.path, e))
+    }
+
+    /// Checks the stream against what its sender vouched for, syncs, and
+    /// marks the import complete.
+    pub fn finish(mut self, summary: StreamSummary) -> Result<FinishedImport, StoreError> {
+        let crc32 = std::mem::take(&mut self.checksum).finalize();
+        if summary.records != self.records || summary.crc32 != crc32 {
+            return Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                message: format!(
+                    "snapshot stream: got {} records with checksum {crc32:08x}, sender sent {} with {:08x}",
+                    self.records, summary.records, summary.crc32
+                ),
+            });
+        }
+        let Some(db) = self.db.take() else {
+            return Err(engine_error(&self.path, "import already finished"));
+        };
+        db.persist(fjall::PersistMode::SyncAll)
+            .map_err(|e| engine_error(&self.path, e))?;
+        let marker = self.path.join(IMPORT_COMPLETE);
+        let write = || -> std::io::Result<()> {
+            std::fs::File::create(&marker)?.sync_all()?;
+            sync_dir(&self.path)
+        };
+        write().map_err(|e| engine_error(&self.path, e))?;
+        Ok(FinishedImport { _db: db })
+    }
+}
