@@ -233,7 +233,7 @@ async fn run(opts: Opts) -> ExitCode {
     let master = |i: usize| format!("127.0.1.{}:7000", 1 + i);
     let member = |g: usize, i: usize| format!("127.0.1.{}:7000", 10 * g + i);
     let replicas = opts.replicas;
-    let mut cluster = Cluster::start_at("127.0.1.1", GROUPS, replicas, &master, &member).await;
+    let mut cluster = Cluster::start_at("127.0.1.1", GROUPS, replicas, &master, &member, &[]).await;
     for gid in 1..=GROUPS as u64 {
         cluster.join(gid).await;
     }

@@ -126,6 +126,14 @@ impl Node {
         signal(self.pid(), "CONT");
     }
 
+    /// How often the node's log (every life of it) holds `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches(needle)
+            .count()
+    }
+
     /// The node's log, for failure messages.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -206,9 +214,19 @@ impl Cluster {
 
     /// Starts every process (groups not joined), all on `host`.
     pub async fn start(host: &str, groups: usize, replicas: usize) -> Cluster {
+        Cluster::start_with(host, groups, replicas, &[]).await
+    }
+
+    /// As [`Self::start`], with `kv_args` added to every kvserver's flags.
+    pub async fn start_with(
+        host: &str,
+        groups: usize,
+        replicas: usize,
+        kv_args: &[&str],
+    ) -> Cluster {
         let master = |i: usize| format!("{host}:{}", 7000 + i);
         let member = |g: usize, i: usize| format!("{host}:{}", 7000 + 10 * g + i);
-        Cluster::start_at(host, groups, replicas, &master, &member).await
+        Cluster::start_at(host, groups, replicas, &master, &member, kv_args).await
     }
 
     /// Starts every process (groups not joined): master i at `master(i)`,
@@ -219,6 +237,7 @@ impl Cluster {
         replicas: usize,
         master: &dyn Fn(usize) -> String,
         member: &dyn Fn(usize, usize) -> String,
+        kv_args: &[&str],
     ) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let masters_addrs: Vec<String> = (0..3).map(master).collect();
@@ -247,7 +266,7 @@ impl Cluster {
             let addrs: Vec<String> = (0..replicas).map(|i| member(g, i)).collect();
             let mut nodes = Vec::new();
             for (i, addr) in addrs.iter().enumerate() {
-                let args = vec![
+                let mut args: Vec<String> = vec![
                     "kv".into(),
                     "--gid".into(),
                     g.to_string(),
@@ -265,6 +284,7 @@ impl Cluster {
                     "--tick-ms".into(),
                     "5".into(),
                 ];
+                args.extend(kv_args.iter().map(|a| a.to_string()));
                 nodes.push(Node::new(&format!("group-{g}-{i}"), addr, args, dir.path()));
             }
             all_groups.push(nodes);

@@ -86,6 +86,14 @@ struct NodeArgs {
     /// The Paxos tick; elections take 10 to 20 ticks.
     #[arg(long, env = "SHARDKV_TICK_MS", default_value_t = 10)]
     tick_ms: u64,
+    /// Applied slots between checkpoints: a store sync, after which the
+    /// log is compacted (a restart replays at most this much).
+    #[arg(long, env = "SHARDKV_SNAPSHOT_EVERY_SLOTS", default_value_t = NodeOptions::defaults().snapshot_every_slots)]
+    snapshot_every_slots: u64,
+    /// Log entries kept for a lagging replica; one further behind is sent
+    /// a snapshot streamed from a peer's store.
+    #[arg(long, env = "SHARDKV_LOG_RETAIN_SLOTS", default_value_t = NodeOptions::defaults().log_retain_slots)]
+    log_retain_slots: u64,
 }
 
 fn parse_id(id: &str) -> anyhow::Result<u32> {
@@ -123,6 +131,8 @@ impl NodeArgs {
             listen: self.listen,
             metrics_addr: self.metrics_addr,
             tick: Duration::from_millis(self.tick_ms),
+            snapshot_every_slots: self.snapshot_every_slots,
+            log_retain_slots: self.log_retain_slots,
         })
     }
 }

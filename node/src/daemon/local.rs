@@ -92,6 +92,7 @@ pub async fn run(
             listen: None,
             metrics_addr: None,
             tick,
+            ..NodeOptions::defaults()
         };
         nodes.spawn(run_master(node, DEFAULT_SHARDS, stopped(stop_rx.clone())));
     }
@@ -104,6 +105,7 @@ pub async fn run(
                 listen: None,
                 metrics_addr: None,
                 tick,
+                ..NodeOptions::defaults()
             };
             nodes.spawn(run_kv(
                 node,

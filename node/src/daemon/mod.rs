@@ -62,10 +62,35 @@ pub struct NodeOptions {
     pub metrics_addr: Option<SocketAddr>,
     /// The Paxos tick: heartbeats and election timeouts are counted in it.
     pub tick: Duration,
+    /// Applied slots between checkpoints (a store sync, then the log is
+    /// compacted through it): bounds the log a restart replays.
+    pub snapshot_every_slots: u64,
+    /// Log entries kept for a lagging replica; one further behind gets a
+    /// snapshot streamed instead.
+    pub log_retain_slots: u64,
 }
 
 impl NodeOptions {
+    /// The tuning defaults; the identity fields are left empty to be set.
+    pub fn defaults() -> Self {
+        NodeOptions {
+            id: 0,
+            peers: Vec::new(),
+            data_dir: PathBuf::new(),
+            listen: None,
+            metrics_addr: None,
+            tick: ReplicaOptions::default().tick,
+            snapshot_every_slots: ReplicaOptions::default().snapshot_every_slots,
+            log_retain_slots: PaxosConfig::new(0, 1).log_retain_slots_max,
+        }
+    }
+
     fn check(&self) -> Result<(), NodeError> {
+        if self.snapshot_every_slots == 0 || self.log_retain_slots == 0 {
+            return Err(NodeError::Config(
+                "--snapshot-every-slots and --log-retain-slots must be at least 1".into(),
+            ));
+        }
         if self.peers.is_empty() {
             return Err(NodeError::Config(
                 "--peers must name at least one replica".into(),
@@ -193,16 +218,13 @@ fn start_replica<M: StateMachine>(
     let transport = GrpcTransport::start(group, options.id, &options.peers);
     let replica_options = ReplicaOptions {
         tick: options.tick,
+        snapshot_every_slots: options.snapshot_every_slots,
         ..Default::default()
     };
-    Replica::start(
-        PaxosConfig::new(options.id, options.peers.len() as u32),
-        storage,
-        machine,
-        transport,
-        replica_options,
-    )
-    .map_err(|e| NodeError::Replica(e.to_string()))
+    let mut paxos_config = PaxosConfig::new(options.id, options.peers.len() as u32);
+    paxos_config.log_retain_slots_max = options.log_retain_slots;
+    Replica::start(paxos_config, storage, machine, transport, replica_options)
+        .map_err(|e| NodeError::Replica(e.to_string()))
 }
 
 /// A future that resolves once `rx` turns true.

@@ -102,6 +102,11 @@ pub struct GrpcSnapshotSource {
 
 impl SnapshotSource for GrpcSnapshotSource {
     fn fetch(&self, min_applied: Slot, import: &mut Import) -> Result<StreamSummary, String> {
+        tracing::info!(
+            gid = self.gid,
+            min_applied,
+            "fetching a snapshot from a peer"
+        );
         let mut errors = Vec::new();
         for round in 0..self.rounds {
             for (id, peer) in self.peers.iter().enumerate() {
