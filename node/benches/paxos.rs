@@ -12,7 +12,7 @@ use bytes::Bytes;
 use shardkv::paxos::{Config, MemStorage, RoleKind, Slot, Storage, WalOptions, WalStorage};
 use shardkv::replica::grpc::{GrpcTransport, PaxosPeerService};
 use shardkv::replica::local::LocalNetwork;
-use shardkv::replica::{Replica, ReplicaOptions, StateMachine, Transport};
+use shardkv::replica::{ApplyError, Replica, ReplicaOptions, StateMachine, Transport};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -20,7 +20,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 struct Counter(u64);
 
 impl StateMachine for Counter {
-    fn apply(&mut self, _slot: Slot, _command: &[u8]) -> Result<Bytes, String> {
+    fn apply(&mut self, _slot: Slot, _command: &[u8]) -> Result<Bytes, ApplyError> {
         self.0 += 1;
         Ok(Bytes::new())
     }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use shardkv::paxos::{Config, MemStorage, RoleKind, Slot, WalOptions, WalStorage};
 use shardkv::replica::grpc::{GrpcTransport, PaxosPeerService};
 use shardkv::replica::local::LocalNetwork;
-use shardkv::replica::{Replica, ReplicaError, ReplicaOptions, StateMachine};
+use shardkv::replica::{ApplyError, Replica, ReplicaError, ReplicaOptions, StateMachine};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -23,7 +23,7 @@ struct Recorder {
 }
 
 impl StateMachine for Recorder {
-    fn apply(&mut self, slot: Slot, command: &[u8]) -> Result<Bytes, String> {
+    fn apply(&mut self, slot: Slot, command: &[u8]) -> Result<Bytes, ApplyError> {
         self.commands.push(Bytes::copy_from_slice(command));
         *self.shared.lock().unwrap() = self.commands.clone();
         Ok(Bytes::from(slot.to_string()))

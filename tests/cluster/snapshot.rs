@@ -22,6 +22,20 @@ async fn eventually(timeout: Duration, what: &str, pred: impl Fn() -> bool) {
     }
 }
 
+/// Store generations on disk: the live one, and an import being built.
+fn generations(state_dir: &std::path::Path) -> usize {
+    std::fs::read_dir(state_dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("gen-")
+        })
+        .count()
+}
+
 fn value(i: usize) -> String {
     format!("{i:08}").repeat(VALUE_BYTES / 8)
 }
@@ -53,9 +67,10 @@ async fn a_snapshot_transfer_cut_short_on_either_side_completes_later() {
     })
     .await;
     cluster.groups[0][behind].kill9();
-    let state_dir = cluster.dir.path().join(format!("group-1-{behind}"));
-    assert!(
-        state_dir.join("state.import").exists(),
+    let state_dir = cluster.dir.path().join(format!("group-1-{behind}/state"));
+    assert_eq!(
+        generations(&state_dir),
+        2,
         "the transfer finished before it could be cut short"
     );
     assert_eq!(
@@ -79,10 +94,7 @@ async fn a_snapshot_transfer_cut_short_on_either_side_completes_later() {
         cluster.groups[0][behind].log_count("installed a snapshot from a peer") == 1
     })
     .await;
-    assert!(
-        !state_dir.join("state.import").exists(),
-        "the import was switched in"
-    );
+    assert_eq!(generations(&state_dir), 1, "the import was switched in");
     await_serving(&cluster.groups[0][behind].addr).await;
 
     // Only the receiver and one other are up: every write must be there.
@@ -115,4 +127,76 @@ async fn a_snapshot_transfer_cut_short_on_either_side_completes_later() {
     println!("restart of the group to the first served read: {restart:?}");
     assert!(restart < Duration::from_secs(5), "restart took {restart:?}");
     check(cluster.clerk(WAIT)).await;
+}
+
+/// VmHWM of a process: the most memory it ever held.
+fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+/// A shard larger than the 256 MiB a single message may hold moves to
+/// another group, in chunks, and no replica holds it in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_larger_than_one_message_moves_in_chunks() {
+    const SHARD: u64 = 3;
+    const VALUES: usize = 300;
+    const BIG_VALUE_BYTES: usize = 1 << 20;
+    let cluster = Cluster::start("127.0.0.22", 2, 3).await;
+    cluster.join(1).await;
+    let shards = cluster.admin().query(None).await.unwrap().shards.len();
+    let keys: Vec<String> = (0..)
+        .map(|i| format!("big-{i}"))
+        .filter(|k| shardkv::shardkv::key_to_shard(k.as_bytes(), shards) as u64 == SHARD)
+        .take(VALUES)
+        .collect();
+    let big = |i: usize| format!("{i:08}").repeat(BIG_VALUE_BYTES / 8);
+    let clerk = cluster.clerk(WAIT);
+    for (n, chunk) in keys.chunks(8).enumerate() {
+        let puts = (chunk.iter().enumerate()).map(|(i, k)| clerk.put(k.clone(), big(n * 8 + i)));
+        for result in futures::future::join_all(puts).await {
+            result.expect("put");
+        }
+    }
+    let before: Vec<u64> = (0..3).map(|i| peak_rss_bytes(cluster.groups[1][i].pid())).collect();
+    // Group 2 joins with nothing; then the big shard alone moves to it.
+    cluster.join(2).await;
+    let settled = |cluster: &Cluster| {
+        let cluster_masters = cluster.master_addrs().join(",");
+        let out = shardkv_cluster_tests::ctl(&cluster_masters, &["query"], None);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let _ = settled(&cluster);
+    let started = Instant::now();
+    cluster.admin().r#move(SHARD, 2).await.unwrap();
+    let clerk = cluster.clerk(Duration::from_secs(120));
+    // Served by group 2 once it has it: the first read waits for the move.
+    let got = clerk.get(keys[0].clone()).await.expect("get after the move");
+    let moved = started.elapsed();
+    assert_eq!(got, Some(Bytes::from(big(0))));
+    let mib = (VALUES * BIG_VALUE_BYTES) as f64 / (1 << 20) as f64;
+    println!(
+        "moved a {mib:.0} MiB shard in {moved:?}: {:.0} MiB/s",
+        mib / moved.as_secs_f64()
+    );
+    for (i, k) in keys.iter().enumerate().step_by(13) {
+        let got = clerk.get(k.clone()).await.expect("get");
+        assert_eq!(got, Some(Bytes::from(big(i))), "{k}");
+    }
+    // Every replica of the new owner fetched it, a chunk at a time: none
+    // grew by anything like the shard's size.
+    for (i, before) in before.iter().enumerate() {
+        let after = peak_rss_bytes(cluster.groups[1][i].pid());
+        println!("group 2 replica {i}: peak RSS {} MiB (before the move {} MiB)", after >> 20, before >> 20);
+        assert!(
+            after < before + (200 << 20),
+            "replica {i} of the new owner grew from {before} to {after} bytes"
+        );
+    }
 }

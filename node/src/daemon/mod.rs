@@ -432,7 +432,6 @@ pub async fn run_kv(
         gid,
         me: options.id,
         peers: options.peers.clone(),
-        runtime: tokio::runtime::Handle::current(),
         chunk_timeout: Duration::from_secs(10),
         rounds: 6,
     };

@@ -36,9 +36,9 @@ use crate::paxos::{
 pub trait StateMachine: Send + 'static {
     /// Applies one decided command and returns its result for the proposer.
     /// A machine that already holds `slot` (it outlived the log) skips it.
-    /// An error means the machine cannot go on (its storage failed): the
-    /// replica stops.
-    fn apply(&mut self, slot: Slot, command: &[u8]) -> Result<Bytes, String>;
+    /// [`ApplyError::Failed`] means the machine cannot go on (its storage
+    /// failed): the replica stops.
+    fn apply(&mut self, slot: Slot, command: &[u8]) -> Result<Bytes, ApplyError>;
     /// The commands of one turn are applied: a machine on disk writes them,
     /// with the last slot, in one atomic batch (without waiting for the
     /// disk: the log is the durable record).
@@ -56,7 +56,47 @@ pub trait StateMachine: Send + 'static {
     /// Takes on the state that `snapshot`, taken through slot `index`,
     /// describes.
     fn restore(&mut self, index: Slot, snapshot: &[u8]) -> Result<(), String>;
+    /// For a machine whose restore fetches the state over the network: the
+    /// fetch, which the driver runs without access to the machine (its
+    /// services keep reading it meanwhile), then hands to
+    /// [`Self::finish_restore`]. `None`: call [`Self::restore`] instead.
+    fn begin_restore(
+        &mut self,
+        index: Slot,
+        snapshot: &[u8],
+    ) -> Result<Option<RestoreJob>, String> {
+        let _ = (index, snapshot);
+        Ok(None)
+    }
+    /// After [`ApplyError::NeedsSnapshot`]: the fetch of a peer's state
+    /// applied through `through` at least.
+    fn begin_catch_up(&mut self, through: Slot) -> Result<RestoreJob, String> {
+        Err(format!(
+            "cannot fetch a peer's state through slot {through}"
+        ))
+    }
+    /// Takes on what a [`RestoreJob`] fetched.
+    fn finish_restore(&mut self, fetched: RestoreOutput) -> Result<(), String> {
+        let _ = fetched;
+        Err("no restore is under way".into())
+    }
 }
+
+/// Why a command was not applied.
+#[derive(Debug)]
+pub enum ApplyError {
+    /// The machine cannot go on: the replica stops.
+    Failed(String),
+    /// The command needs state this machine cannot get from the log (a
+    /// shard copy its holder no longer has): it must take a peer's state
+    /// applied through `through`, which covers the command.
+    NeedsSnapshot { through: Slot },
+}
+
+/// A fetch run outside the machine (see [`StateMachine::begin_restore`]).
+pub type RestoreJob = Box<dyn FnOnce() -> Result<RestoreOutput, String> + Send>;
+/// What a [`RestoreJob`] fetched, for [`StateMachine::finish_restore`].
+pub type RestoreOutput = Box<dyn std::any::Any + Send>;
 
 /// A state machine shared by the replica thread, which applies to it, and
 /// the services, which read the applied state (after a read barrier, or for
@@ -90,7 +130,7 @@ impl<T> SharedMachine<T> {
 }
 
 impl<T: StateMachine> StateMachine for SharedMachine<T> {
-    fn apply(&mut self, slot: Slot, command: &[u8]) -> Result<Bytes, String> {
+    fn apply(&mut self, slot: Slot, command: &[u8]) -> Result<Bytes, ApplyError> {
         self.lock().apply(slot, command)
     }
 
@@ -107,9 +147,23 @@ impl<T: StateMachine> StateMachine for SharedMachine<T> {
     }
 
     fn restore(&mut self, index: Slot, snapshot: &[u8]) -> Result<(), String> {
-        // Under the lock for the whole install: this replica is behind
-        // and serves nothing meanwhile; its services' reads wait.
         self.lock().restore(index, snapshot)
+    }
+
+    fn begin_restore(
+        &mut self,
+        index: Slot,
+        snapshot: &[u8],
+    ) -> Result<Option<RestoreJob>, String> {
+        self.lock().begin_restore(index, snapshot)
+    }
+
+    fn begin_catch_up(&mut self, through: Slot) -> Result<RestoreJob, String> {
+        self.lock().begin_catch_up(through)
+    }
+
+    fn finish_restore(&mut self, fetched: RestoreOutput) -> Result<(), String> {
+        self.lock().finish_restore(fetched)
     }
 }
 
@@ -501,7 +555,13 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
             self.transport.send(to, msg);
         }
         if let Some(snapshot) = ready.snapshot {
-            if let Err(e) = self.machine.restore(snapshot.index, &snapshot.data) {
+            // A fetch runs here, outside the machine's lock.
+            let restored = match self.machine.begin_restore(snapshot.index, &snapshot.data) {
+                Ok(Some(job)) => job().and_then(|fetched| self.machine.finish_restore(fetched)),
+                Ok(None) => self.machine.restore(snapshot.index, &snapshot.data),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = restored {
                 // A snapshot we cannot read means our state would diverge:
                 // stop rather than serve wrong data.
                 return Err(StorageError::Corrupt(format!(
@@ -518,10 +578,25 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
         let mut answers = Vec::new();
         for (slot, batch) in ready.committed {
             for command in &batch.commands {
-                let result = self
-                    .machine
-                    .apply(slot, &command.data)
-                    .map_err(|e| StorageError::Io(format!("state machine at slot {slot}: {e}")))?;
+                let result = match self.machine.apply(slot, &command.data) {
+                    Ok(result) => result,
+                    Err(ApplyError::Failed(e)) => {
+                        return Err(StorageError::Io(format!(
+                            "state machine at slot {slot}: {e}"
+                        )))
+                    }
+                    Err(ApplyError::NeedsSnapshot { through }) => {
+                        // The peer's state covers this command; the
+                        // machine skips what it covers from here on.
+                        let job = self.machine.begin_catch_up(through);
+                        job.and_then(|job| job())
+                            .and_then(|fetched| self.machine.finish_restore(fetched))
+                            .map_err(|e| {
+                                StorageError::Io(format!("state machine at slot {slot}: {e}"))
+                            })?;
+                        Bytes::new()
+                    }
+                };
                 if command.origin == me {
                     if let Some(waiter) = self.waiters.remove(&command.id) {
                         answers.push((waiter, Ok(result)));

@@ -180,6 +180,10 @@ impl KvServer {
                     // A grace counts silence seen by one leader, unbroken.
                     lock(&server.inner.departed_failing).clear();
                 }
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = server.stage_step() => {}
+                }
                 if server.inner.replica.status().role == RoleKind::Leader {
                     tokio::select! {
                         _ = &mut shutdown => return,
@@ -326,6 +330,108 @@ impl KvServer {
         progress
     }
 
+    /// How many replicas of this group hold a complete copy of `shard`
+    /// for configuration `num`, by their own status.
+    async fn replicas_holding(&self, num: u64, shard: u64, servers: &[String]) -> usize {
+        let calls = servers.iter().map(|server| {
+            let pool = &self.inner.pool;
+            async move {
+                let channel = pool.get(server).ok()?;
+                let mut client = pb::shard_kv_client::ShardKvClient::new(channel);
+                let call = client.group_status(pb::GroupStatusRequest {});
+                let reply = tokio::time::timeout(self.inner.options.peer_call_timeout, call)
+                    .await
+                    .ok()?
+                    .ok()?
+                    .into_inner();
+                let holds = reply.gid == self.inner.gid
+                    && reply.config_num == num
+                    && (reply.staged.iter()).any(|s| s.config_num == num && s.shard == shard);
+                holds.then_some(reply.replica)
+            }
+        });
+        let holders: std::collections::BTreeSet<u32> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        holders.len()
+    }
+
+    /// Every replica's background work: fetch the copies of the shards the
+    /// group is pulling from other groups into this replica's store, so
+    /// that their install (one small logged step) finds them here.
+    async fn stage_step(&self) {
+        let (num, prev, pulling) = {
+            let s = self.inner.state.lock();
+            let pulling: Vec<(u64, super::store::CopyId)> = (s.owned.keys())
+                .filter_map(|&shard| match s.pulling_copy(shard) {
+                    Ok(Some((copy, false))) => Some((shard, copy)),
+                    _ => None,
+                })
+                .collect();
+            (s.config.num, s.prev_config.clone(), pulling)
+        };
+        if pulling.is_empty() {
+            return;
+        }
+        let Ok(latest) = self.inner.masters.query(None).await else {
+            return;
+        };
+        for (shard, copy) in pulling {
+            let source = match self.locate(num, shard, &prev, &latest).await {
+                Ok(Some(source)) if source.gid != self.inner.gid => source,
+                // Nothing to fetch: the leader installs it from the log.
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::debug!(shard, error = %e, "cannot locate a shard to fetch");
+                    continue;
+                }
+            };
+            let (stager, board) = self.inner.state.lock().stager();
+            // Skipped if the install has closed the copy, or a fetch holds it.
+            if !board.try_claim(copy) {
+                continue;
+            }
+            let requester = self.inner.gid;
+            let timeout = self
+                .inner
+                .options
+                .peer_call_timeout
+                .max(Duration::from_secs(10));
+            let job_source = source.clone();
+            // On a runtime of its own, on a blocking thread: the replica
+            // thread may wait for this claim while holding the state's
+            // lock, and this runtime's threads may be waiting for that lock.
+            let fetch = tokio::task::spawn_blocking(move || {
+                let result = super::snapshot::own_runtime().and_then(|runtime| {
+                    runtime.block_on(super::snapshot::fetch_copy(
+                        &stager,
+                        copy,
+                        &job_source,
+                        shard,
+                        requester,
+                        None,
+                        timeout,
+                    ))
+                });
+                board.release(copy);
+                result
+            });
+            let fetch = async { fetch.await.map_err(|e| e.to_string()).and_then(|r| r) };
+            match fetch.await {
+                Ok(summary) => tracing::info!(
+                    shard,
+                    num,
+                    from = source.gid,
+                    keys = summary.keys,
+                    "fetched a shard copy"
+                ),
+                Err(e) => tracing::debug!(shard, num, error = %e, "shard fetch failed; will retry"),
+            }
+        }
+    }
+
     /// Makes sure the group has an incarnation and that this process has
     /// claimed it at the shardmaster. True once claimed.
     async fn claim(&self) -> Result<bool, String> {
@@ -445,6 +551,36 @@ impl KvServer {
                 let (view, copy) =
                     view.ok_or_else(|| format!("own copy of shard {shard} is gone"))?;
                 export_copy_blocking(view, copy).await?
+            }
+            Some(source) if source.gid != self.inner.gid => {
+                // Each replica fetches the copy itself (`stage_step`); the
+                // log takes only its summary, once a majority holds it, so
+                // the install stalls no majority.
+                let summary = self.inner.state.lock().staged_summary(shard);
+                let summary = summary
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("shard {shard} is not fetched yet"))?;
+                // This group's replicas as of the configuration being
+                // installed (it may have left the latest one).
+                let servers = (self.inner.state.lock().config.groups)
+                    .get(&self.inner.gid)
+                    .cloned()
+                    .unwrap_or_default();
+                let staged = self.replicas_holding(num, shard, &servers).await;
+                let servers = servers.len().max(1);
+                if staged <= servers / 2 {
+                    return Err(format!(
+                        "shard {shard} is fetched by {staged} of {servers} replicas, not yet a majority"
+                    ));
+                }
+                let command = Command::InstallShardStreamed {
+                    config_num: num,
+                    shard,
+                    source: source.clone(),
+                    summary,
+                };
+                self.propose(&command).await.map_err(|e| e.to_string())?;
+                return Ok(());
             }
             Some(source) => {
                 let request = pb::PullShardRequest {
@@ -727,10 +863,12 @@ impl ShardKv for KvServer {
         // outgoing copy never changes, only disappears once installed.
         let copy = {
             let s = self.inner.state.lock();
-            if s.config.num < r.config_num {
+            if s.committed_config_num() < r.config_num {
                 return Err(Status::unavailable(format!(
                     "group {} is at configuration {}, not yet {}",
-                    s.gid, s.config.num, r.config_num
+                    s.gid,
+                    s.committed_config_num(),
+                    r.config_num
                 )));
             }
             s.outgoing_view(r.config_num, r.shard)
@@ -792,6 +930,39 @@ impl ShardKv for KvServer {
     }
 
     type FetchSnapshotStream = super::snapshot::ChunkStream;
+    type PullShardStreamStream = super::snapshot::ChunkStream;
+
+    async fn pull_shard_stream(
+        &self,
+        request: Request<pb::PullShardRequest>,
+    ) -> Result<Response<Self::PullShardStreamStream>, Status> {
+        let r = request.into_inner();
+        if self.inject(|u| u.drop_request) {
+            return Err(Status::unavailable("injected fault: request dropped"));
+        }
+        // Any replica that has reached the configuration can answer: an
+        // outgoing copy never changes, only disappears once installed.
+        let copy = {
+            let s = self.inner.state.lock();
+            if s.committed_config_num() < r.config_num {
+                return Err(Status::unavailable(format!(
+                    "group {} is at configuration {}, not yet {}",
+                    s.gid,
+                    s.committed_config_num(),
+                    r.config_num
+                )));
+            }
+            s.outgoing_view(r.config_num, r.shard)
+        };
+        let Some((view, copy)) = copy else {
+            return Err(Status::not_found(format!(
+                "no copy of shard {} from configuration {}: already handed off",
+                r.shard, r.config_num
+            )));
+        };
+        tracing::info!(shard = r.shard, to = r.gid, "streaming a shard copy");
+        Ok(Response::new(super::snapshot::serve_copy(view, copy)?))
+    }
 
     async fn fetch_snapshot(
         &self,
@@ -846,6 +1017,13 @@ impl ShardKv for KvServer {
                 .collect(),
             pending_deletes: s.pending_deletes.len() as u64,
             applied_slot: replica.applied,
+            staged: (s.owned.keys())
+                .filter(|&&shard| matches!(s.pulling_copy(shard), Ok(Some((_, true)))))
+                .map(|&shard| pb::StagedShard {
+                    config_num: s.config.num,
+                    shard,
+                })
+                .collect(),
             keys: s.key_count(),
             refused: lock(&self.inner.refused).clone().unwrap_or_default(),
             sessions: s.session_count(),

@@ -17,8 +17,11 @@ use std::time::Duration;
 use tokio_stream::Stream;
 use tonic::Status;
 
-use super::state::SnapshotSource;
-use super::store::{checksum_record, Import, Record, StoreView, StreamSummary};
+use super::state::{PeerSource, Source};
+use super::store::{
+    checksum_record, CopyId, CopySummary, Import, Record, Space, Stager, StoreError, StoreView,
+    StreamSummary,
+};
 use crate::paxos::{NodeId, Slot};
 use crate::proto::kv as pb;
 use crate::shardmaster::Gid;
@@ -29,56 +32,217 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 /// Chunks read ahead of the network, at most.
 pub const CHUNKS_IN_FLIGHT: usize = 4;
 /// A chunk holds one record of at most a stored value's size plus its key.
-pub const CHUNK_DECODE_BYTES_MAX: usize = super::state::STORED_VALUE_BYTES_MAX + (1 << 20);
+pub const CHUNK_DECODE_BYTES_MAX: usize = super::state::STORED_VALUE_BYTES_MAX + (4 << 20);
 
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotChunk, Status>> + Send>>;
 
 /// Streams `view` as chunks; the last one carries the summary.
 pub fn serve(view: StoreView) -> Result<ChunkStream, Status> {
+    spawn_stream(view, |view| Box::new(view.records()))
+}
+
+/// Streams the frozen copy `copy` of `view` as chunks.
+pub fn serve_copy(view: StoreView, copy: CopyId) -> Result<ChunkStream, Status> {
+    spawn_stream(view, move |view| Box::new(view.copy_stream(copy)))
+}
+
+type Records<'a> = Box<dyn Iterator<Item = Result<Record, StoreError>> + 'a>;
+
+/// Reads `records(view)` on a blocking thread into a channel of chunks.
+fn spawn_stream(
+    view: StoreView,
+    records: impl for<'a> FnOnce(&'a StoreView) -> Records<'a> + Send + 'static,
+) -> Result<ChunkStream, Status> {
     let applied = view
         .applied()
         .map_err(|e| Status::internal(e.to_string()))?;
     let (tx, rx) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
     tokio::task::spawn_blocking(move || {
-        let mut hasher = crc32fast::Hasher::new();
-        let mut count = 0u64;
+        let mut tally = Tally::default();
         let mut chunk: Vec<Record> = Vec::new();
         let mut bytes = 0;
-        let send = |records: &[Record], last: Option<(u64, u32)>| {
+        let send = |records: &[Record], last: Option<CopySummary>| {
             let encoded = postcard::to_allocvec(records)
                 .map_err(|e| Status::internal(format!("cannot encode a snapshot chunk: {e}")))?;
-            let (record_count, crc32) = last.unwrap_or_default();
+            let summary = last.unwrap_or(CopySummary {
+                records: 0,
+                crc32: 0,
+                keys: 0,
+                sessions: 0,
+            });
             let message = pb::SnapshotChunk {
                 records: encoded.into(),
                 last: last.is_some(),
-                record_count,
-                crc32,
+                record_count: summary.records,
+                crc32: summary.crc32,
                 applied_slot: applied,
+                keys: summary.keys,
+                sessions: summary.sessions,
             };
             // A receiver that went away ends the stream.
             tx.blocking_send(Ok(message))
                 .map_err(|_| Status::cancelled("receiver gone"))
         };
         let result = (|| {
-            for record in view.records() {
+            for record in records(&view) {
                 let record = record.map_err(|e| Status::internal(e.to_string()))?;
-                checksum_record(&mut hasher, &record);
-                count += 1;
-                bytes += record.size_bytes();
-                chunk.push(record);
-                if bytes >= CHUNK_BYTES {
+                // Sent before a record would overflow it: a chunk holds at
+                // most CHUNK_BYTES, or one record alone.
+                if !chunk.is_empty() && bytes + record.size_bytes() > CHUNK_BYTES {
                     send(&chunk, None)?;
                     chunk.clear();
                     bytes = 0;
                 }
+                tally.add(&record);
+                bytes += record.size_bytes();
+                chunk.push(record);
             }
-            send(&chunk, Some((count, hasher.clone().finalize())))
+            send(&chunk, Some(tally.summary()))
         })();
         if let Err(status) = result {
             let _ = tx.blocking_send(Err(status));
         }
     });
     Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+}
+
+/// Counts and checksums records as they stream.
+#[derive(Default)]
+struct Tally {
+    hasher: crc32fast::Hasher,
+    records: u64,
+    keys: u64,
+    sessions: u64,
+}
+
+impl Tally {
+    fn add(&mut self, r: &Record) {
+        checksum_record(&mut self.hasher, r);
+        self.records += 1;
+        match r.space {
+            Space::Data => self.keys += 1,
+            Space::Sessions => self.sessions += 1,
+            _ => {}
+        }
+    }
+
+    fn summary(&self) -> CopySummary {
+        CopySummary {
+            records: self.records,
+            crc32: self.hasher.clone().finalize(),
+            keys: self.keys,
+            sessions: self.sessions,
+        }
+    }
+}
+
+fn summary_of(chunk: &pb::SnapshotChunk) -> CopySummary {
+    CopySummary {
+        records: chunk.record_count,
+        crc32: chunk.crc32,
+        keys: chunk.keys,
+        sessions: chunk.sessions,
+    }
+}
+
+async fn connect(
+    addr: &str,
+    timeout: Duration,
+) -> Result<pb::shard_kv_client::ShardKvClient<tonic::transport::Channel>, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(timeout);
+    let channel = tokio::time::timeout(timeout, endpoint.connect())
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(pb::shard_kv_client::ShardKvClient::new(channel)
+        .max_decoding_message_size(CHUNK_DECODE_BYTES_MAX))
+}
+
+/// Fetches the copy of `shard` that `source` froze into `copy` of this
+/// replica's store, from any of the source's servers, and marks it
+/// complete. With `expected`, the copy must be exactly that one (as the
+/// group logged it). Returns what was fetched.
+pub async fn fetch_copy(
+    stager: &Stager,
+    copy: CopyId,
+    source: &Source,
+    shard: u64,
+    requester: Gid,
+    expected: Option<CopySummary>,
+    timeout: Duration,
+) -> Result<CopySummary, String> {
+    let mut errors = Vec::new();
+    for server in &source.servers {
+        match fetch_copy_from(
+            stager, copy, server, source, shard, requester, expected, timeout,
+        )
+        .await
+        {
+            Ok(summary) => return Ok(summary),
+            Err(e) => errors.push(format!("{server}: {e}")),
+        }
+    }
+    Err(format!(
+        "no server of group {} gave shard {shard} of configuration {} ({})",
+        source.gid,
+        source.config_num,
+        errors.join("; ")
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fetch_copy_from(
+    stager: &Stager,
+    copy: CopyId,
+    server: &str,
+    source: &Source,
+    shard: u64,
+    requester: Gid,
+    expected: Option<CopySummary>,
+    timeout: Duration,
+) -> Result<CopySummary, String> {
+    stager.clear(copy).map_err(|e| e.to_string())?;
+    let mut client = connect(server, timeout).await?;
+    let request = pb::PullShardRequest {
+        config_num: source.config_num,
+        shard,
+        gid: requester,
+    };
+    let mut stream = tokio::time::timeout(timeout, client.pull_shard_stream(request))
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    let mut tally = Tally::default();
+    loop {
+        let chunk = tokio::time::timeout(timeout, stream.message())
+            .await
+            .map_err(|_| "stream stalled".to_string())?
+            .map_err(|s| s.message().to_string())?
+            .ok_or("stream ended before its last chunk")?;
+        let records: Vec<Record> =
+            postcard::from_bytes(&chunk.records).map_err(|e| format!("undecodable chunk: {e}"))?;
+        for r in &records {
+            tally.add(r);
+        }
+        stager.add(copy, &records).map_err(|e| e.to_string())?;
+        if chunk.last {
+            let got = tally.summary();
+            if got != summary_of(&chunk) {
+                return Err(format!(
+                    "the stream does not match its summary: got {got:?}, sender sent {:?}",
+                    summary_of(&chunk)
+                ));
+            }
+            if expected.is_some_and(|e| e != got) {
+                return Err(format!("got {got:?}, the group logged {expected:?}"));
+            }
+            stager.mark_staged(copy, got).map_err(|e| e.to_string())?;
+            return Ok(got);
+        }
+    }
 }
 
 /// Fetches snapshots from the other replicas of a group over gRPC. Used by
@@ -90,9 +254,6 @@ pub struct GrpcSnapshotSource {
     pub me: NodeId,
     /// The group's replicas, by id.
     pub peers: Vec<String>,
-    /// The runtime the fetch runs on (the replica thread is not one of its
-    /// threads, so it can block on it).
-    pub runtime: tokio::runtime::Handle,
     /// Give up on one peer after this long without a chunk.
     pub chunk_timeout: Duration,
     /// Rounds over every peer before the install fails (the replica then
@@ -100,23 +261,51 @@ pub struct GrpcSnapshotSource {
     pub rounds: u32,
 }
 
-impl SnapshotSource for GrpcSnapshotSource {
+/// A runtime of the fetch's own: the replica thread blocks on it while
+/// holding the state's lock, which the node's runtime threads may be
+/// waiting for, so the fetch must not need them.
+pub(crate) fn own_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime for the fetch: {e}"))
+}
+
+impl PeerSource for GrpcSnapshotSource {
+    fn fetch_copy(
+        &self,
+        stager: &Stager,
+        copy: CopyId,
+        source: &Source,
+        shard: u64,
+        expected: CopySummary,
+    ) -> Result<(), String> {
+        let fetch = fetch_copy(
+            stager,
+            copy,
+            source,
+            shard,
+            self.gid,
+            Some(expected),
+            self.chunk_timeout,
+        );
+        own_runtime()?.block_on(fetch).map(|_| ())
+    }
+
     fn fetch(&self, min_applied: Slot, import: &mut Import) -> Result<StreamSummary, String> {
         tracing::info!(
             gid = self.gid,
             min_applied,
             "fetching a snapshot from a peer"
         );
+        let runtime = own_runtime()?;
         let mut errors = Vec::new();
         for round in 0..self.rounds {
             for (id, peer) in self.peers.iter().enumerate() {
                 if id as NodeId == self.me {
                     continue;
                 }
-                match self
-                    .runtime
-                    .block_on(self.fetch_from(peer, min_applied, import))
-                {
+                match runtime.block_on(self.fetch_from(peer, min_applied, import)) {
                     Ok(summary) => return Ok(summary),
                     Err(e) => {
                         tracing::warn!(gid = self.gid, peer = %peer, round, error = %e, "snapshot fetch failed");
@@ -160,6 +349,7 @@ impl GrpcSnapshotSource {
             .map_err(|_| "no answer".to_string())?
             .map_err(|s| s.message().to_string())?
             .into_inner();
+        let mut tally = Tally::default();
         loop {
             let chunk = tokio::time::timeout(self.chunk_timeout, stream.message())
                 .await
@@ -168,9 +358,20 @@ impl GrpcSnapshotSource {
                 .ok_or("stream ended before its last chunk")?;
             let records: Vec<Record> = postcard::from_bytes(&chunk.records)
                 .map_err(|e| format!("undecodable chunk: {e}"))?;
+            for r in &records {
+                tally.add(r);
+            }
             // Writing a chunk blocks on the disk, briefly: bounded by the chunk.
             import.add(&records).map_err(|e| e.to_string())?;
             if chunk.last {
+                // Checked here too, so a bad transfer tries the next peer.
+                let got = tally.summary();
+                if (got.records, got.crc32) != (chunk.record_count, chunk.crc32) {
+                    return Err(format!(
+                        "the stream does not match its summary: {} records, CRC {:08x}; sender sent {}, {:08x}",
+                        got.records, got.crc32, chunk.record_count, chunk.crc32
+                    ));
+                }
                 if chunk.applied_slot < min_applied {
                     return Err(format!(
                         "peer's state reaches slot {}, not {min_applied}",

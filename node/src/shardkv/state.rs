@@ -27,11 +27,12 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::store::{
-    CopyId, FinishedImport, Import, Space, Store, StoreError, StoreView, StreamSummary,
+    CopyId, CopySummary, FinishedImport, Import, Space, Stager, Store, StoreError, StoreView,
+    StreamSummary, USER_KEY_BYTES_MAX,
 };
 use super::{key_to_shard, put_hash_value};
 use crate::paxos::Slot;
-use crate::replica::{SharedMachine, StateMachine};
+use crate::replica::{ApplyError, RestoreJob, RestoreOutput, SharedMachine, StateMachine};
 use crate::shardmaster::{Config, Gid};
 
 /// A stored value may grow by Append up to this size, and no further. A
@@ -138,6 +139,16 @@ pub enum Command {
         data: ShardData,
         source: Option<Source>,
     },
+    /// A pulled shard for configuration `config_num`, streamed from its
+    /// `source` by each replica into its own store beforehand: only this
+    /// small step goes through the log. A replica applies it once it holds
+    /// exactly the copy `summary` describes (fetching it then if need be).
+    InstallShardStreamed {
+        config_num: u64,
+        shard: u64,
+        source: Source,
+        summary: CopySummary,
+    },
     /// The new owner has the copy outgoing at (`config_num`, `shard`).
     DeleteShard {
         config_num: u64,
@@ -242,12 +253,100 @@ struct Meta {
     clock_ms: u64,
 }
 
-/// Fetches a snapshot of this group's state from a peer, for a replica
-/// that is behind the log or lost its disk.
-pub trait SnapshotSource: Send + Sync {
+/// Where a replica fetches state it must have and does not: its own
+/// group's state from a peer, and shard copies from other groups.
+pub trait PeerSource: Send + Sync {
     /// Streams a peer's state, applied through `min_applied` or later, into
-    /// `import`, and returns what its sender vouched for.
+    /// `import`, and returns what its sender vouched for. For a replica
+    /// that is behind the log or lost its disk.
     fn fetch(&self, min_applied: Slot, import: &mut Import) -> Result<StreamSummary, String>;
+    /// Fetches the copy of `shard` that `source` holds into `copy`, and
+    /// marks it complete; it must be exactly `expected`.
+    fn fetch_copy(
+        &self,
+        stager: &Stager,
+        copy: CopyId,
+        source: &Source,
+        shard: u64,
+        expected: CopySummary,
+    ) -> Result<(), String>;
+}
+
+/// The copies of shards being pulled that a fetch may write into, and
+/// which of them a fetch is writing now. A fetch (the service's, in the
+/// background, or the replica thread's at the install) claims a copy first;
+/// the install closes it. The lock is held only to look and mark, never
+/// across I/O, and a claim never waits on the state's lock, so the replica
+/// thread may wait for one while holding it.
+#[derive(Default)]
+pub struct FetchBoard {
+    /// Open copies; true while one is being fetched.
+    copies: std::sync::Mutex<BTreeMap<CopyId, bool>>,
+    released: std::sync::Condvar,
+}
+
+impl FetchBoard {
+    fn copies(&self) -> std::sync::MutexGuard<'_, BTreeMap<CopyId, bool>> {
+        self.copies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims an open copy no fetch holds; false otherwise.
+    pub fn try_claim(&self, copy: CopyId) -> bool {
+        match self.copies().get_mut(&copy) {
+            Some(fetching) if !*fetching => {
+                *fetching = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Waits for a fetch of `copy` under way to end, then claims it; false
+    /// if it is not open.
+    fn claim_waiting(&self, copy: CopyId) -> bool {
+        let mut copies = self.copies();
+        loop {
+            match copies.get_mut(&copy) {
+                None => return false,
+                Some(fetching) if !*fetching => {
+                    *fetching = true;
+                    return true;
+                }
+                Some(_) => {
+                    copies = self
+                        .released
+                        .wait(copies)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+            }
+        }
+    }
+
+    /// Ends a claim.
+    pub fn release(&self, copy: CopyId) {
+        if let Some(fetching) = self.copies().get_mut(&copy) {
+            *fetching = false;
+        }
+        self.released.notify_all();
+    }
+
+    fn open(&self, copy: CopyId) {
+        self.copies().entry(copy).or_insert(false);
+    }
+
+    /// The copy is installed: no fetch may write into it again.
+    fn close(&self, copy: CopyId) {
+        self.copies().remove(&copy);
+        self.released.notify_all();
+    }
+
+    /// Exactly `open` are open (after the state is loaded anew).
+    fn reset(&self, open: impl Iterator<Item = CopyId>) {
+        let mut copies = self.copies();
+        copies.clear();
+        copies.extend(open.map(|c| (c, false)));
+        self.released.notify_all();
+    }
 }
 
 /// The group's replicated state.
@@ -280,7 +379,24 @@ pub struct KvState {
     /// Copies dropped this turn, handed to the store once committed.
     dropped: Vec<CopyId>,
     /// Where a snapshot comes from when this replica must install one.
-    source: Option<Arc<dyn SnapshotSource>>,
+    source: Option<Arc<dyn PeerSource>>,
+    /// Held while a shard copy is being fetched into the store, by the
+    /// service in the background or by the replica thread at the install:
+    /// one fetch of a copy at a time.
+    fetches: Arc<FetchBoard>,
+    /// Slots up to here are in the store already (as of the last load or
+    /// commit): the log replays them after a restart or a snapshot
+    /// install, and they are skipped. Every command of a slot above it is
+    /// applied, however many the slot's batch holds.
+    skip_through: Slot,
+    /// The small state as last committed: what other groups are handed
+    /// (a copy the current turn made outgoing is not in the store yet).
+    committed: Option<Meta>,
+    /// A command could not be applied from the log: the state of a peer
+    /// that applied it through this slot must be taken instead.
+    needs_snapshot: Option<Slot>,
+    /// The slot a restore under way must reach.
+    restoring: Option<Slot>,
     /// A store failure met while applying: the turn's commit reports it,
     /// and the replica stops rather than go on from a state it cannot
     /// write.
@@ -493,7 +609,7 @@ impl KvState {
     pub fn open(
         gid: Gid,
         path: &Path,
-        source: Option<Arc<dyn SnapshotSource>>,
+        source: Option<Arc<dyn PeerSource>>,
     ) -> Result<Self, StoreError> {
         Self::from_store(gid, Store::open(path)?, source)
     }
@@ -506,7 +622,7 @@ impl KvState {
     fn from_store(
         gid: Gid,
         store: Store,
-        source: Option<Arc<dyn SnapshotSource>>,
+        source: Option<Arc<dyn PeerSource>>,
     ) -> Result<Self, StoreError> {
         let mut state = KvState {
             gid,
@@ -522,6 +638,11 @@ impl KvState {
             meta_dirty: false,
             dropped: Vec::new(),
             source,
+            fetches: Arc::new(FetchBoard::default()),
+            skip_through: 0,
+            committed: None,
+            needs_snapshot: None,
+            restoring: None,
             failed: None,
         };
         state.load()?;
@@ -532,6 +653,16 @@ impl KvState {
     fn load(&mut self) -> Result<(), StoreError> {
         let (applied, meta) = self.store.load_meta()?;
         self.applied = applied;
+        self.skip_through = applied;
+        self.config = empty_config();
+        self.prev_config = empty_config();
+        self.owned.clear();
+        self.outgoing.clear();
+        self.pending_deletes.clear();
+        self.incarnation = None;
+        self.clock_ms = 0;
+        self.committed = None;
+        self.fetches.reset(std::iter::empty());
         let Some(bytes) = meta else {
             return Ok(());
         };
@@ -552,7 +683,15 @@ impl KvState {
         self.pending_deletes = meta.pending_deletes;
         self.incarnation = meta.incarnation;
         self.clock_ms = meta.clock_ms;
+        self.fetches.reset(self.pulling_copies());
+        self.committed = Some(self.meta());
         Ok(())
+    }
+
+    fn pulling_copies(&self) -> impl Iterator<Item = CopyId> + '_ {
+        (self.owned.values())
+            .filter(|o| o.status == ShardStatus::Pulling)
+            .map(|o| o.copy)
     }
 
     fn meta(&self) -> Meta {
@@ -578,10 +717,21 @@ impl KvState {
         self.store.view()
     }
 
-    /// A view holding the outgoing copy at (`config_num`, `shard`), if held.
+    /// A view holding the outgoing copy at (`config_num`, `shard`), if
+    /// held as of the last commit: a copy the turn being applied froze
+    /// may still miss that turn's writes in the store.
     pub fn outgoing_view(&self, config_num: u64, shard: u64) -> Option<(StoreView, CopyId)> {
-        let frozen = self.outgoing.get(&(config_num, shard))?;
+        let frozen = self
+            .committed
+            .as_ref()?
+            .outgoing
+            .get(&(config_num, shard))?;
         Some((self.store.view(), frozen.copy))
+    }
+
+    /// The configuration as of the last commit.
+    pub fn committed_config_num(&self) -> u64 {
+        self.committed.as_ref().map_or(0, |m| m.config.num)
     }
 
     /// The shard a key maps to in this group's configuration.
@@ -623,6 +773,13 @@ impl KvState {
             // Logged before writes were stamped: applied by the rules of
             // then (no age, no bounds), so a replica replaying it agrees
             // with one that restored a snapshot taken after it.
+            Command::Client(op) | Command::ClientAt { op, .. }
+                if op.key.is_empty() || op.key.len() > USER_KEY_BYTES_MAX =>
+            {
+                // The store cannot take it (the server refuses such keys
+                // first; a command logged anyway is refused alike everywhere).
+                CommandReply::Malformed(format!("a key of {} bytes", op.key.len()))
+            }
             Command::Client(op) => CommandReply::Op(self.apply_client(op, None)?),
             Command::ClientAt { op, proposed_ms } => {
                 CommandReply::Op(self.apply_client(op, Some(proposed_ms))?)
@@ -643,6 +800,14 @@ impl KvState {
                 data,
                 source,
             } => CommandReply::Step(self.apply_install(config_num, shard, data, source)),
+            Command::InstallShardStreamed {
+                config_num,
+                shard,
+                source,
+                summary,
+            } => {
+                CommandReply::Step(self.apply_streamed_install(config_num, shard, source, summary)?)
+            }
             Command::DeleteShard { config_num, shard } => {
                 if self.config.num < config_num {
                     return Ok(CommandReply::NotYet);
@@ -759,7 +924,7 @@ impl KvState {
         let Some(cutoff) = now_ms.checked_sub(SESSION_IDLE_MS_MAX) else {
             return Ok(0);
         };
-        let start = idle_key(copy, 0, 0);
+        let mut start = idle_key(copy, 0, 0);
         // Last write strictly before `cutoff` ends the session.
         let end = idle_key(copy, cutoff, 0);
         let mut ended = 0;
@@ -768,15 +933,24 @@ impl KvState {
                 .store
                 .scan(Space::Idle, &start, &end, SESSION_SCAN_BATCH)?;
             for (key, _) in &found {
-                if let Some((_, client)) = parse_idle_key(key) {
-                    self.store.delete(Space::Idle, key.clone());
-                    self.store
-                        .delete(Space::Sessions, session_key(copy, client));
-                    ended += 1;
-                }
+                let Some((_, client)) = parse_idle_key(key) else {
+                    return Err(StoreError::Corrupt {
+                        path: self.store.path().to_path_buf(),
+                        message: format!("an expiry entry of {} bytes", key.len()),
+                    });
+                };
+                self.store.delete(Space::Idle, key.clone());
+                self.store
+                    .delete(Space::Sessions, session_key(copy, client));
+                ended += 1;
             }
-            if found.len() < SESSION_SCAN_BATCH {
-                return Ok(ended);
+            match found.last() {
+                // Past the ones just ended: the scan never re-reads them.
+                Some((key, _)) if found.len() == SESSION_SCAN_BATCH => {
+                    start = key.clone();
+                    start.push(0);
+                }
+                _ => return Ok(ended),
             }
         }
     }
@@ -931,7 +1105,8 @@ impl KvState {
             }
             OpKind::Delete => {
                 if self.store.contains(Space::Data, &data_key)? {
-                    keys -= 1;
+                    debug_assert!(keys > 0, "the key count matches the store");
+                    keys = keys.saturating_sub(1);
                     self.store.delete(Space::Data, data_key);
                 }
                 OpReply::Done
@@ -1004,6 +1179,9 @@ impl KvState {
                     keys: 0,
                     sessions: 0,
                 };
+                if status == ShardStatus::Pulling {
+                    self.fetches.open(copy);
+                }
                 self.owned.insert(shard, owned);
             }
         }
@@ -1029,6 +1207,14 @@ impl KvState {
         if owned.status != ShardStatus::Pulling {
             return false;
         }
+        let copy = owned.copy;
+        // No fetch may be writing into it (none is for a shard installed
+        // this way, but make sure), and none may from now on.
+        self.fetches.claim_waiting(copy);
+        self.fetches.close(copy);
+        let Some(owned) = self.owned.get_mut(&shard) else {
+            return false;
+        };
         owned.status = ShardStatus::Serving;
         owned.keys = data.kv.len() as u64;
         owned.sessions = data.sessions.len() as u64;
@@ -1041,12 +1227,116 @@ impl KvState {
         true
     }
 
+    /// The copy a shard being pulled in the current configuration goes to,
+    /// and whether it is already fetched, for the service's background
+    /// fetch. `None` if the shard is not being pulled.
+    pub fn pulling_copy(&self, shard: u64) -> Result<Option<(CopyId, bool)>, StoreError> {
+        match self.owned.get(&shard) {
+            Some(o) if o.status == ShardStatus::Pulling => {
+                Ok(Some((o.copy, self.store.staged(o.copy)?.is_some())))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The summary of the fetched copy of a shard being pulled.
+    pub fn staged_summary(&self, shard: u64) -> Result<Option<CopySummary>, StoreError> {
+        match self.owned.get(&shard) {
+            Some(o) if o.status == ShardStatus::Pulling => self.store.staged(o.copy),
+            _ => Ok(None),
+        }
+    }
+
+    /// What fetches a copy into the store, and the board every fetch
+    /// claims its copy on.
+    pub fn stager(&self) -> (Stager, Arc<FetchBoard>) {
+        (self.store.stager(), self.fetches.clone())
+    }
+
+    fn apply_streamed_install(
+        &mut self,
+        config_num: u64,
+        shard: u64,
+        source: Source,
+        summary: CopySummary,
+    ) -> Result<bool, StoreError> {
+        if config_num != self.config.num {
+            return Ok(false);
+        }
+        let Some(owned) = self.owned.get(&shard).copied() else {
+            return Ok(false);
+        };
+        if owned.status != ShardStatus::Pulling {
+            return Ok(false);
+        }
+        let copy = owned.copy;
+        // A background fetch under way finishes first; from here on no
+        // fetch writes into this copy.
+        let board = self.fetches.clone();
+        let claimed = board.claim_waiting(copy);
+        debug_assert!(claimed, "a copy being pulled is open");
+        board.close(copy);
+        if self.store.staged(copy)? != Some(summary) {
+            {
+                let fetched = match &self.source {
+                    Some(peers) => {
+                        peers.fetch_copy(&self.store.stager(), copy, &source, shard, summary)
+                    }
+                    None => Err("no way to fetch it".to_string()),
+                };
+                if let Err(e) = fetched {
+                    // The holder may have dropped it since the group took
+                    // it: the group's other replicas hold it now. The
+                    // driver fetches their state (outside the lock).
+                    tracing::warn!(gid = self.gid, shard, error = %e, "cannot fetch the shard being installed; taking a snapshot from a peer");
+                    self.needs_snapshot = Some(self.applied);
+                    return Ok(true);
+                }
+            }
+        }
+        debug_assert_eq!(self.store.staged(copy)?, Some(summary));
+        // Sessions are kept for their full idle time by this group's clock.
+        let floor_ms = self.clock_ms;
+        for (key, value) in self.store.scan_copy(Space::Sessions, copy)? {
+            let client = key[12..].try_into().map(u64::from_be_bytes).unwrap_or(0);
+            let mut session: Session =
+                postcard::from_bytes(&value).map_err(|e| StoreError::Corrupt {
+                    path: self.store.path().to_path_buf(),
+                    message: format!("fetched session of client {client}: {e}"),
+                })?;
+            session.last_write_ms = session.last_write_ms.max(floor_ms);
+            self.store.put(
+                Space::Idle,
+                idle_key(copy, session.last_write_ms, client),
+                Bytes::new(),
+            );
+            self.put_session(copy, client, &session);
+        }
+        self.store.unmark_staged(copy);
+        if let Some(o) = self.owned.get_mut(&shard) {
+            o.status = ShardStatus::Serving;
+            o.keys = summary.keys;
+            o.sessions = summary.sessions;
+        }
+        self.pending_deletes.insert((shard, source));
+        self.meta_dirty = true;
+        Ok(true)
+    }
+
     /// Writes a shard's travelling form under `copy`. Every session's last
     /// write is raised to at least `floor_ms`: a shard arriving from a
     /// group whose clock is behind keeps its sessions for their full idle
     /// time by this group's clock.
     fn write_copy(&mut self, copy: CopyId, data: ShardData, floor_ms: u64) {
         for (key, value) in data.kv {
+            if key.is_empty() || key.len() > USER_KEY_BYTES_MAX {
+                tracing::error!(
+                    gid = self.gid,
+                    bytes = key.len(),
+                    "a key too large for the store is left out of an installed shard"
+                );
+                continue;
+            }
             self.store.put(Space::Data, copy.key(&key), value);
         }
         for (client, mut session) in data.sessions {
@@ -1116,10 +1406,13 @@ impl KvState {
         if let Some(e) = self.failed.take() {
             return Err(e);
         }
-        let meta = std::mem::take(&mut self.meta_dirty).then(|| encode(&self.meta()));
-        self.store.commit(self.applied, meta)?;
-        for copy in std::mem::take(&mut self.dropped) {
-            self.store.drop_copy(copy)?;
+        let meta = std::mem::take(&mut self.meta_dirty).then(|| self.meta());
+        let encoded = meta.as_ref().map(encode);
+        let dropped = std::mem::take(&mut self.dropped);
+        self.store.commit(self.applied, encoded, dropped)?;
+        self.skip_through = self.applied;
+        if let Some(meta) = meta {
+            self.committed = Some(meta);
         }
         if self.store.sweeping() {
             self.store.sweep()?;
@@ -1127,9 +1420,10 @@ impl KvState {
         Ok(())
     }
 
-    /// Replaces the whole state by a peer's, streamed into a fresh store,
-    /// applied through `min_applied` at least.
-    fn install_from_peer(&mut self, min_applied: Slot) -> Result<(), String> {
+    /// The fetch of a peer's state applied through `min_applied` at
+    /// least, into a fresh store beside this one: run by the driver with
+    /// no lock held, then handed to `finish_restore`.
+    fn fetch_job(&mut self, min_applied: Slot) -> Result<RestoreJob, String> {
         let Some(source) = self.source.clone() else {
             return Err(format!(
                 "must install a snapshot at slot {min_applied} (this replica holds {}), and has no peer to fetch it from",
@@ -1137,24 +1431,12 @@ impl KvState {
             ));
         };
         let mut import = self.store.import().map_err(|e| e.to_string())?;
-        let summary = source.fetch(min_applied, &mut import)?;
-        let finished: FinishedImport = import.finish(summary).map_err(|e| e.to_string())?;
-        self.store
-            .switch_to_imported(finished)
-            .map_err(|e| e.to_string())?;
-        self.load().map_err(|e| e.to_string())?;
-        if self.applied < min_applied {
-            return Err(format!(
-                "the snapshot fetched reaches slot {}, not {min_applied}",
-                self.applied
-            ));
-        }
-        tracing::info!(
-            gid = self.gid,
-            applied = self.applied,
-            "installed a snapshot from a peer"
-        );
-        Ok(())
+        self.restoring = Some(min_applied);
+        Ok(Box::new(move || {
+            let summary = source.fetch(min_applied, &mut import)?;
+            let finished: FinishedImport = import.finish(summary).map_err(|e| e.to_string())?;
+            Ok(Box::new(finished) as RestoreOutput)
+        }))
     }
 
     /// Loads a whole-state snapshot of an earlier version into the store
@@ -1183,9 +1465,9 @@ impl KvState {
         self.clock_ms = old.clock_ms;
         self.owned.clear();
         self.outgoing.clear();
-        // Fresh generations above any in use: configuration numbers are
-        // never that high.
-        let mut generation = u64::MAX / 2;
+        // Fresh generations above any in use (configuration numbers are
+        // never that high), and above those of any earlier restore.
+        let mut generation = u64::MAX / 2 + (index << 20);
         for (shard, o) in old.owned {
             generation += 1;
             let copy = CopyId {
@@ -1216,6 +1498,8 @@ impl KvState {
         }
         self.applied = index;
         self.meta_dirty = true;
+        self.fetches
+            .reset(self.pulling_copies().collect::<Vec<_>>().into_iter());
         self.commit_turn().map_err(|e| e.to_string())?;
         self.store.persist().map_err(|e| e.to_string())
     }
@@ -1235,20 +1519,24 @@ pub fn encode<T: Serialize>(value: &T) -> Bytes {
 }
 
 impl StateMachine for KvState {
-    fn apply(&mut self, slot: Slot, command: &[u8]) -> Result<Bytes, String> {
-        if slot <= self.applied {
+    fn apply(&mut self, slot: Slot, command: &[u8]) -> Result<Bytes, ApplyError> {
+        if slot <= self.skip_through {
             // Already in the store: replayed from the log after a restart,
             // or covered by a snapshot fetched from a peer. Nobody waits
             // for these (a leader neither restarts nor installs).
             return Ok(Bytes::new());
         }
+        debug_assert!(slot >= self.applied, "slots are applied in order");
         self.applied = slot;
         let reply = match postcard::from_bytes::<Command>(command) {
             Ok(command) => self.apply_command(command),
             Err(e) => CommandReply::Malformed(e.to_string()),
         };
         if let Some(e) = &self.failed {
-            return Err(e.to_string());
+            return Err(ApplyError::Failed(e.to_string()));
+        }
+        if let Some(through) = self.needs_snapshot.take() {
+            return Err(ApplyError::NeedsSnapshot { through });
         }
         Ok(encode(&reply))
     }
@@ -1284,20 +1572,65 @@ impl StateMachine for KvState {
             // usual case at a restart).
             return Ok(());
         }
-        match snapshot.strip_prefix(&LAYOUT_STORE[..]) {
-            Some(descriptor) => {
-                let d: StoreDescriptor =
-                    postcard::from_bytes(descriptor).map_err(|e| e.to_string())?;
-                if d.gid != self.gid {
-                    return Err(format!(
-                        "snapshot is of group {}, this is group {}",
-                        d.gid, self.gid
-                    ));
-                }
-                self.install_from_peer(index)
-            }
-            None => self.restore_legacy(index, snapshot),
+        if snapshot.starts_with(&LAYOUT_STORE[..]) {
+            return Err("a store snapshot is installed by a fetch (begin_restore)".into());
         }
+        self.restore_legacy(index, snapshot)
+    }
+
+    fn begin_restore(
+        &mut self,
+        index: Slot,
+        snapshot: &[u8],
+    ) -> Result<Option<RestoreJob>, String> {
+        if index <= self.applied {
+            return Ok(None);
+        }
+        let Some(descriptor) = snapshot.strip_prefix(&LAYOUT_STORE[..]) else {
+            return Ok(None);
+        };
+        let d: StoreDescriptor = postcard::from_bytes(descriptor).map_err(|e| e.to_string())?;
+        if d.gid != self.gid {
+            return Err(format!(
+                "snapshot is of group {}, this is group {}",
+                d.gid, self.gid
+            ));
+        }
+        self.fetch_job(index).map(Some)
+    }
+
+    fn begin_catch_up(&mut self, through: Slot) -> Result<RestoreJob, String> {
+        self.fetch_job(through)
+    }
+
+    fn finish_restore(&mut self, fetched: RestoreOutput) -> Result<(), String> {
+        let Some(min_applied) = self.restoring.take() else {
+            return Err("no restore is under way".into());
+        };
+        let finished = fetched
+            .downcast::<FinishedImport>()
+            .map_err(|_| "a restore fetched something else".to_string())?;
+        // What this turn applied is covered by the peer's state.
+        self.store.discard_overlay();
+        self.dropped.clear();
+        self.meta_dirty = false;
+        self.failed = None;
+        self.store
+            .switch_to_imported(*finished)
+            .map_err(|e| e.to_string())?;
+        self.load().map_err(|e| e.to_string())?;
+        if self.applied < min_applied {
+            return Err(format!(
+                "the snapshot fetched reaches slot {}, not {min_applied}",
+                self.applied
+            ));
+        }
+        tracing::info!(
+            gid = self.gid,
+            applied = self.applied,
+            "installed a snapshot from a peer"
+        );
+        Ok(())
     }
 }
 
@@ -1851,7 +2184,7 @@ mod tests {
         lie: bool,
     }
 
-    impl SnapshotSource for LocalSource {
+    impl PeerSource for LocalSource {
         fn fetch(&self, min_applied: Slot, import: &mut Import) -> Result<StreamSummary, String> {
             let view = self.view.lock().unwrap();
             assert!(view.applied().unwrap() >= min_applied);
@@ -1874,6 +2207,17 @@ mod tests {
                 crc32: hasher.finalize(),
             })
         }
+
+        fn fetch_copy(
+            &self,
+            _: &Stager,
+            _: CopyId,
+            _: &Source,
+            _: u64,
+            _: CopySummary,
+        ) -> Result<(), String> {
+            Err("not in this test".into())
+        }
     }
 
     /// A group with writes in both shards, through slot `slots`, committed.
@@ -1893,6 +2237,70 @@ mod tests {
         }
         s.end_turn().unwrap();
         s
+    }
+
+    /// Installs a snapshot as the driver does: the fetch outside the state.
+    fn install(s: &mut KvState, index: Slot, descriptor: &[u8]) -> Result<(), String> {
+        match s.begin_restore(index, descriptor)? {
+            Some(job) => s.finish_restore(job()?),
+            None => s.restore(index, descriptor),
+        }
+    }
+
+    fn generations(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("gen-")
+            })
+            .count()
+    }
+
+    #[test]
+    fn every_command_of_a_slot_is_applied() {
+        let mut s = state(1);
+        s.apply(1, &encode(&Command::Reconfigure(config(1, vec![1, 1]))))
+            .unwrap();
+        s.end_turn().unwrap();
+        // One slot's batch holds many commands: all of them count.
+        for i in 0..3 {
+            let reply = s
+                .apply(2, &encode(&op(7, i + 1, OpKind::Append, "k", "x")))
+                .unwrap();
+            let reply: CommandReply = postcard::from_bytes(&reply).unwrap();
+            assert_eq!(reply, CommandReply::Op(OpReply::Done), "command {i}");
+        }
+        s.end_turn().unwrap();
+        assert_eq!(
+            get(&mut s, "k"),
+            CommandReply::Op(OpReply::Value(Some(Bytes::from("xxx"))))
+        );
+    }
+
+    #[test]
+    fn a_copy_frozen_in_the_turn_being_applied_is_not_handed_out() {
+        let mut s = state(1);
+        let n = 2;
+        s.apply(1, &encode(&Command::Reconfigure(config(1, vec![1, 1]))))
+            .unwrap();
+        s.end_turn().unwrap();
+        let key = key_in(1, n);
+        s.apply(2, &encode(&op(7, 1, OpKind::Put, &key, "v")))
+            .unwrap();
+        s.apply(3, &encode(&Command::Reconfigure(config(2, vec![1, 2]))))
+            .unwrap();
+        // Frozen in memory, its write not yet in the store: not yet.
+        assert!(s.outgoing.contains_key(&(2, 1)));
+        assert!(s.outgoing_view(2, 1).is_none());
+        assert_eq!(s.committed_config_num(), 1);
+        s.end_turn().unwrap();
+        let (view, copy) = s.outgoing_view(2, 1).unwrap();
+        let data = export_copy(&view, copy).unwrap();
+        assert_eq!(data.kv.get(key.as_bytes()), Some(&Bytes::from("v")));
     }
 
     #[test]
@@ -1941,22 +2349,17 @@ mod tests {
             Some(Arc::new(LocalSource {
                 view: std::sync::Mutex::new(a.view()),
                 lie,
-            }) as Arc<dyn SnapshotSource>)
+            }) as Arc<dyn PeerSource>)
         };
         // A damaged stream is refused and leaves the old store as it was.
         let mut b = KvState::open(1, &dir_b, source(true)).unwrap();
-        let err = b.restore(index, &descriptor).unwrap_err();
+        let err = install(&mut b, index, &descriptor).unwrap_err();
         assert!(err.contains("checksum"), "{err}");
         assert_eq!(b.applied(), 0);
         drop(b);
         let mut b = KvState::open(1, &dir_b, source(false)).unwrap();
-        assert!(!dir_b
-            .with_file_name(format!(
-                "{}.import",
-                dir_b.file_name().unwrap().to_string_lossy()
-            ))
-            .exists());
-        b.restore(index, &descriptor).unwrap();
+        assert_eq!(generations(&dir_b), 1, "the partial import is gone");
+        install(&mut b, index, &descriptor).unwrap();
         assert_eq!(b.applied(), 40);
         assert_eq!(b.meta(), a.meta());
         for shard in 0..2 {

@@ -19,8 +19,14 @@
 //!
 //! Snapshots. [`Store::view`] is a point-in-time view; [`Store::import`]
 //! builds a fresh store beside the live one from a stream of records, and
-//! [`Store::switch_to_imported`] replaces the live one atomically (a
-//! rename, completed or undone at the next open).
+//! [`Store::switch_to_imported`] replaces the live one atomically.
+//!
+//! Directories. The store at `PATH` is the fjall database `PATH/gen-N`,
+//! where `PATH/CURRENT` names N. An import is built in `gen-(N+1)` and
+//! becomes live when `CURRENT` is replaced (write, sync, rename, sync the
+//! directory): a crash leaves either generation live, never a mix. No
+//! directory with open handles is ever renamed (fjall keeps absolute
+//! paths); the ones not named by `CURRENT` are removed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -36,6 +42,21 @@ use crate::paxos::Slot;
 pub const STORE_CACHE_BYTES: u64 = 64 << 20;
 /// Memtable size, per keyspace, before it is flushed to a table on disk.
 pub const STORE_MEMTABLE_BYTES: u64 = 16 << 20;
+/// The longest key the engine takes (fjall: 65,535 bytes) less a copy's
+/// prefix: the longest user key a replica can store.
+pub const USER_KEY_BYTES_MAX: usize = 65_535 - 12;
+
+/// Refuses a record the engine cannot take (it would panic on it).
+fn check_key(path: &Path, key: &[u8]) -> Result<(), StoreError> {
+    if key.is_empty() || key.len() > 65_535 {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            message: format!("a streamed record has a key of {} bytes", key.len()),
+        });
+    }
+    Ok(())
+}
+
 /// Keys removed per turn when dropping a copy: a dropped shard goes in
 /// bounded batches, not one batch as large as the shard.
 pub const DROP_KEYS_PER_TURN: usize = 4096;
@@ -44,8 +65,11 @@ const META_APPLIED: &[u8] = b"applied";
 const META_STATE: &[u8] = b"state";
 /// Copies being dropped (local, not replicated: nothing reads them).
 const META_GARBAGE: &[u8] = b"garbage";
-/// Written into an imported store once it is complete and synced.
-const IMPORT_COMPLETE: &str = "IMPORT-COMPLETE";
+/// Prefix of the markers of shard copies fetched from another group and
+/// complete (local: each replica fetches its own).
+const META_STAGED: &[u8] = b"staged/";
+/// Names the live generation directory.
+const CURRENT: &str = "CURRENT";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -104,9 +128,106 @@ impl Record {
     }
 }
 
+/// What a shard copy's stream holds, vouched for by its sender and logged
+/// by the receiving group: every replica that fetches the copy must get
+/// exactly these records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CopySummary {
+    pub records: u64,
+    pub crc32: u32,
+    pub keys: u64,
+    pub sessions: u64,
+}
+
+fn staged_key(copy: CopyId) -> Vec<u8> {
+    let mut k = META_STAGED.to_vec();
+    k.extend_from_slice(&copy.prefix());
+    k
+}
+
+/// Writes a shard copy fetched from another group into the live store,
+/// beside the replicated state: it touches only the keys of a copy that is
+/// still being pulled, which nothing else reads or writes.
+#[derive(Clone)]
+pub struct Stager {
+    db: fjall::Database,
+    spaces: [fjall::Keyspace; 4],
+    path: PathBuf,
+}
+
+impl Stager {
+    /// Removes whatever a cut-short fetch left of `copy`, marker first.
+    pub fn clear(&self, copy: CopyId) -> Result<(), StoreError> {
+        let err = |e: fjall::Error| engine_error(&self.path, e);
+        self.spaces[Space::Meta as usize]
+            .remove(staged_key(copy))
+            .map_err(err)?;
+        let (start, end) = copy_range(copy);
+        for space in [Space::Data, Space::Sessions, Space::Idle] {
+            loop {
+                let mut batch = self.db.batch();
+                let mut removed = 0;
+                let keyspace = &self.spaces[space as usize];
+                for item in keyspace
+                    .range(start.as_slice()..end.as_slice())
+                    .take(DROP_KEYS_PER_TURN)
+                {
+                    batch.remove(keyspace, item.key().map_err(err)?);
+                    removed += 1;
+                }
+                batch.commit().map_err(err)?;
+                if removed < DROP_KEYS_PER_TURN {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one chunk of a copy's records (keys without the copy prefix).
+    pub fn add(&self, copy: CopyId, records: &[Record]) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        for r in records {
+            match r.space {
+                Space::Data | Space::Sessions => {}
+                other => {
+                    return Err(StoreError::Corrupt {
+                        path: self.path.clone(),
+                        message: format!("a shard stream holds a {other:?} record"),
+                    })
+                }
+            }
+            if r.key.is_empty() || r.key.len() > USER_KEY_BYTES_MAX {
+                return Err(StoreError::Corrupt {
+                    path: self.path.clone(),
+                    message: format!("a shard stream has a key of {} bytes", r.key.len()),
+                });
+            }
+            batch.insert(
+                &self.spaces[r.space as usize],
+                copy.key(&r.key),
+                r.value.to_vec(),
+            );
+        }
+        batch.commit().map_err(|e| engine_error(&self.path, e))
+    }
+
+    /// Records that `copy` is complete: written after its last chunk, so
+    /// after a crash the marker is there only if the records are.
+    pub fn mark_staged(&self, copy: CopyId, summary: CopySummary) -> Result<(), StoreError> {
+        let bytes = postcard::to_allocvec(&summary).map_err(|e| engine_error(&self.path, e))?;
+        self.spaces[Space::Meta as usize]
+            .insert(staged_key(copy), bytes)
+            .map_err(|e| engine_error(&self.path, e))
+    }
+}
+
 /// The open store and the overlay of writes not yet committed.
 pub struct Store {
-    /// Where the live store lives; imports go beside it.
+    /// The store's directory: generations and `CURRENT` live in it.
+    base: PathBuf,
+    /// The live generation, and its directory.
+    generation: u64,
     path: PathBuf,
     db: fjall::Database,
     spaces: [fjall::Keyspace; 4],
@@ -117,6 +238,17 @@ pub struct Store {
     garbage: BTreeSet<CopyId>,
     /// Removes the store's directory on drop (tests).
     temporary: bool,
+    /// Where the sweep of each dropped copy has reached (in memory: after
+    /// a restart it starts over, once).
+    sweep_from: BTreeMap<CopyId, Vec<u8>>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.base);
+        }
+    }
 }
 
 fn engine_error(path: &Path, e: impl std::fmt::Display) -> StoreError {
@@ -126,16 +258,12 @@ fn engine_error(path: &Path, e: impl std::fmt::Display) -> StoreError {
     }
 }
 
-fn open_db(
-    path: &Path,
-    temporary: bool,
-) -> Result<(fjall::Database, [fjall::Keyspace; 4]), StoreError> {
+fn open_db(path: &Path) -> Result<(fjall::Database, [fjall::Keyspace; 4]), StoreError> {
     let db = fjall::Database::builder(path)
         .cache_size(STORE_CACHE_BYTES)
         // Applying never waits for the disk: `persist` syncs when the log
         // is to be compacted.
         .manual_journal_persist(true)
-        .temporary(temporary)
         .open()
         .map_err(|e| engine_error(path, e))?;
     let open = |name: &str| {
@@ -155,84 +283,86 @@ fn open_db(
     Ok((db, spaces))
 }
 
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(suffix);
-    path.with_file_name(name)
+fn generation_dir(base: &Path, generation: u64) -> PathBuf {
+    base.join(format!("gen-{generation}"))
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Completes or undoes a switch to an imported store that a crash cut
-/// short: a complete import replaces the live store; a partial one is
-/// removed.
-fn finish_switch(path: &Path) -> Result<(), StoreError> {
-    rename_import_in(path)?;
-    remove_old(path)
-}
-
-/// The renames of a switch: live to `.old`, a complete import to live.
-fn rename_import_in(path: &Path) -> Result<(), StoreError> {
-    let new = sibling(path, ".import");
-    let old = sibling(path, ".old");
-    let io = |e: std::io::Error| engine_error(path, e);
-    if new.exists() {
-        if new.join(IMPORT_COMPLETE).exists() {
-            if path.exists() {
-                if old.exists() {
-                    std::fs::remove_dir_all(&old).map_err(io)?;
-                }
-                std::fs::rename(path, &old).map_err(io)?;
-            }
-            std::fs::rename(&new, path).map_err(io)?;
-            if let Some(parent) = path.parent() {
-                sync_dir(parent).map_err(io)?;
-            }
-        } else {
-            std::fs::remove_dir_all(&new).map_err(io)?;
-        }
+/// The live generation named by `CURRENT` (0 for a new store).
+fn read_current(base: &Path) -> Result<u64, StoreError> {
+    match std::fs::read_to_string(base.join(CURRENT)) {
+        Ok(text) => text.trim().parse().map_err(|_| StoreError::Corrupt {
+            path: base.to_path_buf(),
+            message: format!("{CURRENT} holds {text:?}, not a generation number"),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(engine_error(base, e)),
     }
-    Ok(())
 }
 
-fn remove_old(path: &Path) -> Result<(), StoreError> {
-    let old = sibling(path, ".old");
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(|e| engine_error(path, e))?;
+/// Makes `generation` the live one: the switch's only commit point.
+fn write_current(base: &Path, generation: u64) -> Result<(), StoreError> {
+    let io = |e: std::io::Error| engine_error(base, e);
+    let tmp = base.join(format!("{CURRENT}.tmp"));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(generation.to_string().as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, base.join(CURRENT)).map_err(io)?;
+    sync_dir(base).map_err(io)
+}
+
+/// Removes every generation directory but the live one: imports a crash
+/// cut short, and generations switched away from.
+fn remove_other_generations(base: &Path, live: u64) -> Result<(), StoreError> {
+    let keep = format!("gen-{live}");
+    for entry in std::fs::read_dir(base).map_err(|e| engine_error(base, e))? {
+        let entry = entry.map_err(|e| engine_error(base, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("gen-") && name != keep {
+            std::fs::remove_dir_all(entry.path()).map_err(|e| engine_error(base, e))?;
+        }
     }
     Ok(())
 }
 
 impl Store {
-    /// Opens the store at `path`, creating it if absent, after finishing
-    /// any switch a crash interrupted.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
-        Self::open_with(path, false, true)
+    /// Opens the store at `base`, creating it if absent; what a crash left
+    /// of an import is removed.
+    pub fn open(base: &Path) -> Result<Store, StoreError> {
+        Self::open_with(base, false)
     }
 
     /// A store removed when dropped, for tests.
-    pub fn temporary(path: &Path) -> Result<Store, StoreError> {
-        Self::open_with(path, true, true)
+    pub fn temporary(base: &Path) -> Result<Store, StoreError> {
+        Self::open_with(base, true)
     }
 
-    fn open_with(path: &Path, temporary: bool, recover: bool) -> Result<Store, StoreError> {
-        if recover {
-            finish_switch(path)?;
-        }
-        let (db, spaces) = open_db(path, temporary)?;
+    fn open_with(base: &Path, temporary: bool) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(base).map_err(|e| engine_error(base, e))?;
+        let generation = read_current(base)?;
+        remove_other_generations(base, generation)?;
+        let path = generation_dir(base, generation);
+        let (db, spaces) = open_db(&path)?;
         let mut store = Store {
-            path: path.to_path_buf(),
+            base: base.to_path_buf(),
+            generation,
+            path,
             db,
             spaces,
             overlay: BTreeMap::new(),
             garbage: BTreeSet::new(),
             temporary,
+            sweep_from: BTreeMap::new(),
         };
         if let Some(bytes) = store.read_committed(Space::Meta, META_GARBAGE)? {
             store.garbage = postcard::from_bytes(&bytes).map_err(|e| StoreError::Corrupt {
-                path: path.to_path_buf(),
+                path: store.path.clone(),
                 message: format!("garbage list: {e}"),
             })?;
         }
@@ -336,9 +466,15 @@ impl Store {
         Ok((applied, self.read_committed(Space::Meta, META_STATE)?))
     }
 
-    /// Writes the overlay, the group's state (if changed) and the applied
-    /// slot in one atomic batch, without fsync.
-    pub fn commit(&mut self, applied: Slot, state: Option<Bytes>) -> Result<(), StoreError> {
+    /// Writes the overlay, the group's state (if changed), the copies
+    /// `dropped` this turn and the applied slot in one atomic batch,
+    /// without fsync.
+    pub fn commit(
+        &mut self,
+        applied: Slot,
+        state: Option<Bytes>,
+        dropped: Vec<CopyId>,
+    ) -> Result<(), StoreError> {
         let mut batch = self.db.batch();
         for ((space, key), value) in std::mem::take(&mut self.overlay) {
             match value {
@@ -348,6 +484,12 @@ impl Store {
         }
         if let Some(state) = state {
             batch.insert(self.space(Space::Meta), META_STATE, state.to_vec());
+        }
+        if !dropped.is_empty() {
+            // With the turn that forgets them: after a crash a copy is in
+            // the group's state or in this list, never in neither.
+            self.garbage.extend(dropped);
+            batch.insert(self.space(Space::Meta), META_GARBAGE, self.garbage_bytes()?);
         }
         batch.insert(
             self.space(Space::Meta),
@@ -364,19 +506,8 @@ impl Store {
             .map_err(|e| engine_error(&self.path, e))
     }
 
-    /// Forgets a copy: its keys go a bounded batch per [`Self::sweep`].
-    /// Must be called on a committed state (it records the copy at once).
-    pub fn drop_copy(&mut self, copy: CopyId) -> Result<(), StoreError> {
-        self.garbage.insert(copy);
-        self.write_garbage()
-    }
-
-    fn write_garbage(&self) -> Result<(), StoreError> {
-        let bytes =
-            postcard::to_allocvec(&self.garbage).map_err(|e| engine_error(&self.path, e))?;
-        self.space(Space::Meta)
-            .insert(META_GARBAGE, bytes)
-            .map_err(|e| engine_error(&self.path, e))
+    fn garbage_bytes(&self) -> Result<Vec<u8>, StoreError> {
+        postcard::to_allocvec(&self.garbage).map_err(|e| engine_error(&self.path, e))
     }
 
     /// True while some dropped copy still has keys on disk.
@@ -384,30 +515,82 @@ impl Store {
         !self.garbage.is_empty()
     }
 
-    /// Removes up to [`DROP_KEYS_PER_TURN`] keys of dropped copies.
+    /// Removes up to [`DROP_KEYS_PER_TURN`] keys of dropped copies, from
+    /// where the last sweep stopped.
     pub fn sweep(&mut self) -> Result<(), StoreError> {
         let Some(&copy) = self.garbage.first() else {
             return Ok(());
         };
         let (start, end) = copy_range(copy);
+        let from = self.sweep_from.get(&copy).cloned().unwrap_or_default();
         let mut batch = self.db.batch();
         let mut removed = 0;
+        let mut reached = Vec::new();
+        // Keyspace by keyspace, resuming within the one the cursor is in
+        // (its first byte says which).
         for space in [Space::Data, Space::Sessions, Space::Idle] {
-            for item in self.space(space).range(start.as_slice()..end.as_slice()) {
+            let tag = space as u8;
+            let begin = match from.split_first() {
+                Some((&t, key)) if t == tag => key.to_vec(),
+                Some((&t, _)) if t > tag => continue,
+                _ => start.clone(),
+            };
+            for item in self.space(space).range(begin.as_slice()..end.as_slice()) {
                 if removed >= DROP_KEYS_PER_TURN {
                     break;
                 }
                 let key = item.key().map_err(|e| engine_error(&self.path, e))?;
+                reached = [&[tag][..], &key[..], &[0][..]].concat();
                 batch.remove(self.space(space), key);
                 removed += 1;
             }
+            if removed >= DROP_KEYS_PER_TURN {
+                break;
+            }
         }
-        batch.commit().map_err(|e| engine_error(&self.path, e))?;
         if removed < DROP_KEYS_PER_TURN {
             self.garbage.remove(&copy);
-            self.write_garbage()?;
+            self.sweep_from.remove(&copy);
+            batch.insert(self.space(Space::Meta), META_GARBAGE, self.garbage_bytes()?);
+        } else {
+            self.sweep_from.insert(copy, reached);
         }
-        Ok(())
+        batch.commit().map_err(|e| engine_error(&self.path, e))
+    }
+
+    /// A handle for fetching shard copies into this store.
+    pub fn stager(&self) -> Stager {
+        Stager {
+            db: self.db.clone(),
+            spaces: self.spaces.clone(),
+            path: self.path.clone(),
+        }
+    }
+
+    /// The summary of a fetched copy, once complete.
+    pub fn staged(&self, copy: CopyId) -> Result<Option<CopySummary>, StoreError> {
+        match self.get(Space::Meta, &staged_key(copy))? {
+            None => Ok(None),
+            Some(bytes) => {
+                postcard::from_bytes(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt {
+                        path: self.path.clone(),
+                        message: format!("staged copy marker: {e}"),
+                    })
+            }
+        }
+    }
+
+    /// Forgets a fetched copy's marker (with the turn's writes).
+    pub fn unmark_staged(&mut self, copy: CopyId) {
+        self.delete(Space::Meta, staged_key(copy));
+    }
+
+    /// Drops the writes not yet committed (before the whole store is
+    /// replaced by a peer's, which holds them).
+    pub fn discard_overlay(&mut self) {
+        self.overlay.clear();
     }
 
     /// A point-in-time view of the committed state, for a snapshot stream
@@ -422,15 +605,17 @@ impl Store {
     }
 
     /// Starts building a fresh store beside this one, from a snapshot
-    /// stream. A partial import left by a crash is discarded first.
+    /// stream. A partial import left by an earlier attempt is discarded.
     pub fn import(&self) -> Result<Import, StoreError> {
-        let path = sibling(&self.path, ".import");
+        let generation = self.generation + 1;
+        let path = generation_dir(&self.base, generation);
         if path.exists() {
             std::fs::remove_dir_all(&path).map_err(|e| engine_error(&path, e))?;
         }
-        let (db, spaces) = open_db(&path, false)?;
+        let (db, spaces) = open_db(&path)?;
         Ok(Import {
             path,
+            generation,
             db: Some(db),
             spaces,
             records: 0,
@@ -440,18 +625,29 @@ impl Store {
 
     /// Replaces this store by a finished import, atomically: a crash at any
     /// point leaves either the old store or the new one at the next open.
+    /// Views of the old store still open keep reading their own directory
+    /// until it is removed, and then fail; they never see the new one.
     pub fn switch_to_imported(&mut self, import: FinishedImport) -> Result<(), StoreError> {
-        debug_assert!(
-            self.overlay.is_empty(),
-            "no uncommitted writes are discarded"
-        );
-        drop(import);
-        // Open files move with their directory: the live store keeps
-        // working until it is replaced, then goes with `.old`.
-        rename_import_in(&self.path)?;
-        let reopened = Store::open_with(&self.path, self.temporary, false)?;
+        if !self.overlay.is_empty() {
+            return Err(engine_error(
+                &self.path,
+                "uncommitted writes would be lost by a switch",
+            ));
+        }
+        if import.generation != self.generation + 1 {
+            return Err(engine_error(
+                &self.path,
+                "the import is not of the next generation",
+            ));
+        }
+        let generation = import.generation;
+        write_current(&self.base, generation)?;
+        let reopened = Store::open_with(&self.base, self.temporary)?;
+        // The old handles go first (the temporary flag must not remove the
+        // base with them).
+        self.temporary = false;
         *self = reopened;
-        remove_old(&self.path)
+        Ok(())
     }
 }
 
@@ -539,6 +735,21 @@ impl StoreView {
         }
     }
 
+    /// A copy as it travels to another group: its data, then its sessions,
+    /// keys without the copy prefix, in key order. The copy is frozen, so
+    /// every replica of the holder sends the same records.
+    pub fn copy_stream(
+        &self,
+        copy: CopyId,
+    ) -> impl Iterator<Item = Result<Record, StoreError>> + '_ {
+        [Space::Data, Space::Sessions]
+            .into_iter()
+            .flat_map(move |space| {
+                self.copy_records(space, copy)
+                    .map(move |item| item.map(|(key, value)| Record { space, key, value }))
+            })
+    }
+
     /// The records of one copy in one keyspace, in key order.
     pub fn copy_records(
         &self,
@@ -561,6 +772,7 @@ impl StoreView {
 /// A store being built from a snapshot stream.
 pub struct Import {
     path: PathBuf,
+    generation: u64,
     db: Option<fjall::Database>,
     spaces: [fjall::Keyspace; 4],
     records: u64,
@@ -569,7 +781,7 @@ pub struct Import {
 
 /// An import that is complete and durable, ready to switch to.
 pub struct FinishedImport {
-    _db: fjall::Database,
+    generation: u64,
 }
 
 /// What a snapshot stream's sender vouches for at its end.
@@ -593,7 +805,7 @@ impl Import {
     pub fn reset(&mut self) -> Result<(), StoreError> {
         drop(self.db.take());
         std::fs::remove_dir_all(&self.path).map_err(|e| engine_error(&self.path, e))?;
-        let (db, spaces) = open_db(&self.path, false)?;
+        let (db, spaces) = open_db(&self.path)?;
         self.db = Some(db);
         self.spaces = spaces;
         self.records = 0;
@@ -608,6 +820,7 @@ impl Import {
         };
         let mut batch = db.batch();
         for r in records {
+            check_key(&self.path, &r.key)?;
             checksum_record(&mut self.checksum, r);
             batch.insert(
                 &self.spaces[r.space as usize],
@@ -637,12 +850,9 @@ impl Import {
         };
         db.persist(fjall::PersistMode::SyncAll)
             .map_err(|e| engine_error(&self.path, e))?;
-        let marker = self.path.join(IMPORT_COMPLETE);
-        let write = || -> std::io::Result<()> {
-            std::fs::File::create(&marker)?.sync_all()?;
-            sync_dir(&self.path)
-        };
-        write().map_err(|e| engine_error(&self.path, e))?;
-        Ok(FinishedImport { _db: db })
+        drop(db);
+        Ok(FinishedImport {
+            generation: self.generation,
+        })
     }
 }

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::paxos::Slot;
-use crate::replica::{SharedMachine, StateMachine};
+use crate::replica::{ApplyError, SharedMachine, StateMachine};
 
 /// Shards in a new deployment unless configured otherwise. Fixed for the
 /// life of the shardmaster group: keys map to shards by hash modulo this.
@@ -313,7 +313,7 @@ impl ShardMasterState {
 }
 
 impl StateMachine for ShardMasterState {
-    fn apply(&mut self, _slot: Slot, command: &[u8]) -> Result<Bytes, String> {
+    fn apply(&mut self, _slot: Slot, command: &[u8]) -> Result<Bytes, ApplyError> {
         let reply = match postcard::from_bytes::<Request>(command) {
             Ok(request) => self.execute(request),
             Err(e) => Err(ShardMasterError::Malformed(e.to_string())),

@@ -95,6 +95,14 @@ impl Cluster {
     /// As [`Cluster::start`], with the kvservers' options (the poll interval
     /// and call timeout are the tests' own).
     pub async fn start_with(groups: usize, replicas: usize, options: KvServerOptions) -> Cluster {
+        // Logs for a failing test, at the level in RUST_LOG (default: off).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+            )
+            .with_test_writer()
+            .try_init();
         let (listeners, master_addrs) = bind_all(3).await;
         let net = LocalNetwork::new(3);
         let mut master_stops = Vec::new();
@@ -164,7 +172,6 @@ impl Cluster {
             gid: group.gid,
             me: i as u32,
             peers: group.addrs.clone(),
-            runtime: tokio::runtime::Handle::current(),
             chunk_timeout: Duration::from_secs(5),
             rounds: 3,
         };
