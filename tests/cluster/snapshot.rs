@@ -164,20 +164,19 @@ async fn a_shard_larger_than_one_message_moves_in_chunks() {
             result.expect("put");
         }
     }
-    let before: Vec<u64> = (0..3).map(|i| peak_rss_bytes(cluster.groups[1][i].pid())).collect();
+    let before: Vec<u64> = (0..3)
+        .map(|i| peak_rss_bytes(cluster.groups[1][i].pid()))
+        .collect();
     // Group 2 joins with nothing; then the big shard alone moves to it.
     cluster.join(2).await;
-    let settled = |cluster: &Cluster| {
-        let cluster_masters = cluster.master_addrs().join(",");
-        let out = shardkv_cluster_tests::ctl(&cluster_masters, &["query"], None);
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
-    let _ = settled(&cluster);
     let started = Instant::now();
     cluster.admin().r#move(SHARD, 2).await.unwrap();
     let clerk = cluster.clerk(Duration::from_secs(120));
     // Served by group 2 once it has it: the first read waits for the move.
-    let got = clerk.get(keys[0].clone()).await.expect("get after the move");
+    let got = clerk
+        .get(keys[0].clone())
+        .await
+        .expect("get after the move");
     let moved = started.elapsed();
     assert_eq!(got, Some(Bytes::from(big(0))));
     let mib = (VALUES * BIG_VALUE_BYTES) as f64 / (1 << 20) as f64;
@@ -193,7 +192,11 @@ async fn a_shard_larger_than_one_message_moves_in_chunks() {
     // grew by anything like the shard's size.
     for (i, before) in before.iter().enumerate() {
         let after = peak_rss_bytes(cluster.groups[1][i].pid());
-        println!("group 2 replica {i}: peak RSS {} MiB (before the move {} MiB)", after >> 20, before >> 20);
+        println!(
+            "group 2 replica {i}: peak RSS {} MiB (before the move {} MiB)",
+            after >> 20,
+            before >> 20
+        );
         assert!(
             after < before + (200 << 20),
             "replica {i} of the new owner grew from {before} to {after} bytes"

@@ -11,9 +11,13 @@
 //!    taken strictly in order. Shards kept are served throughout; shards
 //!    lost become *outgoing* copies, frozen, keyed by the new number; shards
 //!    gained are *pulling* until their data arrives.
-//! 2. The leader pulls each pulling shard from the group that holds it and
-//!    proposes [`Command::InstallShard`]; the shard is served from then on,
-//!    whatever the state of other shards.
+//! 2. Every replica streams each pulling shard's frozen copy from the group
+//!    that holds it into its own store; once a majority holds it, the
+//!    leader proposes [`Command::InstallShardStreamed`], which carries only
+//!    the copy's summary. The shard is served from then on, whatever the
+//!    state of other shards. ([`Command::InstallShard`], with the data in
+//!    the log, remains for shards that had no data anywhere, and for one
+//!    that comes back from this group's own frozen copy.)
 //! 3. It then tells the old holder, which proposes [`Command::DeleteShard`]
 //!    in its own log and drops the copy; once that is acknowledged the new
 //!    owner proposes [`Command::DeleteAcknowledged`]. Data thus lives on
