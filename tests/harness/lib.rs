@@ -118,6 +118,25 @@ impl Node {
         }
     }
 
+    /// Waits for the node to exit on its own, and returns its status.
+    pub fn await_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("not running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} still runs after {timeout:?}:\n{}",
+                self.name,
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn pause(&self) {
         signal(self.pid(), "STOP");
     }
@@ -386,4 +405,13 @@ pub fn ctl(masters: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
         pipe.write_all(input).expect("write stdin");
     }
     child.wait_with_output().expect("shardkvctl output")
+}
+
+/// A replica's own report of its state, if it answers.
+pub async fn group_status(addr: &str) -> Option<shardkv::proto::kv::GroupStatusReply> {
+    let mut client = ShardKvClient::connect(format!("http://{addr}"))
+        .await
+        .ok()?;
+    let reply = client.group_status(GroupStatusRequest {}).await.ok()?;
+    Some(reply.into_inner())
 }

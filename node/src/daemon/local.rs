@@ -10,6 +10,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::{run_kv, run_master, stopped, NodeError, NodeOptions};
+use crate::proto::kv::shard_kv_client::ShardKvClient;
+use crate::proto::kv::GroupStatusRequest;
 use crate::shardkv::Limits;
 use crate::shardmaster::client::ShardMasterClient;
 use crate::shardmaster::{Gid, DEFAULT_SHARDS};
@@ -74,7 +76,7 @@ impl LocalOptions {
 }
 
 /// Runs the cluster until `shutdown`; calls `on_ready` once every group has
-/// joined. Started again on the same data directory it resumes.
+/// joined and serves its shards. Started again on the same data directory it resumes.
 pub async fn run(
     options: LocalOptions,
     on_ready: impl FnOnce(&LocalCluster) + Send,
@@ -132,6 +134,7 @@ pub async fn run(
                 .await
                 .map_err(|e| NodeError::Serve(format!("joining group {gid}: {e}")))?;
         }
+        await_settled(&admin, &cluster.groups).await;
         Ok::<(), NodeError>(())
     };
     let mut first_error = None;
@@ -163,6 +166,42 @@ pub async fn run(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Waits until every group has applied the latest configuration and pulls
+/// nothing, so the first request a user sends does not wait behind the
+/// shard moves the joins started.
+async fn await_settled(admin: &ShardMasterClient, groups: &[(Gid, Vec<String>)]) {
+    loop {
+        if let Ok(latest) = admin.query(None).await {
+            let mut settled = true;
+            for (_, addrs) in groups {
+                settled &= group_settled(addrs, latest.num).await;
+            }
+            if settled {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether the group's leader reports configuration `num` applied and no
+/// shard still to pull.
+async fn group_settled(addrs: &[String], num: u64) -> bool {
+    for addr in addrs {
+        let Ok(mut client) = ShardKvClient::connect(format!("http://{addr}")).await else {
+            continue;
+        };
+        let Ok(reply) = client.group_status(GroupStatusRequest {}).await else {
+            continue;
+        };
+        let status = reply.into_inner();
+        if status.leader {
+            return status.config_num >= num && status.pulling.is_empty();
+        }
+    }
+    false
 }
 
 fn node_result(

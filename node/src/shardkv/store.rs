@@ -49,7 +49,7 @@ pub const USER_KEY_BYTES_MAX: usize = 65_535 - 12;
 /// Refuses a record the engine cannot take (it would panic on it).
 fn check_key(path: &Path, key: &[u8]) -> Result<(), StoreError> {
     if key.is_empty() || key.len() > 65_535 {
-        return Err(StoreError::Corrupt {
+        return Err(StoreError::BadStream {
             path: path.to_path_buf(),
             message: format!("a streamed record has a key of {} bytes", key.len()),
         });
@@ -75,8 +75,27 @@ const CURRENT: &str = "CURRENT";
 pub enum StoreError {
     #[error("state store at {path}: {message}")]
     Engine { path: PathBuf, message: String },
-    #[error("state store at {path} is corrupt: {message}")]
+    /// Its checksums or its own records do not add up: nothing it holds
+    /// can be trusted, so the replica stops rather than answer from it.
+    #[error(
+        "state store at {path} is damaged ({message}); remove the store's directory \
+         (the replica's data dir/state) and restart: the replica rebuilds it from its \
+         group's peers, its Paxos log and votes kept"
+    )]
     Corrupt { path: PathBuf, message: String },
+    /// A peer sent records this store cannot take: the transfer fails and
+    /// is tried again; nothing local is damaged.
+    #[error("state store at {path}: refused a streamed record: {message}")]
+    BadStream { path: PathBuf, message: String },
+    /// The disk is full: a write failed and nothing of it was applied.
+    #[error("state store at {path}: the disk is full ({message}); free space and restart")]
+    Full { path: PathBuf, message: String },
+}
+
+impl StoreError {
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, StoreError::Corrupt { .. })
+    }
 }
 
 /// Which keyspace a record belongs to.
@@ -191,14 +210,14 @@ impl Stager {
             match r.space {
                 Space::Data | Space::Sessions => {}
                 other => {
-                    return Err(StoreError::Corrupt {
+                    return Err(StoreError::BadStream {
                         path: self.path.clone(),
                         message: format!("a shard stream holds a {other:?} record"),
                     })
                 }
             }
             if r.key.is_empty() || r.key.len() > USER_KEY_BYTES_MAX {
-                return Err(StoreError::Corrupt {
+                return Err(StoreError::BadStream {
                     path: self.path.clone(),
                     message: format!("a shard stream has a key of {} bytes", r.key.len()),
                 });
@@ -251,10 +270,37 @@ impl Drop for Store {
     }
 }
 
-fn engine_error(path: &Path, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Engine {
-        path: path.to_path_buf(),
-        message: e.to_string(),
+/// Classifies an engine, I/O or encoding failure: damage the engine's
+/// checksums caught and a full disk each get their own variant.
+fn engine_error<E: std::fmt::Display + 'static>(path: &Path, e: E) -> StoreError {
+    let path = path.to_path_buf();
+    let message = e.to_string();
+    let any = &e as &dyn std::any::Any;
+    let io = any.downcast_ref::<std::io::Error>().or_else(|| {
+        match any.downcast_ref::<fjall::Error>()? {
+            fjall::Error::Io(e) | fjall::Error::Storage(fjall::LsmError::Io(e)) => Some(e),
+            _ => None,
+        }
+    });
+    if io.is_some_and(|e| e.kind() == std::io::ErrorKind::StorageFull) {
+        return StoreError::Full { path, message };
+    }
+    let damaged = match any.downcast_ref::<fjall::Error>() {
+        Some(fjall::Error::Storage(e)) => !matches!(e, fjall::LsmError::Io(_)),
+        Some(
+            fjall::Error::JournalRecovery(_)
+            | fjall::Error::InvalidVersion(_)
+            | fjall::Error::Decompress(_)
+            | fjall::Error::InvalidTrailer
+            | fjall::Error::InvalidTag(_)
+            | fjall::Error::Unrecoverable,
+        ) => true,
+        _ => false,
+    };
+    if damaged {
+        StoreError::Corrupt { path, message }
+    } else {
+        StoreError::Engine { path, message }
     }
 }
 
@@ -854,5 +900,131 @@ impl Import {
         Ok(FinishedImport {
             generation: self.generation,
         })
+    }
+}
+
+#[cfg(test)]
+mod damage {
+    //! A store damaged on disk: the engine's checksums catch it at open or
+    //! at the read, and it never hands back a wrong value.
+    use super::*;
+
+    const KEYS: u32 = 20_000;
+
+    /// Incompressible, so 20 MB of values make tables of about that size.
+    fn value(i: u32) -> Vec<u8> {
+        let mut x = u64::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..1000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Writes `KEYS` values and flushes them into table files.
+    fn written() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("state");
+        let mut store = Store::open(&base).unwrap();
+        for i in 0..KEYS {
+            store.put(Space::Data, i.to_be_bytes().to_vec(), Bytes::from(value(i)));
+            if i % 1000 == 999 {
+                store.commit(Slot::from(i), None, vec![]).unwrap();
+            }
+        }
+        store.persist().unwrap();
+        for space in &store.spaces {
+            space.rotate_memtable_and_wait().unwrap();
+        }
+        (dir, base)
+    }
+
+    /// The table files of the data keyspace (the large ones).
+    fn data_tables(base: &Path) -> Vec<PathBuf> {
+        fn walk(p: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(p).unwrap() {
+                let path = e.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else if path.parent().is_some_and(|d| d.ends_with("tables"))
+                    && std::fs::metadata(&path).unwrap().len() > 1 << 20
+                {
+                    out.push(path);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(base, &mut out);
+        assert!(!out.is_empty(), "no table file was written");
+        out
+    }
+
+    fn flip(path: &Path, at: impl Fn(usize) -> std::ops::Range<usize>) {
+        let mut bytes = std::fs::read(path).unwrap();
+        let range = at(bytes.len());
+        for b in &mut bytes[range] {
+            *b ^= 0xa5;
+        }
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn a_table_whose_trailer_is_damaged_is_refused_at_open() {
+        let (_dir, base) = written();
+        for table in data_tables(&base) {
+            flip(&table, |n| n - 64..n);
+        }
+        match Store::open(&base) {
+            Err(e) => {
+                assert!(e.is_corrupt(), "{e}");
+                assert!(e.to_string().contains("rebuilds it from"), "{e}");
+            }
+            Ok(_) => panic!("a store with damaged tables opened"),
+        }
+    }
+
+    #[test]
+    fn a_truncated_table_is_refused_at_open() {
+        let (_dir, base) = written();
+        let table = &data_tables(&base)[0];
+        let len = std::fs::metadata(table).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(table)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let e = Store::open(&base).err().expect("a truncated table opened");
+        assert!(e.is_corrupt(), "{e}");
+    }
+
+    #[test]
+    fn damage_inside_a_data_block_fails_its_reads_and_never_returns_a_wrong_value() {
+        let (_dir, base) = written();
+        for table in data_tables(&base) {
+            flip(&table, |n| n / 2..n / 2 + 16);
+        }
+        let store = match Store::open(&base) {
+            Ok(store) => store,
+            Err(e) => {
+                assert!(e.is_corrupt(), "{e}");
+                return;
+            }
+        };
+        let mut refused = 0;
+        for i in 0..KEYS {
+            match store.get(Space::Data, &i.to_be_bytes()) {
+                Ok(Some(v)) => assert_eq!(v[..], value(i)[..], "key {i} read back wrong"),
+                Ok(None) => panic!("key {i} vanished"),
+                Err(e) => {
+                    assert!(e.is_corrupt(), "{e}");
+                    refused += 1;
+                }
+            }
+        }
+        assert!(refused > 0, "no read met the damage");
     }
 }

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The storage issue's measurements on this machine: one group of 3 at
+# KEYS keys of VALUE_BYTES, 64 closed-loop clients; RSS and disk per
+# replica; a kill -9 restart of the whole group; a second group joining
+# under a 50/50 load. Release binaries from target/release.
+#   bench/scripts/at-size.sh KEYS VALUE_BYTES OUT_DIR
+set -euo pipefail
+KEYS=${1:-1000000}
+VALUE_BYTES=${2:-1024}
+OUT=${3:-target/at-size}
+SECONDS_EACH=${SECONDS_EACH:-20}
+B=target/release
+D=$(mktemp -d /tmp/kvbench.XXXX)
+mkdir -p "$OUT"
+M=127.0.0.1:7200,127.0.0.1:7201,127.0.0.1:7202
+G1=127.0.0.1:7210,127.0.0.1:7211,127.0.0.1:7212
+G2=127.0.0.1:7220,127.0.0.1:7221,127.0.0.1:7222
+declare -A PIDS
+start() { # name args...
+  local name=$1; shift
+  "$B/shardkv-node" "$@" >>"$D/$name.log" 2>&1 &
+  PIDS[$name]=$!
+}
+cleanup() { kill -9 "${PIDS[@]}" 2>/dev/null || true; rm -rf "$D"; }
+trap cleanup EXIT
+for i in 0 1 2; do start m$i master --id $i --peers $M --data-dir "$D/m$i"; done
+for i in 0 1 2; do start g1-$i kv --gid 1 --id $i --peers $G1 --masters $M --data-dir "$D/g1-$i"; done
+for i in 0 1 2; do start g2-$i kv --gid 2 --id $i --peers $G2 --masters $M --data-dir "$D/g2-$i"; done
+ctl() { "$B/shardkvctl" --masters $M "$@"; }
+report() { # label file
+  python3 -c "import json; d=json.load(open('$2')); l=d['latency_us']; print('$1: %.0f ops/s, p50 %.1f ms, p99 %.1f ms, max %.1f ms, %d errors' % (d['throughput_ops_per_second'], l['p50']/1e3, l['p99']/1e3, l['max']/1e3, d['errors']))" | tee -a "$OUT/summary.txt"
+}
+until ctl join 1 $G1 >/dev/null 2>&1; do sleep 0.5; done
+until ctl put warm up >/dev/null 2>&1; do sleep 0.5; done
+bench() { "$B/shardkv-bench" run --masters $M --key-count "$KEYS" --value-bytes "$VALUE_BYTES" --clients 64 "$@"; }
+t0=$(date +%s.%N)
+bench --preload --operations 64 --read-ratio 0 --json >/dev/null
+t1=$(date +%s.%N)
+echo "preload: $KEYS keys in $(echo "$t1 - $t0" | bc) s: $(echo "$KEYS / ($t1 - $t0)" | bc) keys/s" | tee "$OUT/summary.txt"
+for r in 0 1 0.5; do
+  bench --read-ratio $r --seconds "$SECONDS_EACH" --json >"$OUT/run-$r.json"
+  report "read_ratio $r" "$OUT/run-$r.json"
+done
+for i in 0 1 2; do
+  echo "g1-$i rss $(( $(ps -o rss= -p ${PIDS[g1-$i]}) / 1024 )) MiB, disk $(du -sm "$D/g1-$i" | cut -f1) MiB" | tee -a "$OUT/summary.txt"
+done
+# Restart of the whole group after kill -9: time to the first served read.
+for i in 0 1 2; do kill -9 "${PIDS[g1-$i]}"; done
+sleep 1
+t0=$(date +%s.%N)
+for i in 0 1 2; do start g1-$i kv --gid 1 --id $i --peers $G1 --masters $M --data-dir "$D/g1-$i"; done
+until ctl get warm >/dev/null 2>&1; do sleep 0.05; done
+t1=$(date +%s.%N)
+echo "restart after kill -9 to the first read: $(echo "$t1 - $t0" | bc) s" | tee -a "$OUT/summary.txt"
+# A second group joins under a 50/50 load and takes half the shards.
+bench --read-ratio 0.5 --seconds 10 --json >"$OUT/before-join.json"
+bench --read-ratio 0.5 --seconds 60 --json >"$OUT/join.json" &
+load=$!
+sleep 5
+t0=$(date +%s.%N)
+ctl join 2 $G2 >/dev/null
+until [ "$(grep -c 'fetched a shard copy' "$D/g2-0.log" 2>/dev/null)" -ge 5 ] && \
+      [ "$(grep -c 'fetched a shard copy' "$D/g2-1.log" 2>/dev/null)" -ge 5 ]; do sleep 0.1; done
+t1=$(date +%s.%N)
+echo "join: 5 shards fetched by two replicas of group 2 in $(echo "$t1 - $t0" | bc) s" | tee -a "$OUT/summary.txt"
+wait $load
+for f in before-join join; do
+  report "$f" "$OUT/$f.json"
+done
+grep -h "fetched a shard copy" "$D"/g2-*.log | head -20 > "$OUT/fetches.txt" || true
