@@ -300,9 +300,11 @@ impl Cluster {
                         .join(format!("group-{g}-{i}"))
                         .display()
                         .to_string(),
-                    "--tick-ms".into(),
-                    "5".into(),
                 ];
+                // A fast tick keeps the tests short; `kv_args` may set its own.
+                if !kv_args.contains(&"--tick-ms") {
+                    args.extend(["--tick-ms".into(), "5".into()]);
+                }
                 args.extend(kv_args.iter().map(|a| a.to_string()));
                 nodes.push(Node::new(&format!("group-{g}-{i}"), addr, args, dir.path()));
             }
