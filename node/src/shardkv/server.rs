@@ -25,9 +25,6 @@ use crate::shardmaster::client::{ClientError, ShardMasterClient};
 use crate::shardmaster::service::not_leader;
 use crate::shardmaster::{Config, Gid};
 
-/// Copies one replica fetches from other groups at once.
-const STAGE_FETCHES_MAX: usize = 8;
-
 /// Shard transfers can be large; client requests are bounded by [`Limits`].
 pub(crate) const MESSAGE_BYTES_MAX: usize = 256 << 20;
 
@@ -313,19 +310,12 @@ impl KvServer {
                 });
             }
         }
-        // Which replicas hold which fetched copies: asked once a round.
-        let holders = if pulling.is_empty() {
-            Arc::new(BTreeMap::new())
-        } else {
-            Arc::new(self.fetched_copies(num).await)
-        };
         for shard in pulling {
             let server = self.clone();
             let prev = prev.clone();
             let latest = latest.clone();
-            let holders = holders.clone();
             tasks.spawn(async move {
-                let result = server.pull(num, shard, &prev, &latest, &holders).await;
+                let result = server.pull(num, shard, &prev, &latest).await;
                 if let Err(e) = &result {
                     tracing::debug!(shard, num, error = %e, "shard pull failed; will retry");
                 }
@@ -349,19 +339,9 @@ impl KvServer {
         progress
     }
 
-    /// This group's replicas as of the configuration it has applied (it
-    /// may have left the latest one).
-    fn own_servers(&self) -> Vec<String> {
-        (self.inner.state.lock().config.groups)
-            .get(&self.inner.gid)
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    /// For each shard being pulled for configuration `num`, how many of
-    /// this group's replicas hold a complete copy, by their own status.
-    async fn fetched_copies(&self, num: u64) -> BTreeMap<u64, usize> {
-        let servers = self.own_servers();
+    /// How many replicas of this group hold a complete copy of `shard`
+    /// for configuration `num`, by their own status.
+    async fn replicas_holding(&self, num: u64, shard: u64, servers: &[String]) -> usize {
         let calls = servers.iter().map(|server| {
             let pool = &self.inner.pool;
             async move {
@@ -373,21 +353,18 @@ impl KvServer {
                     .ok()?
                     .ok()?
                     .into_inner();
-                (reply.gid == self.inner.gid && reply.config_num == num).then_some(reply)
+                let holds = reply.gid == self.inner.gid
+                    && reply.config_num == num
+                    && (reply.staged.iter()).any(|s| s.config_num == num && s.shard == shard);
+                holds.then_some(reply.replica)
             }
         });
-        let mut replicas: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-        for reply in futures::future::join_all(calls).await.into_iter().flatten() {
-            let shards = (reply.staged.iter())
-                .filter(|s| s.config_num == num)
-                .map(|s| s.shard);
-            replicas.insert(reply.replica, shards.collect());
-        }
-        let mut counts = BTreeMap::new();
-        for shard in replicas.into_values().flatten() {
-            *counts.entry(shard).or_insert(0) += 1;
-        }
-        counts
+        let holders: std::collections::BTreeSet<u32> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        holders.len()
     }
 
     /// Every replica's background work: fetch the copies of the shards the
@@ -410,76 +387,57 @@ impl KvServer {
         let Ok(latest) = self.inner.masters.query(None).await else {
             return;
         };
-        let mut fetches = JoinSet::new();
         for (shard, copy) in pulling {
-            // A few at a time: each holds a connection and a blocking thread.
-            while fetches.len() >= STAGE_FETCHES_MAX {
-                fetches.join_next().await;
+            let source = match self.locate(num, shard, &prev, &latest).await {
+                Ok(Some(source)) if source.gid != self.inner.gid => source,
+                // Nothing to fetch: the leader installs it from the log.
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::debug!(shard, error = %e, "cannot locate a shard to fetch");
+                    continue;
+                }
+            };
+            let (stager, board) = self.inner.state.lock().stager();
+            // Skipped if the install has closed the copy, or a fetch holds it.
+            if !board.try_claim(copy) {
+                continue;
             }
-            let server = self.clone();
-            let (prev, latest) = (prev.clone(), latest.clone());
-            fetches.spawn(async move { server.stage(num, shard, copy, &prev, &latest).await });
-        }
-        while fetches.join_next().await.is_some() {}
-    }
-
-    /// Fetches one copy (see `stage_step`).
-    async fn stage(
-        &self,
-        num: u64,
-        shard: u64,
-        copy: super::store::CopyId,
-        prev: &Config,
-        latest: &Config,
-    ) {
-        let source = match self.locate(num, shard, prev, latest).await {
-            Ok(Some(source)) if source.gid != self.inner.gid => source,
-            // Nothing to fetch: the leader installs it from the log.
-            Ok(_) => return,
-            Err(e) => {
-                tracing::debug!(shard, error = %e, "cannot locate a shard to fetch");
-                return;
-            }
-        };
-        let (stager, board) = self.inner.state.lock().stager();
-        // Skipped if the install has closed the copy, or a fetch holds it.
-        if !board.try_claim(copy) {
-            return;
-        }
-        let requester = self.inner.gid;
-        let timeout = self
-            .inner
-            .options
-            .peer_call_timeout
-            .max(Duration::from_secs(10));
-        let job_source = source.clone();
-        // On a runtime of its own, on a blocking thread: the replica
-        // thread may wait for this claim while holding the state's lock,
-        // and this runtime's threads may be waiting for that lock.
-        let fetch = tokio::task::spawn_blocking(move || {
-            let result = super::snapshot::own_runtime().and_then(|runtime| {
-                runtime.block_on(super::snapshot::fetch_copy(
-                    &stager,
-                    copy,
-                    &job_source,
-                    shard,
-                    requester,
-                    None,
-                    timeout,
-                ))
+            let requester = self.inner.gid;
+            let timeout = self
+                .inner
+                .options
+                .peer_call_timeout
+                .max(Duration::from_secs(10));
+            let job_source = source.clone();
+            // On a runtime of its own, on a blocking thread: the replica
+            // thread may wait for this claim while holding the state's
+            // lock, and this runtime's threads may be waiting for that lock.
+            let fetch = tokio::task::spawn_blocking(move || {
+                let result = super::snapshot::own_runtime().and_then(|runtime| {
+                    runtime.block_on(super::snapshot::fetch_copy(
+                        &stager,
+                        copy,
+                        &job_source,
+                        shard,
+                        requester,
+                        None,
+                        timeout,
+                    ))
+                });
+                board.release(copy);
+                result
             });
-            board.release(copy);
-            result
-        });
-        match fetch.await.map_err(|e| e.to_string()).and_then(|r| r) {
-            Ok(summary) => tracing::info!(
-                shard,
-                num,
-                from = source.gid,
-                keys = summary.keys,
-                "fetched a shard copy"
-            ),
-            Err(e) => tracing::debug!(shard, num, error = %e, "shard fetch failed; will retry"),
+            let fetch = async { fetch.await.map_err(|e| e.to_string()).and_then(|r| r) };
+            match fetch.await {
+                Ok(summary) => tracing::info!(
+                    shard,
+                    num,
+                    from = source.gid,
+                    keys = summary.keys,
+                    "fetched a shard copy"
+                ),
+                Err(e) => tracing::debug!(shard, num, error = %e, "shard fetch failed; will retry"),
+            }
         }
     }
 
@@ -588,7 +546,6 @@ impl KvServer {
         shard: u64,
         prev: &Config,
         latest: &Config,
-        holders: &BTreeMap<u64, usize>,
     ) -> Result<(), String> {
         let source = self.locate(num, shard, prev, latest).await?;
         let data = match &source {
@@ -612,8 +569,14 @@ impl KvServer {
                 let summary = summary
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| format!("shard {shard} is not fetched yet"))?;
-                let staged = holders.get(&shard).copied().unwrap_or(0);
-                let servers = self.own_servers().len().max(1);
+                // This group's replicas as of the configuration being
+                // installed (it may have left the latest one).
+                let servers = (self.inner.state.lock().config.groups)
+                    .get(&self.inner.gid)
+                    .cloned()
+                    .unwrap_or_default();
+                let staged = self.replicas_holding(num, shard, &servers).await;
+                let servers = servers.len().max(1);
                 if staged <= servers / 2 {
                     return Err(format!(
                         "shard {shard} is fetched by {staged} of {servers} replicas, not yet a majority"

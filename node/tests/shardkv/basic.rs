@@ -157,33 +157,49 @@ async fn concurrent(unreliable: Option<Unreliable>, name: &str) {
         cluster.join(gid).await;
     }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Enough must happen to prove anything: 10 moves and 5 appends a
+    // client. Clients run 4 s, and longer on a slow or busy machine until
+    // that much has happened (at most a minute).
+    let moves = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let appended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let enough = {
+        let (moves, appended) = (moves.clone(), appended.clone());
+        move || {
+            moves.load(std::sync::atomic::Ordering::Relaxed) >= 10
+                && appended.load(std::sync::atomic::Ordering::Relaxed) >= 11 * 5
+        }
+    };
     let mover = {
         let cluster = cluster.clone();
         let stop = stop.clone();
+        let moves = moves.clone();
         tokio::spawn(async move {
             let mut rng = SimRng::new(seed);
-            let mut moves = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let shard = rng.below(SHARDS as u64);
                 let gid = 100 + rng.below(3);
                 cluster.admin().r#move(shard, gid).await.unwrap();
-                moves += 1;
+                moves.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(rng.below(100))).await;
             }
-            moves
+            moves.load(std::sync::atomic::Ordering::Relaxed)
         })
     };
     let mut clients = Vec::new();
     for c in 0..11 {
         let ck = cluster.clerk();
+        let (enough, appended) = (enough.clone(), appended.clone());
         clients.push(tokio::spawn(async move {
             let k = format!("client-{c}");
             let mut expected = String::new();
             let start = tokio::time::Instant::now();
             let mut i = 0;
-            while start.elapsed() < Duration::from_secs(4) {
+            while start.elapsed() < Duration::from_secs(4)
+                || (!enough() && start.elapsed() < Duration::from_secs(60))
+            {
                 let piece = format!("{c}.{i} ");
                 ck.append(k.clone(), piece.clone()).await.unwrap();
+                appended.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 expected.push_str(&piece);
                 if i % 4 == 0 {
                     let got = ck.get(k.clone()).await.unwrap().unwrap_or_default();
