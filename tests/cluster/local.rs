@@ -36,7 +36,10 @@ fn start(data_dir: &std::path::Path) -> (Running, String) {
             let _ = tx.send(line);
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Up in a few seconds, even on a loaded machine. A fetch that blocked
+    // the process's runtime (every group is in it) stalled it 30 s at a
+    // time: the deadline catches one such stall.
+    let deadline = Instant::now() + Duration::from_secs(30);
     let mut masters = None;
     loop {
         let line = rx

@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use shardkv::daemon::local::{self, LocalOptions};
 use shardkv::daemon::{run_kv, run_master, terminate_signal, NodeOptions};
+use shardkv::shardkv::store::StoreOptions;
 use shardkv::shardkv::Limits;
 
 #[derive(Parser)]
@@ -94,6 +95,14 @@ struct NodeArgs {
     /// a snapshot streamed from a peer's store.
     #[arg(long, env = "SHARDKV_LOG_RETAIN_SLOTS", default_value_t = NodeOptions::defaults().log_retain_slots)]
     log_retain_slots: u64,
+    /// A kvserver's block cache, in MiB: with the memtables, what bounds
+    /// its store's memory whatever the data size.
+    #[arg(long, env = "SHARDKV_STORE_CACHE_MIB", default_value_t = StoreOptions::default().cache_bytes >> 20)]
+    store_cache_mib: u64,
+    /// A kvserver's memtable size, in MiB: each keyspace holds up to five
+    /// (one written, four being flushed) before writes wait.
+    #[arg(long, env = "SHARDKV_STORE_MEMTABLE_MIB", default_value_t = StoreOptions::default().memtable_bytes >> 20)]
+    store_memtable_mib: u64,
 }
 
 fn parse_id(id: &str) -> anyhow::Result<u32> {
@@ -133,6 +142,10 @@ impl NodeArgs {
             tick: Duration::from_millis(self.tick_ms),
             snapshot_every_slots: self.snapshot_every_slots,
             log_retain_slots: self.log_retain_slots,
+            store: StoreOptions {
+                cache_bytes: self.store_cache_mib.saturating_mul(1 << 20),
+                memtable_bytes: self.store_memtable_mib.saturating_mul(1 << 20),
+            },
         })
     }
 }

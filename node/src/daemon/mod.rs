@@ -23,6 +23,7 @@ use crate::replica::grpc::{GrpcTransport, PaxosPeerService};
 use crate::replica::{Replica, ReplicaOptions, StateMachine, Status};
 use crate::shardkv::server::{KvServer, KvServerOptions, Unreliable};
 use crate::shardkv::state::{KvState, SharedKvState};
+use crate::shardkv::store::StoreOptions;
 use crate::shardkv::Limits;
 use crate::shardmaster::client::ShardMasterClient;
 use crate::shardmaster::service::ShardMasterService;
@@ -68,6 +69,9 @@ pub struct NodeOptions {
     /// Log entries kept for a lagging replica; one further behind gets a
     /// snapshot streamed instead.
     pub log_retain_slots: u64,
+    /// A kvserver's store memory (cache and memtables): what bounds its
+    /// RSS whatever the data size. The shardmaster has no store.
+    pub store: StoreOptions,
 }
 
 impl NodeOptions {
@@ -82,6 +86,7 @@ impl NodeOptions {
             tick: ReplicaOptions::default().tick,
             snapshot_every_slots: ReplicaOptions::default().snapshot_every_slots,
             log_retain_slots: PaxosConfig::new(0, 1).log_retain_slots_max,
+            store: StoreOptions::default(),
         }
     }
 
@@ -89,6 +94,11 @@ impl NodeOptions {
         if self.snapshot_every_slots == 0 || self.log_retain_slots == 0 {
             return Err(NodeError::Config(
                 "--snapshot-every-slots and --log-retain-slots must be at least 1".into(),
+            ));
+        }
+        if self.store.cache_bytes < 1 << 20 || self.store.memtable_bytes < 1 << 20 {
+            return Err(NodeError::Config(
+                "--store-cache-mib and --store-memtable-mib must be at least 1".into(),
             ));
         }
         if self.peers.is_empty() {
@@ -439,6 +449,7 @@ pub async fn run_kv(
         gid,
         &options.data_dir.join("state"),
         Some(std::sync::Arc::new(source)),
+        options.store,
     )
     .map_err(|e| {
         data_dir_error(

@@ -83,7 +83,6 @@ pub trait StateMachine: Send + 'static {
 }
 
 /// Why a command was not applied.
-#[derive(Debug)]
 pub enum ApplyError {
     /// The machine cannot go on: the replica stops.
     Failed(String),
@@ -91,6 +90,30 @@ pub enum ApplyError {
     /// shard copy its holder no longer has): it must take a peer's state
     /// applied through `through`, which covers the command.
     NeedsSnapshot { through: Slot },
+    /// The command needs data that may take a while to fetch (a shard copy
+    /// this replica does not hold yet). Nothing was applied: the driver
+    /// runs the job without the machine's lock, so the services keep
+    /// reading the machine meanwhile, then applies the same command again.
+    /// A machine asks at most once per command.
+    NeedsFetch(FetchJob),
+}
+
+/// A fetch run outside the machine before a command is applied again (see
+/// [`ApplyError::NeedsFetch`]). It reports its own failures: the machine
+/// finds out on the second apply whether it has what it needs.
+pub type FetchJob = Box<dyn FnOnce() + Send>;
+
+impl std::fmt::Debug for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyError::Failed(e) => f.debug_tuple("Failed").field(e).finish(),
+            ApplyError::NeedsSnapshot { through } => f
+                .debug_struct("NeedsSnapshot")
+                .field("through", through)
+                .finish(),
+            ApplyError::NeedsFetch(_) => f.write_str("NeedsFetch"),
+        }
+    }
 }
 
 /// A fetch run outside the machine (see [`StateMachine::begin_restore`]).
@@ -578,8 +601,19 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
         let mut answers = Vec::new();
         for (slot, batch) in ready.committed {
             for command in &batch.commands {
-                let result = match self.machine.apply(slot, &command.data) {
+                let mut applied = self.machine.apply(slot, &command.data);
+                if let Err(ApplyError::NeedsFetch(job)) = applied {
+                    // Outside the machine's lock: readers go on meanwhile.
+                    job();
+                    applied = self.machine.apply(slot, &command.data);
+                }
+                let result = match applied {
                     Ok(result) => result,
+                    Err(ApplyError::NeedsFetch(_)) => {
+                        return Err(StorageError::Io(format!(
+                            "state machine at slot {slot}: asked twice to fetch for one command"
+                        )))
+                    }
                     Err(ApplyError::Failed(e)) => {
                         return Err(StorageError::Io(format!(
                             "state machine at slot {slot}: {e}"

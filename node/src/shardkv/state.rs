@@ -31,12 +31,14 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::store::{
-    CopyId, CopySummary, FinishedImport, Import, Space, Stager, Store, StoreError, StoreView,
-    StreamSummary, USER_KEY_BYTES_MAX,
+    CopyId, CopySummary, FinishedImport, Import, Space, Stager, Store, StoreError, StoreOptions,
+    StoreView, StreamSummary, USER_KEY_BYTES_MAX,
 };
 use super::{key_to_shard, put_hash_value};
 use crate::paxos::Slot;
-use crate::replica::{ApplyError, RestoreJob, RestoreOutput, SharedMachine, StateMachine};
+use crate::replica::{
+    ApplyError, FetchJob, RestoreJob, RestoreOutput, SharedMachine, StateMachine,
+};
 use crate::shardmaster::{Config, Gid};
 
 /// A stored value may grow by Append up to this size, and no further. A
@@ -399,6 +401,9 @@ pub struct KvState {
     /// A command could not be applied from the log: the state of a peer
     /// that applied it through this slot must be taken instead.
     needs_snapshot: Option<Slot>,
+    /// The install (slot, copy) whose copy a fetch outside the lock was
+    /// last asked for: it is asked for once.
+    fetch_tried: Option<(Slot, CopyId)>,
     /// The slot a restore under way must reach.
     restoring: Option<Slot>,
     /// A store failure met while applying: the turn's commit reports it,
@@ -614,8 +619,9 @@ impl KvState {
         gid: Gid,
         path: &Path,
         source: Option<Arc<dyn PeerSource>>,
+        store: StoreOptions,
     ) -> Result<Self, StoreError> {
-        Self::from_store(gid, Store::open(path)?, source)
+        Self::from_store(gid, Store::open(path, store)?, source)
     }
 
     /// A state whose store is removed when it is dropped, for tests.
@@ -646,6 +652,7 @@ impl KvState {
             skip_through: 0,
             committed: None,
             needs_snapshot: None,
+            fetch_tried: None,
             restoring: None,
             failed: None,
         };
@@ -1257,6 +1264,55 @@ impl KvState {
         (self.store.stager(), self.fetches.clone())
     }
 
+    /// Before applying `command` at `slot`: if it installs a shard copy
+    /// this replica has not fetched, the fetch, to run without the state's
+    /// lock (a fetch takes as long as the shard is large, and under the
+    /// lock it would stall every reader, and in a process that runs several
+    /// groups, the runtime that serves the copy's holder). Once per
+    /// command: on the second apply a copy still missing is taken from a
+    /// peer's state instead.
+    fn fetch_before_install(&mut self, slot: Slot, command: &Command) -> Option<FetchJob> {
+        let Command::InstallShardStreamed {
+            config_num,
+            shard,
+            source,
+            summary,
+        } = command
+        else {
+            return None;
+        };
+        let owned = self.owned.get(shard)?;
+        if *config_num != self.config.num || owned.status != ShardStatus::Pulling {
+            return None;
+        }
+        let copy = owned.copy;
+        // A store error here is met again, and reported, by the apply.
+        if self.store.staged(copy).ok()? == Some(*summary) {
+            return None;
+        }
+        if self.fetch_tried == Some((slot, copy)) {
+            return None;
+        }
+        let peers = self.source.clone()?;
+        self.fetch_tried = Some((slot, copy));
+        let (stager, board) = self.stager();
+        let (gid, source, shard, summary) = (self.gid, source.clone(), *shard, *summary);
+        Some(Box::new(move || {
+            // A background fetch under way finishes first.
+            if !board.claim_waiting(copy) {
+                return;
+            }
+            let fetched = match stager.staged(copy) {
+                Ok(Some(staged)) if staged == summary => Ok(()),
+                _ => peers.fetch_copy(&stager, copy, &source, shard, summary),
+            };
+            board.release(copy);
+            if let Err(e) = fetched {
+                tracing::warn!(gid, shard, error = %e, "cannot fetch the shard being installed");
+            }
+        }))
+    }
+
     fn apply_streamed_install(
         &mut self,
         config_num: u64,
@@ -1281,22 +1337,17 @@ impl KvState {
         debug_assert!(claimed, "a copy being pulled is open");
         board.close(copy);
         if self.store.staged(copy)? != Some(summary) {
-            {
-                let fetched = match &self.source {
-                    Some(peers) => {
-                        peers.fetch_copy(&self.store.stager(), copy, &source, shard, summary)
-                    }
-                    None => Err("no way to fetch it".to_string()),
-                };
-                if let Err(e) = fetched {
-                    // The holder may have dropped it since the group took
-                    // it: the group's other replicas hold it now. The
-                    // driver fetches their state (outside the lock).
-                    tracing::warn!(gid = self.gid, shard, error = %e, "cannot fetch the shard being installed; taking a snapshot from a peer");
-                    self.needs_snapshot = Some(self.applied);
-                    return Ok(true);
-                }
-            }
+            // The fetch before this apply (`fetch_before_install`) failed:
+            // the holder may have dropped the copy since the group took it,
+            // and the group's other replicas hold it now. The driver
+            // fetches their state (outside the lock).
+            tracing::warn!(
+                gid = self.gid,
+                shard,
+                "the shard being installed could not be fetched; taking a snapshot from a peer"
+            );
+            self.needs_snapshot = Some(self.applied);
+            return Ok(true);
         }
         debug_assert_eq!(self.store.staged(copy)?, Some(summary));
         // Sessions are kept for their full idle time by this group's clock.
@@ -1531,10 +1582,19 @@ impl StateMachine for KvState {
             return Ok(Bytes::new());
         }
         debug_assert!(slot >= self.applied, "slots are applied in order");
-        self.applied = slot;
         let reply = match postcard::from_bytes::<Command>(command) {
-            Ok(command) => self.apply_command(command),
-            Err(e) => CommandReply::Malformed(e.to_string()),
+            Ok(command) => {
+                if let Some(job) = self.fetch_before_install(slot, &command) {
+                    // Nothing applied yet: the driver fetches, then asks again.
+                    return Err(ApplyError::NeedsFetch(job));
+                }
+                self.applied = slot;
+                self.apply_command(command)
+            }
+            Err(e) => {
+                self.applied = slot;
+                CommandReply::Malformed(e.to_string())
+            }
         };
         if let Some(e) = &self.failed {
             return Err(ApplyError::Failed(e.to_string()));
@@ -2226,7 +2286,7 @@ mod tests {
 
     /// A group with writes in both shards, through slot `slots`, committed.
     fn written(dir: &Path, slots: u64) -> KvState {
-        let mut s = KvState::open(1, dir, None).unwrap();
+        let mut s = KvState::open(1, dir, None, StoreOptions::default()).unwrap();
         let mut slot = 0;
         let mut apply = |s: &mut KvState, c: Command| {
             slot += 1;
@@ -2320,7 +2380,7 @@ mod tests {
             .unwrap();
         s.end_turn().unwrap();
         drop(s);
-        let mut s = KvState::open(1, &dir, None).unwrap();
+        let mut s = KvState::open(1, &dir, None, StoreOptions::default()).unwrap();
         assert_eq!(s.applied(), 51);
         assert_eq!(s.key_count(), 50);
         // Client 7 wrote to both shards: a session in each.
@@ -2356,12 +2416,12 @@ mod tests {
             }) as Arc<dyn PeerSource>)
         };
         // A damaged stream is refused and leaves the old store as it was.
-        let mut b = KvState::open(1, &dir_b, source(true)).unwrap();
+        let mut b = KvState::open(1, &dir_b, source(true), StoreOptions::default()).unwrap();
         let err = install(&mut b, index, &descriptor).unwrap_err();
         assert!(err.contains("checksum"), "{err}");
         assert_eq!(b.applied(), 0);
         drop(b);
-        let mut b = KvState::open(1, &dir_b, source(false)).unwrap();
+        let mut b = KvState::open(1, &dir_b, source(false), StoreOptions::default()).unwrap();
         assert_eq!(generations(&dir_b), 1, "the partial import is gone");
         install(&mut b, index, &descriptor).unwrap();
         assert_eq!(b.applied(), 40);
@@ -2371,7 +2431,7 @@ mod tests {
         }
         drop(b);
         // The switch is durable: a reopen finds the fetched state.
-        let b = KvState::open(1, &dir_b, None).unwrap();
+        let b = KvState::open(1, &dir_b, None, StoreOptions::default()).unwrap();
         assert_eq!(b.applied(), 40);
         assert_eq!(b.key_count(), 39);
         drop((a, b));
@@ -2427,5 +2487,138 @@ mod tests {
             .scan(Space::Data, &[], &[0xff; 13], usize::MAX)
             .unwrap();
         assert!(left.is_empty(), "{} keys left", left.len());
+    }
+
+    /// Hands out another state's outgoing copy, as its group's servers
+    /// would, counting the fetches.
+    struct CopySource {
+        /// The holder's view of the copy.
+        copy: std::sync::Mutex<Option<(StoreView, CopyId)>>,
+        fetches: std::sync::atomic::AtomicUsize,
+        /// Answer as a holder that has dropped its copy would.
+        dropped: bool,
+    }
+
+    impl PeerSource for CopySource {
+        fn fetch(&self, _: Slot, _: &mut Import) -> Result<StreamSummary, String> {
+            Err("not in this test".into())
+        }
+
+        fn fetch_copy(
+            &self,
+            stager: &Stager,
+            copy: CopyId,
+            _: &Source,
+            _: u64,
+            expected: CopySummary,
+        ) -> Result<(), String> {
+            self.fetches
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.dropped {
+                return Err("already handed off".into());
+            }
+            let held = self.copy.lock().unwrap();
+            let (view, from) = held.as_ref().ok_or("no copy")?;
+            let records: Vec<super::super::store::Record> = view
+                .copy_stream(*from)
+                .collect::<Result<_, _>>()
+                .map_err(|e| e.to_string())?;
+            stager.add(copy, &records).map_err(|e| e.to_string())?;
+            stager
+                .mark_staged(copy, expected)
+                .map_err(|e| e.to_string())
+        }
+    }
+
+    /// Group 1 holds shard 1 frozen for configuration 2, and group 2 (with
+    /// `source` to fetch from) is pulling it; the install command.
+    fn pulling(source: Arc<CopySource>) -> (KvState, KvState, Command, String) {
+        let moving = key_in(1, 2);
+        let mut a = state(1);
+        let mut b = KvState::open(
+            2,
+            &scratch_dir("puller"),
+            Some(source.clone()),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        let (c1, c2) = (config(1, vec![1, 1]), config(2, vec![1, 2]));
+        for s in [&mut a, &mut b] {
+            s.apply_command(Command::Reconfigure(c1.clone()));
+        }
+        a.apply_command(op(9, 1, OpKind::Append, &moving, "x"));
+        for s in [&mut a, &mut b] {
+            s.apply_command(Command::Reconfigure(c2.clone()));
+            s.end_turn().unwrap();
+        }
+        *source.copy.lock().unwrap() = a.outgoing_view(2, 1);
+        assert!(source.copy.lock().unwrap().is_some());
+        let install = Command::InstallShardStreamed {
+            config_num: 2,
+            shard: 1,
+            source: Source {
+                gid: 1,
+                config_num: 2,
+                servers: vec!["g1".into()],
+            },
+            summary: CopySummary {
+                records: 2,
+                crc32: 7,
+                keys: 1,
+                sessions: 1,
+            },
+        };
+        (a, b, install, moving)
+    }
+
+    #[test]
+    fn a_copy_missing_at_its_install_is_fetched_outside_the_apply() {
+        let source = Arc::new(CopySource {
+            copy: Default::default(),
+            fetches: Default::default(),
+            dropped: false,
+        });
+        let (_a, mut b, install, moving) = pulling(source.clone());
+        let applied = b.applied;
+        let fetches = || source.fetches.load(std::sync::atomic::Ordering::SeqCst);
+        // The apply does not fetch (it holds the state's lock): it asks the
+        // driver to, and changes nothing.
+        let Err(ApplyError::NeedsFetch(job)) = b.apply(10, &encode(&install)) else {
+            panic!("the install did not ask for a fetch");
+        };
+        assert_eq!(fetches(), 0, "the apply fetched");
+        assert_eq!(b.applied, applied);
+        assert_eq!(get(&mut b, &moving), CommandReply::Op(OpReply::WrongGroup));
+        job();
+        assert_eq!(fetches(), 1);
+        let reply: CommandReply =
+            postcard::from_bytes(&b.apply(10, &encode(&install)).unwrap()).unwrap();
+        assert_eq!(reply, CommandReply::Step(true));
+        assert_eq!(b.applied, 10);
+        assert_eq!(
+            get(&mut b, &moving),
+            CommandReply::Op(OpReply::Value(Some(Bytes::from("x"))))
+        );
+        assert_eq!(fetches(), 1);
+    }
+
+    #[test]
+    fn a_copy_that_cannot_be_fetched_at_its_install_is_taken_from_a_peer() {
+        let source = Arc::new(CopySource {
+            copy: Default::default(),
+            fetches: Default::default(),
+            dropped: true,
+        });
+        let (_a, mut b, install, _) = pulling(source.clone());
+        let Err(ApplyError::NeedsFetch(job)) = b.apply(10, &encode(&install)) else {
+            panic!("the install did not ask for a fetch");
+        };
+        job();
+        // Asked once only: then the group's state is fetched instead.
+        match b.apply(10, &encode(&install)) {
+            Err(ApplyError::NeedsSnapshot { through }) => assert_eq!(through, 10),
+            other => panic!("expected a snapshot to be asked for, got {other:?}"),
+        }
+        assert_eq!(source.fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }

@@ -37,11 +37,37 @@ use serde::{Deserialize, Serialize};
 
 use crate::paxos::Slot;
 
-/// Block cache of one replica's store: bounds its memory, whatever the
-/// data size.
-pub const STORE_CACHE_BYTES: u64 = 64 << 20;
-/// Memtable size, per keyspace, before it is flushed to a table on disk.
-pub const STORE_MEMTABLE_BYTES: u64 = 16 << 20;
+/// What bounds a store's memory, whatever the data size: the engine's
+/// block cache and its memtables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// The block cache, for reads.
+    pub cache_bytes: u64,
+    /// A keyspace's memtable is flushed to a table on disk at this size.
+    /// Writes wait while four are waiting to be flushed, so a keyspace
+    /// holds at most five.
+    pub memtable_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            cache_bytes: 64 << 20,
+            memtable_bytes: 16 << 20,
+        }
+    }
+}
+
+impl StoreOptions {
+    /// Memtables one keyspace may hold before its writes wait.
+    pub const MEMTABLES_PER_KEYSPACE_MAX: u64 = 5;
+
+    /// The most the cache and the memtables of the data keyspace can hold
+    /// (the other keyspaces hold small records: sessions and markers).
+    pub fn data_memory_bytes_max(&self) -> u64 {
+        self.cache_bytes + Self::MEMTABLES_PER_KEYSPACE_MAX * self.memtable_bytes
+    }
+}
 /// The longest key the engine takes (fjall: 65,535 bytes) less a copy's
 /// prefix: the longest user key a replica can store.
 pub const USER_KEY_BYTES_MAX: usize = 65_535 - 12;
@@ -233,6 +259,21 @@ impl Stager {
 
     /// Records that `copy` is complete: written after its last chunk, so
     /// after a crash the marker is there only if the records are.
+    /// The summary of `copy`, once a fetch has completed it.
+    pub fn staged(&self, copy: CopyId) -> Result<Option<CopySummary>, StoreError> {
+        let bytes = self.spaces[Space::Meta as usize]
+            .get(staged_key(copy))
+            .map_err(|e| engine_error(&self.path, e))?;
+        bytes
+            .map(|bytes| {
+                postcard::from_bytes(&bytes).map_err(|e| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    message: format!("staged copy marker: {e}"),
+                })
+            })
+            .transpose()
+    }
+
     pub fn mark_staged(&self, copy: CopyId, summary: CopySummary) -> Result<(), StoreError> {
         let bytes = postcard::to_allocvec(&summary).map_err(|e| engine_error(&self.path, e))?;
         self.spaces[Space::Meta as usize]
@@ -257,6 +298,8 @@ pub struct Store {
     garbage: BTreeSet<CopyId>,
     /// Removes the store's directory on drop (tests).
     temporary: bool,
+    /// Memory bounds, for this generation and the ones imported after it.
+    options: StoreOptions,
     /// Where the sweep of each dropped copy has reached (in memory: after
     /// a restart it starts over, once).
     sweep_from: BTreeMap<CopyId, Vec<u8>>,
@@ -304,9 +347,12 @@ fn engine_error<E: std::fmt::Display + 'static>(path: &Path, e: E) -> StoreError
     }
 }
 
-fn open_db(path: &Path) -> Result<(fjall::Database, [fjall::Keyspace; 4]), StoreError> {
+fn open_db(
+    path: &Path,
+    options: StoreOptions,
+) -> Result<(fjall::Database, [fjall::Keyspace; 4]), StoreError> {
     let db = fjall::Database::builder(path)
-        .cache_size(STORE_CACHE_BYTES)
+        .cache_size(options.cache_bytes)
         // Applying never waits for the disk: `persist` syncs when the log
         // is to be compacted.
         .manual_journal_persist(true)
@@ -316,7 +362,7 @@ fn open_db(path: &Path) -> Result<(fjall::Database, [fjall::Keyspace; 4]), Store
         db.keyspace(name, || {
             fjall::KeyspaceCreateOptions::default()
                 .manual_journal_persist(true)
-                .max_memtable_size(STORE_MEMTABLE_BYTES)
+                .max_memtable_size(options.memtable_bytes)
         })
         .map_err(|e| engine_error(path, e))
     };
@@ -380,21 +426,21 @@ fn remove_other_generations(base: &Path, live: u64) -> Result<(), StoreError> {
 impl Store {
     /// Opens the store at `base`, creating it if absent; what a crash left
     /// of an import is removed.
-    pub fn open(base: &Path) -> Result<Store, StoreError> {
-        Self::open_with(base, false)
+    pub fn open(base: &Path, options: StoreOptions) -> Result<Store, StoreError> {
+        Self::open_with(base, false, options)
     }
 
     /// A store removed when dropped, for tests.
     pub fn temporary(base: &Path) -> Result<Store, StoreError> {
-        Self::open_with(base, true)
+        Self::open_with(base, true, StoreOptions::default())
     }
 
-    fn open_with(base: &Path, temporary: bool) -> Result<Store, StoreError> {
+    fn open_with(base: &Path, temporary: bool, options: StoreOptions) -> Result<Store, StoreError> {
         std::fs::create_dir_all(base).map_err(|e| engine_error(base, e))?;
         let generation = read_current(base)?;
         remove_other_generations(base, generation)?;
         let path = generation_dir(base, generation);
-        let (db, spaces) = open_db(&path)?;
+        let (db, spaces) = open_db(&path, options)?;
         let mut store = Store {
             base: base.to_path_buf(),
             generation,
@@ -404,6 +450,7 @@ impl Store {
             overlay: BTreeMap::new(),
             garbage: BTreeSet::new(),
             temporary,
+            options,
             sweep_from: BTreeMap::new(),
         };
         if let Some(bytes) = store.read_committed(Space::Meta, META_GARBAGE)? {
@@ -658,8 +705,9 @@ impl Store {
         if path.exists() {
             std::fs::remove_dir_all(&path).map_err(|e| engine_error(&path, e))?;
         }
-        let (db, spaces) = open_db(&path)?;
+        let (db, spaces) = open_db(&path, self.options)?;
         Ok(Import {
+            options: self.options,
             path,
             generation,
             db: Some(db),
@@ -688,7 +736,7 @@ impl Store {
         }
         let generation = import.generation;
         write_current(&self.base, generation)?;
-        let reopened = Store::open_with(&self.base, self.temporary)?;
+        let reopened = Store::open_with(&self.base, self.temporary, self.options)?;
         // The old handles go first (the temporary flag must not remove the
         // base with them).
         self.temporary = false;
@@ -817,6 +865,7 @@ impl StoreView {
 
 /// A store being built from a snapshot stream.
 pub struct Import {
+    options: StoreOptions,
     path: PathBuf,
     generation: u64,
     db: Option<fjall::Database>,
@@ -851,7 +900,7 @@ impl Import {
     pub fn reset(&mut self) -> Result<(), StoreError> {
         drop(self.db.take());
         std::fs::remove_dir_all(&self.path).map_err(|e| engine_error(&self.path, e))?;
-        let (db, spaces) = open_db(&self.path)?;
+        let (db, spaces) = open_db(&self.path, self.options)?;
         self.db = Some(db);
         self.spaces = spaces;
         self.records = 0;
@@ -928,7 +977,7 @@ mod damage {
     fn written() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("state");
-        let mut store = Store::open(&base).unwrap();
+        let mut store = Store::open(&base, StoreOptions::default()).unwrap();
         for i in 0..KEYS {
             store.put(Space::Data, i.to_be_bytes().to_vec(), Bytes::from(value(i)));
             if i % 1000 == 999 {
@@ -977,7 +1026,7 @@ mod damage {
         for table in data_tables(&base) {
             flip(&table, |n| n - 64..n);
         }
-        match Store::open(&base) {
+        match Store::open(&base, StoreOptions::default()) {
             Err(e) => {
                 assert!(e.is_corrupt(), "{e}");
                 assert!(e.to_string().contains("rebuilds it from"), "{e}");
@@ -997,7 +1046,9 @@ mod damage {
             .unwrap()
             .set_len(len / 2)
             .unwrap();
-        let e = Store::open(&base).err().expect("a truncated table opened");
+        let e = Store::open(&base, StoreOptions::default())
+            .err()
+            .expect("a truncated table opened");
         assert!(e.is_corrupt(), "{e}");
     }
 
@@ -1007,7 +1058,7 @@ mod damage {
         for table in data_tables(&base) {
             flip(&table, |n| n / 2..n / 2 + 16);
         }
-        let store = match Store::open(&base) {
+        let store = match Store::open(&base, StoreOptions::default()) {
             Ok(store) => store,
             Err(e) => {
                 assert!(e.is_corrupt(), "{e}");

@@ -176,7 +176,13 @@ impl Cluster {
             rounds: 3,
         };
         let state_dir = self.state_path(group.gid, i);
-        let state = KvState::open(group.gid, &state_dir, Some(Arc::new(source))).unwrap();
+        let state = KvState::open(
+            group.gid,
+            &state_dir,
+            Some(Arc::new(source)),
+            Default::default(),
+        )
+        .unwrap();
         let state = SharedKvState::new(state);
         let (replica, thread) = Replica::start(
             PaxosConfig::new_group(i as u32, group.addrs.len() as u32),
