@@ -398,10 +398,11 @@ impl KvServer {
                 }
             };
             let (stager, board) = self.inner.state.lock().stager();
-            // Skipped if the install has closed the copy, or a fetch holds it.
-            if !board.try_claim(copy) {
+            // Skipped if the install has closed the copy, a fetch holds it,
+            // or one has completed it since it was listed.
+            let Some(claim) = board.claim_unfetched(copy, &stager) else {
                 continue;
-            }
+            };
             let requester = self.inner.gid;
             let timeout = self
                 .inner
@@ -424,7 +425,7 @@ impl KvServer {
                         timeout,
                     ))
                 });
-                board.release(copy);
+                drop(claim);
                 result
             });
             let fetch = async { fetch.await.map_err(|e| e.to_string()).and_then(|r| r) };

@@ -336,6 +336,30 @@ impl FetchBoard {
         self.released.notify_all();
     }
 
+    /// Claims an open copy no fetch holds and that no fetch has completed
+    /// yet: what a background fetch may start on. The claim ends when the
+    /// guard is dropped, even if the fetch panics.
+    pub fn claim_unfetched(
+        self: &Arc<Self>,
+        copy: CopyId,
+        stager: &Stager,
+    ) -> Option<ReleaseOnDrop> {
+        if !self.try_claim(copy) {
+            return None;
+        }
+        let claim = ReleaseOnDrop {
+            board: self.clone(),
+            copy,
+        };
+        // Checked under the claim: a fetch (the install's) may have
+        // completed it since the caller looked, and fetching it again would
+        // clear it first.
+        match stager.staged(copy) {
+            Ok(None) => Some(claim),
+            _ => None,
+        }
+    }
+
     fn open(&self, copy: CopyId) {
         self.copies().entry(copy).or_insert(false);
     }
@@ -352,6 +376,18 @@ impl FetchBoard {
         copies.clear();
         copies.extend(open.map(|c| (c, false)));
         self.released.notify_all();
+    }
+}
+
+/// A claim on a copy of the [`FetchBoard`], ended when dropped.
+pub struct ReleaseOnDrop {
+    board: Arc<FetchBoard>,
+    copy: CopyId,
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.board.release(self.copy);
     }
 }
 
@@ -1302,11 +1338,12 @@ impl KvState {
             if !board.claim_waiting(copy) {
                 return;
             }
+            let claim = ReleaseOnDrop { board, copy };
             let fetched = match stager.staged(copy) {
                 Ok(Some(staged)) if staged == summary => Ok(()),
                 _ => peers.fetch_copy(&stager, copy, &source, shard, summary),
             };
-            board.release(copy);
+            drop(claim);
             if let Err(e) = fetched {
                 tracing::warn!(gid, shard, error = %e, "cannot fetch the shard being installed");
             }
@@ -2589,8 +2626,25 @@ mod tests {
         assert_eq!(fetches(), 0, "the apply fetched");
         assert_eq!(b.applied, applied);
         assert_eq!(get(&mut b, &moving), CommandReply::Op(OpReply::WrongGroup));
+        // Until fetched, a background fetch may claim the copy, and its
+        // claim ends with it.
+        let copy = b.owned[&1].copy;
+        let (stager, board) = b.stager();
+        let claim = board.claim_unfetched(copy, &stager);
+        assert!(claim.is_some(), "an unfetched copy could not be claimed");
+        assert!(
+            board.claim_unfetched(copy, &stager).is_none(),
+            "claimed twice"
+        );
+        drop(claim);
         job();
         assert_eq!(fetches(), 1);
+        // Once fetched, a background fetch listed before may not start on
+        // it again (it would clear it, and the install would wait for it).
+        assert!(
+            board.claim_unfetched(copy, &stager).is_none(),
+            "a fetched copy was claimed for a fetch"
+        );
         let reply: CommandReply =
             postcard::from_bytes(&b.apply(10, &encode(&install)).unwrap()).unwrap();
         assert_eq!(reply, CommandReply::Step(true));

@@ -257,8 +257,6 @@ impl Stager {
         batch.commit().map_err(|e| engine_error(&self.path, e))
     }
 
-    /// Records that `copy` is complete: written after its last chunk, so
-    /// after a crash the marker is there only if the records are.
     /// The summary of `copy`, once a fetch has completed it.
     pub fn staged(&self, copy: CopyId) -> Result<Option<CopySummary>, StoreError> {
         let bytes = self.spaces[Space::Meta as usize]
@@ -274,6 +272,8 @@ impl Stager {
             .transpose()
     }
 
+    /// Records that `copy` is complete: written after its last chunk, so
+    /// after a crash the marker is there only if the records are.
     pub fn mark_staged(&self, copy: CopyId, summary: CopySummary) -> Result<(), StoreError> {
         let bytes = postcard::to_allocvec(&summary).map_err(|e| engine_error(&self.path, e))?;
         self.spaces[Space::Meta as usize]
