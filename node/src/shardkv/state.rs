@@ -2536,6 +2536,16 @@ mod tests {
         dropped: bool,
     }
 
+    impl CopySource {
+        fn new(dropped: bool) -> Arc<CopySource> {
+            Arc::new(CopySource {
+                copy: Default::default(),
+                fetches: Default::default(),
+                dropped,
+            })
+        }
+    }
+
     impl PeerSource for CopySource {
         fn fetch(&self, _: Slot, _: &mut Import) -> Result<StreamSummary, String> {
             Err("not in this test".into())
@@ -2610,11 +2620,7 @@ mod tests {
 
     #[test]
     fn a_copy_missing_at_its_install_is_fetched_outside_the_apply() {
-        let source = Arc::new(CopySource {
-            copy: Default::default(),
-            fetches: Default::default(),
-            dropped: false,
-        });
+        let source = CopySource::new(false);
         let (_a, mut b, install, moving) = pulling(source.clone());
         let applied = b.applied;
         let fetches = || source.fetches.load(std::sync::atomic::Ordering::SeqCst);
@@ -2658,11 +2664,7 @@ mod tests {
 
     #[test]
     fn a_copy_that_cannot_be_fetched_at_its_install_is_taken_from_a_peer() {
-        let source = Arc::new(CopySource {
-            copy: Default::default(),
-            fetches: Default::default(),
-            dropped: true,
-        });
+        let source = CopySource::new(true);
         let (_a, mut b, install, _) = pulling(source.clone());
         let Err(ApplyError::NeedsFetch(job)) = b.apply(10, &encode(&install)) else {
             panic!("the install did not ask for a fetch");
