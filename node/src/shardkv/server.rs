@@ -1006,6 +1006,7 @@ impl ShardKv for KvServer {
     ) -> Result<Response<pb::GroupStatusReply>, Status> {
         let replica = self.inner.replica.status();
         let s = self.inner.state.lock();
+        let keys = s.reported_key_count().map_err(store_status)?;
         let (serving, pulling): (Vec<_>, Vec<_>) = s
             .owned
             .iter()
@@ -1034,7 +1035,7 @@ impl ShardKv for KvServer {
                     shard,
                 })
                 .collect(),
-            keys: s.key_count(),
+            keys,
             refused: lock(&self.inner.refused).clone().unwrap_or_default(),
             sessions: s.session_count(),
         }))

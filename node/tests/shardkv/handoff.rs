@@ -46,7 +46,7 @@ async fn old_owners_hold_no_copies_after_many_moves() {
             );
             assert_eq!(s.owned.keys().copied().collect::<BTreeSet<_>>(), mine);
             assert_eq!(
-                s.key_count(),
+                s.count_keys().unwrap(),
                 expected_keys as u64,
                 "group {gid} replica {i}"
             );
@@ -54,7 +54,11 @@ async fn old_owners_hold_no_copies_after_many_moves() {
         // The same, as the status RPC reports it.
         let status = cluster.status(gid, 0).await;
         assert!(status.outgoing.is_empty() && status.pulling.is_empty());
-        assert_eq!(status.keys as usize, expected_keys);
+        // An estimate, but never below the keys held, and 0 exactly when
+        // there are none.
+        let reported = status.keys as usize;
+        assert!(reported >= expected_keys, "{reported} < {expected_keys}");
+        assert_eq!(reported == 0, expected_keys == 0);
     }
 }
 
@@ -180,6 +184,6 @@ async fn bad_requests_are_refused_and_nothing_is_stored() {
     }
     assert_eq!(ck.get("k").await.unwrap(), None);
     for s in cluster.states(100) {
-        assert_eq!(s.lock().key_count(), 0);
+        assert_eq!(s.lock().count_keys().unwrap(), 0);
     }
 }
