@@ -357,7 +357,9 @@ pub fn decide(o: &Observed) -> Decision {
                 let holds_data = keys != Some(0);
                 if m.groups == 1 && holds_data && !o.allow_data_loss {
                     let what = match keys {
-                        Some(n) => format!("its shards hold {n} keys"),
+                        Some(n) => {
+                            format!("its shards hold keys (about {n}, by the store's estimate)")
+                        }
                         None => "it may hold data (no replica answered)".into(),
                     };
                     cond(

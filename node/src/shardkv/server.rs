@@ -1005,40 +1005,49 @@ impl ShardKv for KvServer {
         _request: Request<pb::GroupStatusRequest>,
     ) -> Result<Response<pb::GroupStatusReply>, Status> {
         let replica = self.inner.replica.status();
-        let s = self.inner.state.lock();
-        let keys = s.reported_key_count().map_err(store_status)?;
-        let (serving, pulling): (Vec<_>, Vec<_>) = s
-            .owned
-            .iter()
-            .partition(|(_, o)| o.status == super::state::ShardStatus::Serving);
-        Ok(Response::new(pb::GroupStatusReply {
-            gid: s.gid,
-            replica: replica.id,
-            leader: replica.role == RoleKind::Leader,
-            config_num: s.config.num,
-            serving: serving.into_iter().map(|(k, _)| *k).collect(),
-            pulling: pulling.into_iter().map(|(k, _)| *k).collect(),
-            outgoing: s
-                .outgoing
-                .keys()
-                .map(|(num, shard)| pb::OutgoingShard {
-                    config_num: *num,
-                    shard: *shard,
-                })
-                .collect(),
-            pending_deletes: s.pending_deletes.len() as u64,
-            applied_slot: replica.applied,
-            staged: (s.owned.keys())
-                .filter(|&&shard| matches!(s.pulling_copy(shard), Ok(Some((_, true)))))
-                .map(|&shard| pb::StagedShard {
-                    config_num: s.config.num,
-                    shard,
-                })
-                .collect(),
-            keys,
-            refused: lock(&self.inner.refused).clone().unwrap_or_default(),
-            sessions: s.session_count(),
-        }))
+        let (mut reply, census) = {
+            let s = self.inner.state.lock();
+            let (serving, pulling): (Vec<_>, Vec<_>) = s
+                .owned
+                .iter()
+                .partition(|(_, o)| o.status == super::state::ShardStatus::Serving);
+            let reply = pb::GroupStatusReply {
+                gid: s.gid,
+                replica: replica.id,
+                leader: replica.role == RoleKind::Leader,
+                config_num: s.config.num,
+                serving: serving.into_iter().map(|(k, _)| *k).collect(),
+                pulling: pulling.into_iter().map(|(k, _)| *k).collect(),
+                outgoing: s
+                    .outgoing
+                    .keys()
+                    .map(|(num, shard)| pb::OutgoingShard {
+                        config_num: *num,
+                        shard: *shard,
+                    })
+                    .collect(),
+                pending_deletes: s.pending_deletes.len() as u64,
+                applied_slot: replica.applied,
+                staged: (s.owned.keys())
+                    .filter(|&&shard| matches!(s.pulling_copy(shard), Ok(Some((_, true)))))
+                    .map(|&shard| pb::StagedShard {
+                        config_num: s.config.num,
+                        shard,
+                    })
+                    .collect(),
+                keys: 0,
+                refused: lock(&self.inner.refused).clone().unwrap_or_default(),
+                sessions: s.session_count(),
+            };
+            (reply, s.key_census())
+        };
+        // Its seeks step past deletions compaction has not yet dropped:
+        // never under the state's lock, nor on the runtime's threads.
+        let keys = tokio::task::spawn_blocking(move || census.reported())
+            .await
+            .map_err(|e| Status::internal(format!("key census: {e}")))?;
+        reply.keys = keys.map_err(store_status)?;
+        Ok(Response::new(reply))
     }
 }
 

@@ -248,6 +248,32 @@ pub struct FrozenCopy {
     pub copy: CopyId,
 }
 
+/// The copies a group holds and a view of its store, for the key figure
+/// its status reports.
+pub struct KeyCensus {
+    /// Owned (serving or being pulled) and outgoing copies.
+    copies: Vec<CopyId>,
+    /// The store's estimate of its data records.
+    approximate: u64,
+    /// The committed store when the copies were listed.
+    view: StoreView,
+}
+
+impl KeyCensus {
+    /// 0 exactly when no copy holds a key (one seek a copy, past the
+    /// deletions compaction has not yet dropped), otherwise the store's
+    /// estimate, at least 1: it counts versions and deletions not yet
+    /// merged, and copies still being dropped.
+    pub fn reported(&self) -> Result<u64, StoreError> {
+        for &copy in &self.copies {
+            if self.view.copy_has_keys(copy)? {
+                return Ok(self.approximate.max(1));
+            }
+        }
+        Ok(0)
+    }
+}
+
 /// [`OwnedShard`] as stores written before 2026-12-02 hold it, with a key
 /// count that is dropped when read.
 #[derive(Deserialize)]
@@ -1545,25 +1571,22 @@ impl KvState {
     }
 
     /// The keys held in owned and outgoing copies, as the status reports
-    /// them: 0 exactly when there are none (one seek a copy), otherwise
-    /// the store's estimate (it counts versions and deletions compaction
-    /// has not yet merged, and copies still being dropped), at least 1.
+    /// them (see [`KeyCensus::reported`]).
     pub fn reported_key_count(&self) -> Result<u64, StoreError> {
-        if !self.holds_keys()? {
-            return Ok(0);
-        }
-        Ok(self.store.approximate_data_records().max(1))
+        self.key_census().reported()
     }
 
-    /// Whether any owned or outgoing copy holds a key, as committed.
-    pub fn holds_keys(&self) -> Result<bool, StoreError> {
+    /// What the status's key figure needs, as committed: taken under the
+    /// state's lock, counted after it is released.
+    pub fn key_census(&self) -> KeyCensus {
         let owned = self.owned.values().map(|o| o.copy);
-        for copy in owned.chain(self.outgoing.values().map(|c| c.copy)) {
-            if self.store.copy_has_keys(copy)? {
-                return Ok(true);
-            }
+        KeyCensus {
+            copies: owned
+                .chain(self.outgoing.values().map(|c| c.copy))
+                .collect(),
+            approximate: self.store.approximate_data_records(),
+            view: self.store.view(),
         }
-        Ok(false)
     }
 
     /// The exact number of keys held, owned and outgoing: a scan of every
