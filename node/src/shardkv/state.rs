@@ -230,9 +230,9 @@ pub enum ShardStatus {
 /// A shard owned in the current configuration, and where its keys are.
 ///
 /// No key count: keeping one exact costs a read of the store before every
-/// Put and Delete (at 1 GiB of data, 40% of the write throughput). The
-/// status reports the store's estimate instead, and whether the group's
-/// copies hold any key, exactly.
+/// Put and Delete (at 1 GiB of data, about a third of the write
+/// throughput). The status reports the store's estimate instead, and
+/// whether the group's copies hold any key, exactly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OwnedShard {
     pub status: ShardStatus,
