@@ -251,7 +251,7 @@ pub struct FrozenCopy {
 /// The copies a group holds and a view of its store, for the key figure
 /// its status reports.
 pub struct KeyCensus {
-    /// Owned (serving or being pulled) and outgoing copies.
+    /// The copies held (see `KvState::held_copies`).
     copies: Vec<CopyId>,
     /// The store's estimate of its data records.
     approximate: u64,
@@ -399,7 +399,7 @@ impl FetchBoard {
     }
 
     /// Claims an open copy no fetch holds; false otherwise.
-    pub fn try_claim(&self, copy: CopyId) -> bool {
+    fn try_claim(&self, copy: CopyId) -> bool {
         match self.copies().get_mut(&copy) {
             Some(fetching) if !*fetching => {
                 *fetching = true;
@@ -431,7 +431,7 @@ impl FetchBoard {
     }
 
     /// Ends a claim.
-    pub fn release(&self, copy: CopyId) {
+    fn release(&self, copy: CopyId) {
         if let Some(fetching) = self.copies().get_mut(&copy) {
             *fetching = false;
         }
@@ -1570,20 +1570,18 @@ impl KvState {
         self.owned.values().map(|s| s.sessions).sum()
     }
 
-    /// The keys held in owned and outgoing copies, as the status reports
-    /// them (see [`KeyCensus::reported`]).
-    pub fn reported_key_count(&self) -> Result<u64, StoreError> {
-        self.key_census().reported()
+    /// The copies held: owned (serving or being pulled) and outgoing.
+    fn held_copies(&self) -> impl Iterator<Item = CopyId> + '_ {
+        let owned = self.owned.values().map(|o| o.copy);
+        owned.chain(self.outgoing.values().map(|c| c.copy))
     }
 
     /// What the status's key figure needs, as committed: taken under the
-    /// state's lock, counted after it is released.
+    /// state's lock, counted after it is released (see
+    /// [`KeyCensus::reported`]).
     pub fn key_census(&self) -> KeyCensus {
-        let owned = self.owned.values().map(|o| o.copy);
         KeyCensus {
-            copies: owned
-                .chain(self.outgoing.values().map(|c| c.copy))
-                .collect(),
+            copies: self.held_copies().collect(),
             approximate: self.store.approximate_data_records(),
             view: self.store.view(),
         }
@@ -1593,9 +1591,8 @@ impl KvState {
     /// copy, O(keys). For tests and checks, never on a request path.
     pub fn count_keys(&self) -> Result<u64, StoreError> {
         let view = self.store.view();
-        let owned = self.owned.values().map(|o| o.copy);
         let mut keys = 0;
-        for copy in owned.chain(self.outgoing.values().map(|c| c.copy)) {
+        for copy in self.held_copies() {
             keys += view.count_copy_keys(copy)?;
         }
         Ok(keys)
@@ -1946,7 +1943,7 @@ mod tests {
         let mut s = state(1);
         s.apply_command(Command::Reconfigure(config(1, vec![1, 1])));
         s.commit_turn().unwrap();
-        assert_eq!(s.reported_key_count().unwrap(), 0);
+        assert_eq!(s.key_census().reported().unwrap(), 0);
         let mut seq = 0;
         let mut write = |s: &mut KvState, kind, key: &str, value| {
             seq += 1;
@@ -1963,7 +1960,7 @@ mod tests {
         }
         s.commit_turn().unwrap();
         assert_eq!(s.count_keys().unwrap(), 10);
-        assert!(s.reported_key_count().unwrap() >= 10);
+        assert!(s.key_census().reported().unwrap() >= 10);
         for i in 0..10 {
             write(&mut s, OpKind::Delete, &format!("k{i}"), "");
         }
@@ -1973,7 +1970,7 @@ mod tests {
         assert_eq!(s.count_keys().unwrap(), 0);
         assert_eq!(get(&mut s, "k3"), CommandReply::Op(OpReply::Value(None)));
         // The deletions are still in the store; the figure is still 0.
-        assert_eq!(s.reported_key_count().unwrap(), 0);
+        assert_eq!(s.key_census().reported().unwrap(), 0);
     }
 
     #[test]
