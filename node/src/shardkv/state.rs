@@ -1648,14 +1648,8 @@ impl KvState {
                 old.gid, self.gid
             ));
         }
-        for copy in self
-            .owned
-            .values()
-            .map(|o| o.copy)
-            .chain(self.outgoing.values().map(|c| c.copy))
-        {
-            self.dropped.push(copy);
-        }
+        let held: Vec<CopyId> = self.held_copies().collect();
+        self.dropped.extend(held);
         self.config = old.config;
         self.prev_config = old.prev_config;
         self.pending_deletes = old.pending_deletes;
