@@ -8,6 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Serialize;
 use shardkv::shardkv::clerk::{Clerk, ClerkOptions};
+use shardkv::shardmaster::client::ShardMasterClient;
+use shardkv::shardmaster::Config;
 
 /// One operation's budget, retries included. Past it, the operation counts
 /// as an error.
@@ -29,6 +31,24 @@ impl TargetSpec {
             TargetSpec::Shardkv { .. } => "shardkv",
             TargetSpec::Etcd { .. } => "etcd",
         }
+    }
+
+    /// shardkv's configurations from `from` through the latest, to tell
+    /// which shards changed group during a run; `None` for etcd, which
+    /// has no shards.
+    pub async fn configs_since(&self, from: Option<u64>) -> Result<Option<Vec<Config>>, String> {
+        let TargetSpec::Shardkv { masters } = self else {
+            return Ok(None);
+        };
+        let client =
+            ShardMasterClient::new(masters, OPERATION_TIMEOUT).map_err(|e| e.to_string())?;
+        let latest = client.query(None).await.map_err(|e| e.to_string())?;
+        let mut configs = Vec::new();
+        for num in from.unwrap_or(latest.num)..latest.num {
+            configs.push(client.query(Some(num)).await.map_err(|e| e.to_string())?);
+        }
+        configs.push(latest);
+        Ok(Some(configs))
     }
 
     /// A client of its own, as one independent user would have.

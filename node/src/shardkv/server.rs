@@ -410,20 +410,23 @@ impl KvServer {
                 .peer_call_timeout
                 .max(Duration::from_secs(10));
             let job_source = source.clone();
+            let me = self.inner.replica.status().id as usize;
             // On a runtime of its own, on a blocking thread: the replica
             // thread may wait for this claim while holding the state's
             // lock, and this runtime's threads may be waiting for that lock.
             let fetch = tokio::task::spawn_blocking(move || {
                 let result = super::snapshot::own_runtime().and_then(|runtime| {
-                    runtime.block_on(super::snapshot::fetch_copy(
+                    super::snapshot::fetch_copy(
+                        &runtime,
                         &stager,
                         copy,
                         &job_source,
                         shard,
                         requester,
+                        me,
                         None,
                         timeout,
-                    ))
+                    )
                 });
                 drop(claim);
                 result

@@ -164,22 +164,29 @@ async fn connect(
 /// replica's store, from any of the source's servers, and marks it
 /// complete. With `expected`, the copy must be exactly that one (as the
 /// group logged it). Returns what was fetched.
-pub async fn fetch_copy(
+///
+/// The servers are tried from the one at `first` (mod their number): each
+/// replica of the receiving group passes its own id, so they read from
+/// different replicas of the source and not all from its first, often
+/// its leader, which also serves the shards that did not move.
+#[allow(clippy::too_many_arguments)]
+pub fn fetch_copy(
+    runtime: &tokio::runtime::Runtime,
     stager: &Stager,
     copy: CopyId,
     source: &Source,
     shard: u64,
     requester: Gid,
+    first: usize,
     expected: Option<CopySummary>,
     timeout: Duration,
 ) -> Result<CopySummary, String> {
     let mut errors = Vec::new();
-    for server in &source.servers {
+    let servers = source.servers.len();
+    for server in (0..servers).map(|i| &source.servers[(first + i) % servers]) {
         match fetch_copy_from(
-            stager, copy, server, source, shard, requester, expected, timeout,
-        )
-        .await
-        {
+            runtime, stager, copy, server, source, shard, requester, expected, timeout,
+        ) {
             Ok(summary) => return Ok(summary),
             Err(e) => errors.push(format!("{server}: {e}")),
         }
@@ -192,8 +199,11 @@ pub async fn fetch_copy(
     ))
 }
 
+/// One attempt at [`fetch_copy`], from one server. The stream is pulled a
+/// chunk at a time on `runtime` by the store's writer, which ingests it.
 #[allow(clippy::too_many_arguments)]
-async fn fetch_copy_from(
+fn fetch_copy_from(
+    runtime: &tokio::runtime::Runtime,
     stager: &Stager,
     copy: CopyId,
     server: &str,
@@ -204,21 +214,27 @@ async fn fetch_copy_from(
     timeout: Duration,
 ) -> Result<CopySummary, String> {
     stager.clear(copy).map_err(|e| e.to_string())?;
-    let mut client = connect(server, timeout).await?;
     let request = pb::PullShardRequest {
         config_num: source.config_num,
         shard,
         gid: requester,
     };
-    let mut stream = tokio::time::timeout(timeout, client.pull_shard_stream(request))
-        .await
-        .map_err(|_| "no answer".to_string())?
-        .map_err(|s| s.message().to_string())?
-        .into_inner();
-    let mut tally = Tally::default();
-    loop {
-        let chunk = tokio::time::timeout(timeout, stream.message())
+    let mut stream = runtime.block_on(async {
+        let mut client = connect(server, timeout).await?;
+        tokio::time::timeout(timeout, client.pull_shard_stream(request))
             .await
+            .map_err(|_| "no answer".to_string())?
+            .map_err(|s| s.message().to_string())
+            .map(|r| r.into_inner())
+    })?;
+    let mut tally = Tally::default();
+    let mut got = None;
+    stager.write_copy(copy, || {
+        if got.is_some() {
+            return Ok(None);
+        }
+        let chunk = runtime
+            .block_on(tokio::time::timeout(timeout, stream.message()))
             .map_err(|_| "stream stalled".to_string())?
             .map_err(|s| s.message().to_string())?
             .ok_or("stream ended before its last chunk")?;
@@ -227,22 +243,24 @@ async fn fetch_copy_from(
         for r in &records {
             tally.add(r);
         }
-        stager.add(copy, &records).map_err(|e| e.to_string())?;
         if chunk.last {
-            let got = tally.summary();
-            if got != summary_of(&chunk) {
+            let summary = tally.summary();
+            if summary != summary_of(&chunk) {
                 return Err(format!(
-                    "the stream does not match its summary: got {got:?}, sender sent {:?}",
+                    "the stream does not match its summary: got {summary:?}, sender sent {:?}",
                     summary_of(&chunk)
                 ));
             }
-            if expected.is_some_and(|e| e != got) {
-                return Err(format!("got {got:?}, the group logged {expected:?}"));
+            if expected.is_some_and(|e| e != summary) {
+                return Err(format!("got {summary:?}, the group logged {expected:?}"));
             }
-            stager.mark_staged(copy, got).map_err(|e| e.to_string())?;
-            return Ok(got);
+            got = Some(summary);
         }
-    }
+        Ok(Some(records))
+    })?;
+    let got = got.ok_or("stream ended before its last chunk")?;
+    stager.mark_staged(copy, got).map_err(|e| e.to_string())?;
+    Ok(got)
 }
 
 /// Fetches snapshots from the other replicas of a group over gRPC. Used by
@@ -280,16 +298,18 @@ impl PeerSource for GrpcSnapshotSource {
         shard: u64,
         expected: CopySummary,
     ) -> Result<(), String> {
-        let fetch = fetch_copy(
+        fetch_copy(
+            &own_runtime()?,
             stager,
             copy,
             source,
             shard,
             self.gid,
+            self.me as usize,
             Some(expected),
             self.chunk_timeout,
-        );
-        own_runtime()?.block_on(fetch).map(|_| ())
+        )
+        .map(|_| ())
     }
 
     fn fetch(&self, min_applied: Slot, import: &mut Import) -> Result<StreamSummary, String> {

@@ -388,54 +388,80 @@ pub trait PeerSource: Send + Sync {
 /// thread may wait for one while holding it.
 #[derive(Default)]
 pub struct FetchBoard {
-    /// Open copies; true while one is being fetched.
-    copies: std::sync::Mutex<BTreeMap<CopyId, bool>>,
+    /// Open copies, with the claim of the fetch writing one now, if any.
+    copies: std::sync::Mutex<Board>,
     released: std::sync::Condvar,
 }
 
+#[derive(Default)]
+struct Board {
+    copies: BTreeMap<CopyId, Option<ClaimId>>,
+    /// The last claim handed out: a claim ends only its own entry, so one
+    /// that outlived a reset (a fetch into the store a snapshot replaced)
+    /// cannot end a newer fetch's claim and let a third overlap it.
+    last_claim: ClaimId,
+}
+
+type ClaimId = u64;
+
 impl FetchBoard {
-    fn copies(&self) -> std::sync::MutexGuard<'_, BTreeMap<CopyId, bool>> {
+    fn board(&self) -> std::sync::MutexGuard<'_, Board> {
         self.copies.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Claims an open copy no fetch holds; false otherwise.
-    fn try_claim(&self, copy: CopyId) -> bool {
-        match self.copies().get_mut(&copy) {
-            Some(fetching) if !*fetching => {
-                *fetching = true;
-                true
+    /// Claims an open copy no fetch holds.
+    fn try_claim(&self, copy: CopyId) -> Option<ClaimId> {
+        let mut board = self.board();
+        board.last_claim += 1;
+        let id = board.last_claim;
+        match board.copies.get_mut(&copy) {
+            Some(claim @ None) => {
+                *claim = Some(id);
+                Some(id)
             }
-            _ => false,
+            _ => None,
         }
     }
 
-    /// Waits for a fetch of `copy` under way to end, then claims it; false
+    /// Waits for a fetch of `copy` under way to end, then claims it; `None`
     /// if it is not open.
-    fn claim_waiting(&self, copy: CopyId) -> bool {
-        let mut copies = self.copies();
+    fn claim_waiting(&self, copy: CopyId) -> Option<ClaimId> {
+        let mut board = self.board();
         loop {
-            match copies.get_mut(&copy) {
-                None => return false,
-                Some(fetching) if !*fetching => {
-                    *fetching = true;
-                    return true;
+            board.last_claim += 1;
+            let id = board.last_claim;
+            match board.copies.get_mut(&copy) {
+                None => return None,
+                Some(claim @ None) => {
+                    *claim = Some(id);
+                    return Some(id);
                 }
-                Some(_) => {
-                    copies = self
-                        .released
-                        .wait(copies)
-                        .unwrap_or_else(|e| e.into_inner());
+                Some(Some(_)) => {
+                    board = self.released.wait(board).unwrap_or_else(|e| e.into_inner());
                 }
             }
         }
     }
 
-    /// Ends a claim.
-    fn release(&self, copy: CopyId) {
-        if let Some(fetching) = self.copies().get_mut(&copy) {
-            *fetching = false;
+    /// Ends claim `id` of `copy`, if it is still the copy's claim.
+    fn release(&self, copy: CopyId, id: ClaimId) {
+        if let Some(claim) = self.board().copies.get_mut(&copy) {
+            if *claim == Some(id) {
+                *claim = None;
+            }
         }
         self.released.notify_all();
+    }
+
+    /// Waits for a fetch of `copy` under way to end, then claims it; the
+    /// claim ends when the guard is dropped. `None` if it is not open.
+    pub fn claim_waiting_guard(self: &Arc<Self>, copy: CopyId) -> Option<ReleaseOnDrop> {
+        let id = self.claim_waiting(copy)?;
+        Some(ReleaseOnDrop {
+            board: self.clone(),
+            copy,
+            id,
+        })
     }
 
     /// Claims an open copy no fetch holds and that no fetch has completed
@@ -446,12 +472,11 @@ impl FetchBoard {
         copy: CopyId,
         stager: &Stager,
     ) -> Option<ReleaseOnDrop> {
-        if !self.try_claim(copy) {
-            return None;
-        }
+        let id = self.try_claim(copy)?;
         let claim = ReleaseOnDrop {
             board: self.clone(),
             copy,
+            id,
         };
         // Checked under the claim: a fetch (the install's) may have
         // completed it since the caller looked, and fetching it again would
@@ -463,20 +488,24 @@ impl FetchBoard {
     }
 
     fn open(&self, copy: CopyId) {
-        self.copies().entry(copy).or_insert(false);
+        self.board().copies.entry(copy).or_insert(None);
     }
 
     /// The copy is installed: no fetch may write into it again.
     fn close(&self, copy: CopyId) {
-        self.copies().remove(&copy);
+        self.board().copies.remove(&copy);
         self.released.notify_all();
     }
 
-    /// Exactly `open` are open (after the state is loaded anew).
+    /// Exactly `open` are open (after the state is loaded anew). A claim
+    /// under way on a copy still open stays: its fetch writes into the
+    /// store that was replaced, and a new fetch of the copy waits for it.
     fn reset(&self, open: impl Iterator<Item = CopyId>) {
-        let mut copies = self.copies();
-        copies.clear();
-        copies.extend(open.map(|c| (c, false)));
+        let mut board = self.board();
+        let copies = open
+            .map(|c| (c, board.copies.get(&c).copied().flatten()))
+            .collect();
+        board.copies = copies;
         self.released.notify_all();
     }
 }
@@ -485,11 +514,12 @@ impl FetchBoard {
 pub struct ReleaseOnDrop {
     board: Arc<FetchBoard>,
     copy: CopyId,
+    id: ClaimId,
 }
 
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
-        self.board.release(self.copy);
+        self.board.release(self.copy, self.id);
     }
 }
 
@@ -1343,7 +1373,7 @@ impl KvState {
         let copy = owned.copy;
         // No fetch may be writing into it (none is for a shard installed
         // this way, but make sure), and none may from now on.
-        self.fetches.claim_waiting(copy);
+        let _ = self.fetches.claim_waiting(copy);
         self.fetches.close(copy);
         let Some(owned) = self.owned.get_mut(&shard) else {
             return false;
@@ -1420,10 +1450,9 @@ impl KvState {
         let (gid, source, shard, summary) = (self.gid, source.clone(), *shard, *summary);
         Some(Box::new(move || {
             // A background fetch under way finishes first.
-            if !board.claim_waiting(copy) {
+            let Some(claim) = board.claim_waiting_guard(copy) else {
                 return;
-            }
-            let claim = ReleaseOnDrop { board, copy };
+            };
             let fetched = match stager.staged(copy) {
                 Ok(Some(staged)) if staged == summary => Ok(()),
                 _ => peers.fetch_copy(&stager, copy, &source, shard, summary),
@@ -1456,7 +1485,7 @@ impl KvState {
         // fetch writes into this copy.
         let board = self.fetches.clone();
         let claimed = board.claim_waiting(copy);
-        debug_assert!(claimed, "a copy being pulled is open");
+        debug_assert!(claimed.is_some(), "a copy being pulled is open");
         board.close(copy);
         if self.store.staged(copy)? != Some(summary) {
             // The fetch before this apply (`fetch_before_install`) failed:
@@ -2742,7 +2771,8 @@ mod tests {
                 .copy_stream(*from)
                 .collect::<Result<_, _>>()
                 .map_err(|e| e.to_string())?;
-            stager.add(copy, &records).map_err(|e| e.to_string())?;
+            let mut chunk = Some(records);
+            stager.write_copy(copy, || Ok(chunk.take()))?;
             stager
                 .mark_staged(copy, expected)
                 .map_err(|e| e.to_string())
@@ -2788,6 +2818,32 @@ mod tests {
             },
         };
         (a, b, install, moving)
+    }
+
+    #[test]
+    fn a_claim_that_outlived_a_reset_neither_lapses_nor_ends_a_newer_one() {
+        let copy = CopyId {
+            shard: 1,
+            generation: 2,
+        };
+        let board = FetchBoard::default();
+        board.open(copy);
+        let old = board.try_claim(copy).unwrap();
+        // A snapshot replaced the store while that fetch ran.
+        board.reset([copy].into_iter());
+        assert!(
+            board.try_claim(copy).is_none(),
+            "the fetch under way lapsed"
+        );
+        board.release(copy, old);
+        let new = board.try_claim(copy).unwrap();
+        board.release(copy, old);
+        assert!(
+            board.try_claim(copy).is_none(),
+            "a stale claim's release ended a newer fetch's claim"
+        );
+        board.release(copy, new);
+        assert!(board.try_claim(copy).is_some());
     }
 
     #[test]

@@ -88,6 +88,13 @@ fn check_key(path: &Path, key: &[u8]) -> Result<(), StoreError> {
 pub const DROP_KEYS_PER_TURN: usize = 4096;
 
 const META_APPLIED: &[u8] = b"applied";
+/// The applied slot again, in each other keyspace, written by every
+/// commit: after a crash all four agree unless a keyspace's table holds
+/// writes its journal lost (see [`Store::open`]). Local, as the garbage
+/// list is: snapshots leave it out. After every copy's range (no shard is
+/// numbered 0xFFFF_FFFF) and every key under 16 bytes of 0xFF.
+const APPLIED_MARKER: &[u8] =
+    b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xffapplied";
 const META_STATE: &[u8] = b"state";
 /// Copies being dropped (local, not replicated: nothing reads them).
 const META_GARBAGE: &[u8] = b"garbage";
@@ -229,32 +236,108 @@ impl Stager {
         Ok(())
     }
 
-    /// Writes one chunk of a copy's records (keys without the copy prefix).
-    pub fn add(&self, copy: CopyId, records: &[Record]) -> Result<(), StoreError> {
-        let mut batch = self.db.batch();
-        for r in records {
-            match r.space {
-                Space::Data | Space::Sessions => {}
-                other => {
-                    return Err(StoreError::BadStream {
-                        path: self.path.clone(),
-                        message: format!("a shard stream holds a {other:?} record"),
-                    })
+    /// Writes a copy's records (keys without the copy prefix) chunk by
+    /// chunk as `next_chunk` yields them, until it yields `None`.
+    ///
+    /// The data goes to the engine as an ingestion: straight into new
+    /// tables, in key order, without the journal or a memtable. Through
+    /// write batches a copy was written four times (journal, memtable
+    /// flush, two compactions) and cost the receiving replicas most of a
+    /// move's CPU. Sessions, a few per client, go in ordinary batches.
+    ///
+    /// An ingestion, once started, is always finished, even when the
+    /// stream fails: its tables are then registered under the copy's
+    /// prefix like the partial batches they replace, and the next attempt
+    /// clears them ([`Stager::clear`]); never left as files the engine
+    /// does not know. Finishing flushes the data keyspace's memtable: safe
+    /// after a `kill -9` because every commit reaches the OS before its
+    /// writes reach a memtable ([`Store::commit`]). Other batches (clears,
+    /// staged markers, sweeps) may lose their other keyspaces' part while
+    /// the data part survives; each is redone whole, so that only repeats
+    /// it. Finishing holds the engine's journal lock, so commits wait for
+    /// that flush: at most one memtable's worth.
+    pub fn write_copy(
+        &self,
+        copy: CopyId,
+        mut next_chunk: impl FnMut() -> Result<Option<Vec<Record>>, String>,
+    ) -> Result<(), String> {
+        let data = &self.spaces[Space::Data as usize];
+        let mut ingestion = None;
+        let mut last_data_key: Option<Vec<u8>> = None;
+        let mut write = |records: Vec<Record>, ingestion: &mut Option<_>| {
+            let mut sessions = self.db.batch();
+            for r in records {
+                if r.key.is_empty() || r.key.len() > USER_KEY_BYTES_MAX {
+                    return Err(self
+                        .bad_stream(format!("a shard stream has a key of {} bytes", r.key.len())));
+                }
+                let key = copy.key(&r.key);
+                match r.space {
+                    Space::Data => {
+                        // The engine panics on keys out of order: refuse
+                        // them as the bad input they are.
+                        if last_data_key.as_ref().is_some_and(|last| key <= *last) {
+                            return Err(self.bad_stream(
+                                "a shard stream's data keys are not in ascending order".into(),
+                            ));
+                        }
+                        last_data_key = Some(key.clone());
+                        if ingestion.is_none() {
+                            *ingestion = Some(data.start_ingestion().map_err(|e| self.err(e))?);
+                        }
+                        if let Some(ingestion) = ingestion.as_mut() {
+                            ingestion
+                                .write(key, r.value.to_vec())
+                                .map_err(|e| self.err(e))?;
+                        }
+                    }
+                    Space::Sessions => sessions.insert(
+                        &self.spaces[Space::Sessions as usize],
+                        key,
+                        r.value.to_vec(),
+                    ),
+                    other => {
+                        return Err(
+                            self.bad_stream(format!("a shard stream holds a {other:?} record"))
+                        )
+                    }
                 }
             }
-            if r.key.is_empty() || r.key.len() > USER_KEY_BYTES_MAX {
-                return Err(StoreError::BadStream {
-                    path: self.path.clone(),
-                    message: format!("a shard stream has a key of {} bytes", r.key.len()),
-                });
+            sessions.commit().map_err(|e| self.err(e))
+        };
+        let written = loop {
+            match next_chunk() {
+                Ok(Some(records)) => {
+                    if let Err(e) = write(records, &mut ingestion) {
+                        break Err(e.to_string());
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
             }
-            batch.insert(
-                &self.spaces[r.space as usize],
-                copy.key(&r.key),
-                r.value.to_vec(),
-            );
+        };
+        let finished = match ingestion {
+            Some(ingestion) => ingestion.finish().map_err(|e| self.err(e).to_string()),
+            None => Ok(()),
+        };
+        match (written, finished) {
+            (Err(e), Err(f)) => {
+                tracing::warn!(error = %f, "cannot register a cut-short copy's tables");
+                Err(e)
+            }
+            (written, finished) => written.and(finished),
         }
-        batch.commit().map_err(|e| engine_error(&self.path, e))
+    }
+
+    fn err(&self, e: fjall::Error) -> StoreError {
+        engine_error(&self.path, e)
+    }
+
+    fn bad_stream(&self, message: String) -> StoreError {
+        StoreError::BadStream {
+            path: self.path.clone(),
+            message,
+        }
     }
 
     /// The summary of `copy`, once a fetch has completed it.
@@ -452,6 +535,15 @@ impl Store {
         std::fs::create_dir_all(base).map_err(|e| engine_error(base, e))?;
         let generation = read_current(base)?;
         remove_other_generations(base, generation)?;
+        Self::open_generation(base, generation, temporary, options)
+    }
+
+    fn open_generation(
+        base: &Path,
+        generation: u64,
+        temporary: bool,
+        options: StoreOptions,
+    ) -> Result<Store, StoreError> {
         let path = generation_dir(base, generation);
         let (db, spaces) = open_db(&path, options)?;
         let mut store = Store {
@@ -466,6 +558,7 @@ impl Store {
             options,
             sweep_from: BTreeMap::new(),
         };
+        store.check_applied_markers()?;
         if let Some(bytes) = store.read_committed(Space::Meta, META_GARBAGE)? {
             store.garbage = postcard::from_bytes(&bytes).map_err(|e| StoreError::Corrupt {
                 path: store.path.clone(),
@@ -477,6 +570,43 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Refuses a store whose keyspaces reached different commits. Each
+    /// keyspace is replayed from the one journal, so they agree after any
+    /// `kill -9`; they disagree only when an OS crash or power loss took
+    /// journal pages not yet synced while a table written from them
+    /// survived. Its data is then ahead of its applied slot, and the log's
+    /// replay would apply some commands twice: the replica must be rebuilt
+    /// from its peers instead. (A store written before the markers has
+    /// none until its first commit.)
+    fn check_applied_markers(&self) -> Result<(), StoreError> {
+        let slot = |space: Space, key: &[u8]| -> Result<Option<Slot>, StoreError> {
+            let Some(bytes) = self.read_committed(space, key)? else {
+                return Ok(None);
+            };
+            let bytes: [u8; 8] = bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                path: self.path.clone(),
+                message: format!("the applied slot in {space:?} is not 8 bytes"),
+            })?;
+            Ok(Some(u64::from_be_bytes(bytes)))
+        };
+        let applied = slot(Space::Meta, META_APPLIED)?;
+        for space in [Space::Data, Space::Sessions, Space::Idle] {
+            let marker = slot(space, APPLIED_MARKER)?;
+            if marker.is_some() && marker != applied {
+                return Err(StoreError::Corrupt {
+                    path: self.path.clone(),
+                    message: format!(
+                        "its {space:?} keyspace reaches slot {} but the group state {}: \
+                         writes lost from its journal in an OS crash survived in a table",
+                        marker.unwrap_or(0),
+                        applied.unwrap_or(0)
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn space(&self, space: Space) -> &fjall::Keyspace {
@@ -599,7 +729,23 @@ impl Store {
             META_APPLIED,
             applied.to_be_bytes().to_vec(),
         );
-        batch.commit().map_err(|e| engine_error(&self.path, e))
+        for space in [Space::Data, Space::Sessions, Space::Idle] {
+            batch.insert(
+                self.space(space),
+                APPLIED_MARKER,
+                applied.to_be_bytes().to_vec(),
+            );
+        }
+        // The journal buffers its tail in the process. The engine's own
+        // flushes hand that buffer to the OS first, but a copy's ingestion
+        // flushes the data memtable without: its table could then hold
+        // writes a `kill -9` takes from the journal, the data ahead of its
+        // applied slot. Handed to the OS here, before the batch reaches a
+        // memtable (one write(2), no fsync).
+        batch
+            .durability(Some(fjall::PersistMode::Buffer))
+            .commit()
+            .map_err(|e| engine_error(&self.path, e))
     }
 
     /// Makes every commit so far durable.
@@ -746,11 +892,19 @@ impl Store {
         }
         let generation = import.generation;
         write_current(&self.base, generation)?;
-        let reopened = Store::open_with(&self.base, self.temporary, self.options)?;
+        let reopened =
+            Store::open_generation(&self.base, generation, self.temporary, self.options)?;
         // The old handles go first (the temporary flag must not remove the
         // base with them).
         self.temporary = false;
         *self = reopened;
+        // After the switch, and not fatal: a shard fetch under way may
+        // still be writing files into the old generation (its writes are
+        // lost, and it is retried into this one). What is left goes at the
+        // next open.
+        if let Err(e) = remove_other_generations(&self.base, generation) {
+            tracing::warn!(error = %e, "cannot yet remove the store's old generation");
+        }
         Ok(())
     }
 }
@@ -804,7 +958,9 @@ impl StoreView {
     }
 
     /// Every record, keyspace by keyspace in key order, leaving out copies
-    /// being dropped and the local garbage list: what a snapshot carries.
+    /// being dropped, the local garbage list and the commit markers: what
+    /// a snapshot carries. (The store built from it has no markers until
+    /// its first commit, which [`Store::check_applied_markers`] allows.)
     pub fn records(&self) -> impl Iterator<Item = Result<Record, StoreError>> + '_ {
         SPACES.into_iter().flat_map(move |space| {
             self.snapshot
@@ -828,6 +984,7 @@ impl StoreView {
     fn excluded(&self, r: &Record) -> bool {
         match r.space {
             Space::Meta => r.key.as_ref() == META_GARBAGE,
+            _ if r.key.as_ref() == APPLIED_MARKER => true,
             _ => {
                 r.key.len() >= 12 && {
                     let shard = u32::from_be_bytes(r.key[..4].try_into().unwrap_or_default());
@@ -978,6 +1135,222 @@ impl Import {
         Ok(FinishedImport {
             generation: self.generation,
         })
+    }
+}
+
+#[cfg(test)]
+mod crash {
+    //! The store after a `kill -9`: what a commit wrote is all there or not
+    //! at all, across keyspaces, even when a memtable was flushed.
+    use super::*;
+
+    const CHILD: &str = "SHARDKV_STORE_CRASH_CHILD";
+
+    fn data_key() -> Vec<u8> {
+        CopyId {
+            shard: 1,
+            generation: 1,
+        }
+        .key(b"k")
+    }
+
+    /// Runs this test again in a child process, with `CHILD` set to the
+    /// store's path: the child writes, then dies without a destructor.
+    fn run_child(test: &str, base: &Path) {
+        let name = format!(
+            "{}::{test}",
+            module_path!().split_once("::").map_or("", |(_, m)| m)
+        );
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", &name, "--test-threads=1", "--nocapture"])
+            .env(CHILD, base)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(!status.success(), "the child was meant to abort");
+    }
+
+    #[test]
+    fn a_commit_flushed_by_an_ingestion_survives_a_kill_with_its_applied_slot() {
+        if let Some(base) = std::env::var_os(CHILD) {
+            let mut store = Store::open(Path::new(&base), StoreOptions::default()).unwrap();
+            store.put(Space::Data, data_key(), Bytes::from_static(b"v"));
+            store.commit(7, None, vec![]).unwrap();
+            // A copy's ingestion flushes the data memtable to a table,
+            // and unlike the engine's own flushes it does not first hand
+            // the journal's buffer to the OS.
+            let incoming = CopyId {
+                shard: 2,
+                generation: 3,
+            };
+            let record = Record {
+                space: Space::Data,
+                key: Bytes::from_static(b"x"),
+                value: Bytes::from_static(b"y"),
+            };
+            let mut chunk = Some(vec![record]);
+            store
+                .stager()
+                .write_copy(incoming, || Ok(chunk.take()))
+                .unwrap();
+            std::process::abort();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("state");
+        run_child(
+            "a_commit_flushed_by_an_ingestion_survives_a_kill_with_its_applied_slot",
+            &base,
+        );
+        let store = Store::open(&base, StoreOptions::default()).unwrap();
+        assert_eq!(store.load_meta().unwrap().0, 7);
+        assert_eq!(
+            store.get(Space::Data, &data_key()).unwrap(),
+            Some(Bytes::from_static(b"v"))
+        );
+    }
+
+    #[test]
+    fn a_store_whose_keyspaces_reach_different_commits_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("state");
+        {
+            let mut store = Store::open(&base, StoreOptions::default()).unwrap();
+            store.put(Space::Data, data_key(), Bytes::from_static(b"v"));
+            store.commit(5, None, vec![]).unwrap();
+            // What an OS crash can leave: a table of the data keyspace
+            // with a later commit than the journal kept for the others.
+            store
+                .space(Space::Data)
+                .insert(APPLIED_MARKER, 9u64.to_be_bytes())
+                .unwrap();
+            store.persist().unwrap();
+        }
+        match Store::open(&base, StoreOptions::default()) {
+            Err(e) => {
+                assert!(e.is_corrupt(), "{e}");
+                assert!(
+                    e.to_string().contains("Data keyspace reaches slot 9"),
+                    "{e}"
+                );
+            }
+            Ok(_) => panic!("a store whose keyspaces disagree opened"),
+        }
+    }
+
+    #[test]
+    fn a_store_written_before_the_markers_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("state");
+        {
+            let store = Store::open(&base, StoreOptions::default()).unwrap();
+            store
+                .space(Space::Meta)
+                .insert(META_APPLIED, 5u64.to_be_bytes())
+                .unwrap();
+            store.persist().unwrap();
+        }
+        let store = Store::open(&base, StoreOptions::default()).unwrap();
+        assert_eq!(store.load_meta().unwrap().0, 5);
+    }
+}
+
+#[cfg(test)]
+mod ingest {
+    //! A shard copy written by [`Stager::write_copy`].
+    use super::*;
+
+    const COPY: CopyId = CopyId {
+        shard: 4,
+        generation: 2,
+    };
+
+    fn data(i: u32) -> Record {
+        Record {
+            space: Space::Data,
+            key: Bytes::from(format!("key-{i:06}")),
+            value: Bytes::from(vec![i as u8; 1000]),
+        }
+    }
+
+    fn session(client: u8) -> Record {
+        Record {
+            space: Space::Sessions,
+            key: Bytes::from(vec![client]),
+            value: Bytes::from_static(b"dup"),
+        }
+    }
+
+    fn copy_of(store: &Store) -> Vec<Record> {
+        store
+            .view()
+            .copy_stream(COPY)
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_copy_is_written_whole_in_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state"), StoreOptions::default()).unwrap();
+        let mut expected: Vec<Record> = (0..3000).map(data).collect();
+        expected.extend([session(1), session(2)]);
+        let mut chunks = expected.chunks(700).map(<[Record]>::to_vec);
+        store
+            .stager()
+            .write_copy(COPY, || Ok(chunks.next()))
+            .unwrap();
+        assert_eq!(copy_of(&store), expected);
+    }
+
+    #[test]
+    fn a_cut_short_copy_is_cleared_and_written_again_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("state");
+        let store = Store::open(&base, StoreOptions::default()).unwrap();
+        let stager = store.stager();
+        let expected: Vec<Record> = (0..2000).map(data).collect();
+        let mut chunks = expected[..1500].chunks(500).map(<[Record]>::to_vec);
+        let cut = stager.write_copy(COPY, || match chunks.next() {
+            Some(chunk) => Ok(Some(chunk)),
+            None => Err("the source went away".into()),
+        });
+        assert_eq!(cut, Err("the source went away".to_string()));
+        // The attempt's tables are registered, not orphaned: its records
+        // are visible until the next attempt clears them.
+        assert_eq!(copy_of(&store).len(), 1500);
+        stager.clear(COPY).unwrap();
+        assert!(copy_of(&store).is_empty());
+        let mut chunks = expected.chunks(500).map(<[Record]>::to_vec);
+        stager.write_copy(COPY, || Ok(chunks.next())).unwrap();
+        assert_eq!(copy_of(&store), expected);
+        drop((stager, store));
+        let store = Store::open(&base, StoreOptions::default()).unwrap();
+        assert_eq!(copy_of(&store), expected);
+    }
+
+    #[test]
+    fn data_keys_out_of_order_are_refused_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state"), StoreOptions::default()).unwrap();
+        for records in [vec![data(2), data(1)], vec![data(1), data(1)]] {
+            let mut chunk = Some(records);
+            let e = store
+                .stager()
+                .write_copy(COPY, || Ok(chunk.take()))
+                .unwrap_err();
+            assert!(e.contains("not in ascending order"), "{e}");
+            store.stager().clear(COPY).unwrap();
+        }
+        let mut chunk = Some(vec![Record {
+            space: Space::Meta,
+            key: Bytes::from_static(b"applied"),
+            value: Bytes::from_static(b"x"),
+        }]);
+        let e = store
+            .stager()
+            .write_copy(COPY, || Ok(chunk.take()))
+            .unwrap_err();
+        assert!(e.contains("holds a Meta record"), "{e}");
     }
 }
 
