@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use tokio::task::{JoinHandle, JoinSet};
 use tonic::{Request, Response, Status};
 
@@ -27,6 +28,10 @@ use crate::shardmaster::{Config, Gid};
 
 /// Shard transfers can be large; client requests are bounded by [`Limits`].
 pub(crate) const MESSAGE_BYTES_MAX: usize = 256 << 20;
+
+/// Shard copies one replica fetches at once. Each holds a few chunks in
+/// memory (see `snapshot::CHUNKS_IN_FLIGHT`) and one blocking thread.
+const FETCHES_IN_FLIGHT: usize = 2;
 
 /// Test-only fault injection: the lab's "unreliable network" at the RPC
 /// layer. A dropped request is refused unexecuted; a dropped reply is
@@ -387,61 +392,78 @@ impl KvServer {
         let Ok(latest) = self.inner.masters.query(None).await else {
             return;
         };
-        for (shard, copy) in pulling {
-            let source = match self.locate(num, shard, &prev, &latest).await {
-                Ok(Some(source)) if source.gid != self.inner.gid => source,
-                // Nothing to fetch: the leader installs it from the log.
-                Ok(_) => continue,
-                Err(e) => {
-                    tracing::debug!(shard, error = %e, "cannot locate a shard to fetch");
-                    continue;
-                }
-            };
-            let (stager, board) = self.inner.state.lock().stager();
-            // Skipped if the install has closed the copy, a fetch holds it,
-            // or one has completed it since it was listed.
-            let Some(claim) = board.claim_unfetched(copy, &stager) else {
-                continue;
-            };
-            let requester = self.inner.gid;
-            let timeout = self
-                .inner
-                .options
-                .peer_call_timeout
-                .max(Duration::from_secs(10));
-            let job_source = source.clone();
-            let me = self.inner.replica.status().id as usize;
-            // On a runtime of its own, on a blocking thread: the replica
-            // thread may wait for this claim while holding the state's
-            // lock, and this runtime's threads may be waiting for that lock.
-            let fetch = tokio::task::spawn_blocking(move || {
-                let result = super::snapshot::own_runtime().and_then(|runtime| {
-                    super::snapshot::fetch_copy(
-                        &runtime,
-                        &stager,
-                        copy,
-                        &job_source,
-                        shard,
-                        requester,
-                        me,
-                        None,
-                        timeout,
-                    )
-                });
-                drop(claim);
-                result
-            });
-            let fetch = async { fetch.await.map_err(|e| e.to_string()).and_then(|r| r) };
-            match fetch.await {
-                Ok(summary) => tracing::info!(
-                    shard,
-                    num,
-                    from = source.gid,
-                    keys = summary.keys,
-                    "fetched a shard copy"
-                ),
-                Err(e) => tracing::debug!(shard, num, error = %e, "shard fetch failed; will retry"),
+        // A few at once: a copy's fetch waits on round trips, the
+        // source's reads and the ingestion's final sync, which overlap.
+        futures::stream::iter(pulling)
+            .for_each_concurrent(FETCHES_IN_FLIGHT, |(shard, copy)| {
+                self.stage_one(num, shard, copy, &prev, &latest)
+            })
+            .await;
+    }
+
+    /// Fetches one copy the group is pulling, unless another fetch holds or
+    /// has completed it.
+    async fn stage_one(
+        &self,
+        num: u64,
+        shard: u64,
+        copy: super::store::CopyId,
+        prev: &Config,
+        latest: &Config,
+    ) {
+        let source = match self.locate(num, shard, prev, latest).await {
+            Ok(Some(source)) if source.gid != self.inner.gid => source,
+            // Nothing to fetch: the leader installs it from the log.
+            Ok(_) => return,
+            Err(e) => {
+                tracing::debug!(shard, error = %e, "cannot locate a shard to fetch");
+                return;
             }
+        };
+        let (stager, board) = self.inner.state.lock().stager();
+        // Skipped if the install has closed the copy, a fetch holds it,
+        // or one has completed it since it was listed.
+        let Some(claim) = board.claim_unfetched(copy, &stager) else {
+            return;
+        };
+        let requester = self.inner.gid;
+        let timeout = self
+            .inner
+            .options
+            .peer_call_timeout
+            .max(Duration::from_secs(10));
+        let job_source = source.clone();
+        let me = self.inner.replica.status().id as usize;
+        // On a runtime of its own, on a blocking thread: the replica
+        // thread may wait for this claim while holding the state's
+        // lock, and this runtime's threads may be waiting for that lock.
+        let fetch = tokio::task::spawn_blocking(move || {
+            let result = super::snapshot::own_runtime().and_then(|runtime| {
+                super::snapshot::fetch_copy(
+                    &runtime,
+                    &stager,
+                    copy,
+                    &job_source,
+                    shard,
+                    requester,
+                    me,
+                    None,
+                    timeout,
+                )
+            });
+            drop(claim);
+            result
+        });
+        let fetch = async { fetch.await.map_err(|e| e.to_string()).and_then(|r| r) };
+        match fetch.await {
+            Ok(summary) => tracing::info!(
+                shard,
+                num,
+                from = source.gid,
+                keys = summary.keys,
+                "fetched a shard copy"
+            ),
+            Err(e) => tracing::debug!(shard, num, error = %e, "shard fetch failed; will retry"),
         }
     }
 

@@ -233,8 +233,10 @@ fn fetch_copy_from(
         if got.is_some() {
             return Ok(None);
         }
+        // Inside the runtime: a timeout takes the timer of the runtime it
+        // is made in, and the replica thread is in none.
         let chunk = runtime
-            .block_on(tokio::time::timeout(timeout, stream.message()))
+            .block_on(async { tokio::time::timeout(timeout, stream.message()).await })
             .map_err(|_| "stream stalled".to_string())?
             .map_err(|s| s.message().to_string())?
             .ok_or("stream ended before its last chunk")?;
