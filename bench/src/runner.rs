@@ -391,3 +391,41 @@ async fn client_loop(
     }
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shardkv::shardmaster::Config;
+
+    fn config(num: u64, shards: Vec<u64>) -> Config {
+        Config {
+            num,
+            shards,
+            groups: Default::default(),
+        }
+    }
+
+    #[test]
+    fn operations_split_by_whether_their_shard_changed_group() {
+        // Shard 1 moves to group 2; shard 3 goes away and comes back.
+        let configs = [
+            config(4, vec![1, 1, 1, 1]),
+            config(5, vec![1, 2, 1, 2]),
+            config(6, vec![1, 2, 1, 1]),
+        ];
+        let ops = [(0, Some(100)), (1, Some(5000)), (3, None), (2, Some(200))];
+        let split = split_by_move(&configs, &ops).unwrap();
+        assert_eq!(split.moved_shards, vec![1, 3]);
+        assert_eq!((split.moved.operations, split.moved.errors), (1, 1));
+        assert_eq!((split.unmoved.operations, split.unmoved.errors), (2, 0));
+        assert!(split.unmoved.latency_us.max < 250);
+        assert!(split.moved.latency_us.max >= 5000);
+    }
+
+    #[test]
+    fn a_run_in_which_no_shard_moved_is_not_split() {
+        let configs = [config(4, vec![1, 2]), config(5, vec![1, 2])];
+        assert!(split_by_move(&configs, &[(0, Some(1))]).is_none());
+        assert!(split_by_move(&[], &[(0, Some(1))]).is_none());
+    }
+}

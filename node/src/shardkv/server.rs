@@ -434,10 +434,12 @@ impl KvServer {
             .max(Duration::from_secs(10));
         let job_source = source.clone();
         let me = self.inner.replica.status().id as usize;
-        // On a runtime of its own, on a blocking thread: the replica
-        // thread may wait for this claim while holding the state's
-        // lock, and this runtime's threads may be waiting for that lock.
-        let fetch = tokio::task::spawn_blocking(move || {
+        // On a runtime of its own, on a thread of its own: the replica
+        // thread may wait for this claim while holding the state's lock,
+        // and this runtime's threads may be waiting for that lock. At a
+        // lower priority, so the shards being served go first.
+        let (done, fetched) = tokio::sync::oneshot::channel();
+        let started = super::snapshot::spawn_transfer("copy-fetch", move || {
             let result = super::snapshot::own_runtime().and_then(|runtime| {
                 super::snapshot::fetch_copy(
                     &runtime,
@@ -452,9 +454,14 @@ impl KvServer {
                 )
             });
             drop(claim);
-            result
+            let _ = done.send(result);
         });
-        let fetch = async { fetch.await.map_err(|e| e.to_string()).and_then(|r| r) };
+        let fetch = async {
+            started.map_err(|e| format!("cannot start a fetch thread: {e}"))?;
+            fetched
+                .await
+                .map_err(|_| "the fetch thread ended without a result".to_string())?
+        };
         match fetch.await {
             Ok(summary) => tracing::info!(
                 shard,

@@ -36,6 +36,35 @@ pub const CHUNK_DECODE_BYTES_MAX: usize = super::state::STORED_VALUE_BYTES_MAX +
 
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotChunk, Status>> + Send>>;
 
+/// The nice value of a transfer's threads (Linux's is per thread): a shard
+/// copy or snapshot sent or received competes for the CPU with the reads
+/// and writes of the shards that did not move, and yields to them, as
+/// TiKV runs its snapshots on low-priority pools.
+pub const TRANSFER_NICE: i32 = 10;
+
+/// Starts `work` on a thread of its own at [`TRANSFER_NICE`] (or the
+/// node's own nice value, if higher). Not on the
+/// blocking pool: a pooled thread would keep the lower priority for the
+/// unrelated work it runs next, and cannot get its priority back without
+/// privileges.
+pub(crate) fn spawn_transfer<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<T>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            // Never raised: a node already run at a higher nice keeps it.
+            let me = Some(rustix::thread::gettid());
+            let lowered = rustix::process::getpriority_process(me)
+                .and_then(|nice| rustix::process::setpriority_process(me, nice.max(TRANSFER_NICE)));
+            if let Err(e) = lowered {
+                tracing::debug!(error = %e, "cannot lower a transfer thread's priority");
+            }
+            work()
+        })
+}
+
 /// Streams `view` as chunks; the last one carries the summary.
 pub fn serve(view: StoreView) -> Result<ChunkStream, Status> {
     spawn_stream(view, |view| Box::new(view.records()))
@@ -57,7 +86,7 @@ fn spawn_stream(
         .applied()
         .map_err(|e| Status::internal(e.to_string()))?;
     let (tx, rx) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
-    tokio::task::spawn_blocking(move || {
+    spawn_transfer("stream-send", move || {
         let mut tally = Tally::default();
         let mut chunk: Vec<Record> = Vec::new();
         let mut bytes = 0;
@@ -102,7 +131,8 @@ fn spawn_stream(
         if let Err(status) = result {
             let _ = tx.blocking_send(Err(status));
         }
-    });
+    })
+    .map_err(|e| Status::resource_exhausted(format!("cannot start a thread to stream: {e}")))?;
     Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
 }
 
@@ -406,5 +436,23 @@ impl GrpcSnapshotSource {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transfer_thread_runs_at_the_lower_priority_and_others_do_not() {
+        let niceness = || rustix::process::getpriority_process(Some(rustix::thread::gettid()));
+        let before = niceness().unwrap();
+        let inside = spawn_transfer("test-transfer", niceness)
+            .unwrap()
+            .join()
+            .unwrap()
+            .unwrap();
+        assert_eq!(inside, before.max(TRANSFER_NICE));
+        assert_eq!(niceness().unwrap(), before, "the caller's priority changed");
     }
 }
