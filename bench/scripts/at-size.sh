@@ -91,6 +91,7 @@ m = json.load(open('$OUT/join.json'))['by_move']
 for name, label in (('moved', 'the %d that moved' % len(m['moved_shards'])), ('unmoved', 'the others')):
     s = m[name]; l = s['latency_us']
     print('  on %s: %d ops, p99 %.1f ms, max %.1f ms, %d errors' % (label, s['operations'], l['p99'] / 1e3, l['max'] / 1e3, s['errors']))
+    print('    p99 ms by second (the join begins at about 5): ' + ' '.join('%d:%.0f' % (b['second'], b['p99_us'] / 1e3) for b in s['by_second']))
 " | tee -a "$OUT/summary.txt"
 for i in 0 1 2; do
   echo "g2-$i rss $(( $(ps -o rss= -p ${PIDS[g2-$i]}) / 1024 )) MiB, peak $(grep VmHWM /proc/${PIDS[g2-$i]}/status | awk '{print int($2/1024)}') MiB, disk $(du -sm "$D/g2-$i" | cut -f1) MiB" | tee -a "$OUT/summary.txt"

@@ -1,6 +1,7 @@
 //! Drives a workload against a target with closed-loop clients and
 //! measures throughput and latency.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -52,6 +53,30 @@ pub struct ShardSet {
     pub operations: u64,
     pub errors: u64,
     pub latency_us: Latency,
+    /// The same, by the second of the run in which each operation started:
+    /// when in a move the tail comes (the copy, the install, or the
+    /// cleanup after it).
+    pub by_second: Vec<Second>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Second {
+    /// Seconds since the measurement began.
+    pub second: u32,
+    pub operations: u64,
+    pub errors: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+/// One measured operation, kept to split a run by moved shards.
+#[derive(Clone, Copy)]
+struct ShardOp {
+    shard: u32,
+    /// `None`: it failed.
+    latency_us: Option<u32>,
+    /// When it started, since the measurement began.
+    started_ms: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -147,10 +172,10 @@ pub async fn preload(target: &TargetSpec, workload: &Workload) -> Result<(), Str
 /// What one client measured.
 struct ClientResult {
     histogram: Histogram<u64>,
-    /// With `shards`: each measured operation's shard and latency (µs;
-    /// `None`: it failed), to split them by moved shards at the end. Eight
-    /// bytes an operation: a 60 s run at 20,000 ops/s keeps 10 MB.
-    by_shard: Vec<(u32, Option<u32>)>,
+    /// With `shards`: each measured operation, to split them by moved
+    /// shards at the end. Twelve bytes an operation: a 60 s run at 20,000
+    /// ops/s keeps 15 MB.
+    by_shard: Vec<ShardOp>,
     reads: u64,
     writes: u64,
     errors: u64,
@@ -268,7 +293,7 @@ fn latency(histogram: &Histogram<u64>) -> Latency {
 /// `configs` (the run's first through its last); `None` if none did.
 fn split_by_move(
     configs: &[shardkv::shardmaster::Config],
-    by_shard: &[(u32, Option<u32>)],
+    by_shard: &[ShardOp],
 ) -> Option<MoveSplit> {
     let first = configs.first()?;
     let moved_shards: Vec<usize> = (0..first.shards.len())
@@ -283,17 +308,37 @@ fn split_by_move(
     }
     let mut sets = [new_histogram(), new_histogram()];
     let mut errors = [0, 0];
-    for &(shard, us) in by_shard {
-        let moved = usize::from(moved_shards.binary_search(&(shard as usize)).is_ok());
-        match us {
-            Some(us) => sets[moved].saturating_record(u64::from(us).clamp(1, LATENCY_MAX_US)),
-            None => errors[moved] += 1,
+    // By second: (histogram, errors) for each of the two sets.
+    let mut seconds: [BTreeMap<u32, (Histogram<u64>, u64)>; 2] = Default::default();
+    for op in by_shard {
+        let moved = usize::from(moved_shards.binary_search(&(op.shard as usize)).is_ok());
+        let second =
+            (seconds[moved].entry(op.started_ms / 1000)).or_insert_with(|| (new_histogram(), 0));
+        match op.latency_us {
+            Some(us) => {
+                let us = u64::from(us).clamp(1, LATENCY_MAX_US);
+                sets[moved].saturating_record(us);
+                second.0.saturating_record(us);
+            }
+            None => {
+                errors[moved] += 1;
+                second.1 += 1;
+            }
         }
     }
     let set = |i: usize| ShardSet {
         operations: sets[i].len(),
         errors: errors[i],
         latency_us: latency(&sets[i]),
+        by_second: (seconds[i].iter())
+            .map(|(&second, (h, errors))| Second {
+                second,
+                operations: h.len(),
+                errors: *errors,
+                p99_us: h.value_at_quantile(0.99),
+                max_us: h.max(),
+            })
+            .collect(),
     };
     Some(MoveSplit {
         moved_shards,
@@ -370,7 +415,11 @@ async fn client_loop(
             let latency = outcome
                 .is_ok()
                 .then_some(us.min(u64::from(u32::MAX)) as u32);
-            r.by_shard.push((shard as u32, latency));
+            r.by_shard.push(ShardOp {
+                shard: shard as u32,
+                latency_us: latency,
+                started_ms: start.duration_since(measure_from).as_millis() as u32,
+            });
         }
         match outcome {
             Ok(()) => {
@@ -413,19 +462,43 @@ mod tests {
             config(5, vec![1, 2, 1, 2]),
             config(6, vec![1, 2, 1, 1]),
         ];
-        let ops = [(0, Some(100)), (1, Some(5000)), (3, None), (2, Some(200))];
+        let op = |shard, latency_us, started_ms| ShardOp {
+            shard,
+            latency_us,
+            started_ms,
+        };
+        let ops = [
+            op(0, Some(100), 10),
+            op(1, Some(5000), 20),
+            op(3, None, 1500),
+            op(2, Some(200), 2100),
+        ];
         let split = split_by_move(&configs, &ops).unwrap();
         assert_eq!(split.moved_shards, vec![1, 3]);
         assert_eq!((split.moved.operations, split.moved.errors), (1, 1));
         assert_eq!((split.unmoved.operations, split.unmoved.errors), (2, 0));
         assert!(split.unmoved.latency_us.max < 250);
         assert!(split.moved.latency_us.max >= 5000);
+        let seconds = |set: &ShardSet| -> Vec<(u32, u64, u64)> {
+            (set.by_second.iter())
+                .map(|s| (s.second, s.operations, s.errors))
+                .collect()
+        };
+        assert_eq!(seconds(&split.moved), vec![(0, 1, 0), (1, 0, 1)]);
+        assert_eq!(seconds(&split.unmoved), vec![(0, 1, 0), (2, 1, 0)]);
+        assert!(split.unmoved.by_second[1].max_us >= 200);
+        assert!(split.unmoved.by_second[0].p99_us < 250);
     }
 
     #[test]
     fn a_run_in_which_no_shard_moved_is_not_split() {
         let configs = [config(4, vec![1, 2]), config(5, vec![1, 2])];
-        assert!(split_by_move(&configs, &[(0, Some(1))]).is_none());
-        assert!(split_by_move(&[], &[(0, Some(1))]).is_none());
+        let ops = [ShardOp {
+            shard: 0,
+            latency_us: Some(1),
+            started_ms: 0,
+        }];
+        assert!(split_by_move(&configs, &ops).is_none());
+        assert!(split_by_move(&[], &ops).is_none());
     }
 }

@@ -177,6 +177,7 @@ async fn a_shard_larger_than_one_message_moves_in_chunks() {
     let store_budget_bytes = StoreOptions {
         cache_bytes: 8 << 20,
         memtable_bytes: 4 << 20,
+        ..Default::default()
     }
     .data_memory_bytes_max();
     assert!(

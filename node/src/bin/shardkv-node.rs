@@ -103,6 +103,10 @@ struct NodeArgs {
     /// (one written, four being flushed) before writes wait.
     #[arg(long, env = "SHARDKV_STORE_MEMTABLE_MIB", default_value_t = StoreOptions::default().memtable_bytes >> 20)]
     store_memtable_mib: u64,
+    /// A kvserver's store threads for flushes and compactions (1 to 8).
+    #[arg(long, env = "SHARDKV_STORE_ENGINE_THREADS", default_value_t = StoreOptions::default().engine_threads as u64,
+          value_parser = clap::value_parser!(u64).range(1..=8))]
+    store_engine_threads: u64,
 }
 
 fn parse_id(id: &str) -> anyhow::Result<u32> {
@@ -145,6 +149,7 @@ impl NodeArgs {
             store: StoreOptions {
                 cache_bytes: self.store_cache_mib.saturating_mul(1 << 20),
                 memtable_bytes: self.store_memtable_mib.saturating_mul(1 << 20),
+                engine_threads: self.store_engine_threads as usize,
             },
         })
     }

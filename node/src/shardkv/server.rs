@@ -18,7 +18,7 @@ use super::state::{
 };
 use super::Limits;
 use crate::paxos::sim::SimRng;
-use crate::paxos::RoleKind;
+use crate::paxos::{RoleKind, Slot};
 use crate::proto::kv as pb;
 use crate::proto::kv::shard_kv_server::{ShardKv, ShardKvServer};
 use crate::replica::{Replica, ReplicaError};
@@ -63,6 +63,11 @@ pub struct KvServerOptions {
     /// operator removes a group only once it holds none), so the new owner
     /// stops telling it to delete.
     pub departed_holder_grace: Duration,
+    /// How long the previous holder keeps a copy after the install, while
+    /// a replica of this group may still need it: one that had not fetched
+    /// it when a majority had would otherwise have to take a whole
+    /// snapshot from a peer instead of one shard.
+    pub straggler_grace: Duration,
 }
 
 impl Default for KvServerOptions {
@@ -74,6 +79,7 @@ impl Default for KvServerOptions {
             unreliable: None,
             clock_interval: Duration::from_secs(2),
             departed_holder_grace: Duration::from_secs(30),
+            straggler_grace: Duration::from_secs(10),
         }
     }
 }
@@ -108,8 +114,31 @@ struct Shared {
     /// When each pending delete to a holder no longer in the latest
     /// configuration first failed (see `departed_holder_grace`).
     departed_failing: Mutex<BTreeMap<(u64, Source), tokio::time::Instant>>,
+    /// Each pending delete this leader has tried, until it is acknowledged
+    /// (so retries keep the first deadline).
+    releasing: Mutex<BTreeMap<(u64, Source), Release>>,
+    /// When this departing holder first saw each of its outgoing copies
+    /// (by configuration and shard) installed by the new owner: it keeps
+    /// the copy for the owner's stragglers up to `straggler_grace` longer,
+    /// and whether the last look found one still lacking it.
+    installed_seen: Mutex<BTreeMap<(u64, u64), (tokio::time::Instant, bool)>>,
     /// When this process last proposed a Clock: the pace of logged time.
     last_clock: Mutex<Option<tokio::time::Instant>>,
+}
+
+/// A delete to a shard's previous holder, held while a replica of this
+/// group may still need the copy (see `straggler_grace`).
+#[derive(Clone, Copy)]
+struct Release {
+    /// The slot this leader's state had applied when it first tried (past
+    /// the install): a replica that has applied it has passed the install.
+    bar: Slot,
+    /// When it first tried.
+    since: tokio::time::Instant,
+    /// The last check found a replica lacking the copy.
+    waiting: bool,
+    /// The grace ran out: the delete goes ahead (logged once).
+    gave_up: bool,
 }
 
 impl KvServer {
@@ -134,6 +163,8 @@ impl KvServer {
                 claimed: Mutex::new(None),
                 refused: Mutex::new(None),
                 departed_failing: Mutex::new(BTreeMap::new()),
+                releasing: Mutex::new(BTreeMap::new()),
+                installed_seen: Mutex::new(BTreeMap::new()),
                 last_clock: Mutex::new(None),
             }),
         }
@@ -184,6 +215,9 @@ impl KvServer {
                 if server.inner.replica.status().role != RoleKind::Leader {
                     // A grace counts silence seen by one leader, unbroken.
                     lock(&server.inner.departed_failing).clear();
+                    // And a straggler wait: the next leader starts its own.
+                    lock(&server.inner.releasing).clear();
+                    lock(&server.inner.installed_seen).clear();
                 }
                 tokio::select! {
                     _ = &mut shutdown => return,
@@ -304,6 +338,7 @@ impl KvServer {
         if !latest.groups.contains_key(&self.inner.gid) {
             let outgoing: Vec<(u64, u64)> =
                 self.inner.state.lock().outgoing.keys().copied().collect();
+            lock(&self.inner.installed_seen).retain(|key, _| outgoing.contains(key));
             for (config_num, shard) in outgoing {
                 let server = self.clone();
                 tasks.spawn(async move {
@@ -327,6 +362,8 @@ impl KvServer {
                 result.is_ok()
             });
         }
+        // Entries for deletes another leader has since done.
+        lock(&self.inner.releasing).retain(|key, _| deletes.contains(key));
         for (shard, source) in deletes {
             let server = self.clone();
             let latest = latest.clone();
@@ -347,6 +384,26 @@ impl KvServer {
     /// How many replicas of this group hold a complete copy of `shard`
     /// for configuration `num`, by their own status.
     async fn replicas_holding(&self, num: u64, shard: u64, servers: &[String]) -> usize {
+        let holders: std::collections::BTreeSet<u32> =
+            (self.peer_statuses(self.inner.gid, servers).await)
+                .into_iter()
+                .flatten()
+                .filter(|reply| {
+                    reply.config_num == num
+                        && (reply.staged.iter()).any(|s| s.config_num == num && s.shard == shard)
+                })
+                .map(|reply| reply.replica)
+                .collect();
+        holders.len()
+    }
+
+    /// The status of each of `servers`, a replica of group `gid`, in order;
+    /// `None` for one that did not answer in time or is not of that group.
+    async fn peer_statuses(
+        &self,
+        gid: Gid,
+        servers: &[String],
+    ) -> Vec<Option<pb::GroupStatusReply>> {
         let calls = servers.iter().map(|server| {
             let pool = &self.inner.pool;
             async move {
@@ -358,18 +415,77 @@ impl KvServer {
                     .ok()?
                     .ok()?
                     .into_inner();
-                let holds = reply.gid == self.inner.gid
-                    && reply.config_num == num
-                    && (reply.staged.iter()).any(|s| s.config_num == num && s.shard == shard);
-                holds.then_some(reply.replica)
+                (reply.gid == gid).then_some(reply)
             }
         });
-        let holders: std::collections::BTreeSet<u32> = futures::future::join_all(calls)
-            .await
-            .into_iter()
-            .flatten()
+        futures::future::join_all(calls).await
+    }
+
+    /// Whether the previous holder of `shard` may drop its copy as far as
+    /// this group's replicas go: each has applied past the install (the
+    /// slot this leader had applied when it first asked), or holds the
+    /// fetched copy. Otherwise, it waits until `straggler_grace` has passed
+    /// since the first ask: a replica that is down or far behind then
+    /// catches up from a peer's snapshot instead.
+    async fn stragglers_served(&self, shard: u64, source: &Source) -> Result<(), String> {
+        let key = (shard, source.clone());
+        // The state's own applied slot, not the replica's published one
+        // (published only after a whole turn, so it may be short of the
+        // install): the delete is pending, so the install is applied here.
+        let applied = self.inner.state.lock().applied();
+        let release = *lock(&self.inner.releasing)
+            .entry(key.clone())
+            .or_insert(Release {
+                bar: applied,
+                since: tokio::time::Instant::now(),
+                waiting: false,
+                gave_up: false,
+            });
+        if release.gave_up {
+            return Ok(());
+        }
+        let bar = release.bar;
+        let servers = (self.inner.state.lock().config.groups)
+            .get(&self.inner.gid)
+            .cloned()
+            .unwrap_or_default();
+        let statuses = self.peer_statuses(self.inner.gid, &servers).await;
+        let lagging: Vec<&String> = (servers.iter().zip(&statuses))
+            .filter(|(_, status)| {
+                !status.as_ref().is_some_and(|reply| {
+                    // The holder's key for the copy is the configuration
+                    // that installs it: a copy staged for another is not it.
+                    reply.applied_slot >= bar
+                        || (reply.config_num == source.config_num
+                            && (reply.staged.iter())
+                                .any(|s| s.config_num == source.config_num && s.shard == shard))
+                })
+            })
+            .map(|(server, _)| server)
             .collect();
-        holders.len()
+        let waited = release.since.elapsed();
+        let gave_up = !lagging.is_empty() && waited >= self.inner.options.straggler_grace;
+        if let Some(entry) = lock(&self.inner.releasing).get_mut(&key) {
+            entry.waiting = !lagging.is_empty() && !gave_up;
+            entry.gave_up = gave_up;
+        }
+        if lagging.is_empty() {
+            return Ok(());
+        }
+        if !gave_up {
+            return Err(format!(
+                "replicas {lagging:?} have neither fetched shard {shard} nor applied slot {bar}"
+            ));
+        }
+        tracing::warn!(
+            shard,
+            holder = source.gid,
+            ?lagging,
+            ?waited,
+            "replicas still lack the shard; releasing its previous holder anyway (they will take \
+             a snapshot from a peer)"
+        );
+        Ok(())
     }
 
     /// Every replica's background work: fetch the copies of the shards the
@@ -687,11 +803,29 @@ impl KvServer {
                 c.group_status(pb::GroupStatusRequest {}).await
             })
             .await?;
-        let installed = status.config_num > config_num
-            || (status.config_num == config_num && status.serving.contains(&shard));
-        if !installed {
+        let installed = |status: &pb::GroupStatusReply| {
+            status.config_num > config_num
+                || (status.config_num == config_num && status.serving.contains(&shard))
+        };
+        if !installed(&status) {
             return Ok(false);
         }
+        // As the owner would (`stragglers_served`): a replica of it that has
+        // not installed the shard yet still fetches it from here, for up to
+        // `straggler_grace` after the install was first seen.
+        let key = (config_num, shard);
+        let (since, _) = *lock(&self.inner.installed_seen)
+            .entry(key)
+            .or_insert((tokio::time::Instant::now(), false));
+        let statuses = self.peer_statuses(owner, servers).await;
+        let all_installed = statuses.iter().all(|s| s.as_ref().is_some_and(installed));
+        if !all_installed && since.elapsed() < self.inner.options.straggler_grace {
+            if let Some((_, waiting)) = lock(&self.inner.installed_seen).get_mut(&key) {
+                *waiting = true;
+            }
+            return Ok(false);
+        }
+        lock(&self.inner.installed_seen).remove(&key);
         tracing::info!(
             shard,
             config_num,
@@ -716,6 +850,7 @@ impl KvServer {
             };
             self.propose(&command).await.map_err(|e| e.to_string())?;
         } else {
+            self.stragglers_served(shard, &source).await?;
             let request = pb::DeleteShardRequest {
                 config_num: source.config_num,
                 shard,
@@ -1070,6 +1205,13 @@ impl ShardKv for KvServer {
                 keys: 0,
                 refused: lock(&self.inner.refused).clone().unwrap_or_default(),
                 sessions: s.session_count(),
+                snapshots_installed: s.snapshots_installed,
+                releases_waiting: (lock(&self.inner.releasing).values())
+                    .filter(|r| r.waiting)
+                    .count() as u64
+                    + (lock(&self.inner.installed_seen).values())
+                        .filter(|(_, waiting)| *waiting)
+                        .count() as u64,
             };
             (reply, s.key_census())
         };

@@ -90,8 +90,8 @@ fn spawn_stream(
         let mut tally = Tally::default();
         let mut chunk: Vec<Record> = Vec::new();
         let mut bytes = 0;
-        let send = |records: &[Record], last: Option<CopySummary>| {
-            let encoded = postcard::to_allocvec(records)
+        let send = |records: &[Record], bytes: usize, last: Option<CopySummary>| {
+            let encoded = encode_chunk(records, bytes)
                 .map_err(|e| Status::internal(format!("cannot encode a snapshot chunk: {e}")))?;
             let summary = last.unwrap_or(CopySummary {
                 records: 0,
@@ -118,7 +118,7 @@ fn spawn_stream(
                 // Sent before a record would overflow it: a chunk holds at
                 // most CHUNK_BYTES, or one record alone.
                 if !chunk.is_empty() && bytes + record.size_bytes() > CHUNK_BYTES {
-                    send(&chunk, None)?;
+                    send(&chunk, bytes, None)?;
                     chunk.clear();
                     bytes = 0;
                 }
@@ -126,7 +126,7 @@ fn spawn_stream(
                 bytes += record.size_bytes();
                 chunk.push(record);
             }
-            send(&chunk, Some(tally.summary()))
+            send(&chunk, bytes, Some(tally.summary()))
         })();
         if let Err(status) = result {
             let _ = tx.blocking_send(Err(status));
@@ -164,6 +164,47 @@ impl Tally {
             sessions: self.sessions,
         }
     }
+}
+
+/// The most bytes `records`, whose `size_bytes` add up to `bytes`, take
+/// encoded: a record's encoding adds at most 21 bytes to its key and value
+/// (its space, and two lengths of up to 10), and `size_bytes` counts 8.
+fn chunk_capacity(records: &[Record], bytes: usize) -> usize {
+    bytes + records.len() * 16 + 10
+}
+
+/// Encodes a chunk into one allocation of its full size. Grown by
+/// doubling instead, each chunk was copied several times into fresh pages:
+/// at 1 GiB, a third of the sending thread's time.
+fn encode_chunk(records: &[Record], bytes: usize) -> Result<Vec<u8>, postcard::Error> {
+    let capacity = chunk_capacity(records, bytes);
+    let encoded = postcard::to_extend(records, Vec::with_capacity(capacity))?;
+    debug_assert!(encoded.len() <= capacity, "a chunk outgrew its estimate");
+    Ok(encoded)
+}
+
+/// A record as it lies in a chunk (postcard writes `Bytes` and byte
+/// slices alike).
+#[derive(serde::Deserialize)]
+struct RecordIn<'a> {
+    space: Space,
+    key: &'a [u8],
+    value: &'a [u8],
+}
+
+/// A chunk's records, their keys and values views of the chunk itself:
+/// no allocation or copy per record.
+fn decode_chunk(encoded: &bytes::Bytes) -> Result<Vec<Record>, String> {
+    let records: Vec<RecordIn<'_>> =
+        postcard::from_bytes(encoded).map_err(|e| format!("undecodable chunk: {e}"))?;
+    Ok(records
+        .into_iter()
+        .map(|r| Record {
+            space: r.space,
+            key: encoded.slice_ref(r.key),
+            value: encoded.slice_ref(r.value),
+        })
+        .collect())
 }
 
 fn summary_of(chunk: &pb::SnapshotChunk) -> CopySummary {
@@ -270,8 +311,7 @@ fn fetch_copy_from(
             .map_err(|_| "stream stalled".to_string())?
             .map_err(|s| s.message().to_string())?
             .ok_or("stream ended before its last chunk")?;
-        let records: Vec<Record> =
-            postcard::from_bytes(&chunk.records).map_err(|e| format!("undecodable chunk: {e}"))?;
+        let records = decode_chunk(&chunk.records)?;
         for r in &records {
             tally.add(r);
         }
@@ -408,8 +448,7 @@ impl GrpcSnapshotSource {
                 .map_err(|_| "stream stalled".to_string())?
                 .map_err(|s| s.message().to_string())?
                 .ok_or("stream ended before its last chunk")?;
-            let records: Vec<Record> = postcard::from_bytes(&chunk.records)
-                .map_err(|e| format!("undecodable chunk: {e}"))?;
+            let records = decode_chunk(&chunk.records)?;
             for r in &records {
                 tally.add(r);
             }
@@ -442,6 +481,47 @@ impl GrpcSnapshotSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn a_chunk_is_encoded_within_its_estimate_and_decoded_without_copies() {
+        let record = |space, key_bytes: usize, value_bytes: usize| Record {
+            space,
+            key: Bytes::from(vec![b'k'; key_bytes]),
+            value: Bytes::from(vec![b'v'; value_bytes]),
+        };
+        let chunks = [
+            vec![record(Space::Data, 1, 0)],
+            vec![record(Space::Sessions, 1, 1); 1000],
+            // The longest key, a value whose length takes 4 bytes.
+            vec![record(
+                Space::Data,
+                super::super::store::USER_KEY_BYTES_MAX,
+                3 << 20,
+            )],
+            vec![
+                record(Space::Data, 130, 20_000),
+                record(Space::Sessions, 8, 200),
+            ],
+        ];
+        for records in chunks {
+            let bytes: usize = records.iter().map(Record::size_bytes).sum();
+            let encoded = encode_chunk(&records, bytes).unwrap();
+            assert_eq!(encoded, postcard::to_allocvec(&records).unwrap());
+            assert!(encoded.len() <= chunk_capacity(&records, bytes));
+            let encoded = Bytes::from(encoded);
+            let decoded = decode_chunk(&encoded).unwrap();
+            assert_eq!(decoded, records);
+            let within = encoded.as_ptr_range();
+            for r in &decoded {
+                assert!(within.contains(&r.key.as_ptr()), "a key was copied");
+                if !r.value.is_empty() {
+                    assert!(within.contains(&r.value.as_ptr()), "a value was copied");
+                }
+            }
+        }
+        assert!(decode_chunk(&Bytes::from_static(&[3, 0])).is_err());
+    }
 
     #[test]
     fn a_transfer_thread_runs_at_the_lower_priority_and_others_do_not() {

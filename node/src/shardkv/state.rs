@@ -544,6 +544,9 @@ pub struct KvState {
     pub incarnation: Option<u64>,
     /// The group's logged time: the latest [`Command::Clock`].
     pub clock_ms: u64,
+    /// Snapshots this replica has installed from a peer since it started
+    /// (not replicated): each one a copy of the whole group's data.
+    pub snapshots_installed: u64,
     /// The data, sessions and expiry order, on disk.
     store: Store,
     /// The last slot applied (committed to the store at the end of a turn).
@@ -811,6 +814,7 @@ impl KvState {
             pending_deletes: BTreeSet::new(),
             incarnation: None,
             clock_ms: 0,
+            snapshots_installed: 0,
             store,
             applied: 0,
             meta_dirty: false,
@@ -1850,6 +1854,7 @@ impl StateMachine for KvState {
                 self.applied
             ));
         }
+        self.snapshots_installed += 1;
         tracing::info!(
             gid = self.gid,
             applied = self.applied,

@@ -221,3 +221,116 @@ async fn a_bad_server_entry_does_not_hide_the_others() {
         .unwrap();
     assert_eq!(status.gid, 100);
 }
+
+/// A replica of the new owner that is down while the others install a
+/// move. Before, the previous holder dropped its copies as soon as a
+/// majority had installed them, and the straggler, finding them gone, took
+/// a snapshot of the whole group from a peer. Now the holder keeps them
+/// (within `straggler_grace`) until every replica has fetched them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_down_during_a_move_fetches_the_shards_and_takes_no_snapshot() {
+    let options = KvServerOptions {
+        straggler_grace: WAIT * 4,
+        ..Default::default()
+    };
+    let mut cluster = Cluster::start_with(2, 3, options).await;
+    let ck = cluster.clerk();
+    cluster.join(100).await;
+    for i in 0..KEYS {
+        ck.put(key(i), format!("v{i}")).await.unwrap();
+    }
+    cluster.kill(101, 2).await;
+    cluster.join(101).await;
+    let latest = cluster.admin().query(None).await.unwrap().num;
+    let leader_status = async |cluster: &Cluster| {
+        let leader = cluster.leader(101)?;
+        let status = cluster.status(101, leader).await;
+        (status.leader && status.config_num == latest).then_some(status)
+    };
+    wait_until("group 101's live replicas install the move", async || {
+        let installed = (cluster.states(101).iter()).all(|s| {
+            let s = s.lock();
+            s.config.num == latest && s.ready_for_next_config()
+        });
+        // Once it has installed, its leader either waits for the replica
+        // that is down, or (before) has had the copies deleted.
+        installed
+            && leader_status(&cluster)
+                .await
+                .is_some_and(|s| s.releases_waiting > 0 || s.pending_deletes == 0)
+    })
+    .await;
+    let status = leader_status(&cluster).await.unwrap();
+    assert!(
+        status.releases_waiting > 0,
+        "the previous holder was told to delete while a replica lacked its copies"
+    );
+    assert!(!(cluster.states(100)[0].lock().outgoing.is_empty()));
+    cluster.restart(101, 2).await;
+    cluster.await_settled().await;
+    let states = cluster.states(101);
+    assert_eq!(states.len(), 3);
+    for state in &states {
+        assert_eq!(state.lock().snapshots_installed, 0);
+    }
+    // The restarted replica holds exactly the keys of the shards it serves.
+    {
+        let s = states[2].lock();
+        let moved = (0..KEYS).filter(|&i| s.serves(key(i).as_bytes())).count();
+        assert!(moved > 0, "group 101 took some of the keys");
+        assert_eq!(s.count_keys().unwrap(), moved as u64);
+    }
+    for i in 0..KEYS {
+        let got = ck.get(key(i)).await.unwrap();
+        assert_eq!(got, Some(Bytes::from(format!("v{i}"))));
+    }
+}
+
+/// The same when the holder is a group that has left: it drops its copies
+/// by itself once the new owner serves them, and it too keeps them while a
+/// replica of the owner lacks them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departing_holder_keeps_its_copies_for_a_replica_that_is_down() {
+    let options = KvServerOptions {
+        straggler_grace: WAIT * 4,
+        ..Default::default()
+    };
+    let mut cluster = Cluster::start_with(2, 3, options).await;
+    let ck = cluster.clerk();
+    cluster.join(100).await;
+    cluster.join(101).await;
+    for i in 0..KEYS {
+        ck.put(key(i), format!("v{i}")).await.unwrap();
+    }
+    cluster.kill(101, 2).await;
+    cluster.leave(100).await;
+    let latest = cluster.admin().query(None).await.unwrap().num;
+    wait_until(
+        "group 100 keeps its copies for group 101's replica",
+        async || {
+            let installed = (cluster.states(101).iter()).all(|s| {
+                let s = s.lock();
+                s.config.num == latest && s.ready_for_next_config()
+            });
+            let Some(leader) = cluster.leader(100) else {
+                return false;
+            };
+            installed && cluster.status(100, leader).await.releases_waiting > 0
+        },
+    )
+    .await;
+    assert!(!(cluster.states(100)[0].lock().outgoing.is_empty()));
+    cluster.restart(101, 2).await;
+    wait_until("group 100 drops its copies", async || {
+        (cluster.states(100).iter()).all(|s| s.lock().outgoing.is_empty())
+    })
+    .await;
+    let states = cluster.states(101);
+    for state in &states {
+        assert_eq!(state.lock().snapshots_installed, 0);
+    }
+    for i in 0..KEYS {
+        let got = ck.get(key(i)).await.unwrap();
+        assert_eq!(got, Some(Bytes::from(format!("v{i}"))));
+    }
+}
