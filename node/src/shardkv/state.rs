@@ -2693,7 +2693,7 @@ mod tests {
             s.end_turn().unwrap();
         };
         apply(&mut a, Command::Reconfigure(config(1, vec![1, 1])));
-        let keys = super::super::store::DROP_KEYS_PER_TURN + 100;
+        let keys = super::super::store::DROP_KEYS_PER_BATCH + 100;
         let mut written = 0;
         for i in 0.. {
             let key = format!("k{i}");
@@ -2714,7 +2714,8 @@ mod tests {
                 shard: 1,
             },
         );
-        // The copy is gone at once for everyone; its keys go over turns.
+        // The copy is gone at once for everyone; its keys go in batches,
+        // on a thread of their own.
         assert!(a.outgoing.is_empty());
         assert!(a.store.sweeping());
         let leaked = a
@@ -2724,6 +2725,7 @@ mod tests {
             .count();
         assert_eq!(leaked, 0, "a snapshot carries no dropped keys");
         a.end_turn().unwrap();
+        a.store.sweep_to_end().unwrap();
         assert!(!a.store.sweeping());
         let left = a
             .store

@@ -92,9 +92,65 @@ fn check_key(path: &Path, key: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Keys removed per turn when dropping a copy: a dropped shard goes in
-/// bounded batches, not one batch as large as the shard.
-pub const DROP_KEYS_PER_TURN: usize = 4096;
+/// Keys removed per write batch when dropping a copy: a dropped shard goes
+/// in bounded batches, not one batch as large as the shard.
+pub const DROP_KEYS_PER_BATCH: usize = 4096;
+
+/// Removes every key of `copy` from the data, sessions and idle keyspaces,
+/// [`DROP_KEYS_PER_BATCH`] per batch, each batch resuming after the last
+/// key removed (from the copy's start, it would step over every deletion
+/// before it again). False if `stop` was raised first.
+fn remove_copy_keys(
+    db: &fjall::Database,
+    spaces: &[fjall::Keyspace; 4],
+    path: &Path,
+    copy: CopyId,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<bool, StoreError> {
+    let err = |e: fjall::Error| engine_error(path, e);
+    let (start, end) = copy_range(copy);
+    for space in [Space::Data, Space::Sessions, Space::Idle] {
+        let keyspace = &spaces[space as usize];
+        let mut from = start.clone();
+        loop {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Ok(false);
+            }
+            let mut batch = db.batch();
+            let mut removed = 0;
+            let mut last = None;
+            for item in keyspace
+                .range(from.as_slice()..end.as_slice())
+                .take(DROP_KEYS_PER_BATCH)
+            {
+                let key = item.key().map_err(err)?;
+                batch.remove(keyspace, key.clone());
+                last = Some(key);
+                removed += 1;
+            }
+            batch.commit().map_err(err)?;
+            match last {
+                Some(key) if removed == DROP_KEYS_PER_BATCH => {
+                    from = [&key[..], &[0][..]].concat();
+                }
+                _ => break,
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// A dropped copy's keys being removed on a thread of its own, at the
+/// transfers' low priority: on the apply thread, the sweep of a shard
+/// that moved away (500,000 keys at 1 GiB) took the turns' time from the
+/// shards that stayed.
+struct Sweeper {
+    copy: CopyId,
+    /// Asks the thread to stop between batches: the store is closing.
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// True once every key of `copy` is gone.
+    thread: std::thread::JoinHandle<Result<bool, StoreError>>,
+}
 
 const META_APPLIED: &[u8] = b"applied";
 /// The applied slot again, in each other keyspace, written by every
@@ -219,29 +275,11 @@ pub struct Stager {
 impl Stager {
     /// Removes whatever a cut-short fetch left of `copy`, marker first.
     pub fn clear(&self, copy: CopyId) -> Result<(), StoreError> {
-        let err = |e: fjall::Error| engine_error(&self.path, e);
         self.spaces[Space::Meta as usize]
             .remove(staged_key(copy))
-            .map_err(err)?;
-        let (start, end) = copy_range(copy);
-        for space in [Space::Data, Space::Sessions, Space::Idle] {
-            loop {
-                let mut batch = self.db.batch();
-                let mut removed = 0;
-                let keyspace = &self.spaces[space as usize];
-                for item in keyspace
-                    .range(start.as_slice()..end.as_slice())
-                    .take(DROP_KEYS_PER_TURN)
-                {
-                    batch.remove(keyspace, item.key().map_err(err)?);
-                    removed += 1;
-                }
-                batch.commit().map_err(err)?;
-                if removed < DROP_KEYS_PER_TURN {
-                    break;
-                }
-            }
-        }
+            .map_err(|e| engine_error(&self.path, e))?;
+        let never = std::sync::atomic::AtomicBool::new(false);
+        remove_copy_keys(&self.db, &self.spaces, &self.path, copy, &never)?;
         Ok(())
     }
 
@@ -394,19 +432,26 @@ pub struct Store {
     /// Writes applied since the last commit (`None`: removed). Reads look
     /// here first, so a command sees the ones before it in the same turn.
     overlay: BTreeMap<(Space, Vec<u8>), Option<Bytes>>,
-    /// Copies whose keys are still being removed, a batch per turn.
+    /// Copies whose keys are still being removed (by `sweeper`).
     garbage: BTreeSet<CopyId>,
     /// Removes the store's directory on drop (tests).
     temporary: bool,
     /// Memory bounds, for this generation and the ones imported after it.
     options: StoreOptions,
-    /// Where the sweep of each dropped copy has reached (in memory: after
-    /// a restart it starts over, once).
-    sweep_from: BTreeMap<CopyId, Vec<u8>>,
+    /// The removal of the first copy in `garbage` under way (after a
+    /// restart it starts over, once).
+    sweeper: Option<Sweeper>,
 }
 
 impl Drop for Store {
     fn drop(&mut self) {
+        // Before the directory may go (a switch removes it next).
+        if let Some(sweeper) = self.sweeper.take() {
+            sweeper
+                .stop
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = sweeper.thread.join();
+        }
         if self.temporary {
             let _ = std::fs::remove_dir_all(&self.base);
         }
@@ -574,7 +619,7 @@ impl Store {
             garbage: BTreeSet::new(),
             temporary,
             options,
-            sweep_from: BTreeMap::new(),
+            sweeper: None,
         };
         store.check_applied_markers()?;
         if let Some(bytes) = store.read_committed(Space::Meta, META_GARBAGE)? {
@@ -782,47 +827,60 @@ impl Store {
         !self.garbage.is_empty()
     }
 
-    /// Removes up to [`DROP_KEYS_PER_TURN`] keys of dropped copies, from
-    /// where the last sweep stopped.
+    /// Moves the removal of dropped copies on: once the thread removing
+    /// one has finished, forgets the copy (the list written in a batch of
+    /// its own, after every batch of the thread's), and starts the next.
+    /// A crash before that write sweeps the copy again, finding nothing.
     pub fn sweep(&mut self) -> Result<(), StoreError> {
+        if self
+            .sweeper
+            .as_ref()
+            .is_some_and(|s| s.thread.is_finished())
+        {
+            self.finish_sweep()?;
+        }
+        if self.sweeper.is_some() {
+            return Ok(());
+        }
         let Some(&copy) = self.garbage.first() else {
             return Ok(());
         };
-        let (start, end) = copy_range(copy);
-        let from = self.sweep_from.get(&copy).cloned().unwrap_or_default();
-        let mut batch = self.db.batch();
-        let mut removed = 0;
-        let mut reached = Vec::new();
-        // Keyspace by keyspace, resuming within the one the cursor is in
-        // (its first byte says which).
-        for space in [Space::Data, Space::Sessions, Space::Idle] {
-            let tag = space as u8;
-            let begin = match from.split_first() {
-                Some((&t, key)) if t == tag => key.to_vec(),
-                Some((&t, _)) if t > tag => continue,
-                _ => start.clone(),
-            };
-            for item in self.space(space).range(begin.as_slice()..end.as_slice()) {
-                if removed >= DROP_KEYS_PER_TURN {
-                    break;
-                }
-                let key = item.key().map_err(|e| engine_error(&self.path, e))?;
-                reached = [&[tag][..], &key[..], &[0][..]].concat();
-                batch.remove(self.space(space), key);
-                removed += 1;
-            }
-            if removed >= DROP_KEYS_PER_TURN {
-                break;
-            }
-        }
-        if removed < DROP_KEYS_PER_TURN {
-            self.garbage.remove(&copy);
-            self.sweep_from.remove(&copy);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (db, spaces, path) = (self.db.clone(), self.spaces.clone(), self.path.clone());
+        let stopped = stop.clone();
+        let thread = super::snapshot::spawn_transfer("shardkv-sweep", move || {
+            remove_copy_keys(&db, &spaces, &path, copy, &stopped)
+        })
+        .map_err(|e| engine_error(&self.path, e))?;
+        self.sweeper = Some(Sweeper { copy, stop, thread });
+        Ok(())
+    }
+
+    /// Waits for the sweep under way, then records its copy as gone.
+    fn finish_sweep(&mut self) -> Result<(), StoreError> {
+        let Some(sweeper) = self.sweeper.take() else {
+            return Ok(());
+        };
+        let swept = (sweeper.thread.join())
+            .map_err(|_| engine_error(&self.path, "the sweep thread panicked"))??;
+        debug_assert!(swept, "only a closing store stops its sweep");
+        if swept {
+            self.garbage.remove(&sweeper.copy);
+            let mut batch = self.db.batch();
             batch.insert(self.space(Space::Meta), META_GARBAGE, self.garbage_bytes()?);
-        } else {
-            self.sweep_from.insert(copy, reached);
+            batch.commit().map_err(|e| engine_error(&self.path, e))?;
         }
-        batch.commit().map_err(|e| engine_error(&self.path, e))
+        Ok(())
+    }
+
+    /// Sweeps every dropped copy to the end, waiting (tests).
+    #[cfg(test)]
+    pub fn sweep_to_end(&mut self) -> Result<(), StoreError> {
+        while self.sweeping() {
+            self.sweep()?;
+            self.finish_sweep()?;
+        }
+        Ok(())
     }
 
     /// A handle for fetching shard copies into this store.
@@ -1318,6 +1376,49 @@ mod ingest {
             .write_copy(COPY, || Ok(chunks.next()))
             .unwrap();
         assert_eq!(copy_of(&store), expected);
+    }
+
+    /// Every key of a dropped copy under the copy's prefix, read past the
+    /// view's filter of the garbage list.
+    fn keys_left(store: &Store) -> usize {
+        let (start, end) = copy_range(COPY);
+        [Space::Data, Space::Sessions, Space::Idle]
+            .iter()
+            .map(|&space| store.space(space).range(start.clone()..end.clone()).count())
+            .sum()
+    }
+
+    #[test]
+    fn a_dropped_copy_is_swept_by_its_own_thread_and_again_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("state");
+        let mut store = Store::open(&base, StoreOptions::default()).unwrap();
+        let written = 2 * DROP_KEYS_PER_BATCH as u32 + 7;
+        let mut records: Vec<Record> = (0..written).map(data).collect();
+        records.extend([session(1), session(2)]);
+        let mut chunks = records.chunks(1000).map(<[Record]>::to_vec);
+        store
+            .stager()
+            .write_copy(COPY, || Ok(chunks.next()))
+            .unwrap();
+        store.commit(1, None, vec![COPY]).unwrap();
+        assert_eq!(keys_left(&store), records.len());
+        // Closed with the sweep under way: the copy stays listed, and the
+        // next open sweeps it again.
+        store.sweep().unwrap();
+        assert!(store.sweeper.is_some(), "the keys go on another thread");
+        drop(store);
+        let mut store = Store::open(&base, StoreOptions::default()).unwrap();
+        assert!(store.sweeping());
+        store.sweep_to_end().unwrap();
+        assert_eq!(keys_left(&store), 0);
+        drop(store);
+        let store = Store::open(&base, StoreOptions::default()).unwrap();
+        assert!(
+            !store.sweeping(),
+            "the list is written once the copy is gone"
+        );
+        assert_eq!(keys_left(&store), 0);
     }
 
     #[test]
