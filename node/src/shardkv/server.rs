@@ -335,10 +335,10 @@ impl KvServer {
         }
         let latest = latest.unwrap_or_else(|| prev.clone());
         let mut tasks = JoinSet::new();
+        let outgoing: Vec<(u64, u64)> = self.inner.state.lock().outgoing.keys().copied().collect();
+        // Every round: a holder that has rejoined keeps none of these.
+        lock(&self.inner.installed_seen).retain(|key, _| outgoing.contains(key));
         if !latest.groups.contains_key(&self.inner.gid) {
-            let outgoing: Vec<(u64, u64)> =
-                self.inner.state.lock().outgoing.keys().copied().collect();
-            lock(&self.inner.installed_seen).retain(|key, _| outgoing.contains(key));
             for (config_num, shard) in outgoing {
                 let server = self.clone();
                 tasks.spawn(async move {
@@ -445,20 +445,33 @@ impl KvServer {
             return Ok(());
         }
         let bar = release.bar;
-        let servers = (self.inner.state.lock().config.groups)
-            .get(&self.inner.gid)
-            .cloned()
-            .unwrap_or_default();
+        let (servers, installed_in) = {
+            let s = self.inner.state.lock();
+            // As of the install: a group that has left since has no entry
+            // in its current configuration.
+            let servers = (s.config.groups.get(&self.inner.gid))
+                .or_else(|| s.prev_config.groups.get(&self.inner.gid))
+                .cloned()
+                .unwrap_or_default();
+            // The configuration that installed the shard names its copy
+            // (none if it has moved on again: then only `bar` counts).
+            let installed_in = (s.owned.get(&shard)).map(|o| o.copy.generation);
+            (servers, installed_in)
+        };
         let statuses = self.peer_statuses(self.inner.gid, &servers).await;
         let lagging: Vec<&String> = (servers.iter().zip(&statuses))
             .filter(|(_, status)| {
                 !status.as_ref().is_some_and(|reply| {
-                    // The holder's key for the copy is the configuration
-                    // that installs it: a copy staged for another is not it.
-                    reply.applied_slot >= bar
-                        || (reply.config_num == source.config_num
-                            && (reply.staged.iter())
-                                .any(|s| s.config_num == source.config_num && s.shard == shard))
+                    let installed = installed_in.is_some_and(|n| {
+                        // Past the install, serving it, or holding the
+                        // fetched copy the install's step names.
+                        reply.config_num > n
+                            || (reply.config_num == n
+                                && (reply.serving.contains(&shard)
+                                    || (reply.staged.iter())
+                                        .any(|s| s.config_num == n && s.shard == shard)))
+                    });
+                    installed || reply.applied_slot >= bar
                 })
             })
             .map(|(server, _)| server)

@@ -247,6 +247,7 @@ async fn a_replica_down_during_a_move_fetches_the_shards_and_takes_no_snapshot()
         let status = cluster.status(101, leader).await;
         (status.leader && status.config_num == latest).then_some(status)
     };
+    let mut seen = None;
     wait_until("group 101's live replicas install the move", async || {
         let installed = (cluster.states(101).iter()).all(|s| {
             let s = s.lock();
@@ -254,13 +255,13 @@ async fn a_replica_down_during_a_move_fetches_the_shards_and_takes_no_snapshot()
         });
         // Once it has installed, its leader either waits for the replica
         // that is down, or (before) has had the copies deleted.
-        installed
-            && leader_status(&cluster)
-                .await
-                .is_some_and(|s| s.releases_waiting > 0 || s.pending_deletes == 0)
+        seen = leader_status(&cluster)
+            .await
+            .filter(|s| installed && (s.releases_waiting > 0 || s.pending_deletes == 0));
+        seen.is_some()
     })
     .await;
-    let status = leader_status(&cluster).await.unwrap();
+    let status = seen.unwrap();
     assert!(
         status.releases_waiting > 0,
         "the previous holder was told to delete while a replica lacked its copies"
@@ -302,6 +303,8 @@ async fn a_departing_holder_keeps_its_copies_for_a_replica_that_is_down() {
     for i in 0..KEYS {
         ck.put(key(i), format!("v{i}")).await.unwrap();
     }
+    // The join's copies released first: only the leave's are kept below.
+    cluster.await_settled().await;
     cluster.kill(101, 2).await;
     cluster.leave(100).await;
     let latest = cluster.admin().query(None).await.unwrap().num;
@@ -328,6 +331,49 @@ async fn a_departing_holder_keeps_its_copies_for_a_replica_that_is_down() {
     let states = cluster.states(101);
     for state in &states {
         assert_eq!(state.lock().snapshots_installed, 0);
+    }
+    for i in 0..KEYS {
+        let got = ck.get(key(i)).await.unwrap();
+        assert_eq!(got, Some(Bytes::from(format!("v{i}"))));
+    }
+}
+
+/// Past `straggler_grace` the previous holder is let go: the replica that
+/// was down finds the copies gone and takes a snapshot of its group from a
+/// peer instead, and serves exactly what the others do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_down_past_the_grace_catches_up_from_a_snapshot() {
+    let options = KvServerOptions {
+        straggler_grace: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let mut cluster = Cluster::start_with(2, 3, options).await;
+    let ck = cluster.clerk();
+    cluster.join(100).await;
+    for i in 0..KEYS {
+        ck.put(key(i), format!("v{i}")).await.unwrap();
+    }
+    cluster.kill(101, 2).await;
+    cluster.join(101).await;
+    wait_until("group 100 is let go of its copies", async || {
+        let latest = cluster.admin().query(None).await.unwrap().num;
+        let installed = (cluster.states(101).iter()).all(|s| {
+            let s = s.lock();
+            s.config.num == latest && s.ready_for_next_config()
+        });
+        installed && (cluster.states(100).iter()).all(|s| s.lock().outgoing.is_empty())
+    })
+    .await;
+    cluster.restart(101, 2).await;
+    cluster.await_settled().await;
+    let states = cluster.states(101);
+    assert_eq!(states.len(), 3);
+    {
+        let s = states[2].lock();
+        assert_eq!(s.snapshots_installed, 1, "the copies were gone");
+        let moved = (0..KEYS).filter(|&i| s.serves(key(i).as_bytes())).count();
+        assert!(moved > 0, "group 101 took some of the keys");
+        assert_eq!(s.count_keys().unwrap(), moved as u64);
     }
     for i in 0..KEYS {
         let got = ck.get(key(i)).await.unwrap();
