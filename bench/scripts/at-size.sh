@@ -9,7 +9,7 @@ KEYS=${1:-1000000}
 VALUE_BYTES=${2:-1024}
 OUT=${3:-target/at-size}
 SECONDS_EACH=${SECONDS_EACH:-20}
-B=target/release
+B=${B:-target/release}
 D=$(mktemp -d /tmp/kvbench.XXXX)
 mkdir -p "$OUT"
 M=127.0.0.1:7200,127.0.0.1:7201,127.0.0.1:7202

@@ -107,6 +107,11 @@ struct NodeArgs {
     #[arg(long, env = "SHARDKV_STORE_ENGINE_THREADS", default_value_t = StoreOptions::default().engine_threads as u64,
           value_parser = clap::value_parser!(u64).range(1..=8))]
     store_engine_threads: u64,
+    /// A kvserver's store journal, kept until flushed, at most (MiB, 64
+    /// or more): an open replays it.
+    #[arg(long, env = "SHARDKV_STORE_JOURNAL_MIB", default_value_t = StoreOptions::default().journal_bytes_max >> 20,
+          value_parser = clap::value_parser!(u64).range(64..=65536))]
+    store_journal_mib: u64,
 }
 
 fn parse_id(id: &str) -> anyhow::Result<u32> {
@@ -150,6 +155,7 @@ impl NodeArgs {
                 cache_bytes: self.store_cache_mib.saturating_mul(1 << 20),
                 memtable_bytes: self.store_memtable_mib.saturating_mul(1 << 20),
                 engine_threads: self.store_engine_threads as usize,
+                journal_bytes_max: self.store_journal_mib.saturating_mul(1 << 20),
             },
         })
     }

@@ -55,6 +55,12 @@ pub struct StoreOptions {
     /// each other and for flushes (at 1 GiB, a join 66 MiB/s against 86,
     /// 30% more disk, and a worse p99 during it).
     pub engine_threads: usize,
+    /// The engine's journal is kept until every keyspace with writes in
+    /// it has flushed them; past this size it flushes the oldest. The
+    /// small keyspaces (the applied slot, sessions) rarely fill their
+    /// memtables, so without a low bound the journal grew to fjall's
+    /// 512 MiB default, and an open replayed all of it.
+    pub journal_bytes_max: u64,
 }
 
 impl Default for StoreOptions {
@@ -63,11 +69,15 @@ impl Default for StoreOptions {
             cache_bytes: 64 << 20,
             memtable_bytes: 16 << 20,
             engine_threads: 2,
+            journal_bytes_max: 128 << 20,
         }
     }
 }
 
 impl StoreOptions {
+    /// The least journal bound the engine takes (fjall panics below it).
+    pub const JOURNAL_BYTES_MIN: u64 = 64 << 20;
+
     /// Memtables one keyspace may hold before its writes wait.
     pub const MEMTABLES_PER_KEYSPACE_MAX: u64 = 5;
 
@@ -502,6 +512,11 @@ fn open_db(
         // is to be compacted.
         .manual_journal_persist(true)
         .worker_threads(options.engine_threads)
+        .max_journaling_size(
+            options
+                .journal_bytes_max
+                .max(StoreOptions::JOURNAL_BYTES_MIN),
+        )
         .open()
         .map_err(|e| engine_error(path, e))?;
     let open = |name: &str| {
@@ -1647,5 +1662,49 @@ mod threads {
         }
         assert_eq!(workers_of_a_store_with(1), 101);
         assert_eq!(workers_of_a_store_with(2), 102);
+    }
+}
+
+#[cfg(test)]
+mod journal {
+    //! The journal an open replays stays within its bound, however much is
+    //! written: the small keyspaces' writes, in every batch, would keep it.
+    use super::*;
+
+    #[test]
+    fn the_journal_stays_within_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            journal_bytes_max: StoreOptions::JOURNAL_BYTES_MIN,
+            ..Default::default()
+        };
+        let mut store = Store::open(&dir.path().join("state"), options).unwrap();
+        let copy = CopyId {
+            shard: 1,
+            generation: 1,
+        };
+        let value = Bytes::from(vec![7u8; 1024]);
+        let written_bytes: u64 = 4 * options.journal_bytes_max;
+        let batches = written_bytes / (256 * 1024);
+        for batch in 0..batches {
+            for i in 0..256 {
+                let key = copy.key(format!("key-{batch:08}-{i:03}").as_bytes());
+                store.put(Space::Data, key, value.clone());
+            }
+            store.commit(batch + 1, None, Vec::new()).unwrap();
+        }
+        // The engine bounds it from its own threads: wait, within a bound.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let journal_bytes = store.db.journal_disk_space().unwrap();
+            if journal_bytes <= 2 * options.journal_bytes_max {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the journal holds {journal_bytes} bytes after {written_bytes} written"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
