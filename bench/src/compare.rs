@@ -139,6 +139,7 @@ fn workloads(args: &CompareArgs) -> anyhow::Result<Vec<Workload>> {
                 length: Length::Seconds(args.seconds),
                 warmup: Duration::from_secs_f64(args.warmup_seconds),
                 seed: args.seed,
+                shard_per_client: false,
             });
         }
     }

@@ -87,6 +87,10 @@ pub struct WorkloadArgs {
     /// Seeds the key and operation choices (printed with every report).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Client i uses only keys of shard i (modulo the shards; shardkv
+    /// only): a shard that moves then holds up its own clients alone.
+    #[arg(long)]
+    shard_per_client: bool,
 }
 
 impl WorkloadArgs {
@@ -112,6 +116,7 @@ impl WorkloadArgs {
             },
             warmup: Duration::from_secs_f64(self.warmup_seconds),
             seed: self.seed,
+            shard_per_client: self.shard_per_client,
         })
     }
 }

@@ -194,6 +194,12 @@ pub async fn run(target: &TargetSpec, workload: &Workload) -> Result<Report, Str
     }
     let start_config = target.configs_since(None).await?.and_then(|mut c| c.pop());
     let shards = start_config.as_ref().map(|c| c.shards.len());
+    if workload.shard_per_client && shards.is_none_or(|n| n == 0) {
+        return Err(format!(
+            "--shard-per-client needs shards, and {} has none",
+            target.name()
+        ));
+    }
     let measure_from = Instant::now() + workload.warmup;
     let mut tasks = Vec::with_capacity(clients);
     for (i, store) in stores.into_iter().enumerate() {
@@ -207,7 +213,10 @@ pub async fn run(target: &TargetSpec, workload: &Workload) -> Result<Report, Str
             Length::Seconds(s) => Some(measure_from + Duration::from_secs_f64(s)),
             Length::Operations(_) => None,
         };
-        let generator = OpGenerator::new(workload, i);
+        let mut generator = OpGenerator::new(workload, i);
+        if let (true, Some(shards)) = (workload.shard_per_client, shards) {
+            generator = generator.in_shard(i % shards, shards);
+        }
         let value_bytes = workload.value_bytes;
         tasks.push(tokio::spawn(client_loop(
             store,

@@ -43,6 +43,11 @@ pub struct Workload {
     /// Seeds each client's key and operation choices (client i uses
     /// `seed + i`), so a run's request sequence can be replayed.
     pub seed: u64,
+    /// Client i uses only keys of shard i (modulo the shard count): while
+    /// a shard moves, its clients wait and the others go on. With keys
+    /// drawn from every shard, each closed-loop client soon waits on a
+    /// moving shard, and a move stops the whole load.
+    pub shard_per_client: bool,
 }
 
 impl Workload {
@@ -54,7 +59,12 @@ impl Workload {
         } else {
             format!("{:.0}% reads", self.read_ratio * 100.0)
         };
-        format!("{mix}, {} clients", self.clients)
+        let pinned = if self.shard_per_client {
+            ", a shard each"
+        } else {
+            ""
+        };
+        format!("{mix}, {} clients{pinned}", self.clients)
     }
 }
 
@@ -85,6 +95,8 @@ pub struct OpGenerator {
     rng: SmallRng,
     read_ratio: f64,
     keys: KeyChooser,
+    /// With `--shard-per-client`: this client's shard, of how many.
+    shard: Option<(usize, usize)>,
 }
 
 impl OpGenerator {
@@ -93,11 +105,30 @@ impl OpGenerator {
             rng: SmallRng::seed_from_u64(workload.seed.wrapping_add(client as u64)),
             read_ratio: workload.read_ratio,
             keys: KeyChooser::new(workload.distribution, workload.key_count),
+            shard: None,
         }
     }
 
+    /// Draws only keys of `shard` of `shards` (by rejection: about
+    /// `shards` draws a key, where a network round trip costs thousands).
+    pub fn in_shard(mut self, shard: usize, shards: usize) -> Self {
+        debug_assert!(shard < shards);
+        self.shard = Some((shard, shards));
+        self
+    }
+
     pub fn next_op(&mut self) -> Op {
-        let key = self.keys.next(&mut self.rng);
+        let mut index = self.keys.next(&mut self.rng);
+        if let Some((shard, shards)) = self.shard {
+            // Bounded: with fewer keys than shards, one may hold none.
+            for _ in 0..shards.saturating_mul(64) {
+                if shardkv::shardkv::key_to_shard(key(index).as_bytes(), shards) == shard {
+                    break;
+                }
+                index = self.keys.next(&mut self.rng);
+            }
+        }
+        let key = index;
         if self.rng.random::<f64>() < self.read_ratio {
             Op::Read(key)
         } else {
@@ -200,6 +231,7 @@ mod tests {
             length: Length::Operations(1),
             warmup: Duration::ZERO,
             seed: 7,
+            shard_per_client: false,
         }
     }
 
@@ -265,6 +297,16 @@ mod tests {
         let mut g = OpGenerator::new(&w, 3);
         let b: Vec<Op> = (0..100).map(|_| g.next_op()).collect();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_client_in_a_shard_draws_only_its_keys() {
+        let w = workload(0.5, KeyDistribution::Uniform);
+        let mut g = OpGenerator::new(&w, 5).in_shard(5, 64);
+        for _ in 0..200 {
+            let (Op::Read(k) | Op::Write(k)) = g.next_op();
+            assert_eq!(shardkv::shardkv::key_to_shard(key(k).as_bytes(), 64), 5);
+        }
     }
 
     #[test]
