@@ -423,7 +423,8 @@ impl KvServer {
 
     /// Whether the previous holder of `shard` may drop its copy as far as
     /// this group's replicas go: each has applied past the install (the
-    /// slot this leader had applied when it first asked), or holds the
+    /// slot this leader had applied when it first asked), is past the
+    /// install's configuration or already serves the shard, or holds the
     /// fetched copy. Otherwise, it waits until `straggler_grace` has passed
     /// since the first ask: a replica that is down or far behind then
     /// catches up from a peer's snapshot instead.

@@ -69,6 +69,12 @@ pub struct Group {
     /// The group's Paxos network: `set_isolated` cuts a replica off.
     pub net: LocalNetwork,
     nodes: Vec<Option<KvNode>>,
+    /// Each replica's disk: a wipe gives the replica a new one, as a
+    /// replaced volume would. A killed node's last threads (a snapshot
+    /// stream, a copy fetch) may still hold its store for a moment after
+    /// `kill`; on the same directory, that store's engine deleted files of
+    /// its blank successor's (`FjallError ... NotFound` at the open).
+    disks: Vec<u32>,
 }
 
 pub struct Cluster {
@@ -142,6 +148,7 @@ impl Cluster {
                 addrs,
                 net: LocalNetwork::new(replicas),
                 nodes: (0..replicas).map(|_| None).collect(),
+                disks: vec![0; replicas],
             };
             for (i, listener) in listeners.into_iter().enumerate() {
                 let node = cluster.start_node(&group, i, listener);
@@ -152,12 +159,14 @@ impl Cluster {
         cluster
     }
 
-    fn storage_path(&self, gid: Gid, i: usize) -> PathBuf {
-        self.dir.path().join(format!("g{gid}-r{i}"))
+    fn storage_path(&self, group: &Group, i: usize) -> PathBuf {
+        let (gid, disk) = (group.gid, group.disks[i]);
+        self.dir.path().join(format!("g{gid}-r{i}-d{disk}"))
     }
 
-    fn state_path(&self, gid: Gid, i: usize) -> PathBuf {
-        self.dir.path().join(format!("g{gid}-r{i}-state"))
+    fn state_path(&self, group: &Group, i: usize) -> PathBuf {
+        let (gid, disk) = (group.gid, group.disks[i]);
+        self.dir.path().join(format!("g{gid}-r{i}-d{disk}-state"))
     }
 
     fn start_node(&self, group: &Group, i: usize, listener: TcpListener) -> KvNode {
@@ -165,7 +174,7 @@ impl Cluster {
         let wal = WalOptions {
             segment_bytes: 256 << 10,
         };
-        let storage = WalStorage::open(self.storage_path(group.gid, i), wal).unwrap();
+        let storage = WalStorage::open(self.storage_path(group, i), wal).unwrap();
         // The real store, and snapshots streamed from the group's other
         // replicas over their gRPC ports, as a node does.
         let source = GrpcSnapshotSource {
@@ -175,7 +184,7 @@ impl Cluster {
             chunk_timeout: Duration::from_secs(5),
             rounds: 3,
         };
-        let state_dir = self.state_path(group.gid, i);
+        let state_dir = self.state_path(group, i);
         let state = KvState::open(
             group.gid,
             &state_dir,
@@ -293,8 +302,9 @@ impl Cluster {
     pub async fn wipe_group(&mut self, gid: Gid) {
         self.kill_group(gid).await;
         for i in 0..self.group(gid).addrs.len() {
-            std::fs::remove_dir_all(self.storage_path(gid, i)).unwrap();
-            std::fs::remove_dir_all(self.state_path(gid, i)).unwrap();
+            std::fs::remove_dir_all(self.storage_path(self.group(gid), i)).unwrap();
+            std::fs::remove_dir_all(self.state_path(self.group(gid), i)).unwrap();
+            self.group_mut(gid).disks[i] += 1;
         }
         self.group_mut(gid).net = LocalNetwork::new(self.group(gid).addrs.len());
         for i in 0..self.group(gid).addrs.len() {

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use shardkv::proto::kv::GroupStatusRequest;
-use shardkv::shardkv::clerk::ClerkError;
+use shardkv::shardkv::clerk::{Clerk, ClerkError};
 use shardkv::shardkv::key_to_shard;
 use shardkv::shardkv::pool::ChannelPool;
 use shardkv::shardkv::server::{KvServerOptions, Unreliable};
+use shardkv::shardkv::state::KvState;
 
 use crate::common::{key, Cluster, SHARDS, WAIT};
 
@@ -27,6 +28,22 @@ async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
 
 fn shard_of(i: usize) -> usize {
     key_to_shard(key(i).as_bytes(), SHARDS)
+}
+
+/// Every key written as `v{i}` reads back through `ck`.
+async fn every_key_reads_back(ck: &Clerk) {
+    for i in 0..KEYS {
+        let got = ck.get(key(i)).await.unwrap();
+        assert_eq!(got, Some(Bytes::from(format!("v{i}"))), "key {i}");
+    }
+}
+
+/// A replica of the group that took some of the keys holds exactly those
+/// of the shards it serves: nothing missing, no copy left behind.
+fn holds_exactly_the_keys_it_serves(s: &KvState) {
+    let moved = (0..KEYS).filter(|&i| s.serves(key(i).as_bytes())).count();
+    assert!(moved > 0, "group 101 took some of the keys");
+    assert_eq!(s.count_keys().unwrap(), moved as u64);
 }
 
 /// Every replica of a serving group loses its storage and starts blank
@@ -109,10 +126,7 @@ async fn a_pull_follows_its_source_to_new_addresses() {
     cluster.readdress_group(100).await;
     cluster.join(100).await;
     cluster.await_settled().await;
-    for i in 0..KEYS {
-        let got = ck.get(key(i)).await.unwrap();
-        assert_eq!(got, Some(Bytes::from(format!("v{i}"))));
-    }
+    every_key_reads_back(&ck).await;
 }
 
 /// A group leaves; its new owner pulls everything, but no delete ever
@@ -187,10 +201,7 @@ async fn a_holder_that_cannot_acknowledge(removed: bool) {
             "only the owned copies are held"
         );
     }
-    for i in 0..KEYS {
-        let got = ck.get(key(i)).await.unwrap();
-        assert_eq!(got, Some(Bytes::from(format!("v{i}"))));
-    }
+    every_key_reads_back(&ck).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,16 +286,8 @@ async fn a_replica_down_during_a_move_fetches_the_shards_and_takes_no_snapshot()
         assert_eq!(state.lock().snapshots_installed, 0);
     }
     // The restarted replica holds exactly the keys of the shards it serves.
-    {
-        let s = states[2].lock();
-        let moved = (0..KEYS).filter(|&i| s.serves(key(i).as_bytes())).count();
-        assert!(moved > 0, "group 101 took some of the keys");
-        assert_eq!(s.count_keys().unwrap(), moved as u64);
-    }
-    for i in 0..KEYS {
-        let got = ck.get(key(i)).await.unwrap();
-        assert_eq!(got, Some(Bytes::from(format!("v{i}"))));
-    }
+    holds_exactly_the_keys_it_serves(&states[2].lock());
+    every_key_reads_back(&ck).await;
 }
 
 /// The same when the holder is a group that has left: it drops its copies
@@ -332,10 +335,7 @@ async fn a_departing_holder_keeps_its_copies_for_a_replica_that_is_down() {
     for state in &states {
         assert_eq!(state.lock().snapshots_installed, 0);
     }
-    for i in 0..KEYS {
-        let got = ck.get(key(i)).await.unwrap();
-        assert_eq!(got, Some(Bytes::from(format!("v{i}"))));
-    }
+    every_key_reads_back(&ck).await;
 }
 
 /// Past `straggler_grace` the previous holder is let go: the replica that
@@ -371,12 +371,7 @@ async fn a_replica_down_past_the_grace_catches_up_from_a_snapshot() {
     {
         let s = states[2].lock();
         assert_eq!(s.snapshots_installed, 1, "the copies were gone");
-        let moved = (0..KEYS).filter(|&i| s.serves(key(i).as_bytes())).count();
-        assert!(moved > 0, "group 101 took some of the keys");
-        assert_eq!(s.count_keys().unwrap(), moved as u64);
+        holds_exactly_the_keys_it_serves(&s);
     }
-    for i in 0..KEYS {
-        let got = ck.get(key(i)).await.unwrap();
-        assert_eq!(got, Some(Bytes::from(format!("v{i}"))));
-    }
+    every_key_reads_back(&ck).await;
 }
