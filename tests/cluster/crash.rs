@@ -268,3 +268,69 @@ fn a_data_directory_in_the_old_storage_format_is_refused() {
         "no new storage was created beside the old one"
     );
 }
+
+/// A second node started on a data directory a running node holds exits at
+/// once with a clear error, and the first keeps serving: two nodes on one
+/// log and one store would corrupt both.
+#[tokio::test]
+async fn a_data_directory_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("master-0");
+    let args = |listen: &str| -> Vec<String> {
+        [
+            "master",
+            "--id",
+            "0",
+            "--listen",
+            listen,
+            "--peers",
+            "127.0.0.13:7300",
+            "--data-dir",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([data.display().to_string()])
+        .collect()
+    };
+    let mut first = shardkv_cluster_tests::Node::new(
+        "master-0",
+        "127.0.0.13:7300",
+        args("127.0.0.13:7300"),
+        dir.path(),
+    );
+    first.start();
+    await_serving(&first.addr).await;
+    // Same identity, same directory, another port: only the lock tells.
+    let mut second = std::process::Command::new(shardkv_cluster_tests::bin("shardkv-node"))
+        .args(args("127.0.0.13:7301"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run shardkv-node");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while second.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second shardkv-node started on a data directory in use");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = second.wait_with_output().expect("collect output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exit 0; stderr: {stderr}");
+    assert!(
+        stderr.contains("in use by another running node"),
+        "{stderr}"
+    );
+    assert!(
+        first.alive(),
+        "the first node stopped:\n{}",
+        first.log_tail()
+    );
+    await_serving(&first.addr).await;
+    // The lock goes with its holder, even on kill -9: a restart takes it.
+    first.kill9();
+    first.start();
+    await_serving(&first.addr).await;
+}

@@ -171,6 +171,22 @@ impl Drop for Node {
     }
 }
 
+/// A failed test shows what every node said last: CI keeps nothing else.
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for node in self.masters.iter().chain(self.groups.iter().flatten()) {
+            eprintln!(
+                "--- the end of {}'s log ---\n{}",
+                node.name,
+                node.log_tail()
+            );
+        }
+    }
+}
+
 pub fn signal(pid: u32, sig: &str) {
     let status = Command::new("kill")
         .args([format!("-{sig}"), pid.to_string()])

@@ -158,9 +158,49 @@ fn data_dir_error(path: &Path, message: impl Into<String>) -> NodeError {
     }
 }
 
-/// Creates the data directory if needed and checks it belongs to `identity`.
-pub fn claim_data_dir(dir: &Path, identity: &Identity) -> Result<(), NodeError> {
+/// The data directory's lock file: held (`flock`) for a node's whole life.
+const LOCK_FILE: &str = "LOCK";
+
+/// Proof that this process alone uses a data directory: two nodes writing
+/// one log and one store would corrupt both, and nothing else stops a
+/// second node started by mistake with the same settings. The lock goes
+/// with the process, however it ends (`kill -9` included).
+#[derive(Debug)]
+pub struct DataDirLock {
+    /// Open for as long as the lock is held: closing it releases it.
+    _file: std::fs::File,
+}
+
+/// Creates the data directory if needed, locks it, and checks it belongs
+/// to `identity`. Keep the lock until the node has stopped.
+pub fn claim_data_dir(dir: &Path, identity: &Identity) -> Result<DataDirLock, NodeError> {
     std::fs::create_dir_all(dir).map_err(|e| data_dir_error(dir, format!("cannot create: {e}")))?;
+    let lock_path = dir.join(LOCK_FILE);
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| data_dir_error(dir, format!("cannot open {LOCK_FILE}: {e}")))?;
+    match lock_file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(data_dir_error(
+                dir,
+                "is in use by another running node (its LOCK file is held); \
+                 stop that node, or give this one its own --data-dir",
+            ))
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(data_dir_error(dir, format!("cannot lock {LOCK_FILE}: {e}")))
+        }
+    }
+    let lock = DataDirLock { _file: lock_file };
+    check_identity(dir, identity)?;
+    Ok(lock)
+}
+
+fn check_identity(dir: &Path, identity: &Identity) -> Result<(), NodeError> {
     let file = dir.join(IDENTITY_FILE);
     match std::fs::read(&file) {
         Ok(bytes) => {
@@ -363,7 +403,7 @@ pub async fn run_master(
     if shards == 0 {
         return Err(NodeError::Config("--shards must be at least 1".into()));
     }
-    claim_data_dir(
+    let _lock = claim_data_dir(
         &options.data_dir,
         &Identity {
             role: "master".into(),
@@ -425,7 +465,7 @@ pub async fn run_kv(
             "--masters must name at least one shardmaster".into(),
         ));
     }
-    claim_data_dir(
+    let _lock = claim_data_dir(
         &options.data_dir,
         &Identity {
             role: "kv".into(),

@@ -342,6 +342,9 @@ impl Replica {
         let durable = storage
             .load()
             .map_err(|e| ReplicaError::Storage(e.to_string()))?;
+        // A sync longer than the shortest election timeout silences this
+        // replica long enough for its peers to elect another leader.
+        let slow_sync = options.tick * config.election_timeout_min_ticks as u32;
         let paxos = Paxos::new(config, durable);
         if paxos.role() == RoleKind::Recovering {
             tracing::warn!(
@@ -376,6 +379,7 @@ impl Replica {
                     syncs: 0,
                     last_snapshot: 0,
                     led_in: None,
+                    slow_sync,
                 };
                 if let Err(e) = driver.run(rx) {
                     tracing::error!(error = %e, "replica stopped on a storage failure");
@@ -487,6 +491,9 @@ struct Driver<S, M, T> {
     /// The ballot this replica led in at the end of the last turn: when it
     /// changes, outstanding proposals lose their only witness.
     led_in: Option<Ballot>,
+    /// A storage write taking longer than this is logged: it is as long as
+    /// the shortest election timeout, so it costs leader changes.
+    slow_sync: Duration,
 }
 
 impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
@@ -569,7 +576,17 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
             self.transport.send(to, msg);
         }
         if !ready.persist.is_empty() {
+            let started = Instant::now();
             self.storage.persist(&ready.persist)?;
+            let took = started.elapsed();
+            if took >= self.slow_sync {
+                tracing::warn!(
+                    replica = self.paxos.id(),
+                    took_ms = took.as_millis() as u64,
+                    election_timeout_min_ms = self.slow_sync.as_millis() as u64,
+                    "a storage write took longer than the election timeout: expect leader changes (a slower disk needs a longer --tick-ms)"
+                );
+            }
             if ready.persist.needs_sync() {
                 self.syncs += 1;
             }
@@ -694,11 +711,29 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
             .dropped
             .load(std::sync::atomic::Ordering::Relaxed);
         let status = status_of(&self.paxos, dropped, self.syncs, true);
-        let was_recovering = self.status.borrow().role == RoleKind::Recovering;
-        if was_recovering && status.role != RoleKind::Recovering {
+        let (was_role, was_leader) = {
+            let before = self.status.borrow();
+            (before.role, before.leader)
+        };
+        if was_role == RoleKind::Recovering && status.role != RoleKind::Recovering {
             tracing::info!(
                 replica = status.id,
                 "recovered acceptor state from peers; voting again"
+            );
+        }
+        // Leader changes are what an operator looks for first when requests
+        // stall: each one is logged, with what led to it.
+        if status.leader != was_leader
+            || (status.role == RoleKind::Leader) != (was_role == RoleKind::Leader)
+        {
+            tracing::info!(
+                replica = status.id,
+                role = ?status.role,
+                leader = ?status.leader,
+                ballot = ?status.ballot,
+                campaigns = status.campaigns,
+                inbox_dropped = status.inbox_dropped,
+                "leadership changed"
             );
         }
         self.status.send_if_modified(|s| {
