@@ -161,10 +161,11 @@ fn data_dir_error(path: &Path, message: impl Into<String>) -> NodeError {
 /// The data directory's lock file: held (`flock`) for a node's whole life.
 const LOCK_FILE: &str = "LOCK";
 
-/// Proof that this process alone uses a data directory: two nodes writing
-/// one log and one store would corrupt both, and nothing else stops a
-/// second node started by mistake with the same settings. The lock goes
-/// with the process, however it ends (`kill -9` included).
+/// Proof that this process alone uses a data directory. The log and the
+/// store lock their own directories too; this lock comes first, so a
+/// second node started by mistake is refused before it touches anything
+/// (the identity file included), with an error that names the directory.
+/// The lock goes with the process, however it ends (`kill -9` included).
 #[derive(Debug)]
 pub struct DataDirLock {
     /// Open for as long as the lock is held: closing it releases it.

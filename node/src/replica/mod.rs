@@ -344,7 +344,9 @@ impl Replica {
             .map_err(|e| ReplicaError::Storage(e.to_string()))?;
         // A sync longer than the shortest election timeout silences this
         // replica long enough for its peers to elect another leader.
-        let slow_sync = options.tick * config.election_timeout_min_ticks as u32;
+        let slow_sync = options
+            .tick
+            .saturating_mul(u32::try_from(config.election_timeout_min_ticks).unwrap_or(u32::MAX));
         let paxos = Paxos::new(config, durable);
         if paxos.role() == RoleKind::Recovering {
             tracing::warn!(
@@ -578,15 +580,7 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
         if !ready.persist.is_empty() {
             let started = Instant::now();
             self.storage.persist(&ready.persist)?;
-            let took = started.elapsed();
-            if took >= self.slow_sync {
-                tracing::warn!(
-                    replica = self.paxos.id(),
-                    took_ms = took.as_millis() as u64,
-                    election_timeout_min_ms = self.slow_sync.as_millis() as u64,
-                    "a storage write took longer than the election timeout: expect leader changes (a slower disk needs a longer --tick-ms)"
-                );
-            }
+            self.warn_if_slow("the log", started);
             if ready.persist.needs_sync() {
                 self.syncs += 1;
             }
@@ -696,10 +690,12 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
         self.led_in = leading;
         if let Some(applied) = last_applied {
             if applied - self.last_snapshot >= self.options.snapshot_every_slots {
+                let started = Instant::now();
                 let (covered, data) = self
                     .machine
                     .checkpoint(applied)
                     .map_err(|e| StorageError::Io(format!("state machine checkpoint: {e}")))?;
+                self.warn_if_slow("the state machine's checkpoint", started);
                 self.paxos.compact(covered, data);
                 self.last_snapshot = applied;
                 // The compaction's writes go out with the next Ready.
@@ -751,6 +747,21 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
             let _ = waiter.send(answer);
         }
         Ok(())
+    }
+
+    /// Logs a storage write (begun at `started`) that kept this thread
+    /// from answering its peers for longer than the election timeout.
+    fn warn_if_slow(&self, what: &str, started: Instant) {
+        let took = started.elapsed();
+        if took >= self.slow_sync {
+            tracing::warn!(
+                replica = self.paxos.id(),
+                took_ms = took.as_millis() as u64,
+                election_timeout_min_ms = self.slow_sync.as_millis() as u64,
+                "a write to {what} took longer than the election timeout: expect leader \
+                 changes (a slower disk needs a longer --tick-ms)"
+            );
+        }
     }
 
     fn stop(&mut self) {

@@ -198,11 +198,19 @@ pub enum StoreError {
     /// The disk is full: a write failed and nothing of it was applied.
     #[error("state store at {path}: the disk is full ({message}); free space and restart")]
     Full { path: PathBuf, message: String },
+    /// Another open store holds the directory's lock: two engines on one
+    /// directory would delete each other's files.
+    #[error("state store at {path} is in use by another open store (its lock is held)")]
+    InUse { path: PathBuf },
 }
 
 impl StoreError {
     pub fn is_corrupt(&self) -> bool {
         matches!(self, StoreError::Corrupt { .. })
+    }
+
+    pub fn is_in_use(&self) -> bool {
+        matches!(self, StoreError::InUse { .. })
     }
 }
 
@@ -482,6 +490,12 @@ fn engine_error<E: std::fmt::Display + 'static>(path: &Path, e: E) -> StoreError
     });
     if io.is_some_and(|e| e.kind() == std::io::ErrorKind::StorageFull) {
         return StoreError::Full { path, message };
+    }
+    if matches!(
+        any.downcast_ref::<fjall::Error>(),
+        Some(fjall::Error::Locked)
+    ) {
+        return StoreError::InUse { path };
     }
     let damaged = match any.downcast_ref::<fjall::Error>() {
         Some(fjall::Error::Storage(e)) => !matches!(e, fjall::LsmError::Io(_)),
@@ -1298,6 +1312,21 @@ mod crash {
             store.get(Space::Data, &data_key()).unwrap(),
             Some(Bytes::from_static(b"v"))
         );
+    }
+
+    #[test]
+    fn a_store_open_elsewhere_is_refused_as_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("state");
+        let first = Store::open(&base, StoreOptions::default()).unwrap();
+        let second = Store::open(&base, StoreOptions::default());
+        assert!(
+            matches!(&second, Err(e) if e.is_in_use()),
+            "{:?}",
+            second.err()
+        );
+        drop(first);
+        Store::open(&base, StoreOptions::default()).expect("free once the first is closed");
     }
 
     #[test]

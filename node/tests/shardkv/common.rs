@@ -72,8 +72,9 @@ pub struct Group {
     /// Each replica's disk: a wipe gives the replica a new one, as a
     /// replaced volume would. A killed node's last threads (a snapshot
     /// stream, a copy fetch) may still hold its store for a moment after
-    /// `kill`; on the same directory, that store's engine deleted files of
-    /// its blank successor's (`FjallError ... NotFound` at the open).
+    /// `kill`; a directory removed and made again under it had no lock to
+    /// keep the two apart, and that store's engine deleted files of its
+    /// blank successor's (`FjallError ... NotFound` at the open).
     disks: Vec<u32>,
 }
 
@@ -185,13 +186,25 @@ impl Cluster {
             rounds: 3,
         };
         let state_dir = self.state_path(group, i);
-        let state = KvState::open(
-            group.gid,
-            &state_dir,
-            Some(Arc::new(source)),
-            Default::default(),
-        )
-        .unwrap();
+        let source: Arc<dyn shardkv::shardkv::state::PeerSource> = Arc::new(source);
+        // A killed node's last streams (a snapshot or a copy a peer is
+        // still reading) may hold its store's lock for a moment after
+        // `kill`, as a dying process would: a restart waits for it.
+        let deadline = std::time::Instant::now() + WAIT;
+        let state = loop {
+            match KvState::open(
+                group.gid,
+                &state_dir,
+                Some(source.clone()),
+                Default::default(),
+            ) {
+                Ok(state) => break state,
+                Err(e) if e.is_in_use() && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("replica {i} of group {}: {e}", group.gid),
+            }
+        };
         let state = SharedKvState::new(state);
         let (replica, thread) = Replica::start(
             PaxosConfig::new_group(i as u32, group.addrs.len() as u32),

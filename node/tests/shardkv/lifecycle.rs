@@ -375,3 +375,54 @@ async fn a_replica_down_past_the_grace_catches_up_from_a_snapshot() {
     }
     every_key_reads_back(&ck).await;
 }
+
+/// A replica killed while it streams a snapshot to a peer that reads slowly
+/// comes back on its own store once the stream lets go of it. The stream
+/// holds a view of the store, so the store's lock, after `kill`: before the
+/// harness waited for it, the restart failed with the engine's `Locked`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_stream_restarts_on_its_store() {
+    use futures::StreamExt;
+    use shardkv::proto::kv::shard_kv_client::ShardKvClient;
+    use shardkv::proto::kv::FetchSnapshotRequest;
+
+    let mut cluster = Cluster::start(1, 3, None).await;
+    let ck = cluster.clerk();
+    cluster.join(100).await;
+    // Several chunks more than the sender buffers, so the stream blocks.
+    let big = |i: usize| format!("{i:08}").repeat(32 << 10);
+    for i in 0..64 {
+        ck.put(key(i), big(i)).await.unwrap();
+    }
+    let addr = cluster.group(100).addrs[0].clone();
+    let mut client = ShardKvClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .max_decoding_message_size(64 << 20);
+    let mut stream = client
+        .fetch_snapshot(FetchSnapshotRequest {
+            gid: 100,
+            min_applied_slot: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.expect("a first chunk").unwrap();
+    assert!(
+        !first.last,
+        "the snapshot fits one chunk: the stream would not block"
+    );
+    cluster.kill(100, 0).await;
+    // The slow reader gives up a moment later, as a peer's chunk timeout would.
+    let reader = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(stream);
+    });
+    cluster.restart(100, 0).await;
+    reader.await.unwrap();
+    for i in (0..64).step_by(7) {
+        assert_eq!(ck.get(key(i)).await.unwrap(), Some(Bytes::from(big(i))));
+    }
+    let s = cluster.states(100)[0].lock().count_keys().unwrap();
+    assert_eq!(s, 64, "the restarted replica holds every key");
+}
