@@ -426,3 +426,66 @@ async fn a_replica_killed_mid_stream_restarts_on_its_store() {
     let s = cluster.states(100)[0].lock().count_keys().unwrap();
     assert_eq!(s, 64, "the restarted replica holds every key");
 }
+
+/// An owner that leaves right after it installed a move, while one of its
+/// replicas was down and lacks the shards: the shards go on to the groups
+/// that stay, the straggler comes back and follows, and nothing is lost or
+/// left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_that_leaves_right_after_an_install_loses_nothing() {
+    let options = KvServerOptions {
+        straggler_grace: WAIT * 4,
+        ..Default::default()
+    };
+    let mut cluster = Cluster::start_with(3, 3, options).await;
+    let ck = cluster.clerk();
+    cluster.join(100).await;
+    cluster.join(102).await;
+    for i in 0..KEYS {
+        ck.put(key(i), format!("v{i}")).await.unwrap();
+    }
+    cluster.await_settled().await;
+    cluster.kill(101, 2).await;
+    cluster.join(101).await;
+    let joined = cluster.admin().query(None).await.unwrap();
+    let moved: Vec<usize> = (0..KEYS)
+        .filter(|i| joined.shards[shard_of(*i)] == 101)
+        .collect();
+    assert!(!moved.is_empty(), "the join moves some keys to group 101");
+    wait_until("group 101's live replicas install the join", async || {
+        (cluster.states(101).iter()).all(|s| {
+            let s = s.lock();
+            s.config.num == joined.num && s.ready_for_next_config()
+        })
+    })
+    .await;
+    // At once: its third replica has not even seen the join.
+    cluster.leave(101).await;
+    for i in &moved {
+        assert_eq!(
+            ck.get(key(*i)).await.unwrap(),
+            Some(Bytes::from(format!("v{i}"))),
+            "key {i} after group 101 left"
+        );
+    }
+    cluster.restart(101, 2).await;
+    cluster.await_settled().await;
+    every_key_reads_back(&ck).await;
+    for gid in [100, 102] {
+        for state in cluster.states(gid) {
+            holds_exactly_the_keys_it_serves(&state.lock());
+        }
+    }
+    for (r, state) in cluster.states(101).iter().enumerate() {
+        let s = state.lock();
+        assert!(
+            s.outgoing.is_empty(),
+            "replica {r} of group 101 kept copies"
+        );
+        assert_eq!(
+            s.count_keys().unwrap(),
+            0,
+            "replica {r} of group 101 kept keys"
+        );
+    }
+}
