@@ -234,34 +234,49 @@ async fn a_replica_with_a_lost_disk_recovers_before_it_votes() {
     );
 }
 
+/// Starts `shardkv-node` with `args`, which must make it exit at once with
+/// an error (one that serves instead is stopped and fails the test, naming
+/// `started_on`); returns what it wrote to stderr.
+fn refused_at_start(
+    args: impl IntoIterator<Item = impl AsRef<std::ffi::OsStr>>,
+    started_on: &str,
+) -> String {
+    let mut child = std::process::Command::new(shardkv_cluster_tests::bin("shardkv-node"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run shardkv-node");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("shardkv-node started on {started_on}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("collect output");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "exit 0; stderr: {stderr}");
+    stderr
+}
+
 /// A data directory from before the write-ahead log must not be opened as
 /// a blank one: a group whose every member did so would take itself for new.
 #[test]
 fn a_data_directory_in_the_old_storage_format_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("paxos.redb"), b"redb").unwrap();
-    let mut child = std::process::Command::new(shardkv_cluster_tests::bin("shardkv-node"))
-        .args(["master", "--id", "0", "--listen", "127.0.0.13:0"])
-        .args(["--peers", "127.0.0.13:1,127.0.0.13:2,127.0.0.13:3"])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run shardkv-node");
-    // It must exit at once; one that serves instead is stopped and fails.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while child.try_wait().expect("wait").is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("shardkv-node started on a data directory holding paxos.redb");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("collect output");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "exit 0; stderr: {stderr}");
+    let flags = ["master", "--id", "0", "--listen", "127.0.0.13:0"];
+    let peers = [
+        "--peers",
+        "127.0.0.13:1,127.0.0.13:2,127.0.0.13:3",
+        "--data-dir",
+    ];
+    let args =
+        (flags.iter().chain(&peers).map(std::ffi::OsStr::new)).chain([dir.path().as_os_str()]);
+    let stderr = refused_at_start(args, "a data directory holding paxos.redb");
     assert!(stderr.contains("paxos.redb"), "{stderr}");
     assert!(
         !dir.path().join("paxos").exists(),
@@ -300,25 +315,9 @@ async fn a_data_directory_in_use_is_refused() {
     );
     first.start();
     await_serving(&first.addr).await;
-    // Same identity, same directory, another port: only the lock tells.
-    let mut second = std::process::Command::new(shardkv_cluster_tests::bin("shardkv-node"))
-        .args(args("127.0.0.13:7301"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run shardkv-node");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while second.try_wait().expect("wait").is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = second.kill();
-            let _ = second.wait();
-            panic!("a second shardkv-node started on a data directory in use");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = second.wait_with_output().expect("collect output");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "exit 0; stderr: {stderr}");
+    // Same identity, same directory, another port: the lock refuses it
+    // before it writes anything.
+    let stderr = refused_at_start(args("127.0.0.13:7301"), "a data directory in use");
     assert!(
         stderr.contains("in use by another running node"),
         "{stderr}"
