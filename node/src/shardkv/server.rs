@@ -44,6 +44,10 @@ pub struct Unreliable {
     /// Every DeleteShard is refused unexecuted: a holder that never hears
     /// that its copies may go.
     pub refuse_deletes: bool,
+    /// Every shard copy this replica fetches waits this long before it
+    /// starts: a slow fetch, so that a test sees what is installed while
+    /// fetches are still under way.
+    pub copy_fetch_delay: Option<Duration>,
 }
 
 #[derive(Clone, Debug)]
@@ -126,6 +130,14 @@ struct Shared {
     last_clock: Mutex<Option<tokio::time::Instant>>,
 }
 
+/// The statuses of this group's replicas, asked at most once in a round of
+/// the leader's work and shared by its pulls and releases: asked for each
+/// shard, a move of 32 shards cost about a hundred status calls a round
+/// (each reading every shard's fetch marker under the state's lock).
+/// Within a round they are as fresh as a reply to a call of one's own.
+#[derive(Default)]
+struct RoundStatuses(tokio::sync::OnceCell<(Vec<String>, Vec<Option<pb::GroupStatusReply>>)>);
+
 /// A delete to a shard's previous holder, held while a replica of this
 /// group may still need the copy (see `straggler_grace`).
 #[derive(Clone, Copy)]
@@ -194,43 +206,52 @@ impl KvServer {
             .max_encoding_message_size(MESSAGE_BYTES_MAX)
     }
 
-    /// Runs the reconfiguration loop until `shutdown` resolves. It acts only
-    /// while this replica leads its group.
+    /// Runs the background work until `shutdown` resolves: every
+    /// replica's staging of the copies its group pulls, and, while this
+    /// replica leads, the reconfiguration loop. The two run side by side:
+    /// a leader installs each shard as soon as a majority has fetched it,
+    /// not once its own fetches of every shard of the move are done (the
+    /// moved shards' clients wait for their install).
     pub fn spawn_background(
         &self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> JoinHandle<()> {
         let server = self.clone();
         tokio::spawn(async move {
-            tokio::pin!(shutdown);
-            let mut progress = false;
-            loop {
-                if !progress {
-                    tokio::select! {
-                        _ = &mut shutdown => return,
-                        _ = tokio::time::sleep(server.inner.options.poll_interval) => {}
-                    }
-                }
-                progress = false;
-                if server.inner.replica.status().role != RoleKind::Leader {
-                    // A grace counts silence seen by one leader, unbroken.
-                    lock(&server.inner.departed_failing).clear();
-                    // And a straggler wait: the next leader starts its own.
-                    lock(&server.inner.releasing).clear();
-                    lock(&server.inner.installed_seen).clear();
-                }
-                tokio::select! {
-                    _ = &mut shutdown => return,
-                    _ = server.stage_step() => {}
-                }
-                if server.inner.replica.status().role == RoleKind::Leader {
-                    tokio::select! {
-                        _ = &mut shutdown => return,
-                        p = server.reconfigure_step() => progress = p,
-                    }
-                }
+            tokio::select! {
+                _ = shutdown => {}
+                _ = futures::future::join(server.staging_loop(), server.leader_loop()) => {}
             }
         })
+    }
+
+    /// Fetches the copies the group is pulling, round after round.
+    async fn staging_loop(&self) {
+        loop {
+            self.stage_step().await;
+            tokio::time::sleep(self.inner.options.poll_interval).await;
+        }
+    }
+
+    /// Takes configurations, installs and releases shards while this
+    /// replica leads.
+    async fn leader_loop(&self) {
+        let mut progress = false;
+        loop {
+            if !progress {
+                tokio::time::sleep(self.inner.options.poll_interval).await;
+            }
+            progress = false;
+            if self.inner.replica.status().role != RoleKind::Leader {
+                // A grace counts silence seen by one leader, unbroken.
+                lock(&self.inner.departed_failing).clear();
+                // And a straggler wait: the next leader starts its own.
+                lock(&self.inner.releasing).clear();
+                lock(&self.inner.installed_seen).clear();
+                continue;
+            }
+            progress = self.reconfigure_step().await;
+        }
     }
 
     fn inject(&self, p: impl Fn(&Unreliable) -> f64) -> bool {
@@ -335,6 +356,7 @@ impl KvServer {
         }
         let latest = latest.unwrap_or_else(|| prev.clone());
         let mut tasks = JoinSet::new();
+        let round = Arc::new(RoundStatuses::default());
         let outgoing: Vec<(u64, u64)> = self.inner.state.lock().outgoing.keys().copied().collect();
         // Every round: a holder that has rejoined keeps none of these.
         lock(&self.inner.installed_seen).retain(|key, _| outgoing.contains(key));
@@ -354,8 +376,9 @@ impl KvServer {
             let server = self.clone();
             let prev = prev.clone();
             let latest = latest.clone();
+            let round = round.clone();
             tasks.spawn(async move {
-                let result = server.pull(num, shard, &prev, &latest).await;
+                let result = server.pull(num, shard, &prev, &latest, &round).await;
                 if let Err(e) = &result {
                     tracing::debug!(shard, num, error = %e, "shard pull failed; will retry");
                 }
@@ -367,8 +390,9 @@ impl KvServer {
         for (shard, source) in deletes {
             let server = self.clone();
             let latest = latest.clone();
+            let round = round.clone();
             tasks.spawn(async move {
-                let result = server.release(shard, source, &latest).await;
+                let result = server.release(shard, source, &latest, &round).await;
                 if let Err(e) = &result {
                     tracing::debug!(shard, error = %e, "delete notice failed; will retry");
                 }
@@ -383,18 +407,44 @@ impl KvServer {
 
     /// How many replicas of this group hold a complete copy of `shard`
     /// for configuration `num`, by their own status.
-    async fn replicas_holding(&self, num: u64, shard: u64, servers: &[String]) -> usize {
-        let holders: std::collections::BTreeSet<u32> =
-            (self.peer_statuses(self.inner.gid, servers).await)
-                .into_iter()
-                .flatten()
-                .filter(|reply| {
-                    reply.config_num == num
-                        && (reply.staged.iter()).any(|s| s.config_num == num && s.shard == shard)
-                })
-                .map(|reply| reply.replica)
-                .collect();
+    async fn replicas_holding(
+        &self,
+        num: u64,
+        shard: u64,
+        servers: &[String],
+        round: &RoundStatuses,
+    ) -> usize {
+        let holders: std::collections::BTreeSet<u32> = (self.own_statuses(servers, round).await)
+            .into_iter()
+            .flatten()
+            .filter(|reply| {
+                reply.config_num == num
+                    && (reply.staged.iter()).any(|s| s.config_num == num && s.shard == shard)
+            })
+            .map(|reply| reply.replica)
+            .collect();
         holders.len()
+    }
+
+    /// The status of each of `servers`, this group's replicas, asked once
+    /// per round (see [`RoundStatuses`]).
+    async fn own_statuses(
+        &self,
+        servers: &[String],
+        round: &RoundStatuses,
+    ) -> Vec<Option<pb::GroupStatusReply>> {
+        let (asked, statuses) = round
+            .0
+            .get_or_init(|| async {
+                let statuses = self.peer_statuses(self.inner.gid, servers).await;
+                (servers.to_vec(), statuses)
+            })
+            .await;
+        if asked.as_slice() == servers {
+            return statuses.clone();
+        }
+        // Another set of servers (the group as of another configuration).
+        self.peer_statuses(self.inner.gid, servers).await
     }
 
     /// The status of each of `servers`, a replica of group `gid`, in order;
@@ -428,7 +478,12 @@ impl KvServer {
     /// fetched copy. Otherwise, it waits until `straggler_grace` has passed
     /// since the first ask: a replica that is down or far behind then
     /// catches up from a peer's snapshot instead.
-    async fn stragglers_served(&self, shard: u64, source: &Source) -> Result<(), String> {
+    async fn stragglers_served(
+        &self,
+        shard: u64,
+        source: &Source,
+        round: &RoundStatuses,
+    ) -> Result<(), String> {
         let key = (shard, source.clone());
         // The state's own applied slot, not the replica's published one
         // (published only after a whole turn, so it may be short of the
@@ -459,7 +514,7 @@ impl KvServer {
             let installed_in = (s.owned.get(&shard)).map(|o| o.copy.generation);
             (servers, installed_in)
         };
-        let statuses = self.peer_statuses(self.inner.gid, &servers).await;
+        let statuses = self.own_statuses(&servers, round).await;
         let lagging: Vec<&String> = (servers.iter().zip(&statuses))
             .filter(|(_, status)| {
                 !status.as_ref().is_some_and(|reply| {
@@ -556,6 +611,14 @@ impl KvServer {
         let Some(claim) = board.claim_unfetched(copy, &stager) else {
             return;
         };
+        if let Some(delay) = self
+            .inner
+            .options
+            .unreliable
+            .and_then(|u| u.copy_fetch_delay)
+        {
+            tokio::time::sleep(delay).await;
+        }
         let requester = self.inner.gid;
         let timeout = self
             .inner
@@ -709,6 +772,7 @@ impl KvServer {
         shard: u64,
         prev: &Config,
         latest: &Config,
+        round: &RoundStatuses,
     ) -> Result<(), String> {
         let source = self.locate(num, shard, prev, latest).await?;
         let data = match &source {
@@ -738,7 +802,7 @@ impl KvServer {
                     .get(&self.inner.gid)
                     .cloned()
                     .unwrap_or_default();
-                let staged = self.replicas_holding(num, shard, &servers).await;
+                let staged = self.replicas_holding(num, shard, &servers, round).await;
                 let servers = servers.len().max(1);
                 if staged <= servers / 2 {
                     return Err(format!(
@@ -856,7 +920,13 @@ impl KvServer {
     /// Tells a shard's previous holder to drop its copy, then records that.
     /// The holder is dialled where `latest` says it is; one that has left
     /// and stays silent past `departed_holder_grace` is taken to be gone.
-    async fn release(&self, shard: u64, source: Source, latest: &Config) -> Result<(), String> {
+    async fn release(
+        &self,
+        shard: u64,
+        source: Source,
+        latest: &Config,
+        round: &RoundStatuses,
+    ) -> Result<(), String> {
         if source.gid == self.inner.gid {
             let command = Command::DeleteShard {
                 config_num: source.config_num,
@@ -864,7 +934,7 @@ impl KvServer {
             };
             self.propose(&command).await.map_err(|e| e.to_string())?;
         } else {
-            self.stragglers_served(shard, &source).await?;
+            self.stragglers_served(shard, &source, round).await?;
             let request = pb::DeleteShardRequest {
                 config_num: source.config_num,
                 shard,

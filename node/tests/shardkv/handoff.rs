@@ -187,3 +187,58 @@ async fn bad_requests_are_refused_and_nothing_is_stored() {
         assert_eq!(s.lock().count_keys().unwrap(), 0);
     }
 }
+
+/// A joining group's leader installs each shard once a majority of its
+/// replicas holds it, while its own fetches of the move's other shards
+/// are still under way: the moved shards' clients wait for their own
+/// shard, not for the whole move. Each fetch is slowed, so the leader is
+/// seen serving one moved shard while it still lacks another. (When the
+/// leader fetched every shard before it installed any, no moved shard was
+/// served before the last fetch.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_shard_is_served_before_the_leader_has_fetched_the_rest() {
+    let slow_fetches = shardkv::shardkv::server::Unreliable {
+        drop_request: 0.0,
+        drop_reply: 0.0,
+        seed: 0,
+        refuse_deletes: false,
+        copy_fetch_delay: Some(std::time::Duration::from_millis(500)),
+    };
+    let cluster = Cluster::start(2, 3, Some(slow_fetches)).await;
+    let ck = cluster.clerk();
+    cluster.join(100).await;
+    for i in 0..50 {
+        ck.put(key(i), format!("v{i}")).await.unwrap();
+    }
+    cluster.join(101).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut seen = false;
+    while !seen {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never saw group 101's leader serve a moved shard while it still fetched another"
+        );
+        if let Some(leader) = cluster.leader(101) {
+            let state = cluster.states(101)[leader].clone();
+            let s = state.lock();
+            let mut serving = false;
+            let mut unfetched = false;
+            for (&shard, owned) in &s.owned {
+                match s.pulling_copy(shard).unwrap() {
+                    Some((_, false)) => unfetched = true,
+                    Some((_, true)) => {}
+                    None => {
+                        serving |= owned.status == shardkv::shardkv::state::ShardStatus::Serving
+                    }
+                }
+            }
+            seen = serving && unfetched;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    cluster.await_settled().await;
+    for i in 0..50 {
+        let got = ck.get(key(i)).await.unwrap();
+        assert_eq!(got, Some(Bytes::from(format!("v{i}"))));
+    }
+}
