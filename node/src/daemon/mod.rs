@@ -626,6 +626,5 @@ fn injected_reply_drops(gid: u64, id: u32) -> Result<Option<Unreliable>, NodeErr
         drop_reply,
         seed,
         refuse_deletes: false,
-        copy_fetch_delay: None,
     }))
 }

@@ -44,10 +44,6 @@ pub struct Unreliable {
     /// Every DeleteShard is refused unexecuted: a holder that never hears
     /// that its copies may go.
     pub refuse_deletes: bool,
-    /// Every shard copy this replica fetches waits this long before it
-    /// starts: a slow fetch, so that a test sees what is installed while
-    /// fetches are still under way.
-    pub copy_fetch_delay: Option<Duration>,
 }
 
 #[derive(Clone, Debug)]
@@ -206,52 +202,43 @@ impl KvServer {
             .max_encoding_message_size(MESSAGE_BYTES_MAX)
     }
 
-    /// Runs the background work until `shutdown` resolves: every
-    /// replica's staging of the copies its group pulls, and, while this
-    /// replica leads, the reconfiguration loop. The two run side by side:
-    /// a leader installs each shard as soon as a majority has fetched it,
-    /// not once its own fetches of every shard of the move are done (the
-    /// moved shards' clients wait for their install).
+    /// Runs the reconfiguration loop until `shutdown` resolves. It acts only
+    /// while this replica leads its group.
     pub fn spawn_background(
         &self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> JoinHandle<()> {
         let server = self.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = shutdown => {}
-                _ = futures::future::join(server.staging_loop(), server.leader_loop()) => {}
+            tokio::pin!(shutdown);
+            let mut progress = false;
+            loop {
+                if !progress {
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        _ = tokio::time::sleep(server.inner.options.poll_interval) => {}
+                    }
+                }
+                progress = false;
+                if server.inner.replica.status().role != RoleKind::Leader {
+                    // A grace counts silence seen by one leader, unbroken.
+                    lock(&server.inner.departed_failing).clear();
+                    // And a straggler wait: the next leader starts its own.
+                    lock(&server.inner.releasing).clear();
+                    lock(&server.inner.installed_seen).clear();
+                }
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = server.stage_step() => {}
+                }
+                if server.inner.replica.status().role == RoleKind::Leader {
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        p = server.reconfigure_step() => progress = p,
+                    }
+                }
             }
         })
-    }
-
-    /// Fetches the copies the group is pulling, round after round.
-    async fn staging_loop(&self) {
-        loop {
-            self.stage_step().await;
-            tokio::time::sleep(self.inner.options.poll_interval).await;
-        }
-    }
-
-    /// Takes configurations, installs and releases shards while this
-    /// replica leads.
-    async fn leader_loop(&self) {
-        let mut progress = false;
-        loop {
-            if !progress {
-                tokio::time::sleep(self.inner.options.poll_interval).await;
-            }
-            progress = false;
-            if self.inner.replica.status().role != RoleKind::Leader {
-                // A grace counts silence seen by one leader, unbroken.
-                lock(&self.inner.departed_failing).clear();
-                // And a straggler wait: the next leader starts its own.
-                lock(&self.inner.releasing).clear();
-                lock(&self.inner.installed_seen).clear();
-                continue;
-            }
-            progress = self.reconfigure_step().await;
-        }
     }
 
     fn inject(&self, p: impl Fn(&Unreliable) -> f64) -> bool {
@@ -611,14 +598,6 @@ impl KvServer {
         let Some(claim) = board.claim_unfetched(copy, &stager) else {
             return;
         };
-        if let Some(delay) = self
-            .inner
-            .options
-            .unreliable
-            .and_then(|u| u.copy_fetch_delay)
-        {
-            tokio::time::sleep(delay).await;
-        }
         let requester = self.inner.gid;
         let timeout = self
             .inner

@@ -251,7 +251,6 @@ async fn concurrent_appends_while_shards_move_unreliable() {
         drop_reply: 0.1,
         seed: 0,
         refuse_deletes: false,
-        copy_fetch_delay: None,
     };
     concurrent(
         Some(faults),

@@ -35,7 +35,6 @@ async fn histories_under_moves_partitions_crashes_and_drops_are_linearizable() {
         drop_reply: 0.05,
         seed,
         refuse_deletes: false,
-        copy_fetch_delay: None,
     };
     let mut cluster = Cluster::start(3, 3, Some(faults)).await;
     for gid in [100, 101, 102] {

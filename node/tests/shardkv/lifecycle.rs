@@ -151,7 +151,6 @@ async fn a_holder_that_cannot_acknowledge(removed: bool) {
             drop_reply: 0.0,
             seed: 0,
             refuse_deletes: true,
-            copy_fetch_delay: None,
         }),
         ..Default::default()
     };
