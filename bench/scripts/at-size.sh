@@ -4,6 +4,10 @@
 # replica; a kill -9 restart of the whole group; a second group joining
 # under a 50/50 load. Release binaries from target/release.
 #   bench/scripts/at-size.sh KEYS VALUE_BYTES OUT_DIR
+# The preload takes minutes at 1,000,000 keys: SAVE_PRELOAD=DIR keeps the
+# shardmaster's and group 1's data directories after it, and
+# PRELOADED=DIR starts from such a copy instead of preloading (same KEYS
+# and VALUE_BYTES, and binaries of the same data format).
 set -euo pipefail
 KEYS=${1:-1000000}
 VALUE_BYTES=${2:-1024}
@@ -15,13 +19,21 @@ mkdir -p "$OUT"
 M=127.0.0.1:7200,127.0.0.1:7201,127.0.0.1:7202
 G1=127.0.0.1:7210,127.0.0.1:7211,127.0.0.1:7212
 G2=127.0.0.1:7220,127.0.0.1:7221,127.0.0.1:7222
+PRELOADED=${PRELOADED:-}
+SAVE_PRELOAD=${SAVE_PRELOAD:-}
+if [ -n "$PRELOADED" ]; then cp -a "$PRELOADED"/. "$D"/; fi
 declare -A PIDS
 start() { # name args...
   local name=$1; shift
   "$B/shardkv-node" "$@" >>"$D/$name.log" 2>&1 &
   PIDS[$name]=$!
 }
-cleanup() { kill -9 "${PIDS[@]}" 2>/dev/null || true; rm -rf "$D"; }
+# LOGS=DIR keeps every node's log.
+cleanup() {
+  kill -9 "${PIDS[@]}" 2>/dev/null || true
+  if [ -n "${LOGS:-}" ]; then mkdir -p "$LOGS" && cp "$D"/*.log "$LOGS"/; fi
+  rm -rf "$D"
+}
 trap cleanup EXIT
 for i in 0 1 2; do start m$i master --id $i --peers $M --data-dir "$D/m$i"; done
 for i in 0 1 2; do start g1-$i kv --gid 1 --id $i --peers $G1 --masters $M --data-dir "$D/g1-$i" --metrics-addr 127.0.0.1:821$i; done
@@ -30,14 +42,20 @@ ctl() { "$B/shardkvctl" --masters $M "$@"; }
 report() { # label file
   python3 -c "import json; d=json.load(open('$2')); l=d['latency_us']; print('$1: %.0f ops/s, p50 %.1f ms, p99 %.1f ms, max %.1f ms, %d errors' % (d['throughput_ops_per_second'], l['p50']/1e3, l['p99']/1e3, l['max']/1e3, d['errors']))" | tee -a "$OUT/summary.txt"
 }
-until ctl join 1 $G1 >/dev/null 2>&1; do sleep 0.5; done
-until ctl put warm up >/dev/null 2>&1; do sleep 0.5; done
 # A run with failed operations still prints its report (and exits 1).
 bench() { "$B/shardkv-bench" run --masters $M --key-count "$KEYS" --value-bytes "$VALUE_BYTES" --clients 64 "$@" || true; }
-t0=$(date +%s.%N)
-bench --preload --operations 64 --read-ratio 0 --json >/dev/null
-t1=$(date +%s.%N)
-echo "preload: $KEYS keys in $(echo "$t1 - $t0" | bc) s: $(echo "$KEYS / ($t1 - $t0)" | bc) keys/s" | tee "$OUT/summary.txt"
+if [ -n "$PRELOADED" ]; then
+  until ctl get warm >/dev/null 2>&1; do sleep 0.5; done
+  t1=$(date +%s.%N)
+  echo "preload: $KEYS keys copied from $PRELOADED" | tee "$OUT/summary.txt"
+else
+  until ctl join 1 $G1 >/dev/null 2>&1; do sleep 0.5; done
+  until ctl put warm up >/dev/null 2>&1; do sleep 0.5; done
+  t0=$(date +%s.%N)
+  bench --preload --operations 64 --read-ratio 0 --json >/dev/null
+  t1=$(date +%s.%N)
+  echo "preload: $KEYS keys in $(echo "$t1 - $t0" | bc) s: $(echo "$KEYS / ($t1 - $t0)" | bc) keys/s" | tee "$OUT/summary.txt"
+fi
 # Followers apply behind the leader during a bulk load: measure once
 # every replica of group 1 has applied everything decided.
 gauge() { curl -s "http://127.0.0.1:821$1/metrics" | awk -v m="$2" '$1 ~ m"$" || $1 ~ m"[{]" {print $2}' | head -1; }
@@ -49,6 +67,17 @@ settled() {
 until settled; do sleep 0.5; done
 t2=$(date +%s.%N)
 echo "every replica applied the preload $(echo "$t2 - $t1" | bc) s after it ended" | tee -a "$OUT/summary.txt"
+if [ -n "$SAVE_PRELOAD" ]; then
+  # Stopped cleanly, so the copy is what a restart would find.
+  for n in m0 m1 m2 g1-0 g1-1 g1-2; do kill -TERM "${PIDS[$n]}"; done
+  for n in m0 m1 m2 g1-0 g1-1 g1-2; do while kill -0 "${PIDS[$n]}" 2>/dev/null; do sleep 0.1; done; done
+  rm -rf "$SAVE_PRELOAD" && mkdir -p "$SAVE_PRELOAD"
+  for n in m0 m1 m2 g1-0 g1-1 g1-2; do cp -a "$D/$n" "$SAVE_PRELOAD/"; done
+  for i in 0 1 2; do start m$i master --id $i --peers $M --data-dir "$D/m$i"; done
+  for i in 0 1 2; do start g1-$i kv --gid 1 --id $i --peers $G1 --masters $M --data-dir "$D/g1-$i" --metrics-addr 127.0.0.1:821$i; done
+  until ctl get warm >/dev/null 2>&1; do sleep 0.5; done
+  echo "saved the preloaded data directories in $SAVE_PRELOAD" | tee -a "$OUT/summary.txt"
+fi
 for r in 0 1 0.5; do
   bench --read-ratio $r --seconds "$SECONDS_EACH" --json >"$OUT/run-$r.json"
   report "read_ratio $r" "$OUT/run-$r.json"
@@ -74,6 +103,8 @@ bench --read-ratio 0.5 --seconds 20 --shard-per-client --json >"$OUT/join.json" 
 load=$!
 sleep 5
 t0=$(date +%s.%N)
+# PERF=FILE samples every CPU for the join's first 10 s.
+if [ -n "${PERF:-}" ]; then perf record -a -F 499 -o "$PERF" -- sleep 10 >/dev/null 2>&1 & fi
 ctl join 2 $G2 >/dev/null
 # Done when every replica of group 2 serves its 32 shards.
 moved() {

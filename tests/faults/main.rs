@@ -357,6 +357,7 @@ async fn run(opts: Opts) -> ExitCode {
             )
             .expect("admin");
             let mut joined = true;
+            let mut left_acknowledged = false;
             let mut rejoined = Vec::new();
             while start.elapsed() < run_for {
                 tokio::time::sleep(Duration::from_millis(500 + rng.below(1500))).await;
@@ -367,13 +368,20 @@ async fn run(opts: Opts) -> ExitCode {
                             Err(ClientError::Rejected(why)) if why.contains("retired") => {
                                 log(format!("  refused: {why}"));
                             }
+                            // No answer says nothing; whether the gid came
+                            // back is read from the last configuration.
+                            Err(ClientError::Timeout(..)) => {
+                                log("  (the shardmaster did not answer)".into());
+                            }
                             other => rejoined.push(format!("{other:?}")),
                         }
                         continue;
                     }
                     joined = false;
                     log(format!("leave group {TOGGLED_GID}"));
-                    admin.leave(TOGGLED_GID).await
+                    let left = admin.leave(TOGGLED_GID).await;
+                    left_acknowledged |= left.is_ok();
+                    left
                 } else {
                     let key = format!("f{}", rng.below(KEYS));
                     let shard = key_to_shard(key.as_bytes(), DEFAULT_SHARDS) as u64;
@@ -385,7 +393,7 @@ async fn run(opts: Opts) -> ExitCode {
                     log(format!("  (the shardmaster did not answer: {e})"));
                 }
             }
-            rejoined
+            (rejoined, left_acknowledged)
         })
     };
 
@@ -505,7 +513,7 @@ async fn run(opts: Opts) -> ExitCode {
     for c in clients {
         c.await.expect("client task");
     }
-    let rejoined = reconfig.await.expect("reconfiguration task");
+    let (mut rejoined, left_acknowledged) = reconfig.await.expect("reconfiguration task");
     let (short_written, short_failed) = short_lived.await.expect("short-lived clients");
     log("all faults healed; reading every key".into());
 
@@ -557,6 +565,19 @@ async fn run(opts: Opts) -> ExitCode {
             )),
         }
     }
+    if left_acknowledged {
+        // Every fault has healed: the shardmaster answers.
+        let admin =
+            shardkv::shardmaster::client::ShardMasterClient::new(&masters, Duration::from_secs(30))
+                .expect("admin");
+        match admin.query(None).await {
+            Ok(latest) if latest.groups.contains_key(&TOGGLED_GID) => {
+                rejoined.push(format!("configuration {} has it", latest.num))
+            }
+            Ok(_) => {}
+            Err(e) => problems.push(format!("cannot read the last configuration: {e}")),
+        }
+    }
     for answer in rejoined {
         problems.push(format!("a retired gid was joined again: {answer}"));
     }
@@ -601,7 +622,6 @@ async fn run(opts: Opts) -> ExitCode {
          {faults} nemesis steps; {} anomalies or lost writes; verdict {verdict:?}",
         problems.len()
     );
-    drop(cluster);
     if problems.is_empty() {
         return ExitCode::SUCCESS;
     }
@@ -609,10 +629,13 @@ async fn run(opts: Opts) -> ExitCode {
         println!("  {p}");
     }
     let dir = opts.out.join(format!("seed-{seed}"));
-    if let Err(e) = write_evidence(&dir, &history, &schedule.lock().unwrap()) {
+    let written = write_evidence(&dir, &history, &schedule.lock().unwrap())
+        .and_then(|()| copy_node_logs(cluster.dir.path(), &dir.join("logs")));
+    drop(cluster);
+    if let Err(e) = written {
         println!("  could not write the evidence to {}: {e}", dir.display());
     } else {
-        println!("  history and schedule in {}", dir.display());
+        println!("  history, schedule and node logs in {}", dir.display());
     }
     ExitCode::from(1)
 }
@@ -628,11 +651,16 @@ async fn garbage(cluster: &Cluster) -> Vec<String> {
                 match group_status(&node.addr).await {
                     Ok(s) if s.outgoing.is_empty() && s.pending_deletes == 0 => {}
                     Ok(s) => left.push(format!(
-                        "garbage: group {} replica {} still holds {} handed-off copies and \
-                         has {} old holders to tell",
+                        "garbage: group {} replica {} (configuration {}, applied slot {}) \
+                         still holds {} handed-off copies {:?} and has {} old holders to tell",
                         g + 1,
                         node.addr,
+                        s.config_num,
+                        s.applied_slot,
                         s.outgoing.len(),
+                        (s.outgoing.iter())
+                            .map(|o| (o.config_num, o.shard))
+                            .collect::<Vec<_>>(),
                         s.pending_deletes
                     )),
                     Err(e) => left.push(format!("group {} replica {}: {e}", g + 1, node.addr)),
@@ -692,6 +720,21 @@ fn tighten_unknown_appends(history: &mut Vec<Operation>) {
             None => false,
         }
     });
+}
+
+/// Every node's log, for what the history cannot say (what a replica
+/// waited on, which fetch failed).
+fn copy_node_logs(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            if let Some(name) = path.file_name() {
+                std::fs::copy(&path, to.join(name))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn write_evidence(
