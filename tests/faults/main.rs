@@ -393,7 +393,7 @@ async fn run(opts: Opts) -> ExitCode {
                     log(format!("  (the shardmaster did not answer: {e})"));
                 }
             }
-            (rejoined, left_acknowledged)
+            (rejoined, !joined, left_acknowledged)
         })
     };
 
@@ -513,7 +513,8 @@ async fn run(opts: Opts) -> ExitCode {
     for c in clients {
         c.await.expect("client task");
     }
-    let (mut rejoined, left_acknowledged) = reconfig.await.expect("reconfiguration task");
+    let (mut rejoined, leave_tried, left_acknowledged) =
+        reconfig.await.expect("reconfiguration task");
     let (short_written, short_failed) = short_lived.await.expect("short-lived clients");
     log("all faults healed; reading every key".into());
 
@@ -565,17 +566,30 @@ async fn run(opts: Opts) -> ExitCode {
             )),
         }
     }
-    if left_acknowledged {
-        // Every fault has healed: the shardmaster answers.
+    if leave_tried {
+        // Every fault has healed, so the shardmaster answers. Its history
+        // says what unanswered calls did: once out, the gid stays out.
         let admin =
             shardkv::shardmaster::client::ShardMasterClient::new(&masters, Duration::from_secs(30))
                 .expect("admin");
-        match admin.query(None).await {
-            Ok(latest) if latest.groups.contains_key(&TOGGLED_GID) => {
-                rejoined.push(format!("configuration {} has it", latest.num))
+        match gid_history(&admin, TOGGLED_GID).await {
+            Ok(history) => {
+                let left_at = (history.windows(2))
+                    .find(|w| w[0].1 && !w[1].1)
+                    .map(|w| w[1].0);
+                if let Some(left_at) = left_at {
+                    if let Some((back_in, _)) =
+                        (history.iter()).find(|(num, present)| *num > left_at && *present)
+                    {
+                        rejoined.push(format!(
+                            "it left in configuration {left_at} and is in {back_in}"
+                        ));
+                    }
+                } else if left_acknowledged {
+                    rejoined.push("its acknowledged leave is in no configuration".into());
+                }
             }
-            Ok(_) => {}
-            Err(e) => problems.push(format!("cannot read the last configuration: {e}")),
+            Err(e) => problems.push(format!("cannot read the configurations: {e}")),
         }
     }
     for answer in rejoined {
@@ -720,6 +734,20 @@ fn tighten_unknown_appends(history: &mut Vec<Operation>) {
             None => false,
         }
     });
+}
+
+/// Whether `gid` is in each configuration, from the first to the latest.
+async fn gid_history(
+    admin: &shardkv::shardmaster::client::ShardMasterClient,
+    gid: u64,
+) -> Result<Vec<(u64, bool)>, ClientError> {
+    let latest = admin.query(None).await?.num;
+    let mut history = Vec::new();
+    for num in 1..=latest {
+        let config = admin.query(Some(num)).await?;
+        history.push((num, config.groups.contains_key(&gid)));
+    }
+    Ok(history)
 }
 
 /// Every node's log, for what the history cannot say (what a replica
