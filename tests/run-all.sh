@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting, lints, and the whole test suite.
 # Installs what the tests need (idempotent: skips what is already there):
-# cargo-nextest, iptables for the fault-injection run, protoc for the
-# benchmark's etcd client, and the Kubernetes API server (and etcd) the
-# operator and benchmark tests run against (tests/envtest/install.sh: built
-# once per machine). Needs root: apt-get, and the fault run's network namespace.
+# cargo-nextest, iptables for the fault-injection run, and the Kubernetes
+# API server (and etcd) the operator and benchmark tests run against
+# (tests/envtest/install.sh: built once per machine). Needs root: apt-get, and the fault run's network namespace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,12 +16,6 @@ fi
 if ! command -v iptables >/dev/null 2>&1; then
   echo "installing iptables (once per machine)"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables >/dev/null
-fi
-
-# The benchmark's etcd client compiles etcd's protos at build time.
-if ! command -v protoc >/dev/null 2>&1; then
-  echo "installing protobuf-compiler (once per machine)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null
 fi
 
 # The envtest build (minutes, once per machine) overlaps the compile below.

@@ -8,6 +8,8 @@
 # shardmaster's and group 1's data directories after it, and
 # PRELOADED=DIR starts from such a copy instead of preloading (same KEYS
 # and VALUE_BYTES, and binaries of the same data format).
+# JOIN_LOAD=0 joins with no load running, to see the move's own rate and
+# CPU cost.
 set -euo pipefail
 KEYS=${1:-1000000}
 VALUE_BYTES=${2:-1024}
@@ -99,9 +101,20 @@ echo "restart after kill -9 to the first read: $(echo "$t1 - $t0" | bc) s" | tee
 # waiting on a moving one).
 bench --read-ratio 0.5 --seconds 10 --shard-per-client --json >"$OUT/before-join.json"
 report "50/50 before the join (a shard a client)" "$OUT/before-join.json"
-bench --read-ratio 0.5 --seconds 20 --shard-per-client --json >"$OUT/join.json" &
-load=$!
-sleep 5
+# CPU seconds (user + system) the given processes have used so far.
+cpu_s() {
+  local ticks=0 pid
+  for pid in "$@"; do ticks=$(( ticks + $(awk '{print $14 + $15}' "/proc/$pid/stat") )); done
+  echo "scale=2; $ticks / $(getconf CLK_TCK)" | bc
+}
+g1_pids="${PIDS[g1-0]} ${PIDS[g1-1]} ${PIDS[g1-2]}"
+g2_pids="${PIDS[g2-0]} ${PIDS[g2-1]} ${PIDS[g2-2]}"
+if [ "${JOIN_LOAD:-1}" = 1 ]; then
+  bench --read-ratio 0.5 --seconds 20 --shard-per-client --json >"$OUT/join.json" &
+  load=$!
+  sleep 5
+fi
+g1_cpu0=$(cpu_s $g1_pids); g2_cpu0=$(cpu_s $g2_pids)
 t0=$(date +%s.%N)
 # PERF=FILE samples every CPU for the join's first 10 s.
 if [ -n "${PERF:-}" ]; then perf record -a -F 499 -o "$PERF" -- sleep 10 >/dev/null 2>&1 & fi
@@ -116,6 +129,8 @@ until moved; do sleep 0.1; done
 t1=$(date +%s.%N)
 mib=$(echo "$KEYS * $VALUE_BYTES / 2 / 1048576" | bc)
 echo "join: about $mib MiB (half the data) served by every replica of group 2 in $(echo "$t1 - $t0" | bc) s: $(echo "$mib / ($t1 - $t0)" | bc) MiB/s per replica" | tee -a "$OUT/summary.txt"
+echo "  CPU during it: group 1 (senders) $(echo "$(cpu_s $g1_pids) - $g1_cpu0" | bc) s, group 2 (receivers) $(echo "$(cpu_s $g2_pids) - $g2_cpu0" | bc) s" | tee -a "$OUT/summary.txt"
+if [ "${JOIN_LOAD:-1}" != 1 ]; then exit 0; fi
 wait $load || true
 report "50/50 during the join (20 s from 5 s before it)" "$OUT/join.json"
 # The target for the shards that did not move: a p99 within 2x of before.

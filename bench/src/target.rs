@@ -1,7 +1,8 @@
-//! The stores a benchmark drives, each through its own client library:
-//! shardkv through the `Clerk`, etcd through `etcd-client`. Both are tonic
-//! gRPC clients, and both reads are linearizable (etcd's default `Range`
-//! is; shardkv's `Get` is).
+//! The stores a benchmark drives: shardkv through the `Clerk`, etcd through
+//! a tonic client of its KV service (generated from the part of etcd's
+//! protos in `proto/etcd_kv.proto`, the calls `etcd-client` makes). Both are
+//! tonic gRPC clients, and both reads are linearizable (etcd's default
+//! `Range` is; shardkv's `Get` is).
 
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use serde::Serialize;
 use shardkv::shardkv::clerk::{Clerk, ClerkOptions};
 use shardkv::shardmaster::client::ShardMasterClient;
 use shardkv::shardmaster::Config;
+use tonic::transport::{Channel, Endpoint};
 
 /// One operation's budget, retries included. Past it, the operation counts
 /// as an error.
@@ -63,13 +65,21 @@ impl TargetSpec {
                 Ok(Store::Shardkv(clerk))
             }
             TargetSpec::Etcd { endpoints } => {
-                let options = etcd_client::ConnectOptions::new()
-                    .with_connect_timeout(Duration::from_secs(2))
-                    .with_timeout(OPERATION_TIMEOUT);
-                let client = etcd_client::Client::connect(endpoints, Some(options))
-                    .await
-                    .map_err(|e| format!("connecting to etcd at {endpoints:?}: {e}"))?;
-                Ok(Store::Etcd(Box::new(client.kv_client())))
+                if endpoints.is_empty() {
+                    return Err("no etcd endpoints given".into());
+                }
+                let mut members = Vec::with_capacity(endpoints.len());
+                for url in endpoints {
+                    let endpoint = Endpoint::from_shared(url.clone())
+                        .map_err(|e| format!("etcd endpoint {url:?}: {e}"))?
+                        .connect_timeout(Duration::from_secs(2))
+                        .timeout(OPERATION_TIMEOUT);
+                    members.push(endpoint);
+                }
+                // Spread over every member, as etcd-client does; the
+                // connections open on first use.
+                let channel = Channel::balance_list(members.into_iter());
+                Ok(Store::Etcd(etcd::kv_client::KvClient::new(channel)))
             }
         }
     }
@@ -78,8 +88,12 @@ impl TargetSpec {
 /// A connected client.
 pub enum Store {
     Shardkv(Clerk),
-    /// Boxed: etcd's client is some 400 bytes, the Clerk a pointer.
-    Etcd(Box<etcd_client::KvClient>),
+    Etcd(etcd::kv_client::KvClient<Channel>),
+}
+
+/// etcd's KV service, generated at build time.
+mod etcd {
+    tonic::include_proto!("etcdserverpb");
 }
 
 impl Store {
@@ -91,11 +105,17 @@ impl Store {
                 .await
                 .map_err(|e| e.to_string()),
             Store::Etcd(kv) => {
-                let response = kv.get(key, None).await.map_err(|e| e.to_string())?;
+                let request = etcd::RangeRequest {
+                    key: Bytes::copy_from_slice(key.as_bytes()),
+                    ..Default::default()
+                };
+                let response = kv.range(request).await.map_err(etcd_error)?;
                 Ok(response
-                    .kvs()
-                    .first()
-                    .map(|kv| Bytes::copy_from_slice(kv.value())))
+                    .into_inner()
+                    .kvs
+                    .into_iter()
+                    .next()
+                    .map(|kv| kv.value))
             }
         }
     }
@@ -106,11 +126,19 @@ impl Store {
                 .put(Bytes::copy_from_slice(key.as_bytes()), value)
                 .await
                 .map_err(|e| e.to_string()),
-            Store::Etcd(kv) => kv
-                .put(key, value, None)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
+            Store::Etcd(kv) => {
+                let request = etcd::PutRequest {
+                    key: Bytes::copy_from_slice(key.as_bytes()),
+                    value: Bytes::from(value),
+                    ..Default::default()
+                };
+                kv.put(request).await.map(|_| ()).map_err(etcd_error)
+            }
         }
     }
+}
+
+/// etcd's refusal as a user reads it: the gRPC code and etcd's message.
+fn etcd_error(status: tonic::Status) -> String {
+    format!("etcd: {:?}: {}", status.code(), status.message())
 }
