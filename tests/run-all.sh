@@ -3,7 +3,8 @@
 # Installs what the tests need (idempotent: skips what is already there):
 # cargo-nextest, iptables for the fault-injection run, and the Kubernetes
 # API server (and etcd) the operator and benchmark tests run against
-# (tests/envtest/install.sh: built once per machine). Needs root: apt-get, and the fault run's network namespace.
+# (tests/envtest/install.sh: built once per machine). Needs root: apt-get,
+# and the fault run's network namespace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
