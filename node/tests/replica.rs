@@ -334,3 +334,59 @@ async fn proposals_at_a_deposed_leader_fail_instead_of_hanging() {
         r.shutdown();
     }
 }
+
+/// Applies like [`Recorder`], but panics on the command `panic`.
+#[derive(Default)]
+struct PanicsOnCommand(Recorder);
+
+impl StateMachine for PanicsOnCommand {
+    fn apply(&mut self, slot: Slot, command: &[u8]) -> Result<Bytes, ApplyError> {
+        assert_ne!(command, b"panic", "planted panic in apply");
+        self.0.apply(slot, command)
+    }
+    fn snapshot(&self) -> Bytes {
+        self.0.snapshot()
+    }
+    fn restore(&mut self, index: Slot, snapshot: &[u8]) -> Result<(), String> {
+        self.0.restore(index, snapshot)
+    }
+}
+
+/// A panic on the replica thread stops the replica as an error does: its
+/// status says it is not running (the node exits on that) and callers get
+/// `Stopped`. Before, the status still said running after the panic, and
+/// a node kept answering from a state frozen where the panic left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_on_the_replica_thread_stops_the_replica_visibly() {
+    let network = LocalNetwork::new(1);
+    let (replica, thread) = Replica::start(
+        Config::new_group(0, 1),
+        MemStorage::new(),
+        PanicsOnCommand::default(),
+        network.transport(0),
+        options(),
+    )
+    .unwrap();
+    network.register(0, replica.clone());
+    let group = [replica.clone()];
+    propose(&group, "before").await;
+    let outcome = tokio::time::timeout(WAIT, replica.propose(Bytes::from_static(b"panic"))).await;
+    assert!(
+        matches!(outcome, Ok(Err(ReplicaError::Stopped))),
+        "the proposal that panicked ended as {outcome:?}"
+    );
+    assert!(
+        replica.wait_for(WAIT, |s| !s.running).await,
+        "the replica still reports running after its thread panicked"
+    );
+    assert!(
+        matches!(
+            replica.propose(Bytes::from_static(b"after")).await,
+            Err(ReplicaError::Stopped)
+        ),
+        "a stopped replica took a proposal"
+    );
+    thread
+        .join()
+        .expect("the panic is caught on the replica thread");
+}

@@ -383,8 +383,21 @@ impl Replica {
                     led_in: None,
                     slow_sync,
                 };
-                if let Err(e) = driver.run(rx) {
-                    tracing::error!(error = %e, "replica stopped on a storage failure");
+                // A panic must stop the replica as visibly as an error: the
+                // status says so, waiters get `Stopped`, and the node exits.
+                // Unwound past `stop`, the last status said running, and a
+                // node whose replica was gone kept answering with its state
+                // frozen at the panic.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| driver.run(rx)));
+                match run {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "replica stopped on a storage failure")
+                    }
+                    Err(panic) => tracing::error!(
+                        panic = panic_message(&*panic),
+                        "replica thread panicked; the replica is stopped"
+                    ),
                 }
                 driver.stop();
             })
@@ -452,6 +465,15 @@ impl Replica {
     pub fn shutdown(&self) {
         let _ = self.inner.inbox.send(Input::Shutdown);
     }
+}
+
+/// What a caught panic carried, for the log.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)")
 }
 
 fn status_of(paxos: &Paxos, dropped: u64, syncs: u64, running: bool) -> Status {
