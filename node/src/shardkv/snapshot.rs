@@ -19,8 +19,8 @@ use tonic::Status;
 
 use super::state::{PeerSource, Source};
 use super::store::{
-    checksum_record, CopyId, CopySummary, Import, Record, Space, Stager, StoreError, StoreView,
-    StreamSummary,
+    checksum_parts, record_size_bytes, CopyId, CopySummary, Import, Record, RecordView, Space,
+    Stager, StoreError, StoreView, StreamSummary,
 };
 use crate::paxos::{NodeId, Slot};
 use crate::proto::kv as pb;
@@ -67,15 +67,15 @@ pub(crate) fn spawn_transfer<T: Send + 'static>(
 
 /// Streams `view` as chunks; the last one carries the summary.
 pub fn serve(view: StoreView) -> Result<ChunkStream, Status> {
-    spawn_stream(view, |view| Box::new(view.records()))
+    spawn_stream(view, |view| Box::new(view.record_views()))
 }
 
 /// Streams the frozen copy `copy` of `view` as chunks.
 pub fn serve_copy(view: StoreView, copy: CopyId) -> Result<ChunkStream, Status> {
-    spawn_stream(view, move |view| Box::new(view.copy_stream(copy)))
+    spawn_stream(view, move |view| Box::new(view.copy_views(copy)))
 }
 
-type Records<'a> = Box<dyn Iterator<Item = Result<Record, StoreError>> + 'a>;
+type Records<'a> = Box<dyn Iterator<Item = Result<RecordView, StoreError>> + 'a>;
 
 /// Reads `records(view)` on a blocking thread into a channel of chunks.
 fn spawn_stream(
@@ -88,10 +88,10 @@ fn spawn_stream(
     let (tx, rx) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
     spawn_transfer("stream-send", move || {
         let mut tally = Tally::default();
-        let mut chunk: Vec<Record> = Vec::new();
-        let mut bytes = 0;
-        let send = |records: &[Record], bytes: usize, last: Option<CopySummary>| {
-            let encoded = encode_chunk(records, bytes)
+        let mut chunk = ChunkBuilder::new();
+        let send = |chunk: &mut ChunkBuilder, last: Option<CopySummary>| {
+            let encoded = chunk
+                .finish()
                 .map_err(|e| Status::internal(format!("cannot encode a snapshot chunk: {e}")))?;
             let summary = last.unwrap_or(CopySummary {
                 records: 0,
@@ -100,7 +100,7 @@ fn spawn_stream(
                 sessions: 0,
             });
             let message = pb::SnapshotChunk {
-                records: encoded.into(),
+                records: encoded,
                 last: last.is_some(),
                 record_count: summary.records,
                 crc32: summary.crc32,
@@ -115,18 +115,18 @@ fn spawn_stream(
         let result = (|| {
             for record in records(&view) {
                 let record = record.map_err(|e| Status::internal(e.to_string()))?;
+                let (key, value) = (record.key(), record.value());
                 // Sent before a record would overflow it: a chunk holds at
                 // most CHUNK_BYTES, or one record alone.
-                if !chunk.is_empty() && bytes + record.size_bytes() > CHUNK_BYTES {
-                    send(&chunk, bytes, None)?;
-                    chunk.clear();
-                    bytes = 0;
+                if !chunk.is_empty() && chunk.bytes + record_size_bytes(key, value) > CHUNK_BYTES {
+                    send(&mut chunk, None)?;
                 }
-                tally.add(&record);
-                bytes += record.size_bytes();
-                chunk.push(record);
+                tally.add(record.space, key, value);
+                chunk.push(record.space, key, value).map_err(|e| {
+                    Status::internal(format!("cannot encode a snapshot chunk: {e}"))
+                })?;
             }
-            send(&chunk, bytes, Some(tally.summary()))
+            send(&mut chunk, Some(tally.summary()))
         })();
         if let Err(status) = result {
             let _ = tx.blocking_send(Err(status));
@@ -146,10 +146,10 @@ struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, r: &Record) {
-        checksum_record(&mut self.hasher, r);
+    fn add(&mut self, space: Space, key: &[u8], value: &[u8]) {
+        checksum_parts(&mut self.hasher, space, key, value);
         self.records += 1;
-        match r.space {
+        match space {
             Space::Data => self.keys += 1,
             Space::Sessions => self.sessions += 1,
             _ => {}
@@ -166,21 +166,78 @@ impl Tally {
     }
 }
 
-/// The most bytes `records`, whose `size_bytes` add up to `bytes`, take
-/// encoded: a record's encoding adds at most 21 bytes to its key and value
-/// (its space, and two lengths of up to 10), and `size_bytes` counts 8.
-fn chunk_capacity(records: &[Record], bytes: usize) -> usize {
-    bytes + records.len() * 16 + 10
+/// Room for the record count postcard writes before a sequence: a varint
+/// of up to 10 bytes.
+const COUNT_BYTES_MAX: usize = 10;
+
+/// A chunk being encoded: each record is written in postcard's encoding as
+/// it is read, straight from the engine's buffers, behind room for the
+/// count that postcard puts first. The result is exactly
+/// `postcard::to_allocvec(&records)`, which [`decode_chunk`] reads.
+struct ChunkBuilder {
+    encoded: Vec<u8>,
+    records: u64,
+    /// The records' [`record_size_bytes`], against [`CHUNK_BYTES`].
+    bytes: usize,
 }
 
-/// Encodes a chunk into one allocation of its full size. Grown by
-/// doubling instead, each chunk was copied several times into fresh pages:
-/// at 1 GiB, a third of the sending thread's time.
-fn encode_chunk(records: &[Record], bytes: usize) -> Result<Vec<u8>, postcard::Error> {
-    let capacity = chunk_capacity(records, bytes);
-    let encoded = postcard::to_extend(records, Vec::with_capacity(capacity))?;
-    debug_assert!(encoded.len() <= capacity, "a chunk outgrew its estimate");
-    Ok(encoded)
+/// A record as it is written into a chunk: the layout of [`Record`]
+/// (postcard writes `Bytes` and byte strings alike).
+#[derive(serde::Serialize)]
+struct RecordOut<'a> {
+    space: Space,
+    key: ByteStr<'a>,
+    value: ByteStr<'a>,
+}
+
+/// A byte slice serialized as bytes (serde's own `[u8]` is a sequence).
+struct ByteStr<'a>(&'a [u8]);
+
+impl serde::Serialize for ByteStr<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.0)
+    }
+}
+
+impl ChunkBuilder {
+    fn new() -> Self {
+        // One allocation per chunk: a record encodes in fewer bytes than
+        // it counts against the chunk unless its key or value is long, so
+        // a sixteenth more covers any chunk but one record alone.
+        let mut encoded = Vec::with_capacity(COUNT_BYTES_MAX + CHUNK_BYTES + CHUNK_BYTES / 16);
+        encoded.resize(COUNT_BYTES_MAX, 0);
+        ChunkBuilder {
+            encoded,
+            records: 0,
+            bytes: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+
+    fn push(&mut self, space: Space, key: &[u8], value: &[u8]) -> Result<(), postcard::Error> {
+        let record = RecordOut {
+            space,
+            key: ByteStr(key),
+            value: ByteStr(value),
+        };
+        self.encoded = postcard::to_extend(&record, std::mem::take(&mut self.encoded))?;
+        self.records += 1;
+        self.bytes += record_size_bytes(key, value);
+        Ok(())
+    }
+
+    /// The chunk's encoding, and a fresh builder in its place.
+    fn finish(&mut self) -> Result<bytes::Bytes, postcard::Error> {
+        let mut count = [0u8; COUNT_BYTES_MAX];
+        let count = postcard::to_slice(&self.records, &mut count)?;
+        let start = COUNT_BYTES_MAX - count.len();
+        let mut encoded = std::mem::replace(self, ChunkBuilder::new()).encoded;
+        encoded[start..COUNT_BYTES_MAX].copy_from_slice(count);
+        Ok(bytes::Bytes::from(encoded).slice(start..))
+    }
 }
 
 /// A record as it lies in a chunk (postcard writes `Bytes` and byte
@@ -313,7 +370,7 @@ fn fetch_copy_from(
             .ok_or("stream ended before its last chunk")?;
         let records = decode_chunk(&chunk.records)?;
         for r in &records {
-            tally.add(r);
+            tally.add(r.space, &r.key, &r.value);
         }
         if chunk.last {
             let summary = tally.summary();
@@ -450,7 +507,7 @@ impl GrpcSnapshotSource {
                 .ok_or("stream ended before its last chunk")?;
             let records = decode_chunk(&chunk.records)?;
             for r in &records {
-                tally.add(r);
+                tally.add(r.space, &r.key, &r.value);
             }
             // Writing a chunk blocks on the disk, briefly: bounded by the chunk.
             import.add(&records).map_err(|e| e.to_string())?;
@@ -484,7 +541,7 @@ mod tests {
     use bytes::Bytes;
 
     #[test]
-    fn a_chunk_is_encoded_within_its_estimate_and_decoded_without_copies() {
+    fn a_chunk_is_encoded_as_postcard_encodes_its_records_and_decoded_without_copies() {
         let record = |space, key_bytes: usize, value_bytes: usize| Record {
             space,
             key: Bytes::from(vec![b'k'; key_bytes]),
@@ -505,11 +562,15 @@ mod tests {
             ],
         ];
         for records in chunks {
+            let mut chunk = ChunkBuilder::new();
+            for r in &records {
+                chunk.push(r.space, &r.key, &r.value).unwrap();
+            }
             let bytes: usize = records.iter().map(Record::size_bytes).sum();
-            let encoded = encode_chunk(&records, bytes).unwrap();
+            assert_eq!(chunk.bytes, bytes);
+            let encoded = chunk.finish().unwrap();
+            assert!(chunk.is_empty(), "a finished builder starts over");
             assert_eq!(encoded, postcard::to_allocvec(&records).unwrap());
-            assert!(encoded.len() <= chunk_capacity(&records, bytes));
-            let encoded = Bytes::from(encoded);
             let decoded = decode_chunk(&encoded).unwrap();
             assert_eq!(decoded, records);
             let within = encoded.as_ptr_range();
@@ -520,6 +581,22 @@ mod tests {
                 }
             }
         }
+        // A count that takes several bytes.
+        let mut chunk = ChunkBuilder::new();
+        let many: Vec<Record> = (0..70_000u32)
+            .map(|i| Record {
+                space: Space::Sessions,
+                key: Bytes::from(i.to_be_bytes().to_vec()),
+                value: Bytes::new(),
+            })
+            .collect();
+        for r in &many {
+            chunk.push(r.space, &r.key, &r.value).unwrap();
+        }
+        assert_eq!(
+            chunk.finish().unwrap(),
+            postcard::to_allocvec(&many).unwrap()
+        );
         assert!(decode_chunk(&Bytes::from_static(&[3, 0])).is_err());
     }
 
