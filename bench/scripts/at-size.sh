@@ -37,8 +37,11 @@ cleanup() {
   rm -rf "$D"
 }
 trap cleanup EXIT
-for i in 0 1 2; do start m$i master --id $i --peers $M --data-dir "$D/m$i"; done
-for i in 0 1 2; do start g1-$i kv --gid 1 --id $i --peers $G1 --masters $M --data-dir "$D/g1-$i" --metrics-addr 127.0.0.1:821$i; done
+start_masters_and_group_1() {
+  for i in 0 1 2; do start m$i master --id $i --peers $M --data-dir "$D/m$i"; done
+  for i in 0 1 2; do start g1-$i kv --gid 1 --id $i --peers $G1 --masters $M --data-dir "$D/g1-$i" --metrics-addr 127.0.0.1:821$i; done
+}
+start_masters_and_group_1
 for i in 0 1 2; do start g2-$i kv --gid 2 --id $i --peers $G2 --masters $M --data-dir "$D/g2-$i" --metrics-addr 127.0.0.1:822$i; done
 ctl() { "$B/shardkvctl" --masters $M "$@"; }
 report() { # label file
@@ -75,8 +78,7 @@ if [ -n "$SAVE_PRELOAD" ]; then
   for n in m0 m1 m2 g1-0 g1-1 g1-2; do while kill -0 "${PIDS[$n]}" 2>/dev/null; do sleep 0.1; done; done
   rm -rf "$SAVE_PRELOAD" && mkdir -p "$SAVE_PRELOAD"
   for n in m0 m1 m2 g1-0 g1-1 g1-2; do cp -a "$D/$n" "$SAVE_PRELOAD/"; done
-  for i in 0 1 2; do start m$i master --id $i --peers $M --data-dir "$D/m$i"; done
-  for i in 0 1 2; do start g1-$i kv --gid 1 --id $i --peers $G1 --masters $M --data-dir "$D/g1-$i" --metrics-addr 127.0.0.1:821$i; done
+  start_masters_and_group_1
   until ctl get warm >/dev/null 2>&1; do sleep 0.5; done
   echo "saved the preloaded data directories in $SAVE_PRELOAD" | tee -a "$OUT/summary.txt"
 fi

@@ -52,6 +52,8 @@ const CLIENTS: u64 = 5;
 const KEYS: u64 = 8;
 /// A client operation gives up after this long; its outcome is then unknown.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A replica's status after healing must come within this.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 /// The chain every nemesis rule goes into, so healing is one flush.
 const CHAIN: &str = "SHARDKV_NEMESIS";
 
@@ -688,14 +690,21 @@ async fn garbage(cluster: &Cluster) -> Vec<String> {
     }
 }
 
+/// A replica's status, or why not: bounded, so a node that accepts but
+/// never answers is reported, not waited on for the rest of the run.
 async fn group_status(addr: &str) -> Result<GroupStatusReply, String> {
-    let mut client = ShardKvClient::connect(format!("http://{addr}"))
+    let ask = async {
+        let mut client = ShardKvClient::connect(format!("http://{addr}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply = client.group_status(GroupStatusRequest {}).await;
+        reply
+            .map(|r| r.into_inner())
+            .map_err(|e| e.message().to_string())
+    };
+    tokio::time::timeout(STATUS_TIMEOUT, ask)
         .await
-        .map_err(|e| e.to_string())?;
-    let reply = client.group_status(GroupStatusRequest {}).await;
-    reply
-        .map(|r| r.into_inner())
-        .map_err(|e| e.message().to_string())
+        .map_err(|_| format!("no status within {STATUS_TIMEOUT:?}"))?
 }
 
 /// Narrows the appends that timed out, without changing the verdict, so the
