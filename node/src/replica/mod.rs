@@ -146,8 +146,10 @@ impl<T> SharedMachine<T> {
     /// The state as last applied. Hold the guard briefly: the replica's
     /// apply loop waits for it.
     pub fn lock(&self) -> MutexGuard<'_, T> {
-        // A panic while holding the lock cannot leave a half-applied
-        // command visible to anyone but the dead thread; keep going.
+        // A panic while applying may leave a command half-applied here;
+        // the replica then stops and says so, and the node exits. Until
+        // it does, reads fail at the read barrier; only status reports,
+        // which take no barrier, may see that state.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -388,18 +390,24 @@ impl Replica {
                 // Unwound past `stop`, the last status said running, and a
                 // node whose replica was gone kept answering with its state
                 // frozen at the panic.
+                // The panic then goes on, so joining the thread still
+                // reports it.
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| driver.run(rx)));
                 match run {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => driver.stop(),
                     Ok(Err(e)) => {
-                        tracing::error!(error = %e, "replica stopped on a storage failure")
+                        tracing::error!(error = %e, "replica stopped on a storage failure");
+                        driver.stop();
                     }
-                    Err(panic) => tracing::error!(
-                        panic = panic_message(&*panic),
-                        "replica thread panicked; the replica is stopped"
-                    ),
+                    Err(panic) => {
+                        tracing::error!(
+                            panic = panic_message(&*panic),
+                            "replica thread panicked; the replica is stopped"
+                        );
+                        driver.stop();
+                        std::panic::resume_unwind(panic);
+                    }
                 }
-                driver.stop();
             })
             .map_err(|e| ReplicaError::Storage(format!("cannot start replica thread: {e}")))?;
         Ok((replica, thread))

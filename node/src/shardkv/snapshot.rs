@@ -548,6 +548,8 @@ mod tests {
             value: Bytes::from(vec![b'v'; value_bytes]),
         };
         let chunks = [
+            // The last chunk of a stream may hold no record.
+            vec![],
             vec![record(Space::Data, 1, 0)],
             vec![record(Space::Sessions, 1, 1); 1000],
             // The longest key, a value whose length takes 4 bytes.
