@@ -190,13 +190,13 @@ pub fn render_registry(registry: &Registry) -> String {
     out
 }
 
-/// Serves `/metrics` on `addr` until `shutdown` resolves.
-pub async fn serve(
-    addr: SocketAddr,
+/// Serves `/metrics` on `listener` until `shutdown` resolves.
+pub fn serve_on(
+    listener: tokio::net::TcpListener,
     metrics: Metrics,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    serve_text(addr, move || metrics.render(), shutdown).await
+) -> tokio::task::JoinHandle<()> {
+    serve_text_on(listener, move || metrics.render(), shutdown)
 }
 
 /// Serves what `render` returns as Prometheus text on `/metrics`, and "ok"
@@ -208,6 +208,16 @@ pub async fn serve_text(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    Ok(serve_text_on(listener, render, shutdown))
+}
+
+/// [`serve_text`] on a bound listener: a node binds its ports before it
+/// opens its store, so a port in use fails it before anything starts.
+pub fn serve_text_on(
+    listener: tokio::net::TcpListener,
+    render: impl Fn() -> String + Clone + Send + Sync + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -225,12 +235,12 @@ pub async fn serve_text(
             }),
         )
         .route("/healthz", axum::routing::get(|| async { "ok\n" }));
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
         {
             tracing::warn!(error = %e, "metrics server stopped");
         }
-    }))
+    })
 }

@@ -350,7 +350,7 @@ async fn serve_until_stopped(
     health: tonic_health::server::HealthReporter,
     metrics: Metrics,
     extra: impl Fn(&Metrics) + Send + 'static,
-    metrics_addr: Option<SocketAddr>,
+    metrics_listener: Option<TcpListener>,
     stop_tx: watch::Sender<bool>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
@@ -360,13 +360,8 @@ async fn serve_until_stopped(
         let _ = stopper.send(true);
     });
     let stop_rx = stop_tx.subscribe();
-    if let Some(addr) = metrics_addr {
-        metrics::serve(addr, metrics.clone(), stopped(stop_rx.clone()))
-            .await
-            .map_err(|source| NodeError::Listen {
-                addr: addr.to_string(),
-                source,
-            })?;
+    if let Some(listener) = metrics_listener {
+        metrics::serve_on(listener, metrics.clone(), stopped(stop_rx.clone()));
     }
     let watcher = tokio::spawn(watch_replica(
         replica.clone(),
@@ -427,6 +422,12 @@ pub async fn run_master(
     )?;
     let listen = options.listen_addr();
     let listener = bind(&listen).await?;
+    // Every port is bound before anything starts: a port in use fails the
+    // node with no store open and no replica running.
+    let metrics_listener = match options.metrics_addr {
+        Some(addr) => Some(bind(&addr.to_string()).await?),
+        None => None,
+    };
     let state = SharedMasterState::new(ShardMasterState::new(shards));
     let (replica, thread) = start_replica("shardmaster", &options, state.clone())?;
     let service = ShardMasterService::new(replica.clone(), state, &options.peers)
@@ -451,7 +452,7 @@ pub async fn run_master(
         health,
         metrics,
         |_| {},
-        options.metrics_addr,
+        metrics_listener,
         stop_tx,
         shutdown,
     )
@@ -489,6 +490,12 @@ pub async fn run_kv(
     )?;
     let listen = options.listen_addr();
     let listener = bind(&listen).await?;
+    // Every port is bound before anything starts: a port in use fails the
+    // node with no store open and no replica running.
+    let metrics_listener = match options.metrics_addr {
+        Some(addr) => Some(bind(&addr.to_string()).await?),
+        None => None,
+    };
     let group = format!("kv-{gid}");
     let source = crate::shardkv::snapshot::GrpcSnapshotSource {
         gid,
@@ -509,16 +516,18 @@ pub async fn run_kv(
             format!("cannot open the state store: {e}"),
         )
     })?;
-    let state = SharedKvState::new(kv_state);
-    let (replica, thread) = start_replica(&group, &options, state.clone())?;
+    // What can fail is done before the replica starts, so that a failure
+    // leaves no replica running (in `local`, nodes share the process).
     let master_client = ShardMasterClient::new(&masters, Duration::from_secs(10))
         .map_err(|e| NodeError::Config(e.to_string()))?;
-    let metrics = Metrics::new("kv", &group, options.id);
     let server_options = KvServerOptions {
         limits,
         unreliable: injected_reply_drops(gid, options.id)?,
         ..Default::default()
     };
+    let state = SharedKvState::new(kv_state);
+    let (replica, thread) = start_replica(&group, &options, state.clone())?;
+    let metrics = Metrics::new("kv", &group, options.id);
     let server = KvServer::new(
         gid,
         replica.clone(),
@@ -559,7 +568,7 @@ pub async fn run_kv(
         health,
         metrics,
         extra,
-        options.metrics_addr,
+        metrics_listener,
         stop_tx,
         shutdown,
     )
