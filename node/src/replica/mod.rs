@@ -389,9 +389,8 @@ impl Replica {
                 // status says so, waiters get `Stopped`, and the node exits.
                 // Unwound past `stop`, the last status said running, and a
                 // node whose replica was gone kept answering with its state
-                // frozen at the panic.
-                // The panic then goes on, so joining the thread still
-                // reports it.
+                // frozen at the panic. The panic then goes on, so joining
+                // the thread still reports it.
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| driver.run(rx)));
                 match run {
                     Ok(Ok(())) => driver.stop(),
