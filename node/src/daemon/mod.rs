@@ -260,6 +260,16 @@ async fn bind(addr: &str) -> Result<TcpListener, NodeError> {
         })
 }
 
+/// Binds the metrics port, if any, with the node's own: every port is
+/// bound before anything starts, so a port in use fails the node with no
+/// store open and no replica running.
+async fn bind_metrics(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, NodeError> {
+    match addr {
+        Some(addr) => Ok(Some(bind(&addr.to_string()).await?)),
+        None => Ok(None),
+    }
+}
+
 fn start_replica<M: StateMachine>(
     group: &str,
     options: &NodeOptions,
@@ -422,12 +432,7 @@ pub async fn run_master(
     )?;
     let listen = options.listen_addr();
     let listener = bind(&listen).await?;
-    // Every port is bound before anything starts: a port in use fails the
-    // node with no store open and no replica running.
-    let metrics_listener = match options.metrics_addr {
-        Some(addr) => Some(bind(&addr.to_string()).await?),
-        None => None,
-    };
+    let metrics_listener = bind_metrics(options.metrics_addr).await?;
     let state = SharedMasterState::new(ShardMasterState::new(shards));
     let (replica, thread) = start_replica("shardmaster", &options, state.clone())?;
     let service = ShardMasterService::new(replica.clone(), state, &options.peers)
@@ -490,12 +495,7 @@ pub async fn run_kv(
     )?;
     let listen = options.listen_addr();
     let listener = bind(&listen).await?;
-    // Every port is bound before anything starts: a port in use fails the
-    // node with no store open and no replica running.
-    let metrics_listener = match options.metrics_addr {
-        Some(addr) => Some(bind(&addr.to_string()).await?),
-        None => None,
-    };
+    let metrics_listener = bind_metrics(options.metrics_addr).await?;
     let group = format!("kv-{gid}");
     let source = crate::shardkv::snapshot::GrpcSnapshotSource {
         gid,

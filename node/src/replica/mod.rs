@@ -392,20 +392,19 @@ impl Replica {
                 // frozen at the panic. The panic then goes on, so joining
                 // the thread still reports it.
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| driver.run(rx)));
-                match run {
-                    Ok(Ok(())) => driver.stop(),
+                match &run {
+                    Ok(Ok(())) => {}
                     Ok(Err(e)) => {
-                        tracing::error!(error = %e, "replica stopped on a storage failure");
-                        driver.stop();
+                        tracing::error!(error = %e, "replica stopped on a storage failure")
                     }
-                    Err(panic) => {
-                        tracing::error!(
-                            panic = panic_message(&*panic),
-                            "replica thread panicked; the replica is stopped"
-                        );
-                        driver.stop();
-                        std::panic::resume_unwind(panic);
-                    }
+                    Err(panic) => tracing::error!(
+                        panic = panic_message(&**panic),
+                        "replica thread panicked; the replica is stopped"
+                    ),
+                }
+                driver.stop();
+                if let Err(panic) = run {
+                    std::panic::resume_unwind(panic);
                 }
             })
             .map_err(|e| ReplicaError::Storage(format!("cannot start replica thread: {e}")))?;

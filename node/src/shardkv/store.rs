@@ -1106,6 +1106,8 @@ impl StoreView {
     /// being dropped, the local garbage list and the commit markers: what
     /// a snapshot carries. (The store built from it has no markers until
     /// its first commit, which [`Store::check_applied_markers`] allows.)
+    /// Copied out, for tests; streams use [`Self::record_views`].
+    #[cfg(test)]
     pub fn records(&self) -> impl Iterator<Item = Result<Record, StoreError>> + '_ {
         self.record_views().map(|r| r.map(|r| r.to_record()))
     }
@@ -1148,7 +1150,9 @@ impl StoreView {
 
     /// A copy as it travels to another group: its data, then its sessions,
     /// keys without the copy prefix, in key order. The copy is frozen, so
-    /// every replica of the holder sends the same records.
+    /// every replica of the holder sends the same records. Copied out, for
+    /// tests; streams use [`Self::copy_views`].
+    #[cfg(test)]
     pub fn copy_stream(
         &self,
         copy: CopyId,
@@ -1170,7 +1174,7 @@ impl StoreView {
     /// Whether a copy holds any key: one seek (past the deletions of its
     /// keys that compaction has not yet dropped).
     pub fn copy_has_keys(&self, copy: CopyId) -> Result<bool, StoreError> {
-        match self.copy_records(Space::Data, copy).next() {
+        match self.copy_record_views(Space::Data, copy).next() {
             None => Ok(false),
             Some(record) => record.map(|_| true),
         }
@@ -1179,7 +1183,7 @@ impl StoreView {
     /// The number of keys a copy holds: a scan, O(its keys).
     pub fn count_copy_keys(&self, copy: CopyId) -> Result<u64, StoreError> {
         let mut keys = 0;
-        for record in self.copy_records(Space::Data, copy) {
+        for record in self.copy_record_views(Space::Data, copy) {
             record?;
             keys += 1;
         }
