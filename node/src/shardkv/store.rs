@@ -110,10 +110,30 @@ fn check_key(path: &Path, key: &[u8]) -> Result<(), StoreError> {
 /// in bounded batches, not one batch as large as the shard.
 pub const DROP_KEYS_PER_BATCH: usize = 4096;
 
-/// Removes every key of `copy` from the data, sessions and idle keyspaces,
-/// [`DROP_KEYS_PER_BATCH`] per batch, each batch resuming after the last
-/// key removed (from the copy's start, it would step over every deletion
-/// before it again). False if `stop` was raised first.
+/// Removes every key of `copy` from the data, sessions and idle keyspaces.
+///
+/// First the data's tables that hold nothing but the copy's keys are
+/// dropped whole, in time proportional to the tables (an ingested copy is
+/// all such tables): a tombstone per key made the old group read its
+/// whole moved half and then compact the tombstones against it, and that
+/// work took the shards that stayed to several times their p99 after a
+/// join. Views opened before keep reading the dropped tables (the engine
+/// keeps a table until no version that a snapshot reads holds it).
+///
+/// After a crash the engine replays the journal's writes above the
+/// highest sequence number left in a keyspace's tables, and dropping
+/// tables can lower it: writes the dropped tables held (an import's
+/// batches of the copy) would come back after the copy was forgotten.
+/// So when the drop lowered it, a [`SWEEP_MARKER`] is ingested, a table
+/// newer than every write before it, before anything else happens; a
+/// crash before that sweeps the copy again.
+///
+/// The sessions and idle keys (a few per client, written without a
+/// marker) and whatever the data's tables shared with other copies or
+/// the memtable holds are removed key by key: [`DROP_KEYS_PER_BATCH`] per
+/// batch, each batch resuming after the last key removed (from the copy's
+/// start, it would step over every deletion before it again). False if
+/// `stop` was raised first.
 fn remove_copy_keys(
     db: &fjall::Database,
     spaces: &[fjall::Keyspace; 4],
@@ -121,8 +141,21 @@ fn remove_copy_keys(
     copy: CopyId,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<bool, StoreError> {
+    use fjall::AbstractTree;
     let err = |e: fjall::Error| engine_error(path, e);
     let (start, end) = copy_range(copy);
+    let data = &spaces[Space::Data as usize];
+    let persisted_before = data.tree.get_highest_persisted_seqno();
+    data.tree
+        .drop_range(start.as_slice()..end.as_slice())
+        .map_err(|e| err(fjall::Error::Storage(e)))?;
+    if data.tree.get_highest_persisted_seqno() < persisted_before {
+        // Ingestion flushes the memtable first, then gives its table a
+        // sequence number above every write so far.
+        let mut ingestion = data.start_ingestion().map_err(err)?;
+        ingestion.write(SWEEP_MARKER, b"").map_err(err)?;
+        ingestion.finish().map_err(err)?;
+    }
     for space in [Space::Data, Space::Sessions, Space::Idle] {
         let keyspace = &spaces[space as usize];
         let mut from = start.clone();
@@ -174,6 +207,11 @@ const META_APPLIED: &[u8] = b"applied";
 /// numbered 0xFFFF_FFFF) and every key under 16 bytes of 0xFF.
 const APPLIED_MARKER: &[u8] =
     b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xffapplied";
+/// Written to the data keyspace when dropping a copy's tables lowered
+/// the highest sequence number its tables hold (see [`remove_copy_keys`]).
+/// Local; after every copy's range, like [`APPLIED_MARKER`].
+const SWEEP_MARKER: &[u8] =
+    b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xffswept";
 const META_STATE: &[u8] = b"state";
 /// Copies being dropped (local, not replicated: nothing reads them).
 const META_GARBAGE: &[u8] = b"garbage";
@@ -1137,7 +1175,7 @@ impl StoreView {
     fn excluded(&self, space: Space, key: &[u8]) -> bool {
         match space {
             Space::Meta => key == META_GARBAGE,
-            _ if key == APPLIED_MARKER => true,
+            _ if key == APPLIED_MARKER || key == SWEEP_MARKER => true,
             _ => {
                 key.len() >= 12 && {
                     let shard = u32::from_be_bytes(key[..4].try_into().unwrap_or_default());
@@ -1354,6 +1392,69 @@ mod crash {
     }
 
     #[test]
+    fn a_copy_whose_tables_were_dropped_does_not_come_back_from_the_journal_after_a_kill() {
+        let copy = CopyId {
+            shard: 3,
+            generation: 1,
+        };
+        let (start, end) = copy_range(copy);
+        if let Some(base) = std::env::var_os(CHILD) {
+            let mut store = Store::open(Path::new(&base), StoreOptions::default()).unwrap();
+            // A peer's snapshot: the copy's records go through the new
+            // store's journal, and the group state (in the meta keyspace,
+            // never flushed here) keeps that journal.
+            let mut import = store.import().unwrap();
+            let mut records: Vec<Record> = (0..100u32)
+                .map(|i| Record {
+                    space: Space::Data,
+                    key: Bytes::from(copy.key(format!("k{i:03}").as_bytes())),
+                    value: Bytes::from_static(b"v"),
+                })
+                .collect();
+            records.push(Record {
+                space: Space::Meta,
+                key: Bytes::from_static(META_STATE),
+                value: Bytes::from_static(b"state"),
+            });
+            import.add(&records).unwrap();
+            let mut hasher = crc32fast::Hasher::new();
+            records.iter().for_each(|r| checksum_record(&mut hasher, r));
+            let summary = StreamSummary {
+                records: records.len() as u64,
+                crc32: hasher.finalize(),
+            };
+            store
+                .switch_to_imported(import.finish(summary).unwrap())
+                .unwrap();
+            // The copy's records reach a table of their own, which holds
+            // the highest sequence number in the data keyspace.
+            store
+                .space(Space::Data)
+                .rotate_memtable_and_wait()
+                .unwrap();
+            store.commit(1, None, vec![copy]).unwrap();
+            store.sweep_to_end().unwrap();
+            assert_eq!(store.space(Space::Data).range(start..end).count(), 0);
+            // The list without the copy reaches the disk.
+            store.persist().unwrap();
+            std::process::abort();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("state");
+        run_child(
+            "a_copy_whose_tables_were_dropped_does_not_come_back_from_the_journal_after_a_kill",
+            &base,
+        );
+        let store = Store::open(&base, StoreOptions::default()).unwrap();
+        assert!(!store.sweeping(), "the copy was swept and forgotten");
+        assert_eq!(
+            store.space(Space::Data).range(start..end).count(),
+            0,
+            "keys of a forgotten copy came back from the journal"
+        );
+    }
+
+    #[test]
     fn a_commit_flushed_by_an_ingestion_survives_a_kill_with_its_applied_slot() {
         if let Some(base) = std::env::var_os(CHILD) {
             let mut store = Store::open(Path::new(&base), StoreOptions::default()).unwrap();
@@ -1541,6 +1642,37 @@ mod ingest {
             "the list is written once the copy is gone"
         );
         assert_eq!(keys_left(&store), 0);
+    }
+
+    #[test]
+    fn a_dropped_copy_s_own_tables_go_whole_and_a_view_opened_before_still_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("state"), StoreOptions::default()).unwrap();
+        let records: Vec<Record> = (0..3 * DROP_KEYS_PER_BATCH as u32).map(data).collect();
+        let mut chunks = records.chunks(1000).map(<[Record]>::to_vec);
+        store
+            .stager()
+            .write_copy(COPY, || Ok(chunks.next()))
+            .unwrap();
+        store.commit(1, None, vec![]).unwrap();
+        let before = store.view();
+        store.commit(2, None, vec![COPY]).unwrap();
+        store.sweep_to_end().unwrap();
+        assert_eq!(keys_left(&store), 0);
+        // The engine's count includes deletions not yet compacted away: a
+        // tombstone per key would leave it above the copy's size.
+        let entries = store.approximate_data_records();
+        assert!(
+            entries < 10,
+            "{entries} entries left in the data keyspace after dropping a copy of {}: \
+             its keys were deleted one by one",
+            records.len()
+        );
+        let read: Vec<Record> = before
+            .copy_stream(COPY)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(read, records, "a view from before the drop reads the copy whole");
     }
 
     #[test]
