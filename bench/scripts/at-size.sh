@@ -120,6 +120,7 @@ g1_cpu0=$(cpu_s $g1_pids); g2_cpu0=$(cpu_s $g2_pids)
 t0=$(date +%s.%N)
 # PERF=FILE samples every CPU for the join's first 10 s.
 if [ -n "${PERF:-}" ]; then perf record -a -F 499 -o "$PERF" -- sleep 10 >/dev/null 2>&1 & fi
+echo "join sent at $(date +%s.%N) (epoch seconds)" >>"$OUT/summary.txt"
 ctl join 2 $G2 >/dev/null
 # Done when every replica of group 2 serves its 32 shards.
 moved() {

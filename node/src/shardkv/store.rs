@@ -120,13 +120,19 @@ pub const DROP_KEYS_PER_BATCH: usize = 4096;
 /// join. Views opened before keep reading the dropped tables (the engine
 /// keeps a table until no version that a snapshot reads holds it).
 ///
-/// After a crash the engine replays the journal's writes above the
-/// highest sequence number left in a keyspace's tables, and dropping
-/// tables can lower it: writes the dropped tables held (an import's
-/// batches of the copy) would come back after the copy was forgotten.
-/// So when the drop lowered it, a [`SWEEP_MARKER`] is ingested, a table
-/// newer than every write before it, before anything else happens; a
-/// crash before that sweeps the copy again.
+/// Two things come first, each a guard against a crash:
+/// - a sync: the turn that dropped the copy (or the removal of a cut-short
+///   copy's staged marker) reaches the disk before the drop, which is
+///   durable at once; after a power loss the store must not come back at
+///   a slot where the copy is live and its tables gone;
+/// - a [`SWEEP_MARKER`] table, ingested above every write so far. After a
+///   crash the engine replays the journal's writes above the highest
+///   sequence number its tables hold, and dropping tables can lower it:
+///   writes of this copy or of one forgotten before (an import's batches)
+///   would come back. The marker is outside every copy, so no drop
+///   removes it, and that number never again falls below it.
+///
+/// A copy with no data key (a fetch's first attempt) needs neither.
 ///
 /// The sessions and idle keys (a few per client, written without a
 /// marker) and whatever the data's tables shared with other copies or
@@ -145,16 +151,16 @@ fn remove_copy_keys(
     let err = |e: fjall::Error| engine_error(path, e);
     let (start, end) = copy_range(copy);
     let data = &spaces[Space::Data as usize];
-    let persisted_before = data.tree.get_highest_persisted_seqno();
-    data.tree
-        .drop_range(start.as_slice()..end.as_slice())
-        .map_err(|e| err(fjall::Error::Storage(e)))?;
-    if data.tree.get_highest_persisted_seqno() < persisted_before {
+    if data.range(start.as_slice()..end.as_slice()).next().is_some() {
+        db.persist(fjall::PersistMode::SyncAll).map_err(err)?;
         // Ingestion flushes the memtable first, then gives its table a
         // sequence number above every write so far.
         let mut ingestion = data.start_ingestion().map_err(err)?;
         ingestion.write(SWEEP_MARKER, b"").map_err(err)?;
         ingestion.finish().map_err(err)?;
+        data.tree
+            .drop_range(start.as_slice()..end.as_slice())
+            .map_err(|e| err(fjall::Error::Storage(e)))?;
     }
     for space in [Space::Data, Space::Sessions, Space::Idle] {
         let keyspace = &spaces[space as usize];
@@ -207,8 +213,8 @@ const META_APPLIED: &[u8] = b"applied";
 /// numbered 0xFFFF_FFFF) and every key under 16 bytes of 0xFF.
 const APPLIED_MARKER: &[u8] =
     b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xffapplied";
-/// Written to the data keyspace when dropping a copy's tables lowered
-/// the highest sequence number its tables hold (see [`remove_copy_keys`]).
+/// Ingested into the data keyspace before a copy's tables are dropped (see
+/// [`remove_copy_keys`]).
 /// Local; after every copy's range, like [`APPLIED_MARKER`].
 const SWEEP_MARKER: &[u8] =
     b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xffswept";
