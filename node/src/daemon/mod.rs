@@ -646,5 +646,6 @@ fn injected_reply_drops(gid: u64, id: u32) -> Result<Option<Unreliable>, NodeErr
         drop_reply,
         seed,
         refuse_deletes: false,
+        stall_copy_stream: None,
     }))
 }

@@ -44,6 +44,9 @@ pub struct Unreliable {
     /// Every DeleteShard is refused unexecuted: a holder that never hears
     /// that its copies may go.
     pub refuse_deletes: bool,
+    /// Every stream of this shard's copy waits this long before it starts:
+    /// a slow source, which must hold up only that shard's install.
+    pub stall_copy_stream: Option<(u64, Duration)>,
 }
 
 #[derive(Clone, Debug)]
@@ -202,41 +205,65 @@ impl KvServer {
             .max_encoding_message_size(MESSAGE_BYTES_MAX)
     }
 
-    /// Runs the reconfiguration loop until `shutdown` resolves. It acts only
-    /// while this replica leads its group.
+    /// Runs the reconfiguration loop until `shutdown` resolves (it acts
+    /// only while this replica leads its group), and beside it every
+    /// replica's fetching of the copies its group pulls.
+    ///
+    /// Two loops, not one: when the leader fetched before each round of
+    /// installs, it installed nothing until it had fetched every shard of
+    /// a move, and the shards that moved first were not served for the
+    /// whole move (at 1 GiB, 8 to 10 s, near the client's timeout).
     pub fn spawn_background(
         &self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> JoinHandle<()> {
-        let server = self.clone();
-        tokio::spawn(async move {
-            tokio::pin!(shutdown);
-            let mut progress = false;
+        use futures::FutureExt;
+        let shutdown = shutdown.shared();
+        let stager = self.clone();
+        let stopped = shutdown.clone();
+        let staging = tokio::spawn(async move {
+            tokio::pin!(stopped);
             loop {
-                if !progress {
-                    tokio::select! {
-                        _ = &mut shutdown => return,
-                        _ = tokio::time::sleep(server.inner.options.poll_interval) => {}
-                    }
-                }
-                progress = false;
-                if server.inner.replica.status().role != RoleKind::Leader {
-                    // A grace counts silence seen by one leader, unbroken.
-                    lock(&server.inner.departed_failing).clear();
-                    // And a straggler wait: the next leader starts its own.
-                    lock(&server.inner.releasing).clear();
-                    lock(&server.inner.installed_seen).clear();
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = stager.stage_step() => {}
                 }
                 tokio::select! {
-                    _ = &mut shutdown => return,
-                    _ = server.stage_step() => {}
+                    _ = &mut stopped => return,
+                    _ = tokio::time::sleep(stager.inner.options.poll_interval) => {}
                 }
-                if server.inner.replica.status().role == RoleKind::Leader {
+            }
+        });
+        let server = self.clone();
+        tokio::spawn(async move {
+            let reconfiguring = async {
+                tokio::pin!(shutdown);
+                let mut progress = false;
+                loop {
+                    if !progress {
+                        tokio::select! {
+                            _ = &mut shutdown => return,
+                            _ = tokio::time::sleep(server.inner.options.poll_interval) => {}
+                        }
+                    }
+                    progress = false;
+                    if server.inner.replica.status().role != RoleKind::Leader {
+                        // A grace counts silence seen by one leader, unbroken.
+                        lock(&server.inner.departed_failing).clear();
+                        // And a straggler wait: the next leader starts its own.
+                        lock(&server.inner.releasing).clear();
+                        lock(&server.inner.installed_seen).clear();
+                        continue;
+                    }
                     tokio::select! {
                         _ = &mut shutdown => return,
                         p = server.reconfigure_step() => progress = p,
                     }
                 }
+            };
+            reconfiguring.await;
+            if let Err(e) = staging.await {
+                tracing::error!(error = %e, "the shard fetching task failed");
             }
         })
     }
@@ -1200,6 +1227,16 @@ impl ShardKv for KvServer {
                 r.shard, r.config_num
             )));
         };
+        if let Some((shard, stall)) = self
+            .inner
+            .options
+            .unreliable
+            .and_then(|u| u.stall_copy_stream)
+        {
+            if shard == r.shard {
+                tokio::time::sleep(stall).await;
+            }
+        }
         tracing::info!(shard = r.shard, to = r.gid, "streaming a shard copy");
         Ok(Response::new(super::snapshot::serve_copy(view, copy)?))
     }

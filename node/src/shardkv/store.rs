@@ -151,7 +151,11 @@ fn remove_copy_keys(
     let err = |e: fjall::Error| engine_error(path, e);
     let (start, end) = copy_range(copy);
     let data = &spaces[Space::Data as usize];
-    if data.range(start.as_slice()..end.as_slice()).next().is_some() {
+    if data
+        .range(start.as_slice()..end.as_slice())
+        .next()
+        .is_some()
+    {
         db.persist(fjall::PersistMode::SyncAll).map_err(err)?;
         // Ingestion flushes the memtable first, then gives its table a
         // sequence number above every write so far.
@@ -1434,10 +1438,7 @@ mod crash {
                 .unwrap();
             // The copy's records reach a table of their own, which holds
             // the highest sequence number in the data keyspace.
-            store
-                .space(Space::Data)
-                .rotate_memtable_and_wait()
-                .unwrap();
+            store.space(Space::Data).rotate_memtable_and_wait().unwrap();
             store.commit(1, None, vec![copy]).unwrap();
             store.sweep_to_end().unwrap();
             assert_eq!(store.space(Space::Data).range(start..end).count(), 0);
@@ -1674,11 +1675,11 @@ mod ingest {
              its keys were deleted one by one",
             records.len()
         );
-        let read: Vec<Record> = before
-            .copy_stream(COPY)
-            .collect::<Result<_, _>>()
-            .unwrap();
-        assert_eq!(read, records, "a view from before the drop reads the copy whole");
+        let read: Vec<Record> = before.copy_stream(COPY).collect::<Result<_, _>>().unwrap();
+        assert_eq!(
+            read, records,
+            "a view from before the drop reads the copy whole"
+        );
     }
 
     #[test]

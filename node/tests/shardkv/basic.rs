@@ -251,6 +251,7 @@ async fn concurrent_appends_while_shards_move_unreliable() {
         drop_reply: 0.1,
         seed: 0,
         refuse_deletes: false,
+        stall_copy_stream: None,
     };
     concurrent(
         Some(faults),

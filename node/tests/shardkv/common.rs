@@ -400,6 +400,15 @@ impl Cluster {
     }
 }
 
+/// Polls `done` until it holds or `WAIT` passes.
+pub async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub fn key(i: usize) -> String {
     format!("key-{i}")
 }

@@ -1,13 +1,16 @@
 //! Shard handoff: old copies are dropped, and duplicate tables travel.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use bytes::Bytes;
 use shardkv::proto::kv::shard_kv_client::ShardKvClient;
 use shardkv::proto::kv::{KvRequest, OpKind, Outcome};
 use shardkv::shardkv::key_to_shard;
+use shardkv::shardkv::server::{KvServerOptions, Unreliable};
+use shardkv::shardkv::state::ShardStatus;
 
-use crate::common::{key, Cluster, SHARDS};
+use crate::common::{key, wait_until, Cluster, SHARDS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_owners_hold_no_copies_after_many_moves() {
@@ -185,5 +188,78 @@ async fn bad_requests_are_refused_and_nothing_is_stored() {
     assert_eq!(ck.get("k").await.unwrap(), None);
     for s in cluster.states(100) {
         assert_eq!(s.lock().count_keys().unwrap(), 0);
+    }
+}
+
+/// A shard whose source is slow holds up its own install and no other:
+/// the rest of the move is served meanwhile. The leader used to fetch
+/// every copy of a move before its next round of installs, so one slow
+/// copy kept every moved shard from being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_copy_holds_up_only_its_own_shard() {
+    // The shardmaster gives a joining second group the highest shards.
+    const SLOW: u64 = SHARDS as u64 / 2;
+    let stall = Duration::from_secs(8);
+    let options = KvServerOptions {
+        unreliable: Some(Unreliable {
+            drop_request: 0.0,
+            drop_reply: 0.0,
+            seed: 0,
+            refuse_deletes: false,
+            stall_copy_stream: Some((SLOW, stall)),
+        }),
+        ..Default::default()
+    };
+    let cluster = Cluster::start_with(2, 3, options).await;
+    let ck = cluster.clerk();
+    cluster.join(100).await;
+    let keys = 100;
+    for i in 0..keys {
+        ck.put(key(i), format!("v{i}")).await.unwrap();
+    }
+    cluster.join(101).await;
+    let config = cluster.admin().query(None).await.unwrap();
+    let moved: BTreeSet<u64> = (0..SHARDS as u64)
+        .filter(|s| config.shards[*s as usize] == 101)
+        .collect();
+    assert!(moved.contains(&SLOW) && moved.len() > 1, "moved: {moved:?}");
+    // From when both groups have taken the configuration: the old owner
+    // serves none of the moved shards, and the slow one's stall has begun
+    // or is about to.
+    for gid in [100, 101] {
+        wait_until("both groups take the configuration", async || {
+            (cluster.states(gid).iter()).all(|s| s.lock().config.num == config.num)
+        })
+        .await;
+    }
+    let taken = tokio::time::Instant::now();
+    let shard_of = |i: usize| key_to_shard(key(i).as_bytes(), SHARDS) as u64;
+    // Half the stall: without the fix the others came after all of it.
+    let deadline = taken + stall / 2;
+    for i in (0..keys).filter(|i| moved.contains(&shard_of(*i)) && shard_of(*i) != SLOW) {
+        let got = tokio::time::timeout_at(deadline, ck.get(key(i)))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "shard {} was not served {:?} after the configuration was taken",
+                    shard_of(i),
+                    stall / 2
+                )
+            })
+            .unwrap();
+        assert_eq!(got, Some(Bytes::from(format!("v{i}"))));
+    }
+    for state in cluster.states(101) {
+        let status = state.lock().owned.get(&SLOW).map(|o| o.status);
+        assert_eq!(
+            status,
+            Some(ShardStatus::Pulling),
+            "the slow shard was installed before its stall ended: the test shows nothing"
+        );
+    }
+    // And the slow one arrives whole.
+    for i in (0..keys).filter(|i| shard_of(*i) == SLOW) {
+        let got = ck.get(key(i)).await.unwrap();
+        assert_eq!(got, Some(Bytes::from(format!("v{i}"))));
     }
 }

@@ -35,6 +35,7 @@ async fn histories_under_moves_partitions_crashes_and_drops_are_linearizable() {
         drop_reply: 0.05,
         seed,
         refuse_deletes: false,
+        stall_copy_stream: None,
     };
     let mut cluster = Cluster::start(3, 3, Some(faults)).await;
     for gid in [100, 101, 102] {

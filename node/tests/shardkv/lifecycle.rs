@@ -13,18 +13,9 @@ use shardkv::shardkv::pool::ChannelPool;
 use shardkv::shardkv::server::{KvServerOptions, Unreliable};
 use shardkv::shardkv::state::KvState;
 
-use crate::common::{key, Cluster, SHARDS, WAIT};
+use crate::common::{key, wait_until, Cluster, SHARDS, WAIT};
 
 const KEYS: usize = 40;
-
-/// Polls `done` until it holds or `WAIT` passes.
-async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !done().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn shard_of(i: usize) -> usize {
     key_to_shard(key(i).as_bytes(), SHARDS)
@@ -151,6 +142,7 @@ async fn a_holder_that_cannot_acknowledge(removed: bool) {
             drop_reply: 0.0,
             seed: 0,
             refuse_deletes: true,
+            stall_copy_stream: None,
         }),
         ..Default::default()
     };
