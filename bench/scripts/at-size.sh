@@ -116,7 +116,14 @@ if [ "${JOIN_LOAD:-1}" = 1 ]; then
   load=$!
   sleep 5
 fi
+# MiB the given processes have written to disk so far.
+written_mib() {
+  local bytes=0 pid
+  for pid in "$@"; do bytes=$(( bytes + $(awk '/^write_bytes/ {print $2}' "/proc/$pid/io") )); done
+  echo $(( bytes / 1048576 ))
+}
 g1_cpu0=$(cpu_s $g1_pids); g2_cpu0=$(cpu_s $g2_pids)
+g1_written0=$(written_mib $g1_pids); g2_written0=$(written_mib $g2_pids)
 t0=$(date +%s.%N)
 # PERF=FILE samples every CPU for the join's first 10 s.
 if [ -n "${PERF:-}" ]; then perf record -a -F 499 -o "$PERF" -- sleep 10 >/dev/null 2>&1 & fi
@@ -133,8 +140,10 @@ t1=$(date +%s.%N)
 mib=$(echo "$KEYS * $VALUE_BYTES / 2 / 1048576" | bc)
 echo "join: about $mib MiB (half the data) served by every replica of group 2 in $(echo "$t1 - $t0" | bc) s: $(echo "$mib / ($t1 - $t0)" | bc) MiB/s per replica" | tee -a "$OUT/summary.txt"
 echo "  CPU during it: group 1 (senders) $(echo "$(cpu_s $g1_pids) - $g1_cpu0" | bc) s, group 2 (receivers) $(echo "$(cpu_s $g2_pids) - $g2_cpu0" | bc) s" | tee -a "$OUT/summary.txt"
+echo "  written to disk during it: group 1 $(( $(written_mib $g1_pids) - g1_written0 )) MiB, group 2 $(( $(written_mib $g2_pids) - g2_written0 )) MiB (3 replicas each)" | tee -a "$OUT/summary.txt"
 if [ "${JOIN_LOAD:-1}" != 1 ]; then exit 0; fi
 wait $load || true
+echo "  written to disk by the end of the load: group 1 $(( $(written_mib $g1_pids) - g1_written0 )) MiB, group 2 $(( $(written_mib $g2_pids) - g2_written0 )) MiB" | tee -a "$OUT/summary.txt"
 report "50/50 during the join (20 s from 5 s before it)" "$OUT/join.json"
 # The target for the shards that did not move: a p99 within 2x of before.
 python3 -c "
