@@ -176,12 +176,15 @@ async fn a_shard_larger_than_one_message_moves_in_chunks() {
             "8",
             "--store-memtable-mib",
             "4",
+            "--store-journal-mib",
+            "64",
         ],
     )
     .await;
     let store_budget_bytes = StoreOptions {
         cache_bytes: 8 << 20,
         memtable_bytes: 4 << 20,
+        journal_bytes_max: 64 << 20,
         ..Default::default()
     }
     .data_memory_bytes_max();

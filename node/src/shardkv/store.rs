@@ -44,8 +44,7 @@ pub struct StoreOptions {
     /// The block cache, for reads.
     pub cache_bytes: u64,
     /// A keyspace's memtable is flushed to a table on disk at this size.
-    /// Writes wait while four are waiting to be flushed, so a keyspace
-    /// holds at most five.
+    /// Writes wait while four are waiting to be flushed.
     pub memtable_bytes: u64,
     /// The engine's threads for flushes and compactions. With more than
     /// one, fjall (3.1) has its first worker take every compaction request
@@ -63,7 +62,8 @@ pub struct StoreOptions {
     /// it has flushed them; past this size it flushes the oldest. The
     /// small keyspaces (the applied slot, sessions) rarely fill their
     /// memtables, so without a low bound the journal grew to fjall's
-    /// 512 MiB default, and an open replayed all of it.
+    /// 512 MiB default, and an open replayed all of it. It also bounds
+    /// the memtables of all keyspaces together.
     pub journal_bytes_max: u64,
 }
 
@@ -82,13 +82,12 @@ impl StoreOptions {
     /// The least journal bound the engine takes (fjall panics below it).
     pub const JOURNAL_BYTES_MIN: u64 = 64 << 20;
 
-    /// Memtables one keyspace may hold before its writes wait.
-    pub const MEMTABLES_PER_KEYSPACE_MAX: u64 = 5;
-
-    /// The most the cache and the memtables of the data keyspace can hold
-    /// (the other keyspaces hold small records: sessions and markers).
+    /// The most the cache and the memtables can hold. Each copy's data
+    /// has a keyspace, so a bound per keyspace would grow with the copies;
+    /// but memtables hold only writes the journal still holds, and past
+    /// `journal_bytes_max` the journal's oldest writes are flushed.
     pub fn data_memory_bytes_max(&self) -> u64 {
-        self.cache_bytes + Self::MEMTABLES_PER_KEYSPACE_MAX * self.memtable_bytes
+        self.cache_bytes + self.journal_bytes_max.max(Self::JOURNAL_BYTES_MIN)
     }
 }
 /// The longest key the engine takes (fjall: 65,535 bytes) less a copy's
@@ -110,70 +109,38 @@ fn check_key(path: &Path, key: &[u8]) -> Result<(), StoreError> {
 /// in bounded batches, not one batch as large as the shard.
 pub const DROP_KEYS_PER_BATCH: usize = 4096;
 
-/// Removes every key of `copy` from the data, sessions and idle keyspaces.
+/// Removes `copy`: its data keyspace is deleted, and its sessions and idle
+/// keys (a few per client) are removed [`DROP_KEYS_PER_BATCH`] per batch,
+/// each batch resuming after the last key removed (from the copy's start,
+/// it would step over every deletion before it again). False if `stop`
+/// was raised first.
 ///
-/// First the data's tables that hold nothing but the copy's keys are
-/// dropped whole, in time proportional to the tables (an ingested copy is
-/// all such tables): a tombstone per key made the old group read its
-/// whole moved half and then compact the tombstones against it, and that
-/// work took the shards that stayed to several times their p99 after a
-/// join. Views opened before keep reading the dropped tables (the engine
-/// keeps a table until no version that a snapshot reads holds it).
-///
-/// Two things come first, each a guard against a crash:
-/// - a sync: the turn that dropped the copy (or the removal of a cut-short
-///   copy's staged marker) reaches the disk before the drop, which is
-///   durable at once; after a power loss the store must not come back at
-///   a slot where the copy is live and its tables gone;
-/// - a [`SWEEP_MARKER`] table, ingested above every write so far. After a
-///   crash the engine replays the journal's writes above the highest
-///   sequence number its tables hold, and dropping tables can lower it:
-///   writes of this copy or of one forgotten before (an import's batches)
-///   would come back. The marker is outside every copy, so no drop
-///   removes it, and that number never again falls below it.
-///
-/// A copy with no data key (a fetch's first attempt) needs neither.
-///
-/// The sessions and idle keys (a few per client, written without a
-/// marker) and whatever the data's tables shared with other copies or
-/// the memtable holds are removed key by key: [`DROP_KEYS_PER_BATCH`] per
-/// batch, each batch resuming after the last key removed (from the copy's
-/// start, it would step over every deletion before it again). False if
-/// `stop` was raised first.
+/// A sync comes before the deletion, which is durable at once: the turn
+/// that dropped the copy (or the removal of a cut-short copy's staged
+/// marker) must reach the disk first, or after a power loss the store
+/// could come back at a slot where the copy is live and its data gone.
 fn remove_copy_keys(
-    db: &fjall::Database,
-    spaces: &[fjall::Keyspace; 4],
-    path: &Path,
+    keyspaces: &Keyspaces,
     copy: CopyId,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<bool, StoreError> {
-    use fjall::AbstractTree;
-    let err = |e: fjall::Error| engine_error(path, e);
-    let (start, end) = copy_range(copy);
-    let data = &spaces[Space::Data as usize];
-    if data
-        .range(start.as_slice()..end.as_slice())
-        .next()
-        .is_some()
-    {
-        db.persist(fjall::PersistMode::SyncAll).map_err(err)?;
-        // Ingestion flushes the memtable first, then gives its table a
-        // sequence number above every write so far.
-        let mut ingestion = data.start_ingestion().map_err(err)?;
-        ingestion.write(SWEEP_MARKER, b"").map_err(err)?;
-        ingestion.finish().map_err(err)?;
-        data.tree
-            .drop_range(start.as_slice()..end.as_slice())
-            .map_err(|e| err(fjall::Error::Storage(e)))?;
+    let err = |e: fjall::Error| keyspaces.err(e);
+    if keyspaces.copy(copy).is_some() {
+        keyspaces
+            .db
+            .persist(fjall::PersistMode::SyncAll)
+            .map_err(err)?;
+        keyspaces.delete_copy(copy)?;
     }
-    for space in [Space::Data, Space::Sessions, Space::Idle] {
-        let keyspace = &spaces[space as usize];
+    let (start, end) = copy_range(copy);
+    for space in [Space::Sessions, Space::Idle] {
+        let keyspace = keyspaces.shared(space);
         let mut from = start.clone();
         loop {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
                 return Ok(false);
             }
-            let mut batch = db.batch();
+            let mut batch = keyspaces.db.batch();
             let mut removed = 0;
             let mut last = None;
             for item in keyspace
@@ -217,14 +184,21 @@ const META_APPLIED: &[u8] = b"applied";
 /// numbered 0xFFFF_FFFF) and every key under 16 bytes of 0xFF.
 const APPLIED_MARKER: &[u8] =
     b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xffapplied";
-/// Ingested into the data keyspace before a copy's tables are dropped (see
-/// [`remove_copy_keys`]).
+/// Written into the one data keyspace of earlier stores before a copy's
+/// tables were dropped; skipped when that keyspace is split by copy.
 /// Local; after every copy's range, like [`APPLIED_MARKER`].
 const SWEEP_MARKER: &[u8] =
     b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xffswept";
 const META_STATE: &[u8] = b"state";
 /// Copies being dropped (local, not replicated: nothing reads them).
 const META_GARBAGE: &[u8] = b"garbage";
+/// Prefix of the slot of the last commit that wrote to each copy's
+/// keyspace, as that keyspace's [`APPLIED_MARKER`] holds it (local).
+const META_COPY_WRITTEN: &[u8] = b"written/";
+
+fn copy_written_key(copy: CopyId) -> Vec<u8> {
+    [META_COPY_WRITTEN, &copy.prefix()[..]].concat()
+}
 /// Prefix of the markers of shard copies fetched from another group and
 /// complete (local: each replica fetches its own).
 const META_STAGED: &[u8] = b"staged/";
@@ -274,8 +248,6 @@ pub enum Space {
     Sessions = 2,
     Idle = 3,
 }
-
-const SPACES: [Space; 4] = [Space::Meta, Space::Data, Space::Sessions, Space::Idle];
 
 /// A copy of one shard: `gen` is the configuration in which this group
 /// came to own it, so copies of the same shard never share keys.
@@ -373,48 +345,47 @@ fn staged_key(copy: CopyId) -> Vec<u8> {
 /// still being pulled, which nothing else reads or writes.
 #[derive(Clone)]
 pub struct Stager {
-    db: fjall::Database,
-    spaces: [fjall::Keyspace; 4],
-    path: PathBuf,
+    keyspaces: Keyspaces,
 }
 
 impl Stager {
     /// Removes whatever a cut-short fetch left of `copy`, marker first.
     pub fn clear(&self, copy: CopyId) -> Result<(), StoreError> {
-        self.spaces[Space::Meta as usize]
+        self.keyspaces
+            .meta
             .remove(staged_key(copy))
-            .map_err(|e| engine_error(&self.path, e))?;
+            .map_err(|e| self.err(e))?;
         let never = std::sync::atomic::AtomicBool::new(false);
-        remove_copy_keys(&self.db, &self.spaces, &self.path, copy, &never)?;
+        remove_copy_keys(&self.keyspaces, copy, &never)?;
         Ok(())
     }
 
     /// Writes a copy's records (keys without the copy prefix) chunk by
     /// chunk as `next_chunk` yields them, until it yields `None`.
     ///
-    /// The data goes to the engine as an ingestion: straight into new
-    /// tables, in key order, without the journal or a memtable. Through
-    /// write batches a copy was written four times (journal, memtable
-    /// flush, two compactions) and cost the receiving replicas most of a
-    /// move's CPU. Sessions, a few per client, go in ordinary batches.
+    /// The data goes to the engine as an ingestion into the copy's own
+    /// keyspace: straight into new tables, in key order, without the
+    /// journal or a memtable. Through write batches a copy was written
+    /// four times (journal, memtable flush, two compactions) and cost the
+    /// receiving replicas most of a move's CPU. Sessions, a few per
+    /// client, go in ordinary batches.
     ///
     /// An ingestion, once started, is always finished, even when the
-    /// stream fails: its tables are then registered under the copy's
-    /// prefix like the partial batches they replace, and the next attempt
-    /// clears them ([`Stager::clear`]); never left as files the engine
-    /// does not know. Finishing flushes the data keyspace's memtable: safe
-    /// after a `kill -9` because every commit reaches the OS before its
-    /// writes reach a memtable ([`Store::commit`]). Other batches (clears,
-    /// staged markers, sweeps) may lose their other keyspaces' part while
-    /// the data part survives; each is redone whole, so that only repeats
-    /// it. Finishing holds the engine's journal lock, so commits wait for
-    /// that flush: at most one memtable's worth.
+    /// stream fails: its tables are then registered in the copy's
+    /// keyspace like the partial batches they replace, and the next
+    /// attempt clears them ([`Stager::clear`]); never left as files the
+    /// engine does not know. Other batches (clears, staged markers) may
+    /// lose their other keyspaces' part while the data part survives;
+    /// each is redone whole, so that only repeats it.
     pub fn write_copy(
         &self,
         copy: CopyId,
         mut next_chunk: impl FnMut() -> Result<Option<Vec<Record>>, String>,
     ) -> Result<(), String> {
-        let data = &self.spaces[Space::Data as usize];
+        let data = self
+            .keyspaces
+            .copy_or_create(copy)
+            .map_err(|e| e.to_string())?;
         let mut ingestion = None;
         let prefix = copy.prefix();
         // Two buffers, swapped: the key being written and the data key
@@ -424,7 +395,7 @@ impl Stager {
         let mut key = Vec::new();
         let mut last_data_key = Vec::new();
         let mut write = |records: Vec<Record>, ingestion: &mut Option<_>| {
-            let mut sessions = self.db.batch();
+            let mut sessions = self.keyspaces.db.batch();
             for r in records {
                 if r.key.is_empty() || r.key.len() > USER_KEY_BYTES_MAX {
                     return Err(self
@@ -452,11 +423,9 @@ impl Stager {
                         }
                         std::mem::swap(&mut key, &mut last_data_key);
                     }
-                    Space::Sessions => sessions.insert(
-                        &self.spaces[Space::Sessions as usize],
-                        &key[..],
-                        &r.value[..],
-                    ),
+                    Space::Sessions => {
+                        sessions.insert(&self.keyspaces.sessions, &key[..], &r.value[..])
+                    }
                     other => {
                         return Err(
                             self.bad_stream(format!("a shard stream holds a {other:?} record"))
@@ -491,25 +460,27 @@ impl Stager {
     }
 
     fn err(&self, e: fjall::Error) -> StoreError {
-        engine_error(&self.path, e)
+        self.keyspaces.err(e)
     }
 
     fn bad_stream(&self, message: String) -> StoreError {
         StoreError::BadStream {
-            path: self.path.clone(),
+            path: self.keyspaces.path.clone(),
             message,
         }
     }
 
     /// The summary of `copy`, once a fetch has completed it.
     pub fn staged(&self, copy: CopyId) -> Result<Option<CopySummary>, StoreError> {
-        let bytes = self.spaces[Space::Meta as usize]
+        let bytes = self
+            .keyspaces
+            .meta
             .get(staged_key(copy))
-            .map_err(|e| engine_error(&self.path, e))?;
+            .map_err(|e| self.err(e))?;
         bytes
             .map(|bytes| {
                 postcard::from_bytes(&bytes).map_err(|e| StoreError::Corrupt {
-                    path: self.path.clone(),
+                    path: self.keyspaces.path.clone(),
                     message: format!("staged copy marker: {e}"),
                 })
             })
@@ -519,10 +490,11 @@ impl Stager {
     /// Records that `copy` is complete: written after its last chunk, so
     /// after a crash the marker is there only if the records are.
     pub fn mark_staged(&self, copy: CopyId, summary: CopySummary) -> Result<(), StoreError> {
-        let bytes = postcard::to_allocvec(&summary).map_err(|e| engine_error(&self.path, e))?;
-        self.spaces[Space::Meta as usize]
+        let bytes = postcard::to_allocvec(&summary).map_err(|e| self.keyspaces.err(e))?;
+        self.keyspaces
+            .meta
             .insert(staged_key(copy), bytes)
-            .map_err(|e| engine_error(&self.path, e))
+            .map_err(|e| self.err(e))
     }
 }
 
@@ -533,8 +505,7 @@ pub struct Store {
     /// The live generation, and its directory.
     generation: u64,
     path: PathBuf,
-    db: fjall::Database,
-    spaces: [fjall::Keyspace; 4],
+    keyspaces: Keyspaces,
     /// Writes applied since the last commit (`None`: removed). Reads look
     /// here first, so a command sees the ones before it in the same turn.
     overlay: BTreeMap<(Space, Vec<u8>), Option<Bytes>>,
@@ -604,51 +575,228 @@ fn engine_error<E: std::fmt::Display + 'static>(path: &Path, e: E) -> StoreError
     }
 }
 
-fn open_db(
-    path: &Path,
-    options: StoreOptions,
-) -> Result<(fjall::Database, [fjall::Keyspace; 4]), StoreError> {
-    let db = fjall::Database::builder(path)
-        .cache_size(options.cache_bytes)
-        // Applying never waits for the disk: `persist` syncs when the log
-        // is to be compacted.
+/// How every keyspace of a store is made (set at creation; a store keeps
+/// what it was created with).
+fn keyspace_options(options: StoreOptions) -> fjall::KeyspaceCreateOptions {
+    fjall::KeyspaceCreateOptions::default()
         .manual_journal_persist(true)
-        .worker_threads(options.engine_threads)
-        .max_journaling_size(
-            options
-                .journal_bytes_max
-                .max(StoreOptions::JOURNAL_BYTES_MIN),
-        )
-        .open()
-        .map_err(|e| engine_error(path, e))?;
-    let open = |name: &str| {
-        db.keyspace(name, || {
-            fjall::KeyspaceCreateOptions::default()
-                .manual_journal_persist(true)
-                .max_memtable_size(options.memtable_bytes)
-                // Below the levels whose indexes are pinned whole (L0, L1;
-                // filters: L0), a table's index and filter come in 4 KiB
-                // partitions under a small pinned top level. Whole, each
-                // point read that missed the cache read and checksummed the
-                // table's entire index (hundreds of KiB): at 1 GiB of data,
-                // 80% of the apply thread's time. Set when a keyspace is
-                // created; a store keeps the policy it was created with.
-                .index_block_partitioning_policy(fjall::config::PartitioningPolicy::new([
-                    false, false, true,
-                ]))
-                .filter_block_partitioning_policy(fjall::config::PartitioningPolicy::new([
-                    false, true,
-                ]))
-        })
-        .map_err(|e| engine_error(path, e))
-    };
-    let spaces = [
-        open("meta")?,
-        open("data")?,
-        open("sessions")?,
-        open("idle")?,
-    ];
-    Ok((db, spaces))
+        .max_memtable_size(options.memtable_bytes)
+        // Below the levels whose indexes are pinned whole (L0, L1;
+        // filters: L0), a table's index and filter come in 4 KiB
+        // partitions under a small pinned top level. Whole, each point
+        // read that missed the cache read and checksummed the table's
+        // entire index (hundreds of KiB): at 1 GiB of data, 80% of the
+        // apply thread's time.
+        .index_block_partitioning_policy(fjall::config::PartitioningPolicy::new([
+            false, false, true,
+        ]))
+        .filter_block_partitioning_policy(fjall::config::PartitioningPolicy::new([false, true]))
+}
+
+/// The keyspace that held every copy's data before each copy had its own.
+const LEGACY_DATA: &str = "data";
+
+/// The name of a copy's data keyspace.
+fn copy_keyspace_name(copy: CopyId) -> String {
+    format!("data-{}-{}", copy.shard, copy.generation)
+}
+
+fn copy_of_keyspace_name(name: &str) -> Option<CopyId> {
+    let (shard, generation) = name.strip_prefix("data-")?.split_once('-')?;
+    Some(CopyId {
+        shard: shard.parse().ok()?,
+        generation: generation.parse().ok()?,
+    })
+}
+
+/// The copy a data key belongs to (its first 12 bytes).
+fn copy_of_key(key: &[u8]) -> Option<CopyId> {
+    Some(CopyId {
+        shard: u32::from_be_bytes(key.get(..4)?.try_into().ok()?),
+        generation: u64::from_be_bytes(key.get(4..12)?.try_into().ok()?),
+    })
+}
+
+/// An open database's keyspaces: three that every copy shares (the group's
+/// state, sessions, and their expiry order) and one for each copy's data.
+///
+/// A keyspace per copy, because in one LSM tree a copy fetched whole and
+/// the writes to the shards around it kept meeting: writes to the shards
+/// being served reach tables whose key range spans the copies still being
+/// ingested, and each such ingestion was merged and rewritten instead of
+/// moved down whole; a copy moved away was deleted a key at a time and
+/// compacted against the rest. A join at 1 GiB made the receiving group
+/// write 4.3 times what it received and the giving group 3.7 GB. In a
+/// tree of its own a fetched copy is ingested once, and a copy that goes
+/// is a keyspace deleted.
+#[derive(Clone)]
+struct Keyspaces {
+    db: fjall::Database,
+    meta: fjall::Keyspace,
+    sessions: fjall::Keyspace,
+    idle: fjall::Keyspace,
+    /// Each copy's data keyspace. Shared by the store, its stager and its
+    /// sweeper: a fetch creates one while the apply thread writes others.
+    copies: std::sync::Arc<std::sync::Mutex<BTreeMap<CopyId, fjall::Keyspace>>>,
+    options: StoreOptions,
+    path: PathBuf,
+}
+
+impl Keyspaces {
+    fn open(path: &Path, options: StoreOptions) -> Result<Keyspaces, StoreError> {
+        let db = fjall::Database::builder(path)
+            .cache_size(options.cache_bytes)
+            // Applying never waits for the disk: `persist` syncs when the
+            // log is to be compacted.
+            .manual_journal_persist(true)
+            .worker_threads(options.engine_threads)
+            .max_journaling_size(
+                options
+                    .journal_bytes_max
+                    .max(StoreOptions::JOURNAL_BYTES_MIN),
+            )
+            .open()
+            .map_err(|e| engine_error(path, e))?;
+        let open = |name: &str| {
+            db.keyspace(name, || keyspace_options(options))
+                .map_err(|e| engine_error(path, e))
+        };
+        let mut copies = BTreeMap::new();
+        for name in db.list_keyspace_names() {
+            if let Some(copy) = copy_of_keyspace_name(&name) {
+                copies.insert(copy, open(&name)?);
+            }
+        }
+        let keyspaces = Keyspaces {
+            meta: open("meta")?,
+            sessions: open("sessions")?,
+            idle: open("idle")?,
+            db,
+            copies: std::sync::Arc::new(std::sync::Mutex::new(copies)),
+            options,
+            path: path.to_path_buf(),
+        };
+        keyspaces.split_legacy_data()?;
+        Ok(keyspaces)
+    }
+
+    fn err(&self, e: impl std::fmt::Display + 'static) -> StoreError {
+        engine_error(&self.path, e)
+    }
+
+    fn copies(&self) -> std::sync::MutexGuard<'_, BTreeMap<CopyId, fjall::Keyspace>> {
+        self.copies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One of the shared keyspaces (the data is in [`Self::copy`]).
+    fn shared(&self, space: Space) -> &fjall::Keyspace {
+        debug_assert!(space != Space::Data, "the data has a keyspace per copy");
+        match space {
+            Space::Meta | Space::Data => &self.meta,
+            Space::Sessions => &self.sessions,
+            Space::Idle => &self.idle,
+        }
+    }
+
+    /// The data keyspace of `copy`, if it has one.
+    fn copy(&self, copy: CopyId) -> Option<fjall::Keyspace> {
+        self.copies().get(&copy).cloned()
+    }
+
+    /// The data keyspace of `copy`, made if it has none.
+    fn copy_or_create(&self, copy: CopyId) -> Result<fjall::Keyspace, StoreError> {
+        let mut copies = self.copies();
+        if let Some(keyspace) = copies.get(&copy) {
+            return Ok(keyspace.clone());
+        }
+        let keyspace = self
+            .db
+            .keyspace(&copy_keyspace_name(copy), || keyspace_options(self.options))
+            .map_err(|e| self.err(e))?;
+        copies.insert(copy, keyspace.clone());
+        Ok(keyspace)
+    }
+
+    /// Deletes the data keyspace of `copy` (durably, at once). Handles
+    /// still open (a view's) keep reading it until they are dropped.
+    fn delete_copy(&self, copy: CopyId) -> Result<(), StoreError> {
+        let Some(keyspace) = self.copies().remove(&copy) else {
+            return Ok(());
+        };
+        self.db.delete_keyspace(keyspace).map_err(|e| self.err(e))
+    }
+
+    /// Every copy's data keyspace, in copy order.
+    fn all_copies(&self) -> Vec<(CopyId, fjall::Keyspace)> {
+        self.copies()
+            .iter()
+            .map(|(copy, keyspace)| (*copy, keyspace.clone()))
+            .collect()
+    }
+
+    /// Moves the data of a store written before each copy had a keyspace
+    /// (one `data` keyspace for all) into a keyspace per copy, once: each
+    /// copy ingested, then the old keyspace deleted. A crash in between
+    /// does it again from the start. O(data), at the first open only.
+    fn split_legacy_data(&self) -> Result<(), StoreError> {
+        if !self.db.keyspace_exists(LEGACY_DATA) {
+            return Ok(());
+        }
+        let legacy = self
+            .db
+            .keyspace(LEGACY_DATA, || keyspace_options(self.options))
+            .map_err(|e| self.err(e))?;
+        // Its commit marker must agree with the group's state, as the
+        // shared keyspaces' do (see `Store::check_applied_markers`).
+        let applied = self.meta.get(META_APPLIED).map_err(|e| self.err(e))?;
+        let marker = legacy.get(APPLIED_MARKER).map_err(|e| self.err(e))?;
+        if marker.is_some() && marker.as_deref() != applied.as_deref() {
+            return Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                message: "its data keyspace and the group state reach different commits".into(),
+            });
+        }
+        tracing::info!(path = %self.path.display(), "giving each shard copy a keyspace of its own (once)");
+        for (_, keyspace) in self.all_copies() {
+            // What a cut-short split left.
+            self.db.delete_keyspace(keyspace).map_err(|e| self.err(e))?;
+        }
+        self.copies().clear();
+        let mut items = legacy
+            .iter()
+            .map(|item| item.into_inner().map_err(|e| self.err(e)))
+            .filter(|item| {
+                !item.as_ref().is_ok_and(|(key, _)| {
+                    key.as_ref() == APPLIED_MARKER || key.as_ref() == SWEEP_MARKER
+                })
+            })
+            .peekable();
+        loop {
+            let copy = match items.peek() {
+                None => break,
+                Some(Ok((key, _))) => copy_of_key(key).ok_or_else(|| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    message: format!("a data key of {} bytes belongs to no copy", key.len()),
+                })?,
+                Some(Err(_)) => match items.next() {
+                    Some(Err(e)) => return Err(e),
+                    _ => continue,
+                },
+            };
+            let keyspace = self.copy_or_create(copy)?;
+            let mut ingestion = keyspace.start_ingestion().map_err(|e| self.err(e))?;
+            while let Some(Ok((key, _))) = items.peek() {
+                if copy_of_key(key) != Some(copy) {
+                    break;
+                }
+                if let Some(Ok((key, value))) = items.next() {
+                    ingestion.write(key, value).map_err(|e| self.err(e))?;
+                }
+            }
+            ingestion.finish().map_err(|e| self.err(e))?;
+        }
+        self.db.delete_keyspace(legacy).map_err(|e| self.err(e))
+    }
 }
 
 fn generation_dir(base: &Path, generation: u64) -> PathBuf {
@@ -725,26 +873,25 @@ impl Store {
         options: StoreOptions,
     ) -> Result<Store, StoreError> {
         let path = generation_dir(base, generation);
-        let (db, spaces) = open_db(&path, options)?;
+        let keyspaces = Keyspaces::open(&path, options)?;
         let mut store = Store {
             base: base.to_path_buf(),
             generation,
             path,
-            db,
-            spaces,
+            keyspaces,
             overlay: BTreeMap::new(),
             garbage: BTreeSet::new(),
             temporary,
             options,
             sweeper: None,
         };
-        store.check_applied_markers()?;
         if let Some(bytes) = store.read_committed(Space::Meta, META_GARBAGE)? {
             store.garbage = postcard::from_bytes(&bytes).map_err(|e| StoreError::Corrupt {
                 path: store.path.clone(),
                 message: format!("garbage list: {e}"),
             })?;
         }
+        store.check_applied_markers()?;
         Ok(store)
     }
 
@@ -756,48 +903,85 @@ impl Store {
     /// keyspace is replayed from the one journal, so they agree after any
     /// `kill -9`; they disagree only when an OS crash or power loss took
     /// journal pages not yet synced while a table written from them
-    /// survived. Its data is then ahead of its applied slot, and the log's
-    /// replay would apply some commands twice: the replica must be rebuilt
-    /// from its peers instead. (A store written before the markers has
-    /// none until its first commit.)
+    /// survived. Its data is then ahead of its applied slot, or behind it,
+    /// and the log's replay would apply some commands twice or miss them:
+    /// the replica must be rebuilt from its peers instead.
+    ///
+    /// The shared keyspaces hold the slot of every commit; a copy's
+    /// keyspace, the slot of the last commit that wrote to it, and the
+    /// group state keeps the same slot for it ([`copy_written_key`]).
+    /// (A store written before the markers has none until its first
+    /// commit; a copy only fetched has none until a commit writes to it.)
     fn check_applied_markers(&self) -> Result<(), StoreError> {
-        let slot = |space: Space, key: &[u8]| -> Result<Option<Slot>, StoreError> {
-            let Some(bytes) = self.read_committed(space, key)? else {
+        let decode = |bytes: Option<fjall::Slice>,
+                      what: &str|
+         -> Result<Option<Slot>, StoreError> {
+            let Some(bytes) = bytes else {
                 return Ok(None);
             };
             let bytes: [u8; 8] = bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
                 path: self.path.clone(),
-                message: format!("the applied slot in {space:?} is not 8 bytes"),
+                message: format!("the applied slot in {what} is not 8 bytes"),
             })?;
             Ok(Some(u64::from_be_bytes(bytes)))
         };
-        let applied = slot(Space::Meta, META_APPLIED)?;
-        for space in [Space::Data, Space::Sessions, Space::Idle] {
-            let marker = slot(space, APPLIED_MARKER)?;
+        let ks = &self.keyspaces;
+        let read =
+            |keyspace: &fjall::Keyspace, key: &[u8]| keyspace.get(key).map_err(|e| ks.err(e));
+        let mismatch =
+            |what: String, marker: Option<Slot>, expected: Option<Slot>| StoreError::Corrupt {
+                path: self.path.clone(),
+                message: format!(
+                    "{what} reaches slot {} but the group state says {}: writes lost from its \
+                 journal in an OS crash survived in a table",
+                    marker.unwrap_or(0),
+                    expected.unwrap_or(0)
+                ),
+            };
+        let applied = decode(read(&ks.meta, META_APPLIED)?, "meta")?;
+        for space in [Space::Sessions, Space::Idle] {
+            let marker = decode(read(ks.shared(space), APPLIED_MARKER)?, "a keyspace")?;
             if marker.is_some() && marker != applied {
+                return Err(mismatch(format!("its {space:?} keyspace"), marker, applied));
+            }
+        }
+        let copies = ks.all_copies();
+        for (copy, keyspace) in &copies {
+            let marker = decode(read(keyspace, APPLIED_MARKER)?, "a copy")?;
+            let written = decode(read(&ks.meta, &copy_written_key(*copy))?, "meta")?;
+            if marker != written {
+                return Err(mismatch(
+                    format!("the data of copy {copy:?}"),
+                    marker,
+                    written,
+                ));
+            }
+        }
+        for item in ks.meta.prefix(META_COPY_WRITTEN) {
+            let key = item.key().map_err(|e| ks.err(e))?;
+            let copy = copy_of_key(&key[META_COPY_WRITTEN.len()..]);
+            let present = copy.is_some_and(|copy| copies.iter().any(|(c, _)| *c == copy));
+            // A copy being dropped loses its keyspace before its mark.
+            let dropping = copy.is_some_and(|copy| self.garbage.contains(&copy));
+            if !present && !dropping {
                 return Err(StoreError::Corrupt {
                     path: self.path.clone(),
-                    message: format!(
-                        "its {space:?} keyspace reaches slot {} but the group state {}: \
-                         writes lost from its journal in an OS crash survived in a table",
-                        marker.unwrap_or(0),
-                        applied.unwrap_or(0)
-                    ),
+                    message: format!("the data of copy {copy:?} was written and is missing"),
                 });
             }
         }
         Ok(())
     }
 
-    fn space(&self, space: Space) -> &fjall::Keyspace {
-        &self.spaces[space as usize]
-    }
-
     fn read_committed(&self, space: Space, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
-        let value = self
-            .space(space)
-            .get(key)
-            .map_err(|e| engine_error(&self.path, e))?;
+        let value = match space {
+            Space::Data => match copy_of_key(key).and_then(|copy| self.keyspaces.copy(copy)) {
+                Some(keyspace) => keyspace.get(key),
+                None => return Ok(None),
+            },
+            _ => self.keyspaces.shared(space).get(key),
+        };
+        let value = value.map_err(|e| engine_error(&self.path, e))?;
         Ok(value.map(|v| Bytes::copy_from_slice(&v)))
     }
 
@@ -812,7 +996,9 @@ impl Store {
     /// The engine's estimate of the records under `data`, in O(tables): it
     /// counts every version and deletion compaction has not yet merged.
     pub fn approximate_data_records(&self) -> u64 {
-        self.space(Space::Data).approximate_len() as u64
+        (self.keyspaces.all_copies().iter())
+            .map(|(_, keyspace)| keyspace.approximate_len() as u64)
+            .sum()
     }
 
     pub fn put(&mut self, space: Space, key: Vec<u8>, value: Bytes) {
@@ -842,7 +1028,19 @@ impl Store {
         // Enough committed records to fill `limit` after the overlay's
         // removals.
         let wanted = limit.saturating_add(merged.len());
-        for item in self.space(space).range(start..end).take(wanted) {
+        let keyspaces: Vec<fjall::Keyspace> = match space {
+            // The copies whose keys may fall in the range, in key order.
+            Space::Data => (self.keyspaces.all_copies().into_iter())
+                .filter(|(copy, _)| {
+                    let (first, next) = copy_range(*copy);
+                    first.as_slice() < end && start < next.as_slice()
+                })
+                .map(|(_, keyspace)| keyspace)
+                .collect(),
+            _ => vec![self.keyspaces.shared(space).clone()],
+        };
+        let committed = (keyspaces.iter()).flat_map(|keyspace| keyspace.range(start..end));
+        for item in committed.take(wanted) {
             let (key, value) = item.into_inner().map_err(|e| engine_error(&self.path, e))?;
             merged
                 .entry(key.to_vec())
@@ -888,40 +1086,53 @@ impl Store {
         state: Option<Bytes>,
         dropped: Vec<CopyId>,
     ) -> Result<(), StoreError> {
-        let mut batch = self.db.batch();
+        let ks = &self.keyspaces;
+        let mut batch = ks.db.batch();
+        let mut written = BTreeSet::new();
         for ((space, key), value) in std::mem::take(&mut self.overlay) {
+            let keyspace = match space {
+                Space::Data => {
+                    let copy = copy_of_key(&key).ok_or_else(|| {
+                        engine_error(&self.path, "a data key shorter than a copy's prefix")
+                    })?;
+                    written.insert(copy);
+                    ks.copy_or_create(copy)?
+                }
+                _ => ks.shared(space).clone(),
+            };
             match value {
-                Some(v) => batch.insert(self.space(space), key, v.to_vec()),
-                None => batch.remove(self.space(space), key),
+                Some(v) => batch.insert(&keyspace, key, v.to_vec()),
+                None => batch.remove(&keyspace, key),
             }
         }
         if let Some(state) = state {
-            batch.insert(self.space(Space::Meta), META_STATE, state.to_vec());
+            batch.insert(&ks.meta, META_STATE, state.to_vec());
         }
         if !dropped.is_empty() {
             // With the turn that forgets them: after a crash a copy is in
             // the group's state or in this list, never in neither.
             self.garbage.extend(dropped);
-            batch.insert(self.space(Space::Meta), META_GARBAGE, self.garbage_bytes()?);
+            batch.insert(&ks.meta, META_GARBAGE, self.garbage_bytes()?);
         }
-        batch.insert(
-            self.space(Space::Meta),
-            META_APPLIED,
-            applied.to_be_bytes().to_vec(),
-        );
-        for space in [Space::Data, Space::Sessions, Space::Idle] {
-            batch.insert(
-                self.space(space),
-                APPLIED_MARKER,
-                applied.to_be_bytes().to_vec(),
-            );
+        let slot = applied.to_be_bytes();
+        batch.insert(&ks.meta, META_APPLIED, slot.to_vec());
+        for space in [Space::Sessions, Space::Idle] {
+            batch.insert(ks.shared(space), APPLIED_MARKER, slot.to_vec());
+        }
+        // A copy's keyspace and the group state say which commit last
+        // wrote to it (see `check_applied_markers`).
+        for copy in written {
+            if let Some(keyspace) = ks.copy(copy) {
+                batch.insert(&keyspace, APPLIED_MARKER, slot.to_vec());
+                batch.insert(&ks.meta, copy_written_key(copy), slot.to_vec());
+            }
         }
         // The journal buffers its tail in the process. The engine's own
-        // flushes hand that buffer to the OS first, but a copy's ingestion
-        // flushes the data memtable without: its table could then hold
-        // writes a `kill -9` takes from the journal, the data ahead of its
-        // applied slot. Handed to the OS here, before the batch reaches a
-        // memtable (one write(2), no fsync).
+        // flushes hand that buffer to the OS first, but an ingestion
+        // flushes its keyspace's memtable without: its table could then
+        // hold writes a `kill -9` takes from the journal, the data ahead of
+        // its applied slot. Handed to the OS here, before the batch
+        // reaches a memtable (one write(2), no fsync).
         batch
             .durability(Some(fjall::PersistMode::Buffer))
             .commit()
@@ -930,7 +1141,8 @@ impl Store {
 
     /// Makes every commit so far durable.
     pub fn persist(&self) -> Result<(), StoreError> {
-        self.db
+        self.keyspaces
+            .db
             .persist(fjall::PersistMode::SyncAll)
             .map_err(|e| engine_error(&self.path, e))
     }
@@ -963,10 +1175,10 @@ impl Store {
             return Ok(());
         };
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (db, spaces, path) = (self.db.clone(), self.spaces.clone(), self.path.clone());
+        let keyspaces = self.keyspaces.clone();
         let stopped = stop.clone();
         let thread = super::snapshot::spawn_transfer("shardkv-sweep", move || {
-            remove_copy_keys(&db, &spaces, &path, copy, &stopped)
+            remove_copy_keys(&keyspaces, copy, &stopped)
         })
         .map_err(|e| engine_error(&self.path, e))?;
         self.sweeper = Some(Sweeper { copy, stop, thread });
@@ -982,9 +1194,13 @@ impl Store {
             .map_err(|_| engine_error(&self.path, "the sweep thread panicked"))??;
         debug_assert!(swept, "only a closing store stops its sweep");
         if swept {
+            // After the keyspace's deletion, which is durable: its mark may
+            // go, and the list (see `check_applied_markers`).
             self.garbage.remove(&sweeper.copy);
-            let mut batch = self.db.batch();
-            batch.insert(self.space(Space::Meta), META_GARBAGE, self.garbage_bytes()?);
+            let meta = &self.keyspaces.meta;
+            let mut batch = self.keyspaces.db.batch();
+            batch.insert(meta, META_GARBAGE, self.garbage_bytes()?);
+            batch.remove(meta, copy_written_key(sweeper.copy));
             batch.commit().map_err(|e| engine_error(&self.path, e))?;
         }
         Ok(())
@@ -1003,9 +1219,7 @@ impl Store {
     /// A handle for fetching shard copies into this store.
     pub fn stager(&self) -> Stager {
         Stager {
-            db: self.db.clone(),
-            spaces: self.spaces.clone(),
-            path: self.path.clone(),
+            keyspaces: self.keyspaces.clone(),
         }
     }
 
@@ -1038,9 +1252,12 @@ impl Store {
     /// A point-in-time view of the committed state, for a snapshot stream
     /// or a shard copy. Cheap: it pins versions, it copies nothing.
     pub fn view(&self) -> StoreView {
+        let ks = &self.keyspaces;
+        let copies = ks.all_copies();
         StoreView {
-            snapshot: self.db.snapshot(),
-            spaces: self.spaces.clone(),
+            snapshot: ks.db.snapshot(),
+            shared: [ks.meta.clone(), ks.sessions.clone(), ks.idle.clone()],
+            copies,
             garbage: self.garbage.clone(),
             path: self.path.clone(),
         }
@@ -1054,13 +1271,12 @@ impl Store {
         if path.exists() {
             std::fs::remove_dir_all(&path).map_err(|e| engine_error(&path, e))?;
         }
-        let (db, spaces) = open_db(&path, self.options)?;
+        let keyspaces = Keyspaces::open(&path, self.options)?;
         Ok(Import {
             options: self.options,
             path,
             generation,
-            db: Some(db),
-            spaces,
+            keyspaces: Some(keyspaces),
             records: 0,
             checksum: crc32fast::Hasher::new(),
         })
@@ -1119,7 +1335,11 @@ fn copy_range(copy: CopyId) -> (Vec<u8>, Vec<u8>) {
 /// A point-in-time view of a store.
 pub struct StoreView {
     snapshot: fjall::Snapshot,
-    spaces: [fjall::Keyspace; 4],
+    /// Meta, sessions and idle.
+    shared: [fjall::Keyspace; 3],
+    /// Each copy's data keyspace, in copy order: handles kept open, so a
+    /// copy deleted since still reads as of the snapshot.
+    copies: Vec<(CopyId, fjall::Keyspace)>,
     garbage: BTreeSet<CopyId>,
     path: PathBuf,
 }
@@ -1129,10 +1349,24 @@ impl StoreView {
         &self.path
     }
 
+    /// One of the shared keyspaces.
+    fn shared(&self, space: Space) -> &fjall::Keyspace {
+        debug_assert!(space != Space::Data, "the data has a keyspace per copy");
+        match space {
+            Space::Meta | Space::Data => &self.shared[0],
+            Space::Sessions => &self.shared[1],
+            Space::Idle => &self.shared[2],
+        }
+    }
+
+    fn copy(&self, copy: CopyId) -> Option<&fjall::Keyspace> {
+        (self.copies.binary_search_by_key(&copy, |(c, _)| *c).ok()).map(|i| &self.copies[i].1)
+    }
+
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
         let value = self
             .snapshot
-            .get(&self.spaces[space as usize], key)
+            .get(self.shared(space), key)
             .map_err(|e| engine_error(&self.path, e))?;
         Ok(value.map(|v| Bytes::copy_from_slice(&v)))
     }
@@ -1161,31 +1395,40 @@ impl StoreView {
     }
 
     /// [`Self::records`], as the engine's own buffers: no copy per record.
+    /// The data of every copy comes after the meta keyspace, copy by copy:
+    /// in key order, as when all of it was one keyspace.
     pub fn record_views(&self) -> impl Iterator<Item = Result<RecordView, StoreError>> + '_ {
-        SPACES.into_iter().flat_map(move |space| {
-            self.snapshot
-                .iter(&self.spaces[space as usize])
-                .map(move |item| {
-                    let (key, value) =
-                        item.into_inner().map_err(|e| engine_error(&self.path, e))?;
-                    Ok(RecordView {
-                        space,
-                        key,
-                        key_from: 0,
-                        value,
+        let meta = std::iter::once((Space::Meta, self.shared(Space::Meta)));
+        let data = (self.copies.iter())
+            .filter(|(copy, _)| !self.garbage.contains(copy))
+            .map(|(_, keyspace)| (Space::Data, keyspace));
+        let rest = [Space::Sessions, Space::Idle].map(|space| (space, self.shared(space)));
+        meta.chain(data)
+            .chain(rest)
+            .flat_map(move |(space, keyspace)| {
+                self.snapshot
+                    .iter(keyspace)
+                    .map(move |item| {
+                        let (key, value) =
+                            item.into_inner().map_err(|e| engine_error(&self.path, e))?;
+                        Ok(RecordView {
+                            space,
+                            key,
+                            key_from: 0,
+                            value,
+                        })
                     })
-                })
-                .filter(move |r| match r {
-                    Ok(r) => !self.excluded(r.space, r.key()),
-                    Err(_) => true,
-                })
-        })
+                    .filter(move |r| match r {
+                        Ok(r) => !self.excluded(r.space, r.key()),
+                        Err(_) => true,
+                    })
+            })
     }
 
     fn excluded(&self, space: Space, key: &[u8]) -> bool {
         match space {
-            Space::Meta => key == META_GARBAGE,
-            _ if key == APPLIED_MARKER || key == SWEEP_MARKER => true,
+            Space::Meta => key == META_GARBAGE || key.starts_with(META_COPY_WRITTEN),
+            _ if key == APPLIED_MARKER => true,
             _ => {
                 key.len() >= 12 && {
                     let shard = u32::from_be_bytes(key[..4].try_into().unwrap_or_default());
@@ -1260,8 +1503,12 @@ impl StoreView {
         copy: CopyId,
     ) -> impl Iterator<Item = Result<RecordView, StoreError>> + '_ {
         let prefix = copy.prefix();
-        self.snapshot
-            .prefix(&self.spaces[space as usize], prefix)
+        let keyspace = match space {
+            Space::Data => self.copy(copy),
+            _ => Some(self.shared(space)),
+        };
+        (keyspace.into_iter())
+            .flat_map(move |keyspace| self.snapshot.prefix(keyspace, prefix))
             .map(move |item| {
                 let (key, value) = item.into_inner().map_err(|e| engine_error(&self.path, e))?;
                 debug_assert!(key.starts_with(&prefix), "a prefix scan left its prefix");
@@ -1280,8 +1527,8 @@ pub struct Import {
     options: StoreOptions,
     path: PathBuf,
     generation: u64,
-    db: Option<fjall::Database>,
-    spaces: [fjall::Keyspace; 4],
+    /// `None` once finished.
+    keyspaces: Option<Keyspaces>,
     records: u64,
     checksum: crc32fast::Hasher,
 }
@@ -1315,11 +1562,9 @@ pub fn checksum_parts(hasher: &mut crc32fast::Hasher, space: Space, key: &[u8], 
 impl Import {
     /// Discards what was added, to start the stream over.
     pub fn reset(&mut self) -> Result<(), StoreError> {
-        drop(self.db.take());
+        drop(self.keyspaces.take());
         std::fs::remove_dir_all(&self.path).map_err(|e| engine_error(&self.path, e))?;
-        let (db, spaces) = open_db(&self.path, self.options)?;
-        self.db = Some(db);
-        self.spaces = spaces;
+        self.keyspaces = Some(Keyspaces::open(&self.path, self.options)?);
         self.records = 0;
         self.checksum = crc32fast::Hasher::new();
         Ok(())
@@ -1327,18 +1572,24 @@ impl Import {
 
     /// Adds a chunk of records (one batch, no fsync).
     pub fn add(&mut self, records: &[Record]) -> Result<(), StoreError> {
-        let Some(db) = &self.db else {
+        let Some(ks) = &self.keyspaces else {
             return Err(engine_error(&self.path, "import already finished"));
         };
-        let mut batch = db.batch();
+        let mut batch = ks.db.batch();
         for r in records {
             check_key(&self.path, &r.key)?;
             checksum_record(&mut self.checksum, r);
-            batch.insert(
-                &self.spaces[r.space as usize],
-                r.key.to_vec(),
-                r.value.to_vec(),
-            );
+            let keyspace = match r.space {
+                Space::Data => {
+                    let copy = copy_of_key(&r.key).ok_or_else(|| StoreError::BadStream {
+                        path: self.path.clone(),
+                        message: format!("a data key of {} bytes belongs to no copy", r.key.len()),
+                    })?;
+                    ks.copy_or_create(copy)?
+                }
+                space => ks.shared(space).clone(),
+            };
+            batch.insert(&keyspace, r.key.to_vec(), r.value.to_vec());
         }
         self.records += records.len() as u64;
         batch.commit().map_err(|e| engine_error(&self.path, e))
@@ -1357,15 +1608,36 @@ impl Import {
                 ),
             });
         }
-        let Some(db) = self.db.take() else {
+        let Some(ks) = self.keyspaces.take() else {
             return Err(engine_error(&self.path, "import already finished"));
         };
-        db.persist(fjall::PersistMode::SyncAll)
+        ks.db
+            .persist(fjall::PersistMode::SyncAll)
             .map_err(|e| engine_error(&self.path, e))?;
-        drop(db);
+        drop(ks);
         Ok(FinishedImport {
             generation: self.generation,
         })
+    }
+}
+
+#[cfg(test)]
+impl Store {
+    /// Every keyspace, each copy's included.
+    fn all_keyspaces(&self) -> Vec<fjall::Keyspace> {
+        let ks = &self.keyspaces;
+        let copies = ks.all_copies().into_iter().map(|(_, keyspace)| keyspace);
+        [ks.meta.clone(), ks.sessions.clone(), ks.idle.clone()]
+            .into_iter()
+            .chain(copies)
+            .collect()
+    }
+
+    /// Data keys committed in `range`, read past the views' filters.
+    fn data_keys_in(&self, range: std::ops::Range<Vec<u8>>) -> usize {
+        (self.keyspaces.all_copies().iter())
+            .map(|(_, keyspace)| keyspace.range(range.clone()).count())
+            .sum()
     }
 }
 
@@ -1438,10 +1710,11 @@ mod crash {
                 .unwrap();
             // The copy's records reach a table of their own, which holds
             // the highest sequence number in the data keyspace.
-            store.space(Space::Data).rotate_memtable_and_wait().unwrap();
+            let data = store.keyspaces.copy(copy).unwrap();
+            data.rotate_memtable_and_wait().unwrap();
             store.commit(1, None, vec![copy]).unwrap();
             store.sweep_to_end().unwrap();
-            assert_eq!(store.space(Space::Data).range(start..end).count(), 0);
+            assert_eq!(store.data_keys_in(start.clone()..end.clone()), 0);
             // The list without the copy reaches the disk.
             store.persist().unwrap();
             std::process::abort();
@@ -1455,7 +1728,7 @@ mod crash {
         let store = Store::open(&base, StoreOptions::default()).unwrap();
         assert!(!store.sweeping(), "the copy was swept and forgotten");
         assert_eq!(
-            store.space(Space::Data).range(start..end).count(),
+            store.data_keys_in(start..end),
             0,
             "keys of a forgotten copy came back from the journal"
         );
@@ -1525,8 +1798,8 @@ mod crash {
             store.commit(5, None, vec![]).unwrap();
             // What an OS crash can leave: a table of the data keyspace
             // with a later commit than the journal kept for the others.
-            store
-                .space(Space::Data)
+            let data = store.keyspaces.copy(copy_of_key(&data_key()).unwrap());
+            data.unwrap()
                 .insert(APPLIED_MARKER, 9u64.to_be_bytes())
                 .unwrap();
             store.persist().unwrap();
@@ -1535,7 +1808,8 @@ mod crash {
             Err(e) => {
                 assert!(e.is_corrupt(), "{e}");
                 assert!(
-                    e.to_string().contains("Data keyspace reaches slot 9"),
+                    e.to_string()
+                        .contains("reaches slot 9 but the group state says 5"),
                     "{e}"
                 );
             }
@@ -1550,7 +1824,8 @@ mod crash {
         {
             let store = Store::open(&base, StoreOptions::default()).unwrap();
             store
-                .space(Space::Meta)
+                .keyspaces
+                .meta
                 .insert(META_APPLIED, 5u64.to_be_bytes())
                 .unwrap();
             store.persist().unwrap();
@@ -1612,10 +1887,11 @@ mod ingest {
     /// view's filter of the garbage list.
     fn keys_left(store: &Store) -> usize {
         let (start, end) = copy_range(COPY);
-        [Space::Data, Space::Sessions, Space::Idle]
-            .iter()
-            .map(|&space| store.space(space).range(start.clone()..end.clone()).count())
-            .sum()
+        let shared = [Space::Sessions, Space::Idle].map(|space| {
+            let keyspace = store.keyspaces.shared(space);
+            keyspace.range(start.clone()..end.clone()).count()
+        });
+        store.data_keys_in(start..end) + shared.iter().sum::<usize>()
     }
 
     #[test]
@@ -1680,6 +1956,77 @@ mod ingest {
             read, records,
             "a view from before the drop reads the copy whole"
         );
+    }
+
+    #[test]
+    fn a_store_with_one_data_keyspace_is_split_by_copy_at_its_first_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("state");
+        let other = CopyId {
+            shard: 9,
+            generation: 1,
+        };
+        let keys: Vec<Vec<u8>> = (0..500u32)
+            .flat_map(|i| [COPY.key(&i.to_be_bytes()), other.key(&i.to_be_bytes())])
+            .collect();
+        {
+            // As stores were written before: every copy in `data`.
+            let db = fjall::Database::builder(generation_dir(&base, 0))
+                .open()
+                .unwrap();
+            let open = |name: &str| db.keyspace(name, || keyspace_options(StoreOptions::default()));
+            let (meta, data) = (open("meta").unwrap(), open(LEGACY_DATA).unwrap());
+            open("sessions")
+                .unwrap()
+                .insert(APPLIED_MARKER, 5u64.to_be_bytes())
+                .unwrap();
+            open("idle").unwrap();
+            meta.insert(META_APPLIED, 5u64.to_be_bytes()).unwrap();
+            data.insert(APPLIED_MARKER, 5u64.to_be_bytes()).unwrap();
+            for key in &keys {
+                data.insert(key, &key[..]).unwrap();
+            }
+            db.persist(fjall::PersistMode::SyncAll).unwrap();
+        }
+        for _ in 0..2 {
+            let store = Store::open(&base, StoreOptions::default()).unwrap();
+            assert!(!store.keyspaces.db.keyspace_exists(LEGACY_DATA));
+            let copies: Vec<CopyId> = store
+                .keyspaces
+                .all_copies()
+                .iter()
+                .map(|(c, _)| *c)
+                .collect();
+            assert_eq!(copies, vec![COPY, other]);
+            for key in &keys {
+                assert_eq!(
+                    store.get(Space::Data, key).unwrap().as_deref(),
+                    Some(&key[..])
+                );
+            }
+            assert_eq!(store.load_meta().unwrap().0, 5);
+        }
+    }
+
+    #[test]
+    fn a_copy_written_and_missing_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("state");
+        {
+            let mut store = Store::open(&base, StoreOptions::default()).unwrap();
+            store.put(Space::Data, COPY.key(b"k"), Bytes::from_static(b"v"));
+            store.commit(3, None, vec![]).unwrap();
+            // What losing a keyspace would leave, outside a drop.
+            store.keyspaces.delete_copy(COPY).unwrap();
+            store.persist().unwrap();
+        }
+        match Store::open(&base, StoreOptions::default()) {
+            Err(e) => assert!(
+                e.is_corrupt() && e.to_string().contains("is missing"),
+                "{e}"
+            ),
+            Ok(_) => panic!("a store missing a copy it wrote opened"),
+        }
     }
 
     #[test]
@@ -1761,17 +2108,26 @@ mod damage {
         let base = dir.path().join("state");
         let mut store = Store::open(&base, StoreOptions::default()).unwrap();
         for i in 0..KEYS {
-            store.put(Space::Data, i.to_be_bytes().to_vec(), Bytes::from(value(i)));
+            store.put(
+                Space::Data,
+                COPY.key(&i.to_be_bytes()),
+                Bytes::from(value(i)),
+            );
             if i % 1000 == 999 {
                 store.commit(Slot::from(i), None, vec![]).unwrap();
             }
         }
         store.persist().unwrap();
-        for space in &store.spaces {
-            space.rotate_memtable_and_wait().unwrap();
+        for keyspace in store.all_keyspaces() {
+            keyspace.rotate_memtable_and_wait().unwrap();
         }
         (dir, base)
     }
+
+    const COPY: CopyId = CopyId {
+        shard: 1,
+        generation: 1,
+    };
 
     /// The table files of the data keyspace (the large ones).
     fn data_tables(base: &Path) -> Vec<PathBuf> {
@@ -1849,7 +2205,7 @@ mod damage {
         };
         let mut refused = 0;
         for i in 0..KEYS {
-            match store.get(Space::Data, &i.to_be_bytes()) {
+            match store.get(Space::Data, &COPY.key(&i.to_be_bytes())) {
                 Ok(Some(v)) => assert_eq!(v[..], value(i)[..], "key {i} read back wrong"),
                 Ok(None) => panic!("key {i} vanished"),
                 Err(e) => {
@@ -1944,7 +2300,7 @@ mod journal {
         // The engine bounds it from its own threads: wait, within a bound.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
-            let journal_bytes = store.db.journal_disk_space().unwrap();
+            let journal_bytes = store.keyspaces.db.journal_disk_space().unwrap();
             if journal_bytes <= 2 * options.journal_bytes_max {
                 break;
             }
