@@ -612,7 +612,15 @@ fn keyspace_options(options: StoreOptions) -> fjall::KeyspaceCreateOptions {
 }
 
 /// The keyspace that held every copy's data before each copy had its own.
+/// It stays, holding only [`LEGACY_FENCE`] as its applied slot: a binary
+/// from before opens it as its data and, finding that slot different from
+/// the group state's, refuses the store as damaged, instead of serving
+/// every shard empty.
 const LEGACY_DATA: &str = "data";
+
+/// The applied slot the legacy data keyspace holds once split (no slot
+/// ever reaches it).
+const LEGACY_FENCE: u64 = u64::MAX;
 
 /// The name of a copy's data keyspace.
 fn copy_keyspace_name(copy: CopyId) -> String {
@@ -763,17 +771,23 @@ impl Keyspaces {
     /// copy ingested, then the old keyspace deleted. A crash in between
     /// does it again from the start. O(data), at the first open only.
     fn split_legacy_data(&self) -> Result<(), StoreError> {
-        if !self.db.keyspace_exists(LEGACY_DATA) {
-            return Ok(());
-        }
+        let fence = LEGACY_FENCE.to_be_bytes();
+        let existed = self.db.keyspace_exists(LEGACY_DATA);
         let legacy = self
             .db
             .keyspace(LEGACY_DATA, || keyspace_options(self.options))
             .map_err(|e| self.err(e))?;
+        let marker = legacy.get(APPLIED_MARKER).map_err(|e| self.err(e))?;
+        if !existed || marker.as_deref() == Some(&fence[..]) {
+            // A new store, or one split already: (re)write the fence (a
+            // crash may have taken it from the journal).
+            return legacy
+                .insert(APPLIED_MARKER, fence)
+                .map_err(|e| self.err(e));
+        }
         // Its commit marker must agree with the group's state, as the
         // shared keyspaces' do (see `Store::check_applied_markers`).
         let applied = self.meta.get(META_APPLIED).map_err(|e| self.err(e))?;
-        let marker = legacy.get(APPLIED_MARKER).map_err(|e| self.err(e))?;
         if marker.is_some() && marker.as_deref() != applied.as_deref() {
             return Err(StoreError::Corrupt {
                 path: self.path.clone(),
@@ -824,7 +838,20 @@ impl Keyspaces {
             }
             ingestion.finish().map_err(|e| self.err(e))?;
         }
-        self.db.delete_keyspace(legacy).map_err(|e| self.err(e))
+        drop(items);
+        // Emptied, then fenced: deleted, a binary from before would make
+        // it again, empty, and serve every shard so.
+        self.db.delete_keyspace(legacy).map_err(|e| self.err(e))?;
+        let fenced = self
+            .db
+            .keyspace(LEGACY_DATA, || keyspace_options(self.options))
+            .map_err(|e| self.err(e))?;
+        fenced
+            .insert(APPLIED_MARKER, fence)
+            .map_err(|e| self.err(e))?;
+        self.db
+            .persist(fjall::PersistMode::SyncAll)
+            .map_err(|e| self.err(e))
     }
 }
 
@@ -2027,6 +2054,34 @@ mod ingest {
         );
     }
 
+    /// What a binary from before the keyspace per copy reads as its data:
+    /// nothing but an applied slot no group state has, which it refuses.
+    fn assert_fenced(store: &Store) {
+        let legacy = (store.keyspaces.db)
+            .keyspace(LEGACY_DATA, Default::default)
+            .unwrap();
+        assert_eq!(
+            legacy.len().unwrap(),
+            1,
+            "the old data keyspace holds only its fence"
+        );
+        let marker = legacy.get(APPLIED_MARKER).unwrap();
+        assert_eq!(marker.as_deref(), Some(&LEGACY_FENCE.to_be_bytes()[..]));
+        assert_ne!(store.load_meta().unwrap().0, LEGACY_FENCE);
+    }
+
+    #[test]
+    fn a_new_store_is_fenced_from_binaries_before_the_keyspace_per_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("state");
+        for _ in 0..2 {
+            let mut store = Store::open(&base, StoreOptions::default()).unwrap();
+            assert_fenced(&store);
+            store.commit(1, None, vec![]).unwrap();
+            store.persist().unwrap();
+        }
+    }
+
     #[test]
     fn a_store_with_one_data_keyspace_is_split_by_copy_at_its_first_open() {
         let dir = tempfile::tempdir().unwrap();
@@ -2059,7 +2114,7 @@ mod ingest {
         }
         for _ in 0..2 {
             let store = Store::open(&base, StoreOptions::default()).unwrap();
-            assert!(!store.keyspaces.db.keyspace_exists(LEGACY_DATA));
+            assert_fenced(&store);
             let copies: Vec<CopyId> = store
                 .keyspaces
                 .all_copies()
