@@ -90,10 +90,10 @@ impl StoreOptions {
         (Self::MEMTABLES_PER_KEYSPACE_MAX - 1) * self.memtable_bytes
     }
 
-    /// The most the cache and the memtables can hold: the active ones,
-    /// and one memtable's worth being flushed. (With more sealed memtables
-    /// waiting than that, the flushes are behind the writes, which then
-    /// wait, at the latest once a keyspace holds four.)
+    /// The most the cache and the memtables hold while the flushes keep
+    /// up: the active memtables, and one memtable's worth being flushed.
+    /// Flushes that fall behind add the sealed memtables waiting for them;
+    /// the engine makes a keyspace's writes wait once it holds four.
     pub fn data_memory_bytes_max(&self) -> u64 {
         self.cache_bytes + Self::MEMTABLES_PER_KEYSPACE_MAX * self.memtable_bytes
     }
@@ -772,19 +772,34 @@ impl Keyspaces {
     /// does it again from the start. O(data), at the first open only.
     fn split_legacy_data(&self) -> Result<(), StoreError> {
         let fence = LEGACY_FENCE.to_be_bytes();
-        let existed = self.db.keyspace_exists(LEGACY_DATA);
         let legacy = self
             .db
             .keyspace(LEGACY_DATA, || keyspace_options(self.options))
             .map_err(|e| self.err(e))?;
-        let marker = legacy.get(APPLIED_MARKER).map_err(|e| self.err(e))?;
-        if !existed || marker.as_deref() == Some(&fence[..]) {
-            // A new store, or one split already: (re)write the fence (a
-            // crash may have taken it from the journal).
-            return legacy
-                .insert(APPLIED_MARKER, fence)
-                .map_err(|e| self.err(e));
+        // Only data keys make a store to split, and the markers sort after
+        // every copy's keys: the first key says.
+        let first = (legacy.first_key_value().map(|guard| guard.key()))
+            .transpose()
+            .map_err(|e| self.err(e))?;
+        let holds_data = first.is_some_and(|key| key != APPLIED_MARKER && key != SWEEP_MARKER);
+        if !holds_data {
+            // A new store, one split already, or one whose split ended
+            // once the old keyspace was deleted: fenced, durably (a new
+            // keyspace is durable at once, an insert only once synced).
+            // Never taken for a split cut short: that would delete the
+            // copies' keyspaces.
+            let marker = legacy.get(APPLIED_MARKER).map_err(|e| self.err(e))?;
+            if marker.as_deref() != Some(&fence[..]) {
+                legacy
+                    .insert(APPLIED_MARKER, fence)
+                    .map_err(|e| self.err(e))?;
+                self.db
+                    .persist(fjall::PersistMode::SyncAll)
+                    .map_err(|e| self.err(e))?;
+            }
+            return Ok(());
         }
+        let marker = legacy.get(APPLIED_MARKER).map_err(|e| self.err(e))?;
         // Its commit marker must agree with the group's state, as the
         // shared keyspaces' do (see `Store::check_applied_markers`).
         let applied = self.meta.get(META_APPLIED).map_err(|e| self.err(e))?;
@@ -1194,7 +1209,12 @@ impl Store {
             .durability(Some(fjall::PersistMode::Buffer))
             .commit()
             .map_err(|e| engine_error(&self.path, e))?;
-        self.bound_memtables()
+        // Committed: a failure to seal is only reported (the next commit
+        // tries again).
+        if let Err(e) = self.bound_memtables() {
+            tracing::warn!(error = %e, "cannot seal the largest memtables");
+        }
+        Ok(())
     }
 
     /// Keeps the active memtables of all keyspaces together within
@@ -1210,7 +1230,10 @@ impl Store {
         use fjall::AbstractTree;
         let ks = &self.keyspaces;
         let shared = [ks.meta.clone(), ks.sessions.clone(), ks.idle.clone()];
-        let copies = ks.all_copies().into_iter().map(|(_, keyspace)| keyspace);
+        // Not the copies being dropped: their keyspaces are about to go.
+        let copies = (ks.all_copies().into_iter())
+            .filter(|(copy, _)| !self.garbage.contains(copy))
+            .map(|(_, keyspace)| keyspace);
         let mut keyspaces: Vec<(u64, fjall::Keyspace)> = (shared.into_iter().chain(copies))
             .map(|keyspace| (keyspace.tree.active_memtable().size(), keyspace))
             .collect();
@@ -2068,6 +2091,44 @@ mod ingest {
         let marker = legacy.get(APPLIED_MARKER).unwrap();
         assert_eq!(marker.as_deref(), Some(&LEGACY_FENCE.to_be_bytes()[..]));
         assert_ne!(store.load_meta().unwrap().0, LEGACY_FENCE);
+    }
+
+    #[test]
+    fn a_store_split_already_whose_fence_was_lost_keeps_its_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("state");
+        let fetched = CopyId {
+            shard: 9,
+            generation: 1,
+        };
+        {
+            let mut store = Store::open(&base, StoreOptions::default()).unwrap();
+            store.put(Space::Data, COPY.key(b"k"), Bytes::from_static(b"v"));
+            store.commit(1, None, vec![]).unwrap();
+            let mut chunk = Some(vec![data(1)]);
+            store
+                .stager()
+                .write_copy(fetched, || Ok(chunk.take()))
+                .unwrap();
+            // What a crash can leave: the old keyspace made again (durable
+            // at once) and its fence not yet synced.
+            let legacy = (store.keyspaces.db)
+                .keyspace(LEGACY_DATA, Default::default)
+                .unwrap();
+            legacy.remove(APPLIED_MARKER).unwrap();
+            store.persist().unwrap();
+        }
+        let store = Store::open(&base, StoreOptions::default()).unwrap();
+        assert_fenced(&store);
+        assert_eq!(
+            store.get(Space::Data, &COPY.key(b"k")).unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
+        let expected = data(1);
+        assert_eq!(
+            store.get(Space::Data, &fetched.key(&expected.key)).unwrap(),
+            Some(expected.value)
+        );
     }
 
     #[test]
