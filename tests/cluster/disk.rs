@@ -9,15 +9,26 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use shardkv_cluster_tests::{await_serving, group_status, Cluster, WAIT};
+use shardkv_cluster_tests::{await_serving, group_status, incompressible_value, Cluster, WAIT};
 
 /// Checkpoint often and keep little log: a replica that restarts without
-/// its store can only rebuild it from a peer's.
-const FLAGS: &[&str] = &["--snapshot-every-slots", "20", "--log-retain-slots", "40"];
+/// its store can only rebuild it from a peer's. Small memtables: the
+/// writes spread over a keyspace per shard copy, and the damage test
+/// needs them in tables.
+const FLAGS: &[&str] = &[
+    "--snapshot-every-slots",
+    "20",
+    "--log-retain-slots",
+    "40",
+    "--store-memtable-mib",
+    "1",
+];
 const VALUE_BYTES: usize = 64 << 10;
 
+/// Incompressible: the store compresses its tables, and these tests need
+/// tables of a size and a disk that fills.
 fn value(i: usize) -> String {
-    format!("{i:08}").repeat(VALUE_BYTES / 8)
+    incompressible_value(i, VALUE_BYTES)
 }
 
 async fn write(cluster: &Cluster, keys: std::ops::Range<usize>) {
@@ -76,13 +87,13 @@ fn files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The store's table files of more than 1 MiB (the data's).
+/// The store's table files that hold a value (the data's).
 fn data_tables(state: &Path) -> Vec<PathBuf> {
     let mut all = Vec::new();
     files(state, &mut all);
     all.retain(|p| {
         p.parent().is_some_and(|d| d.ends_with("tables"))
-            && std::fs::metadata(p).unwrap().len() > 1 << 20
+            && std::fs::metadata(p).unwrap().len() > VALUE_BYTES as u64
     });
     all
 }

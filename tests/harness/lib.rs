@@ -17,6 +17,26 @@ pub const WAIT: Duration = Duration::from_secs(60);
 
 /// A binary built alongside the tests (`cargo nextest run --workspace`
 /// builds the node crate's binaries for its own integration tests).
+/// `bytes` of hex digits from a splitmix64 stream seeded by `seed`: a
+/// value the store's compression cannot shrink, for tests that must fill
+/// a disk or write tables of a size (a repeated pattern compresses to
+/// almost nothing).
+pub fn incompressible_value(seed: usize, bytes: usize) -> String {
+    use std::fmt::Write;
+    let mut state = seed as u64;
+    let mut out = String::with_capacity(bytes + 16);
+    while out.len() < bytes {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let _ = write!(out, "{z:016x}");
+    }
+    out.truncate(bytes);
+    out
+}
+
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // A test: target/<profile>/deps/<test>-<hash>; a binary (the fault
