@@ -3,12 +3,15 @@
 //!
 //! Layout. Every copy of a shard a replica holds (owned, or frozen for the
 //! group it moved to) has a *copy id*, `(shard, generation)`, and its keys
-//! live under that 12-byte prefix in three keyspaces: `data` (user key to
-//! value), `sessions` (client to its duplicate table) and `idle` (last
-//! write time and client: the expiry order). One shard is thus iterated,
-//! exported and dropped in time proportional to it alone. `meta` holds the
-//! group's small state (configurations, which copy is which) and the
-//! applied slot.
+//! live under that 12-byte prefix: its data (user key to value) in a
+//! keyspace of its own, `data-SHARD-GENERATION` (see [`Keyspaces`] for
+//! why), and its sessions (client to duplicate table) and their expiry
+//! order (last write time and client) in the shared keyspaces `sessions`
+//! and `idle`. One shard is thus iterated, exported and dropped in time
+//! proportional to it alone. `meta` holds the group's small state
+//! (configurations, which copy is which) and the applied slot; `data`,
+//! where every copy's data was before, holds only a fence for older
+//! binaries ([`LEGACY_DATA`]).
 //!
 //! Writes. Commands are applied into an overlay in memory; [`Store::commit`]
 //! writes the overlay together with the slot it reaches in one atomic batch,
@@ -1793,7 +1796,7 @@ mod crash {
     }
 
     #[test]
-    fn a_copy_whose_tables_were_dropped_does_not_come_back_from_the_journal_after_a_kill() {
+    fn a_copy_whose_keyspace_was_deleted_does_not_come_back_from_the_journal_after_a_kill() {
         let copy = CopyId {
             shard: 3,
             generation: 1,
@@ -1827,8 +1830,7 @@ mod crash {
             store
                 .switch_to_imported(import.finish(summary).unwrap())
                 .unwrap();
-            // The copy's records reach a table of their own, which holds
-            // the highest sequence number in the data keyspace.
+            // The copy's records reach a table; its journal entries stay.
             let data = store.keyspaces.copy(copy).unwrap();
             data.rotate_memtable_and_wait().unwrap();
             store.commit(1, None, vec![copy]).unwrap();
@@ -1841,7 +1843,7 @@ mod crash {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("state");
         run_child(
-            "a_copy_whose_tables_were_dropped_does_not_come_back_from_the_journal_after_a_kill",
+            "a_copy_whose_keyspace_was_deleted_does_not_come_back_from_the_journal_after_a_kill",
             &base,
         );
         let store = Store::open(&base, StoreOptions::default()).unwrap();
@@ -1915,7 +1917,7 @@ mod crash {
             let mut store = Store::open(&base, StoreOptions::default()).unwrap();
             store.put(Space::Data, data_key(), Bytes::from_static(b"v"));
             store.commit(5, None, vec![]).unwrap();
-            // What an OS crash can leave: a table of the data keyspace
+            // What an OS crash can leave: a table of a copy's keyspace
             // with a later commit than the journal kept for the others.
             let data = store.keyspaces.copy(copy_of_key(&data_key()).unwrap());
             data.unwrap()
@@ -2062,7 +2064,8 @@ mod ingest {
         store.sweep_to_end().unwrap();
         assert_eq!(keys_left(&store), 0);
         // The engine's count includes deletions not yet compacted away: a
-        // tombstone per key would leave it above the copy's size.
+        // tombstone per key would leave it above the copy's size (as it did
+        // when all copies shared one keyspace).
         let entries = store.approximate_data_records();
         assert!(
             entries < 10,
@@ -2373,7 +2376,7 @@ mod damage {
         generation: 1,
     };
 
-    /// The table files of the data keyspace (the large ones).
+    /// The table files of the copy's keyspace (the large ones).
     fn data_tables(base: &Path) -> Vec<PathBuf> {
         fn walk(p: &Path, out: &mut Vec<PathBuf>) {
             for e in std::fs::read_dir(p).unwrap() {
