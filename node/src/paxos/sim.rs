@@ -10,9 +10,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 
-use super::core::{Config, Paxos, ProposeError, Ready};
+use super::core::{Config, MembershipError, Paxos, ProposeError, Ready};
 use super::storage::{MemStorage, Storage};
-use super::types::{Batch, Message, NodeId, Slot};
+use super::types::{Batch, Members, Membership, Message, NodeId, Slot};
 
 /// SplitMix64: small, fast and stable across versions, so seeds stay valid.
 #[derive(Clone, Debug)]
@@ -174,14 +174,23 @@ impl Sim {
 
     /// `n` replicas whose config is adjusted by `tweak`.
     pub fn with_config(n: u32, seed: u64, tweak: impl Fn(&mut Config)) -> Self {
-        let configs: Vec<Config> = (0..n)
+        Self::with_spares(n, 0, seed, tweak)
+    }
+
+    /// A group of `n` replicas, and `spares` more (ids `n..n + spares`)
+    /// started as joining replicas: members only once a membership change
+    /// adds them (see `propose_membership`).
+    pub fn with_spares(n: u32, spares: u32, seed: u64, tweak: impl Fn(&mut Config)) -> Self {
+        let configs: Vec<Config> = (0..n + spares)
             .map(|id| {
                 let mut c = Config::new_group(id, n);
+                c.joining = id >= n;
                 c.seed = seed;
                 tweak(&mut c);
                 c
             })
             .collect();
+        let n = n + spares;
         let nodes = configs
             .iter()
             .map(|c| Some(Paxos::new(c.clone(), Default::default())))
@@ -258,6 +267,26 @@ impl Sim {
         let result = node.propose(data.clone());
         if result.is_ok() {
             self.proposed.insert(data);
+        }
+        self.drain(id);
+        result
+    }
+
+    /// Proposes a membership change at replica `id` (see
+    /// `Paxos::propose_membership`).
+    pub fn propose_membership(
+        &mut self,
+        id: NodeId,
+        voters: Members,
+        learners: Members,
+    ) -> Result<Membership, MembershipError> {
+        let node = self.nodes[id as usize]
+            .as_mut()
+            .ok_or(MembershipError::NotLeader { leader: None })?;
+        let result = node.propose_membership(voters, learners);
+        if let Ok(next) = &result {
+            self.proposed
+                .insert(Batch::stop_sign(next).commands[0].data.clone());
         }
         self.drain(id);
         result

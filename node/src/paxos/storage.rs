@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use super::types::{Ballot, Batch, Incarnations, Slot, Snapshot};
+use super::types::{Ballot, Batch, Incarnations, Membership, Slot, Snapshot};
 
 /// Everything an acceptor must remember across a crash.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -27,6 +27,10 @@ pub struct DurableState {
     /// answered another's recovery must never again count that replica's
     /// votes from before it.
     pub incarnations: Incarnations,
+    /// The group's memberships, oldest first, from the one in force at the
+    /// snapshot on (empty: only the one the group started with). Durable,
+    /// because the stop signs that made them may be compacted away.
+    pub memberships: Vec<Membership>,
 }
 
 impl DurableState {
@@ -39,6 +43,7 @@ impl DurableState {
             && self.commit == 0
             && self.snapshot.is_none()
             && self.incarnations.iter().all(|i| *i == 0)
+            && self.memberships.is_empty()
     }
 }
 
@@ -56,6 +61,8 @@ pub struct PersistBatch {
     pub initialized: bool,
     /// Replaces the known incarnations (rare: only when one changes).
     pub incarnations: Option<Incarnations>,
+    /// Replaces the memberships (rare: only when one is learned or pruned).
+    pub memberships: Option<Vec<Membership>>,
 }
 
 impl PersistBatch {
@@ -67,6 +74,7 @@ impl PersistBatch {
             && self.truncate_through.is_none()
             && !self.initialized
             && self.incarnations.is_none()
+            && self.memberships.is_none()
     }
 
     /// False when the batch only records a newer commit index. Losing that
@@ -81,6 +89,7 @@ impl PersistBatch {
             || self.truncate_through.is_some()
             || self.initialized
             || self.incarnations.is_some()
+            || self.memberships.is_some()
     }
 
     /// Folds `self` into a loaded state, in the order `persist` must use.
@@ -105,6 +114,9 @@ impl PersistBatch {
         }
         if let Some(incarnations) = &self.incarnations {
             state.incarnations = incarnations.clone();
+        }
+        if let Some(memberships) = &self.memberships {
+            state.memberships = memberships.clone();
         }
     }
 }

@@ -21,6 +21,12 @@ pub type Slot = u64;
 
 /// A proposal number. Ordered by round first, so a node can always out-bid
 /// any ballot it has seen; the node id breaks ties so ballots are unique.
+///
+/// The round's high bits are the membership epoch it belongs to (see
+/// [`Membership`]): every ballot of a later epoch out-ranks every ballot of
+/// an earlier one, so an acceptor that has entered an epoch refuses the
+/// ones before it. Epoch 0's rounds are the small numbers ballots always
+/// had, so a log written before memberships existed reads as epoch 0.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
@@ -29,11 +35,111 @@ pub struct Ballot {
     pub node: NodeId,
 }
 
+/// Rounds of one epoch: epoch e's rounds are `e << EPOCH_SHIFT` and up.
+pub const EPOCH_SHIFT: u32 = 40;
+
 impl Ballot {
     pub fn new(round: u64, node: NodeId) -> Self {
         Ballot { round, node }
     }
+
+    /// The membership epoch this ballot belongs to.
+    pub fn epoch(&self) -> u64 {
+        self.round >> EPOCH_SHIFT
+    }
+
+    /// Below every ballot a replica of `epoch` may stand with.
+    pub fn floor_of_epoch(epoch: u64) -> Self {
+        Ballot {
+            round: epoch << EPOCH_SHIFT,
+            node: 0,
+        }
+    }
 }
+
+/// Bit `id` set for each member: replica ids are below 64.
+pub type Members = u64;
+
+/// Replica ids are below this (they index the bits of [`Members`]).
+pub const NODE_ID_LIMIT: NodeId = 64;
+
+/// Who votes and who follows in one epoch of a group's log.
+///
+/// A membership change is a *stop sign* (Stoppable Paxos, as OmniPaxos
+/// does it): a slot whose value names the next membership. Once it is
+/// decided, and every slot before it, its epoch ends there: what the old
+/// members accepted after it is never applied, and the slots after it are
+/// decided by the new voters alone, in ballots of the next epoch. Each
+/// epoch is then a Multi-Paxos instance of its own over a range of slots,
+/// and agreement across a change needs no quorum intersection between the
+/// old voters and the new: the stop sign is decided before anything of
+/// the next epoch can be.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Membership {
+    /// 0 for the group as first started; one more for each change.
+    pub epoch: u64,
+    /// The first slot decided in this epoch (the one after its stop sign).
+    pub first_slot: Slot,
+    /// Replicas whose votes count: a majority of them decides.
+    pub voters: Members,
+    /// Replicas that receive the log but do not vote (new members catching
+    /// up, to be promoted by a later change).
+    pub learners: Members,
+}
+
+impl Membership {
+    /// The group as first started: voters `0..replicas`, from slot 1.
+    pub fn initial(replicas: u32) -> Self {
+        debug_assert!((1..=NODE_ID_LIMIT).contains(&replicas));
+        Membership {
+            epoch: 0,
+            first_slot: 1,
+            voters: members_below(replicas),
+            learners: 0,
+        }
+    }
+
+    pub fn is_voter(&self, id: NodeId) -> bool {
+        id < NODE_ID_LIMIT && self.voters & (1 << id) != 0
+    }
+
+    pub fn is_member(&self, id: NodeId) -> bool {
+        id < NODE_ID_LIMIT && (self.voters | self.learners) & (1 << id) != 0
+    }
+
+    /// Votes that make a majority of the voters.
+    pub fn quorum(&self) -> usize {
+        self.voters.count_ones() as usize / 2 + 1
+    }
+
+    /// Voters and learners, in id order.
+    pub fn members(&self) -> impl Iterator<Item = NodeId> {
+        ids(self.voters | self.learners)
+    }
+
+    pub fn voter_ids(&self) -> impl Iterator<Item = NodeId> {
+        ids(self.voters)
+    }
+}
+
+/// The set of ids `0..n`.
+pub fn members_below(n: u32) -> Members {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << n) - 1
+    }
+}
+
+/// The ids in a set, in order.
+pub fn ids(set: Members) -> impl Iterator<Item = NodeId> {
+    (0..NODE_ID_LIMIT).filter(move |id| set & (1 << id) != 0)
+}
+
+/// The `origin` of a command the core itself proposes: a stop sign. No
+/// replica has this id (ids are below [`NODE_ID_LIMIT`]), so no driver
+/// mistakes it for one of its own proposals.
+pub const STOP_SIGN_ORIGIN: NodeId = u32::MAX;
 
 /// One client command inside a batch. `origin` and `id` let the proposing
 /// replica recognise its own command when it is decided and wake the waiter.
@@ -54,6 +160,28 @@ pub struct Batch {
 impl Batch {
     pub fn noop() -> Self {
         Batch::default()
+    }
+
+    /// A slot value that ends the current epoch and starts `next` (see
+    /// [`Membership`]). It is a batch of one command the core recognises
+    /// by its origin, so logs and messages keep one format for values.
+    pub fn stop_sign(next: &Membership) -> Self {
+        let data = postcard::to_allocvec(next).unwrap_or_default();
+        Batch {
+            commands: vec![Command {
+                origin: STOP_SIGN_ORIGIN,
+                id: next.epoch,
+                data: Bytes::from(data),
+            }],
+        }
+    }
+
+    /// The membership this value starts, if it is a stop sign.
+    pub fn as_stop_sign(&self) -> Option<Membership> {
+        match self.commands.as_slice() {
+            [c] if c.origin == STOP_SIGN_ORIGIN => postcard::from_bytes(&c.data).ok(),
+            _ => None,
+        }
     }
 
     pub fn is_noop(&self) -> bool {
@@ -137,6 +265,9 @@ pub enum Message {
         done: Slot,
         read_round: u64,
         incarnations: Incarnations,
+        /// The sender's commit index: how far a learner has caught up,
+        /// before it may be promoted to a voter.
+        commit: Slot,
     },
     /// A Prepare or Accept was refused because a higher ballot was promised.
     Nack { promised: Ballot },
@@ -148,6 +279,9 @@ pub enum Message {
         snapshot: Option<Snapshot>,
         entries: Vec<(Slot, Batch)>,
         commit: Slot,
+        /// The sender's memberships from the one in force at its snapshot
+        /// on: a snapshot may cover stop signs the receiver never saw.
+        memberships: Vec<Membership>,
     },
     /// From a replica that started with empty storage: "tell me what you
     /// hold as an acceptor, from this slot on, and remember that my
@@ -174,6 +308,8 @@ pub enum Message {
         snapshot: Option<Snapshot>,
         incarnations: Incarnations,
         more: bool,
+        /// As in `CatchUpReply`.
+        memberships: Vec<Membership>,
     },
 }
 

@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::storage::{DurableState, PersistBatch, Storage, StorageError};
-use super::types::{Ballot, Batch, Incarnations, Slot, Snapshot};
+use super::types::{Ballot, Batch, Incarnations, Membership, Slot, Snapshot};
 
 /// Settings for [`WalStorage`].
 #[derive(Clone, Debug)]
@@ -80,6 +80,9 @@ pub struct WalStorage {
     /// The known incarnations as the log now records them (also written
     /// into every header).
     incarnations: Incarnations,
+    /// The memberships as the log now records them (also written into
+    /// every header, once there are any).
+    memberships: Vec<Membership>,
     /// What `open` read back, until `load` hands it over.
     loaded: Option<DurableState>,
     /// A newer commit index from a batch that needed no sync: held here and
@@ -128,7 +131,9 @@ struct Meta {
 }
 
 /// What a record holds. Variants are only ever added at the end, so logs
-/// written before stay readable; only the newest two are written.
+/// written before stay readable. The V3 variants are written only where
+/// memberships are recorded: a group whose members never changed writes
+/// V2, which the binaries before memberships read.
 #[derive(Deserialize)]
 enum Record {
     /// A header from before incarnations were recorded (read only).
@@ -159,6 +164,24 @@ enum Record {
         initialized: bool,
         incarnations: Option<Incarnations>,
     },
+    /// A header of a log that records memberships.
+    HeaderV3 {
+        previous_end: u64,
+        meta: Meta,
+        incarnations: Incarnations,
+        memberships: Vec<Membership>,
+    },
+    /// A batch that replaces the memberships.
+    BatchV3 {
+        promised: Option<Ballot>,
+        entries: Vec<(Slot, Ballot, Batch)>,
+        commit: Option<Slot>,
+        snapshot: Option<Slot>,
+        truncate_through: Option<Slot>,
+        initialized: bool,
+        incarnations: Option<Incarnations>,
+        memberships: Vec<Membership>,
+    },
 }
 
 /// [`Record`]'s written variants, borrowed, to encode without copying the
@@ -181,6 +204,22 @@ enum RecordRef<'a> {
         truncate_through: Option<Slot>,
         initialized: bool,
         incarnations: &'a Option<Incarnations>,
+    },
+    HeaderV3 {
+        previous_end: u64,
+        meta: &'a Meta,
+        incarnations: &'a Incarnations,
+        memberships: &'a [Membership],
+    },
+    BatchV3 {
+        promised: &'a Option<Ballot>,
+        entries: &'a [(Slot, Ballot, Batch)],
+        commit: Option<Slot>,
+        snapshot: Option<Slot>,
+        truncate_through: Option<Slot>,
+        initialized: bool,
+        incarnations: &'a Option<Incarnations>,
+        memberships: &'a [Membership],
     },
 }
 
@@ -450,15 +489,24 @@ fn create_segment(
     dir: &Path,
     seq: u64,
     previous_end: u64,
-    (meta, incarnations): (&Meta, &Incarnations),
+    (meta, incarnations, memberships): (&Meta, &Incarnations, &[Membership]),
     len_min: u64,
     buffer: &mut Vec<u8>,
 ) -> Result<OpenSegment, StorageError> {
     buffer.clear();
-    let header = RecordRef::HeaderV2 {
-        previous_end,
-        meta,
-        incarnations,
+    let header = if memberships.is_empty() {
+        RecordRef::HeaderV2 {
+            previous_end,
+            meta,
+            incarnations,
+        }
+    } else {
+        RecordRef::HeaderV3 {
+            previous_end,
+            meta,
+            incarnations,
+            memberships,
+        }
     };
     encode_record(&header, buffer)?;
     let header_len = buffer.len() as u64;
@@ -509,6 +557,7 @@ fn replay(
     let mut entries: BTreeMap<Slot, (Ballot, Batch)> = BTreeMap::new();
     let mut meta = Meta::default();
     let mut incarnations = Incarnations::new();
+    let mut memberships = Vec::new();
     let mut infos = Vec::new();
     // The previous segment's path and where its records ended.
     let mut previous: Option<(PathBuf, u64)> = None;
@@ -518,13 +567,21 @@ fn replay(
         let mut records = records.into_iter();
         // A segment is renamed into place only after its header is synced:
         // one without is damaged.
-        let (previous_end, header, header_incarnations) = match records.next() {
-            Some(Record::Header { previous_end, meta }) => (previous_end, meta, Vec::new()),
+        let (previous_end, header, header_incarnations, header_memberships) = match records.next() {
+            Some(Record::Header { previous_end, meta }) => {
+                (previous_end, meta, Vec::new(), Vec::new())
+            }
             Some(Record::HeaderV2 {
                 previous_end,
                 meta,
                 incarnations,
-            }) => (previous_end, meta, incarnations),
+            }) => (previous_end, meta, incarnations, Vec::new()),
+            Some(Record::HeaderV3 {
+                previous_end,
+                meta,
+                incarnations,
+                memberships,
+            }) => (previous_end, meta, incarnations, memberships),
             _ => {
                 return Err(StorageError::Corrupt(format!(
                     "{} does not open with a valid header",
@@ -546,10 +603,21 @@ fn replay(
         // segment before it.
         meta = header;
         incarnations = header_incarnations;
+        memberships = header_memberships;
         let mut slot_max = 0;
         for record in records {
-            // An old batch reads as a new one that changed no incarnation.
-            let record = match record {
+            // An old batch reads as a new one that changed no incarnation
+            // and no membership.
+            let (
+                promised,
+                accepted,
+                commit,
+                snapshot,
+                truncate_through,
+                initialized,
+                known,
+                members,
+            ) = match record {
                 Record::Batch {
                     promised,
                     entries,
@@ -557,35 +625,66 @@ fn replay(
                     snapshot,
                     truncate_through,
                     initialized,
-                } => Record::BatchV2 {
+                } => (
                     promised,
                     entries,
                     commit,
                     snapshot,
                     truncate_through,
                     initialized,
-                    incarnations: None,
-                },
-                other => other,
-            };
-            let Record::BatchV2 {
-                promised,
-                entries: accepted,
-                commit,
-                snapshot,
-                truncate_through,
-                initialized,
-                incarnations: known,
-            } = record
-            else {
-                return Err(StorageError::Corrupt(format!(
-                    "{} holds a second header",
-                    path.display()
-                )));
+                    None,
+                    None,
+                ),
+                Record::BatchV2 {
+                    promised,
+                    entries,
+                    commit,
+                    snapshot,
+                    truncate_through,
+                    initialized,
+                    incarnations,
+                } => (
+                    promised,
+                    entries,
+                    commit,
+                    snapshot,
+                    truncate_through,
+                    initialized,
+                    incarnations,
+                    None,
+                ),
+                Record::BatchV3 {
+                    promised,
+                    entries,
+                    commit,
+                    snapshot,
+                    truncate_through,
+                    initialized,
+                    incarnations,
+                    memberships,
+                } => (
+                    promised,
+                    entries,
+                    commit,
+                    snapshot,
+                    truncate_through,
+                    initialized,
+                    incarnations,
+                    Some(memberships),
+                ),
+                Record::Header { .. } | Record::HeaderV2 { .. } | Record::HeaderV3 { .. } => {
+                    return Err(StorageError::Corrupt(format!(
+                        "{} holds a second header",
+                        path.display()
+                    )))
+                }
             };
             meta.apply(promised, commit, snapshot, truncate_through, initialized);
             if let Some(known) = known {
                 incarnations = known;
+            }
+            if let Some(members) = members {
+                memberships = members;
             }
             if let Some(through) = truncate_through {
                 entries = entries.split_off(&(through + 1));
@@ -608,6 +707,7 @@ fn replay(
         },
         initialized: meta.initialized,
         incarnations,
+        memberships,
     };
     Ok((state, meta, infos, previous.map_or(0, |(_, end)| end)))
 }
@@ -673,11 +773,12 @@ impl WalStorage {
         let mut buffer = Vec::new();
         let seq = seqs.last().map_or(1, |newest| newest + 1);
         let incarnations = state.incarnations.clone();
+        let memberships = state.memberships.clone();
         let segment = create_segment(
             &dir,
             seq,
             end,
-            (&meta, &incarnations),
+            (&meta, &incarnations, &memberships),
             options.segment_bytes,
             &mut buffer,
         )?;
@@ -694,6 +795,7 @@ impl WalStorage {
             segments,
             meta,
             incarnations,
+            memberships,
             loaded: Some(state),
             unsynced_commit: None,
             failed: false,
@@ -711,7 +813,7 @@ impl WalStorage {
             &self.dir,
             seq,
             self.segment.offset,
-            (&self.meta, &self.incarnations),
+            (&self.meta, &self.incarnations, &self.memberships),
             // A record larger than a segment gets one of its own, with
             // room for the header too.
             self.options.segment_bytes.max(record_len + 4096),
@@ -741,14 +843,26 @@ impl WalStorage {
         // A held commit index rides along (the batch's own is never older).
         let commit = batch.commit.max(self.unsynced_commit.take());
         self.buffer.clear();
-        let record = RecordRef::BatchV2 {
-            promised: &batch.promised,
-            entries: &batch.entries,
-            commit,
-            snapshot,
-            truncate_through: batch.truncate_through,
-            initialized: batch.initialized,
-            incarnations: &batch.incarnations,
+        let record = match &batch.memberships {
+            None => RecordRef::BatchV2 {
+                promised: &batch.promised,
+                entries: &batch.entries,
+                commit,
+                snapshot,
+                truncate_through: batch.truncate_through,
+                initialized: batch.initialized,
+                incarnations: &batch.incarnations,
+            },
+            Some(memberships) => RecordRef::BatchV3 {
+                promised: &batch.promised,
+                entries: &batch.entries,
+                commit,
+                snapshot,
+                truncate_through: batch.truncate_through,
+                initialized: batch.initialized,
+                incarnations: &batch.incarnations,
+                memberships,
+            },
         };
         encode_record(&record, &mut self.buffer)?;
         let record_len = self.buffer.len() as u64;
@@ -777,6 +891,9 @@ impl WalStorage {
         );
         if let Some(known) = &batch.incarnations {
             self.incarnations = known.clone();
+        }
+        if let Some(memberships) = &batch.memberships {
+            self.memberships = memberships.clone();
         }
         if let Some(open) = self.segments.back_mut() {
             let highest = batch.entries.iter().map(|(slot, _, _)| *slot).max();

@@ -640,6 +640,9 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
         let mut answers = Vec::new();
         for (slot, batch) in ready.committed {
             for command in &batch.commands {
+                if command.origin == crate::paxos::STOP_SIGN_ORIGIN {
+                    continue; // a membership change, which the core applied
+                }
                 let mut applied = self.machine.apply(slot, &command.data);
                 if let Err(ApplyError::NeedsFetch(job)) = applied {
                     // Outside the machine's lock: readers go on meanwhile.

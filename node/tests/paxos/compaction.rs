@@ -197,6 +197,7 @@ fn a_leader_ignores_a_late_snapshot_and_still_decides_its_window() {
             snapshot: Some(snapshot),
             entries: Vec::new(),
             commit: index,
+            memberships: Vec::new(),
         },
     );
     assert!(nodes[0].is_leader());

@@ -11,6 +11,7 @@ mod crash;
 mod disruption;
 mod economy;
 mod faults;
+mod membership;
 mod model;
 mod partitions;
 mod reads;

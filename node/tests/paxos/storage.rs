@@ -591,3 +591,40 @@ fn a_log_from_before_incarnations_still_opens() {
     assert_eq!(state.entries.get(&1), Some(&(ballot, batch)));
     assert!(state.incarnations.is_empty(), "no incarnation recorded yet");
 }
+
+#[test]
+fn memberships_survive_reopens_and_the_deletion_of_the_segment_that_recorded_them() {
+    use shardkv::paxos::Membership;
+    let dir = tempfile::tempdir().unwrap();
+    let mut wal = WalStorage::open(dir.path(), small_segments()).unwrap();
+    let mut model = MemStorage::new();
+    fill(&mut wal, &mut model, 1..=10);
+    let changed = PersistBatch {
+        memberships: Some(vec![
+            Membership::initial(3),
+            Membership {
+                epoch: 1,
+                first_slot: 11,
+                voters: 0b111,
+                learners: 0b1000,
+            },
+        ]),
+        ..Default::default()
+    };
+    wal.persist(&changed).unwrap();
+    model.persist(&changed).unwrap();
+    drop(wal);
+    let mut wal = WalStorage::open(dir.path(), small_segments()).unwrap();
+    assert_eq!(wal.load().unwrap(), model.load().unwrap());
+    // Later segments carry them in their headers: the one with the batch
+    // that recorded them is deleted once the log is truncated past it.
+    fill(&mut wal, &mut model, 11..=60);
+    let batch = compaction(60, 60);
+    wal.persist(&batch).unwrap();
+    model.persist(&batch).unwrap();
+    drop(wal);
+    let mut wal = WalStorage::open(dir.path(), small_segments()).unwrap();
+    let loaded = wal.load().unwrap();
+    assert_eq!(loaded, model.load().unwrap());
+    assert_eq!(loaded.memberships.len(), 2, "{:?}", loaded.memberships);
+}

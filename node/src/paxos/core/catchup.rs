@@ -45,12 +45,18 @@ impl Paxos {
                 entries.push((*slot, e.batch.clone()));
             }
         }
+        let memberships = if snapshot.is_some() {
+            self.memberships.clone()
+        } else {
+            Vec::new() // the stop signs are in the entries
+        };
         self.send(
             from,
             Message::CatchUpReply {
                 snapshot,
                 entries,
                 commit: self.commit,
+                memberships,
             },
         );
     }
@@ -61,6 +67,7 @@ impl Paxos {
         snapshot: Option<Snapshot>,
         entries: Vec<(Slot, Batch)>,
         commit: Slot,
+        memberships: Vec<Membership>,
     ) {
         self.catchup_sent_tick = None;
         if self.is_leader() {
@@ -78,7 +85,10 @@ impl Paxos {
         }
         if let Some(snapshot) = snapshot {
             if snapshot.index > self.commit {
+                let index = snapshot.index;
                 self.install_snapshot(snapshot);
+                // It may cover stop signs this replica never saw.
+                self.adopt_snapshot_membership(index, &memberships);
             }
         }
         for (slot, batch) in entries {
@@ -125,6 +135,7 @@ impl Paxos {
         self.out.committed.clear();
         self.out.snapshot = Some(snapshot.clone());
         self.snapshot = Some(snapshot);
+        self.prune_memberships();
         self.note_commit();
     }
 
@@ -143,5 +154,6 @@ impl Paxos {
         self.compacted_through = through;
         self.out.persist.truncate_through = Some(through);
         self.out.persist.entries.retain(|(s, _, _)| *s > through);
+        self.prune_memberships();
     }
 }

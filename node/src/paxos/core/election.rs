@@ -19,7 +19,7 @@ impl Paxos {
 
     /// The election timeout ran out: stand, after a pre-vote if enabled.
     pub(super) fn campaign(&mut self) {
-        if self.config.pre_vote && self.config.peers > 1 {
+        if self.config.pre_vote && self.membership().voters.count_ones() > 1 {
             self.start_pre_vote();
         } else {
             self.start_election();
@@ -31,6 +31,11 @@ impl Paxos {
         let ballot = Ballot::new(
             self.max_round_seen.max(self.promised.round) + 1,
             self.config.id,
+        );
+        debug_assert_eq!(
+            ballot.epoch(),
+            self.membership().epoch,
+            "a replica stands only in its own epoch"
         );
         self.stats.pre_votes_started += 1;
         self.role = Role::PreCandidate(PreCandidacy {
@@ -50,10 +55,9 @@ impl Paxos {
         };
         p.sent_tick = now;
         let (ballot, grants) = (p.ballot, p.grants);
-        for peer in 0..self.config.peers {
-            if grants & (1 << peer) == 0 {
-                self.send(peer, Message::PreVote { ballot });
-            }
+        let voters = self.membership().voters;
+        for peer in crate::paxos::types::ids(voters & !grants) {
+            self.send(peer, Message::PreVote { ballot });
         }
     }
 
@@ -93,15 +97,16 @@ impl Paxos {
     ) {
         // Out-bid whoever refused for a promise as high: the next try can win.
         self.max_round_seen = self.max_round_seen.max(promised.round);
-        let quorum = self.config.quorum();
+        let quorum = self.quorum();
+        let voters = self.membership().voters;
         let Role::PreCandidate(p) = &mut self.role else {
             return;
         };
-        if ballot != p.ballot || !granted {
+        if ballot != p.ballot || !granted || voters & (1 << from) == 0 {
             return;
         }
         p.grants |= 1 << from;
-        if p.grants.count_ones() as usize >= quorum {
+        if (p.grants & voters).count_ones() as usize >= quorum {
             self.start_election();
         }
     }
@@ -111,6 +116,11 @@ impl Paxos {
         let ballot = Ballot::new(
             self.max_round_seen.max(self.promised.round) + 1,
             self.config.id,
+        );
+        debug_assert_eq!(
+            ballot.epoch(),
+            self.membership().epoch,
+            "a replica stands only in its own epoch"
         );
         self.max_round_seen = ballot.round;
         self.set_promised(ballot);
@@ -137,7 +147,8 @@ impl Paxos {
             ballot: c.ballot,
             from_slot: self.commit + 1,
         };
-        let targets: Vec<NodeId> = (0..self.config.peers)
+        let targets: Vec<NodeId> = (self.memberships.last().into_iter())
+            .flat_map(|m| m.voter_ids())
             .filter(|p| *p != self.config.id && (all || !c.promises.contains_key(p)))
             .collect();
         for peer in targets {
@@ -178,6 +189,11 @@ impl Paxos {
     }
 
     pub(super) fn on_prepare(&mut self, from: NodeId, ballot: Ballot, from_slot: Slot) {
+        if !self.is_voter(from) && ballot.epoch() == self.membership().epoch {
+            // Only a voter stands; a replica of an older epoch is told of
+            // this one by the refusal below.
+            return;
+        }
         if ballot > self.promised && self.hears_live_leader() {
             // A majority follows a live leader: a higher ballot would only
             // depose it. Ignored, as if lost; the sender asks again later.
@@ -231,10 +247,11 @@ impl Paxos {
         commit: Slot,
         behind: bool,
     ) {
+        let voter = self.is_voter(from);
         let Role::Candidate(c) = &mut self.role else {
             return;
         };
-        if ballot != c.ballot {
+        if ballot != c.ballot || !voter {
             return;
         }
         if behind {
@@ -254,15 +271,20 @@ impl Paxos {
         let Role::Candidate(c) = &self.role else {
             return;
         };
-        if c.promises.len() < self.config.quorum() {
+        if c.promises.len() < self.quorum() {
             return;
         }
         let ballot = c.ballot;
         // For each open slot: a value known decided wins, else the one
-        // accepted in the highest ballot, else a no-op.
+        // accepted in the highest ballot, else a no-op. Nothing after a
+        // stop sign: this epoch ends there.
         let mut chosen: BTreeMap<Slot, (bool, Ballot, Batch)> = BTreeMap::new();
+        let epoch = self.membership().epoch;
         for entry in c.promises.values().flatten() {
-            if entry.slot <= self.commit {
+            // Accepted in an earlier epoch, in this one's slots: after that
+            // epoch's stop sign, so never decided (a replica that entered
+            // this epoch forgot it; one that recovered may still hold it).
+            if entry.slot <= self.commit || (!entry.decided && entry.ballot.epoch() < epoch) {
                 continue;
             }
             let candidate = (entry.decided, entry.ballot);
@@ -276,20 +298,32 @@ impl Paxos {
                 }
             }
         }
+        let stop_slot = (chosen.iter())
+            .find(|(_, (_, _, batch))| batch.as_stop_sign().is_some())
+            .map(|(slot, _)| *slot);
+        if let Some(stop) = stop_slot {
+            drop(chosen.split_off(&(stop + 1)));
+        }
         let last = chosen.keys().next_back().copied().unwrap_or(self.commit);
-        let peers = self.config.peers as usize;
+        let members = self.membership().members().collect::<Vec<_>>();
         let mut leadership = Leadership {
             ballot,
             next_slot: last + 1,
             inflight: BTreeMap::new(),
             inflight_bytes: 0,
             pending: VecDeque::new(),
-            peers: vec![PeerProgress::new(self.now_tick); peers],
+            peers: (members.into_iter())
+                .chain([self.config.id])
+                .map(|id| (id, PeerProgress::new(self.now_tick)))
+                .collect(),
+            stop_slot,
             takeover_last: last,
             read_round: 0,
             reads: VecDeque::new(),
         };
-        leadership.peers[self.config.id as usize].done = self.snapshot_index();
+        if let Some(own) = leadership.peers.get_mut(&self.config.id) {
+            own.done = self.snapshot_index();
+        }
         let mut entries = Vec::new();
         for slot in self.commit + 1..=last {
             let batch = chosen.remove(&slot).map(|(_, _, b)| b).unwrap_or_default();

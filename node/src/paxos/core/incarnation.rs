@@ -45,12 +45,14 @@ impl Paxos {
     /// sender speaks from an incarnation older than one known here.
     pub(super) fn learn_incarnations(&mut self, from: NodeId, known: &[Incarnation]) -> bool {
         let me = self.config.id as usize;
-        let peers = self.config.peers as usize;
-        for (peer, incarnation) in known.iter().copied().enumerate().take(peers) {
+        for (peer, incarnation) in (known.iter().copied().enumerate()).take(NODE_ID_LIMIT as usize)
+        {
             if peer != me {
+                self.cover_incarnations(peer as NodeId);
                 self.learn_incarnation(peer as NodeId, incarnation);
             }
         }
+        self.cover_incarnations(from);
         let sender = known.get(from as usize).copied().unwrap_or(0);
         sender >= self.incarnations[from as usize]
     }
@@ -76,9 +78,10 @@ impl Paxos {
                 for f in l.inflight.values_mut() {
                     f.acks &= others;
                 }
-                let progress = &mut l.peers[peer as usize];
-                progress.read_round_acked = 0;
-                progress.done = 0;
+                if let Some(progress) = l.peers.get_mut(&peer) {
+                    progress.read_round_acked = 0;
+                    progress.done = 0;
+                }
             }
             Role::PreCandidate(p) => {
                 // Not binding, but a quorum of them should be current too.

@@ -48,12 +48,14 @@
 //! The code, by concern: [`election`] (pre-votes, Prepare and Promise,
 //! takeover), [`replication`] (Accept and Accepted, the commit index, the
 //! leader's tick), [`reads`] (ReadIndex), [`catchup`] (catch-up and
-//! compaction), [`recovery`] (a lost disk) and [`incarnation`] (why votes
-//! from before a lost disk no longer count), one `impl Paxos` each.
+//! compaction), [`recovery`] (a lost disk), [`incarnation`] (why votes
+//! from before a lost disk no longer count) and [`membership`] (changing
+//! who votes: stop signs and epochs), one `impl Paxos` each.
 
 mod catchup;
 mod election;
 mod incarnation;
+mod membership;
 mod reads;
 mod recovery;
 mod replication;
@@ -64,17 +66,27 @@ use bytes::Bytes;
 
 use super::storage::{DurableState, PersistBatch};
 use super::types::{
-    Ballot, Batch, Command, Incarnation, Incarnations, Message, NodeId, PromisedEntry, Slot,
-    Snapshot,
+    Ballot, Batch, Command, Incarnation, Incarnations, Members, Membership, Message, NodeId,
+    PromisedEntry, Slot, Snapshot, NODE_ID_LIMIT,
 };
+
+pub use membership::MembershipError;
 
 /// Tunables. Timeouts count ticks: the driver decides how long a tick is.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Config {
-    /// This replica's index in the group.
+    /// This replica's id in the group (below 64).
     pub id: NodeId,
-    /// Number of replicas in the group (ids are `0..peers`).
+    /// Number of replicas the group started with (its first voters are
+    /// `0..peers`). Later memberships are in the log and storage.
     pub peers: u32,
+    /// This replica is not among the first voters: it joins a running
+    /// group, and waits to be told its membership by a peer (it is added
+    /// as a learner first, see [`Paxos::propose_membership`]).
+    pub joining: bool,
+    /// A learner may become a voter only once its commit index is within
+    /// this many slots of the leader's.
+    pub promote_lag_slots_max: u64,
     /// A leader sends at least one message to every follower this often.
     pub heartbeat_interval_ticks: u64,
     /// A follower that hears nothing from a leader for a random time in this
@@ -137,6 +149,8 @@ impl Config {
         Config {
             id,
             peers,
+            joining: false,
+            promote_lag_slots_max: 64,
             heartbeat_interval_ticks: 2,
             election_timeout_min_ticks: 10,
             election_timeout_max_ticks: 20,
@@ -172,10 +186,19 @@ impl Config {
         if !(1..=64).contains(&self.peers) {
             return Err(format!("a group has 1 to 64 replicas, not {}", self.peers));
         }
-        if self.id >= self.peers {
+        if self.id >= NODE_ID_LIMIT {
             return Err(format!(
-                "replica id {} is not below the group size {}",
-                self.id, self.peers
+                "replica id {} is not below {NODE_ID_LIMIT}",
+                self.id
+            ));
+        }
+        if (self.id >= self.peers) != self.joining {
+            return Err(format!(
+                "replica id {} is {} the first voters (0 to {}), so it {} joining",
+                self.id,
+                if self.joining { "among" } else { "not among" },
+                self.peers - 1,
+                if self.joining { "cannot be" } else { "must be" },
             ));
         }
         if self.election_timeout_min_ticks == 0
@@ -187,10 +210,6 @@ impl Config {
             return Err("pipeline window and batch size must be at least 1".into());
         }
         Ok(())
-    }
-
-    fn quorum(&self) -> usize {
-        self.peers as usize / 2 + 1
     }
 }
 
@@ -232,6 +251,12 @@ pub struct Ready {
     /// read may be served from the state machine once it has applied
     /// through the read index.
     pub reads: Vec<(u64, Slot)>,
+    /// The membership this replica has entered, if it changed: the driver
+    /// connects to the new members, and a replica no longer a member stops.
+    /// Comes with the decided slots through its stop sign, whose one
+    /// command (origin [`STOP_SIGN_ORIGIN`](super::types::STOP_SIGN_ORIGIN))
+    /// state machines skip.
+    pub membership: Option<Membership>,
 }
 
 impl Ready {
@@ -243,6 +268,7 @@ impl Ready {
             && self.committed.is_empty()
             && self.dropped.is_empty()
             && self.reads.is_empty()
+            && self.membership.is_none()
     }
 }
 
@@ -256,6 +282,11 @@ pub enum RoleKind {
     PreCandidate,
     Candidate,
     Leader,
+    /// A member that does not vote (yet): it follows the log.
+    Learner,
+    /// Not a member of the group's current membership: it votes for
+    /// nobody and stands for nothing, and answers catch-up requests.
+    NotMember,
 }
 
 /// Counters a driver exports as metrics.
@@ -330,9 +361,12 @@ struct Leadership {
     /// Payload bytes of `inflight`.
     inflight_bytes: usize,
     pending: VecDeque<Command>,
-    /// What this leader knows of each replica, indexed by id (the own
-    /// entry only carries `done`).
-    peers: Vec<PeerProgress>,
+    /// What this leader knows of each member of its epoch, voters and
+    /// learners (the own entry only carries `done`).
+    peers: BTreeMap<NodeId, PeerProgress>,
+    /// The slot of the stop sign this leader proposed or took over, if
+    /// any: it proposes nothing after it (see [`Membership`]).
+    stop_slot: Option<Slot>,
     /// The last slot this leader's takeover re-proposed: every value an
     /// earlier ballot may have chosen lies at or below it, so no read is
     /// served from a state short of it.
@@ -347,7 +381,7 @@ struct Leadership {
 impl Leadership {
     /// The lowest snapshot point any replica reported: log below it can go.
     fn group_done(&self) -> Slot {
-        self.peers.iter().map(|p| p.done).min().unwrap_or(0)
+        self.peers.values().map(|p| p.done).min().unwrap_or(0)
     }
 }
 
@@ -367,6 +401,9 @@ struct PeerProgress {
     read_round_acked: u64,
     /// The read round last sent to it.
     read_round_sent: u64,
+    /// Its commit index, as it last reported: a learner is promoted only
+    /// once this is close to the leader's.
+    commit: Slot,
 }
 
 impl PeerProgress {
@@ -380,6 +417,7 @@ impl PeerProgress {
             done: 0,
             read_round_acked: 0,
             read_round_sent: 0,
+            commit: 0,
         }
     }
 }
@@ -404,6 +442,7 @@ struct PeerState {
     /// Its entries at or below this are decided.
     commit: Slot,
     snapshot: Option<Snapshot>,
+    memberships: Vec<Membership>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -424,6 +463,9 @@ impl PeerState {
         self.commit = self.commit.max(page.commit);
         if page.snapshot.as_ref().map(|s| s.index) > self.snapshot.as_ref().map(|s| s.index) {
             self.snapshot = page.snapshot;
+        }
+        if page.memberships.last().map(|m| m.epoch) > self.memberships.last().map(|m| m.epoch) {
+            self.memberships = page.memberships;
         }
         for (slot, (ballot, batch)) in page.entries {
             if self.entries.get(&slot).is_none_or(|(b, _)| ballot > *b) {
@@ -498,6 +540,10 @@ pub struct Paxos {
     /// The highest incarnation known of each member (this one's own at its
     /// id). A vote counts only from its sender's newest known incarnation.
     incarnations: Vec<Incarnation>,
+    /// The memberships from the one in force at the snapshot on, oldest
+    /// first; the last is the one in force now (never empty). Kept so a
+    /// snapshot sent to a peer comes with the membership it was taken in.
+    memberships: Vec<Membership>,
     role: Role,
     /// When this follower last heard its leader (None: no leader known).
     /// With `check_quorum`, a leader heard within the minimum election
@@ -519,10 +565,21 @@ impl Paxos {
         let blank = durable.is_blank();
         let compacted_through = durable.snapshot.as_ref().map_or(0, |s| s.index);
         let commit = durable.commit.max(compacted_through);
+        let memberships = if durable.memberships.is_empty() {
+            vec![Membership::initial(config.peers)]
+        } else {
+            durable.memberships.clone()
+        };
         let log = durable
             .entries
             .into_iter()
             .filter(|(slot, _)| *slot > compacted_through)
+            // What an epoch's voters accepted after its stop sign is never
+            // decided: entering the next epoch forgot it, and so does a
+            // restart (it may still be on disk).
+            .filter(|(slot, (ballot, _))| {
+                *slot <= commit || ballot.epoch() >= epoch_of_slot(&memberships, *slot)
+            })
             .map(|(slot, (ballot, batch))| {
                 let decided = slot <= commit;
                 (
@@ -542,14 +599,16 @@ impl Paxos {
         }
         let jitter = Jitter(config.seed ^ (u64::from(config.id) << 32) ^ 0x5eed);
         let mut incarnations = durable.incarnations.clone();
-        incarnations.resize(config.peers as usize, 0);
+        incarnations.resize(incarnations.len().max(config.peers as usize), 0);
+        let epoch_floor = memberships.last().map_or(0, |m| m.epoch);
+        let promised = durable.promised.max(Ballot::floor_of_epoch(epoch_floor));
         let mut paxos = Paxos {
             next_proposal_id: config.proposal_id_start,
             now_tick: 0,
             jitter,
             election_deadline_tick: 0,
-            max_round_seen: durable.promised.round,
-            promised: durable.promised,
+            max_round_seen: promised.round,
+            promised,
             log,
             compacted_through,
             commit: contiguous,
@@ -558,6 +617,7 @@ impl Paxos {
             snapshot: durable.snapshot.clone(),
             min_done: 0,
             incarnations,
+            memberships,
             role: Role::Follower { leader: None },
             leader_heard_tick: None,
             catchup_sent_tick: None,
@@ -565,12 +625,19 @@ impl Paxos {
             stats: Stats::default(),
             config,
         };
+        paxos.cover_incarnations(paxos.config.id);
         if let Some(snapshot) = durable.snapshot {
             paxos.applied = snapshot.index;
             paxos.out.snapshot = Some(snapshot);
         }
         paxos.reset_election_deadline();
         if blank {
+            if paxos.config.joining {
+                // A new member has voted in nothing, so it has nothing to
+                // recover: it waits to hear from the group.
+                paxos.out.persist.initialized = true;
+                return paxos;
+            }
             if paxos.config.recover_when_empty && paxos.config.peers > 1 {
                 // A new life: votes from before the disk was lost must not
                 // be counted with the ones it is about to give.
@@ -587,7 +654,7 @@ impl Paxos {
             // A member of a new group: it may vote from the start.
             paxos.out.persist.initialized = true;
         }
-        if paxos.config.peers == 1 {
+        if paxos.membership().voters == 1 << paxos.config.id {
             // Alone, there is nobody to wait for.
             paxos.start_election();
         }
@@ -607,7 +674,15 @@ impl Paxos {
             }
             Role::Follower { .. } => {
                 if self.now_tick >= self.election_deadline_tick {
-                    self.campaign();
+                    let me = self.config.id;
+                    if self.is_voter(me) {
+                        self.campaign();
+                    } else if self.membership().is_member(me) {
+                        // A learner never stands. Silence may mean its epoch
+                        // ended without it hearing: it asks a voter.
+                        self.reset_election_deadline();
+                        self.ask_a_voter_to_catch_up();
+                    }
                 }
             }
             Role::PreCandidate(p) => {
@@ -678,9 +753,13 @@ impl Paxos {
 
     /// Handles one message from replica `from`.
     pub fn step(&mut self, from: NodeId, msg: Message) {
-        if from >= self.config.peers || from == self.config.id {
-            return; // not a member of this group: ignore rather than trust it
+        if from >= NODE_ID_LIMIT || from == self.config.id {
+            return; // not a replica id: ignore rather than trust it
         }
+        if !self.check_epoch(from, &msg) {
+            return;
+        }
+        self.cover_incarnations(from);
         if let Some(ballot) = msg.ballot() {
             self.max_round_seen = self.max_round_seen.max(ballot.round);
         }
@@ -719,6 +798,7 @@ impl Paxos {
                             snapshot: None,
                             incarnations,
                             more: false,
+                            memberships: Vec::new(),
                         },
                     )
                 }
@@ -732,6 +812,7 @@ impl Paxos {
                     snapshot,
                     incarnations: _,
                     more,
+                    memberships,
                 } => {
                     if !self.answers_current_request(from, for_incarnation, from_slot) {
                         return;
@@ -743,6 +824,7 @@ impl Paxos {
                             .collect(),
                         commit,
                         snapshot,
+                        memberships,
                     });
                     self.on_recover_reply(from, page, more);
                 }
@@ -779,14 +861,16 @@ impl Paxos {
                 done,
                 read_round,
                 incarnations: _,
-            } => self.on_accepted(from, ballot, slots, done, read_round),
+                commit,
+            } => self.on_accepted(from, ballot, slots, done, read_round, commit),
             Message::Nack { promised } => self.on_nack(promised),
             Message::CatchUpRequest { from_slot } => self.on_catchup_request(from, from_slot),
             Message::CatchUpReply {
                 snapshot,
                 entries,
                 commit,
-            } => self.on_catchup_reply(from, snapshot, entries, commit),
+                memberships,
+            } => self.on_catchup_reply(from, snapshot, entries, commit, memberships),
             Message::RecoverRequest {
                 incarnation,
                 from_slot,
@@ -807,7 +891,9 @@ impl Paxos {
         self.out.persist.snapshot = Some(snapshot.clone());
         self.snapshot = Some(snapshot);
         if let Role::Leader(l) = &mut self.role {
-            l.peers[self.config.id as usize].done = index;
+            if let Some(own) = l.peers.get_mut(&self.config.id) {
+                own.done = index;
+            }
             self.min_done = self.min_done.max(l.group_done());
         }
         self.truncate_log();
@@ -833,7 +919,7 @@ impl Paxos {
 
     /// Queues a message in the half of the `Ready` its kind belongs to.
     fn send(&mut self, to: NodeId, msg: Message) {
-        if msg.reports_acceptor_state() {
+        if msg.reports_acceptor_state() || self.decides_alone() {
             self.out.persisted_messages.push((to, msg));
         } else {
             self.out.messages.push((to, msg));
@@ -849,6 +935,10 @@ impl Paxos {
     pub fn role(&self) -> RoleKind {
         match self.role {
             Role::Recovering(_) => RoleKind::Recovering,
+            Role::Follower { .. } if !self.membership().is_member(self.config.id) => {
+                RoleKind::NotMember
+            }
+            Role::Follower { .. } if !self.is_voter(self.config.id) => RoleKind::Learner,
             Role::Follower { .. } => RoleKind::Follower,
             Role::PreCandidate(_) => RoleKind::PreCandidate,
             Role::Candidate(_) => RoleKind::Candidate,
@@ -950,4 +1040,28 @@ impl Paxos {
     pub fn now_tick(&self) -> u64 {
         self.now_tick
     }
+
+    /// True for the one voter of an epoch: its own acceptance decides,
+    /// in the turn it is made, so whatever it says of its decisions (a
+    /// commit index, a decided value) holds only once its writes are
+    /// durable. Everything it sends waits for its sync.
+    fn decides_alone(&self) -> bool {
+        self.membership().voters == 1 << self.config.id
+    }
+
+    /// The membership in force: who votes in the current epoch.
+    pub fn membership(&self) -> &Membership {
+        self.memberships
+            .last()
+            .expect("a replica always knows a membership")
+    }
+}
+
+/// The epoch whose slots include `slot`, by the memberships known.
+fn epoch_of_slot(memberships: &[Membership], slot: Slot) -> u64 {
+    memberships
+        .iter()
+        .rev()
+        .find(|m| m.first_slot <= slot)
+        .map_or(0, |m| m.epoch)
 }

@@ -16,9 +16,10 @@ impl Paxos {
     /// Sends the current round to every replica that has not had it: a
     /// heartbeat, unless new slots already carried it.
     pub(super) fn send_read_round(&mut self) {
-        for peer in 0..self.config.peers {
+        let voters: Vec<NodeId> = self.membership().voter_ids().collect();
+        for peer in voters {
             let behind = matches!(&self.role, Role::Leader(l)
-                if l.peers[peer as usize].read_round_sent < l.read_round);
+                if l.peers.get(&peer).is_some_and(|p| p.read_round_sent < l.read_round));
             if peer != self.config.id && behind {
                 self.send_accept(peer, Vec::new());
             }
@@ -28,8 +29,9 @@ impl Paxos {
     /// Hands out the reads whose round a majority (this leader included)
     /// has echoed.
     pub(super) fn release_reads(&mut self) {
-        let quorum = self.config.quorum();
-        let me = self.config.id as usize;
+        let quorum = self.quorum();
+        let voters = self.membership().voters;
+        let me = self.config.id;
         let Role::Leader(l) = &mut self.role else {
             return;
         };
@@ -37,9 +39,10 @@ impl Paxos {
         // leader if it has begun the round, has echoed it or a later one.
         // Rounds only grow along the queue, so stop at the first unconfirmed.
         while let Some(read) = l.reads.front() {
-            let echoed = (l.peers.iter().enumerate())
+            let echoed = (l.peers.iter())
+                .filter(|&(peer, _)| voters & (1 << *peer) != 0)
                 .filter(|&(peer, progress)| {
-                    let round = if peer == me {
+                    let round = if *peer == me {
                         l.read_round
                     } else {
                         progress.read_round_acked

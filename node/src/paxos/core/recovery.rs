@@ -18,12 +18,13 @@ use super::*;
 impl Paxos {
     pub(super) fn send_recover_requests(&mut self) {
         let now = self.now_tick;
+        let voters: Vec<NodeId> = self.membership().voter_ids().collect();
         let Role::Recovering(r) = &mut self.role else {
             return;
         };
         r.sent_tick = now;
         let incarnation = self.incarnations[self.config.id as usize];
-        for peer in 0..self.config.peers {
+        for peer in voters {
             // Ask again whoever has not answered as initialised: a blank
             // peer may have started since. An answer in pages goes on from
             // the page it has reached.
@@ -85,17 +86,41 @@ impl Paxos {
                 snapshot,
                 incarnations,
                 more,
+                memberships: self.memberships.clone(),
             },
         );
     }
 
     pub(super) fn on_recover_reply(&mut self, from: NodeId, page: Option<PeerState>, more: bool) {
-        let peers = self.config.peers as usize;
+        // The voters as this replica knows them: a recovery after a
+        // membership change is not supported yet (a replica whose disk is
+        // lost must rejoin as a new member), see `Config::joining`.
+        let peers = self.membership().voters.count_ones() as usize;
         let Role::Recovering(r) = &mut self.role else {
             return;
         };
         if r.replies.get(&from).is_some_and(Option::is_some) {
             return; // its whole answer is in: a late duplicate page
+        }
+        if page.as_ref().is_some_and(|p| {
+            p.promised.epoch() > 0
+                || p.memberships.last().is_some_and(|m| m.epoch > 0)
+                || p.entries
+                    .values()
+                    .any(|(_, batch)| batch.as_stop_sign().is_some())
+        }) {
+            // The group has changed its members since it started, or may
+            // have (a stop sign was accepted): the argument above needs the
+            // voters this replica voted with, which it no longer knows.
+            // Such an answer never counts, so the replica stays out; the
+            // acceptors of the first stop sign, but for this replica, meet
+            // every majority of the others, so no recovery completes.
+            tracing::error!(
+                replica = self.config.id,
+                "this replica lost its disk after a membership change: it cannot recover \
+                 its votes; remove it from the group and add a new member under a new id"
+            );
+            return;
         }
         let state = match page {
             None => {
@@ -146,6 +171,10 @@ impl Paxos {
             .filter_map(|p| p.snapshot.clone())
             .max_by_key(|s| s.index);
         let floor = snapshot.as_ref().map_or(0, |s| s.index);
+        let memberships = (peers.iter())
+            .map(|p| p.memberships.clone())
+            .max_by_key(|m| m.last().map(|m| m.epoch))
+            .unwrap_or_default();
         // For each slot, a value some peer knows decided, else the one
         // accepted in the highest ballot.
         let mut best: BTreeMap<Slot, (bool, Ballot, Batch)> = BTreeMap::new();
@@ -162,6 +191,7 @@ impl Paxos {
         self.set_promised(promised);
         if let Some(snapshot) = snapshot {
             self.install_snapshot(snapshot);
+            self.adopt_snapshot_membership(floor, &memberships);
         }
         for (slot, (_, ballot, batch)) in best {
             self.accept_locally(slot, ballot, batch);

@@ -35,6 +35,7 @@ impl Paxos {
                 return;
             };
             if l.pending.is_empty()
+                || l.stop_slot.is_some()
                 || l.inflight.len() >= self.config.pipeline_window_slots
                 || l.inflight_bytes >= self.config.pipeline_window_bytes_max
             {
@@ -73,8 +74,10 @@ impl Paxos {
         }
     }
 
+    /// Sends `entries` to every other member, voters and learners.
     pub(super) fn broadcast_accept(&mut self, entries: Vec<(Slot, Batch)>) {
-        for peer in 0..self.config.peers {
+        let members: Vec<NodeId> = self.membership().members().collect();
+        for peer in members {
             if peer != self.config.id {
                 self.send_accepts(peer, entries.clone());
             }
@@ -112,7 +115,9 @@ impl Paxos {
             entries.iter().all(|(slot, _)| *slot < l.next_slot),
             "a leader sends only slots it has proposed"
         );
-        let progress = &mut l.peers[peer as usize];
+        let Some(progress) = l.peers.get_mut(&peer) else {
+            return; // not a member of this leader's epoch
+        };
         progress.sent_tick = self.now_tick;
         progress.commit_sent = self.commit;
         progress.read_round_sent = l.read_round;
@@ -124,8 +129,18 @@ impl Paxos {
             read_round: l.read_round,
             incarnations,
         };
-        // A leader's Accept leaves before its own sync (see `Ready::messages`).
-        self.out.messages.push((peer, accept));
+        if self.out.persist.promised.is_some() || self.decides_alone() {
+            // Its own promise of this ballot is not durable yet (a single
+            // voter wins in the turn it stands): a crash now would let a
+            // later life stand with the same ballot and propose other
+            // values, so nothing may go out in it before the sync. And a
+            // lone voter's commit index counts its own acceptances of this
+            // very turn.
+            self.out.persisted_messages.push((peer, accept));
+        } else {
+            // A leader's Accept leaves before its own sync (see `Ready::messages`).
+            self.out.messages.push((peer, accept));
+        }
     }
 
     pub(super) fn on_accept(
@@ -171,6 +186,7 @@ impl Paxos {
                 done: self.snapshot_index(),
                 read_round,
                 incarnations,
+                commit: self.commit,
             },
         );
         // Commit what we hold from this very ballot; anything else must be fetched.
@@ -191,6 +207,7 @@ impl Paxos {
         slots: Vec<Slot>,
         done: Slot,
         read_round: u64,
+        commit: Slot,
     ) {
         let now = self.now_tick;
         let Role::Leader(l) = &mut self.role else {
@@ -199,11 +216,16 @@ impl Paxos {
         if ballot != l.ballot {
             return;
         }
-        let progress = &mut l.peers[from as usize];
+        let Some(progress) = l.peers.get_mut(&from) else {
+            return; // not a member of this leader's epoch
+        };
         progress.heard_tick = now;
         progress.read_round_acked = progress.read_round_acked.max(read_round.min(l.read_round));
         progress.done = done;
+        progress.commit = progress.commit.max(commit);
         let group_done = l.group_done();
+        // A learner's acceptance is recorded (so it is not sent again),
+        // but decides nothing: `try_decide` counts voters only.
         for slot in &slots {
             if let Some(f) = l.inflight.get_mut(slot) {
                 f.acks |= 1 << from;
@@ -230,14 +252,15 @@ impl Paxos {
     }
 
     pub(super) fn try_decide(&mut self, slot: Slot) {
-        let quorum = self.config.quorum();
+        let quorum = self.quorum();
+        let voters = self.membership().voters;
         let Role::Leader(l) = &mut self.role else {
             return;
         };
         let Some(f) = l.inflight.get(&slot) else {
             return;
         };
-        if (f.acks.count_ones() as usize) < quorum {
+        if ((f.acks & voters).count_ones() as usize) < quorum {
             return;
         }
         if let Some(f) = l.inflight.remove(&slot) {
@@ -268,12 +291,19 @@ impl Paxos {
         );
         while self.commit < limit {
             let next = self.commit + 1;
-            match self.log.get_mut(&next) {
+            let stop_sign = match self.log.get_mut(&next) {
                 Some(e) if e.decided || leaders_ballot == Some(e.ballot) => {
                     e.decided = true;
                     self.commit = next;
+                    e.batch.as_stop_sign()
                 }
                 _ => break,
+            };
+            if let Some(membership) = stop_sign {
+                // The epoch ends here: what follows belongs to the next,
+                // and the leader's ballot no longer speaks for it.
+                self.on_stop_sign_decided(next, membership);
+                break;
             }
         }
         debug_assert!(
@@ -294,16 +324,18 @@ impl Paxos {
 
     pub(super) fn leader_tick(&mut self) {
         let now = self.now_tick;
-        let quorum = self.config.quorum();
-        let me = self.config.id as usize;
+        let quorum = self.quorum();
+        let voters = self.membership().voters;
+        let me = self.config.id;
         let Role::Leader(l) = &mut self.role else {
             return;
         };
         // Step aside when a majority has been silent for a whole election
         // timeout: we are probably cut off, and clients should go elsewhere.
-        let heard = (l.peers.iter().enumerate())
-            .filter(|(i, p)| {
-                *i == me || now - p.heard_tick <= self.config.election_timeout_max_ticks
+        let heard = (l.peers.iter())
+            .filter(|(id, p)| {
+                voters & (1 << **id) != 0
+                    && (**id == me || now - p.heard_tick <= self.config.election_timeout_max_ticks)
             })
             .count();
         if heard < quorum {
@@ -317,7 +349,10 @@ impl Paxos {
         }
         // Resend what a follower has not acknowledged, in one message per follower.
         let retry = self.config.retry_interval_ticks;
-        let mut resend: Vec<Vec<(Slot, Batch)>> = vec![Vec::new(); self.config.peers as usize];
+        let mut resend: BTreeMap<NodeId, Vec<(Slot, Batch)>> = (l.peers.keys())
+            .filter(|id| **id != me)
+            .map(|id| (*id, Vec::new()))
+            .collect();
         for (slot, f) in l.inflight.iter_mut() {
             if now - f.sent_tick < retry {
                 continue;
@@ -326,23 +361,22 @@ impl Paxos {
             let Some(entry) = self.log.get(slot) else {
                 continue;
             };
-            for (peer, entries) in resend.iter_mut().enumerate() {
-                if peer != me && f.acks & (1 << peer) == 0 {
+            for (peer, entries) in resend.iter_mut() {
+                if f.acks & (1 << *peer) == 0 {
                     entries.push((*slot, entry.batch.clone()));
                 }
             }
         }
         let heartbeat = self.config.heartbeat_interval_ticks;
-        for (peer, entries) in resend.into_iter().enumerate() {
-            if peer == me {
-                continue;
-            }
+        for (peer, entries) in resend {
             let Role::Leader(l) = &self.role else { return };
-            let progress = &l.peers[peer];
+            let Some(progress) = l.peers.get(&peer) else {
+                continue;
+            };
             let idle = now - progress.sent_tick >= heartbeat;
             let news = progress.commit_sent < self.commit;
             if !entries.is_empty() || idle || news {
-                self.send_accepts(peer as NodeId, entries);
+                self.send_accepts(peer, entries);
             }
         }
     }

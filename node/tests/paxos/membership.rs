@@ -1,0 +1,317 @@
+//! Membership changes (stop signs and epochs) on the simulator: a group
+//! grows from 3 voters to 5 through learners, shrinks to a different 3,
+//! under lost, delayed and reordered messages and crashes inside syncs,
+//! with clients writing throughout. The simulator checks agreement and
+//! validity on every slot any replica applies.
+
+use crate::common::*;
+use shardkv::paxos::sim::{test_seed, Sim};
+use shardkv::paxos::{Members, MembershipError, NodeId, RoleKind};
+
+fn set(ids: &[NodeId]) -> Members {
+    ids.iter().fold(0, |set, id| set | 1 << id)
+}
+
+/// Proposes the change at whichever replica leads until one takes it (a
+/// leader may refuse while a learner catches up), then runs until every
+/// live member of the new membership has entered it. Returns its epoch.
+fn change(sim: &mut Sim, voters: &[NodeId], learners: &[NodeId]) -> u64 {
+    let (voters, learners) = (set(voters), set(learners));
+    let mut last_error = None;
+    for _ in 0..PATIENCE_TICKS {
+        if let Some(leader) = sim.leader() {
+            match sim.propose_membership(leader, voters, learners) {
+                Ok(next) => {
+                    let entered = sim.run_until(PATIENCE_TICKS, |s| {
+                        shardkv::paxos::types::ids(voters | learners)
+                            .filter(|id| s.is_up(*id))
+                            .all(|id| {
+                                s.node(id)
+                                    .is_some_and(|n| n.membership().epoch >= next.epoch)
+                            })
+                    });
+                    assert!(
+                        entered,
+                        "seed {}: the members never all entered epoch {}",
+                        sim.seed, next.epoch
+                    );
+                    return next.epoch;
+                }
+                Err(e @ (MembershipError::NotALearner { .. } | MembershipError::NoVoters)) => {
+                    panic!("seed {}: {e}", sim.seed)
+                }
+                // The change before is still in flight, or a learner is
+                // still catching up: wait.
+                Err(e) => last_error = Some(e),
+            }
+        }
+        sim.run(1);
+    }
+    panic!(
+        "seed {}: no leader took the change (last refusal: {last_error:?})",
+        sim.seed
+    );
+}
+
+/// Writes `count` values named `prefix-i` through the leader of the day,
+/// each decided by `replicas` live replicas.
+fn write(sim: &mut Sim, prefix: &str, count: usize, replicas: usize) {
+    for i in 0..count {
+        let value = format!("{prefix}-{i}");
+        propose(sim, &value);
+        await_decided(sim, &value, replicas);
+    }
+}
+
+/// Every live member of the final membership has applied the same
+/// commands, through the leader's commit index.
+fn assert_members_converged(sim: &mut Sim, members: &[NodeId]) {
+    let caught_up = sim.run_until(PATIENCE_TICKS, |s| {
+        let Some(leader) = s.leader().and_then(|l| s.node(l)) else {
+            return false;
+        };
+        let commit = leader.commit_index();
+        leader.inflight_slots() == 0
+            && members
+                .iter()
+                .filter(|id| s.is_up(**id))
+                .all(|id| s.applied[*id as usize].last_slot >= commit)
+    });
+    assert!(caught_up, "seed {}: the members never caught up", sim.seed);
+    let live: Vec<usize> = members
+        .iter()
+        .filter(|id| sim.is_up(**id))
+        .map(|id| *id as usize)
+        .collect();
+    for id in &live[1..] {
+        assert_eq!(
+            sim.applied[*id].digest, sim.applied[live[0]].digest,
+            "seed {}: replica {id} diverged from replica {}",
+            sim.seed, live[0]
+        );
+    }
+}
+
+#[test]
+fn a_group_grows_from_3_to_5_through_learners_and_shrinks_to_another_3() {
+    let mut sim = Sim::with_spares(3, 2, test_seed("grow_and_shrink"), |_| {});
+    await_leader(&mut sim);
+    write(&mut sim, "before", 5, 3);
+    assert_eq!(sim.node(3).map(|n| n.role()), Some(RoleKind::NotMember));
+
+    assert_eq!(change(&mut sim, &[0, 1, 2], &[3, 4]), 1);
+    assert!(sim.run_until(PATIENCE_TICKS, |s| {
+        [3, 4]
+            .iter()
+            .all(|id| s.node(*id).map(|n| n.role()) == Some(RoleKind::Learner))
+    }));
+    write(&mut sim, "learners", 5, 5);
+
+    assert_eq!(change(&mut sim, &[0, 1, 2, 3, 4], &[]), 2);
+    write(&mut sim, "five", 5, 5);
+
+    assert_eq!(change(&mut sim, &[2, 3, 4], &[]), 3);
+    write(&mut sim, "three", 5, 3);
+    for removed in [0, 1] {
+        let told = sim.run_until(PATIENCE_TICKS, |s| {
+            s.node(removed).map(|n| n.role()) == Some(RoleKind::NotMember)
+        });
+        assert!(
+            told,
+            "seed {}: replica {removed} never learned it was removed",
+            sim.seed
+        );
+    }
+    // The removed replicas decide nothing: the 3 left carry on alone.
+    sim.crash(0);
+    sim.crash(1);
+    write(&mut sim, "after", 5, 3);
+    assert_members_converged(&mut sim, &[2, 3, 4]);
+}
+
+#[test]
+fn membership_changes_keep_agreement_under_faults() {
+    let mut sim = Sim::with_spares(3, 2, test_seed("membership_faults"), |_| {});
+    sim.faults.drop_request = 0.1;
+    sim.faults.drop_reply = 0.1;
+    sim.faults.delay_max_ticks = 3;
+    sim.faults.crash_during_sync = 0.01;
+    await_leader(&mut sim);
+    write(&mut sim, "a", 3, 2);
+    change(&mut sim, &[0, 1, 2], &[3, 4]);
+    write(&mut sim, "b", 3, 2);
+    change(&mut sim, &[0, 1, 2, 3, 4], &[]);
+    write(&mut sim, "c", 3, 3);
+    change(&mut sim, &[1, 3, 4], &[0]);
+    write(&mut sim, "d", 3, 2);
+    change(&mut sim, &[0, 1, 3], &[]);
+    write(&mut sim, "e", 3, 2);
+    sim.faults = Default::default();
+    assert_members_converged(&mut sim, &[0, 1, 3]);
+}
+
+#[test]
+fn a_change_is_refused_with_a_reason() {
+    let mut sim = Sim::with_spares(3, 1, test_seed("change_refused"), |_| {});
+    let leader = await_leader(&mut sim);
+    let follower = (0..3).find(|id| *id != leader).expect("a follower");
+    assert!(matches!(
+        sim.propose_membership(follower, set(&[0, 1]), 0),
+        Err(MembershipError::NotLeader { .. })
+    ));
+    assert_eq!(
+        sim.propose_membership(leader, 0, set(&[0, 1, 2])),
+        Err(MembershipError::NoVoters)
+    );
+    assert_eq!(
+        sim.propose_membership(leader, set(&[0, 1, 2, 3]), 0),
+        Err(MembershipError::NotALearner { id: 3 })
+    );
+    assert_eq!(
+        sim.propose_membership(leader, set(&[0, 1, 2]), 0),
+        Err(MembershipError::Unchanged)
+    );
+    assert!(matches!(
+        sim.propose_membership(leader, set(&[0, 1, 2]), set(&[2])),
+        Err(MembershipError::VoterAndLearner { id: 2 })
+    ));
+    // One change at a time: the first is not decided before the second.
+    let first = sim.propose_membership(leader, set(&[0, 1, 2]), set(&[3]));
+    assert!(first.is_ok(), "{first:?}");
+    assert!(matches!(
+        sim.propose_membership(leader, set(&[0, 1, 2]), 0),
+        Err(MembershipError::InProgress { .. })
+    ));
+    assert!(sim.run_until(PATIENCE_TICKS, |s| {
+        s.node(3).map(|n| n.role()) == Some(RoleKind::Learner)
+    }));
+    write(&mut sim, "caught-up", 3, 4);
+    // The learner and one voter down: a change that makes the learner a
+    // voter in place of the one still up would leave no majority up.
+    let leader = await_leader(&mut sim);
+    let down = (0..3).find(|id| *id != leader).expect("a follower");
+    sim.crash(3);
+    sim.crash(down);
+    sim.run(25);
+    assert!(
+        sim.node(leader).is_some_and(|n| n.is_leader()),
+        "seed {}: the leader still hears a majority of its voters",
+        sim.seed
+    );
+    assert_eq!(
+        sim.propose_membership(leader, set(&[leader, down, 3]), 0),
+        Err(MembershipError::NoQuorumUp {
+            up: 1,
+            voters: 3,
+            needed: 2
+        })
+    );
+}
+
+#[test]
+fn every_voter_can_be_replaced_by_learners() {
+    // The old leader is in neither new set: nobody but it knows the stop
+    // sign was decided, and learners never stand. It tells the members of
+    // both epochs as it leaves (without that, the new voters waited
+    // forever in the old epoch).
+    let mut sim = Sim::with_spares(3, 3, test_seed("replace_every_voter"), |_| {});
+    await_leader(&mut sim);
+    write(&mut sim, "old", 3, 3);
+    change(&mut sim, &[0, 1, 2], &[3, 4, 5]);
+    write(&mut sim, "learners", 3, 6);
+    change(&mut sim, &[3, 4, 5], &[]);
+    write(&mut sim, "new", 3, 3);
+    for old in 0..3 {
+        sim.crash(old);
+    }
+    write(&mut sim, "alone", 3, 3);
+    assert_members_converged(&mut sim, &[3, 4, 5]);
+}
+
+#[test]
+fn a_single_voter_sends_nothing_of_its_new_ballot_before_its_promise_is_durable() {
+    // Voters {0, 1, 2} become voter {0} with learners {1, 2}. Replica 0
+    // decides the stop sign, enters the new epoch and wins it in one turn.
+    // Its Accepts of the new ballot must wait for the sync of its promise:
+    // had it crashed in that sync, a later life would stand with the same
+    // ballot and propose other values, which the learners would take over
+    // the first ones in the same ballot.
+    use shardkv::paxos::{Config, DurableState, Message, Paxos};
+
+    let mut nodes: Vec<Paxos> = (0..3)
+        .map(|id| Paxos::new(Config::new_group(id, 3), DurableState::default()))
+        .collect();
+    let mut outputs = Vec::new();
+    let settle = |nodes: &mut Vec<Paxos>, outputs: &mut Vec<_>| loop {
+        let mut sent = Vec::new();
+        for (id, node) in nodes.iter_mut().enumerate() {
+            let ready = node.ready();
+            outputs.push((id, ready.clone()));
+            for (to, msg) in ready.messages.into_iter().chain(ready.persisted_messages) {
+                sent.push((id as u32, to, msg));
+            }
+        }
+        if sent.is_empty() {
+            return;
+        }
+        for (from, to, msg) in sent {
+            nodes[to as usize].step(from, msg);
+        }
+    };
+    while !nodes[0].is_leader() {
+        nodes[0].tick();
+        settle(&mut nodes, &mut outputs);
+    }
+    outputs.clear();
+    let next = nodes[0]
+        .propose_membership(set(&[0]), set(&[1, 2]))
+        .expect("the leader takes it");
+    settle(&mut nodes, &mut outputs);
+    assert_eq!(nodes[0].membership(), &next);
+    assert!(nodes[0].is_leader(), "the single voter leads its epoch");
+    let early_accepts_of_new_epoch = (outputs.iter())
+        .filter(|(id, _)| *id == 0)
+        .flat_map(|(_, ready)| ready.messages.iter())
+        .filter(
+            |(_, m)| matches!(m, Message::Accept { ballot, .. } if ballot.epoch() == next.epoch),
+        )
+        .count();
+    assert_eq!(
+        early_accepts_of_new_epoch, 0,
+        "an Accept of the new ballot left before the ballot's promise was durable"
+    );
+    let held_accepts = (outputs.iter())
+        .filter(|(id, _)| *id == 0)
+        .flat_map(|(_, ready)| ready.persisted_messages.iter())
+        .filter(
+            |(_, m)| matches!(m, Message::Accept { ballot, .. } if ballot.epoch() == next.epoch),
+        )
+        .count();
+    assert!(
+        held_accepts > 0,
+        "the learners were sent the new ballot after the sync"
+    );
+
+    // Its own acceptance decides: whatever it tells of a decision (a commit
+    // index in an Accept, the stop sign of a change) waits for its sync too.
+    outputs.clear();
+    nodes[0].propose("alone".into()).expect("the voter leads");
+    let back = nodes[0]
+        .propose_membership(set(&[0, 1]), set(&[2]))
+        .expect("learner 1 has caught up");
+    settle(&mut nodes, &mut outputs);
+    assert_eq!(
+        nodes[1].membership(),
+        &back,
+        "the learner heard of the change"
+    );
+    let early: Vec<_> = (outputs.iter())
+        .filter(|(id, ready)| *id == 0 && !ready.persist.is_empty())
+        .flat_map(|(_, ready)| ready.messages.iter())
+        .filter(|(_, m)| matches!(m, Message::Accept { .. } | Message::CatchUpReply { .. }))
+        .collect();
+    assert!(
+        early.is_empty(),
+        "a lone voter sent {early:?} before its writes were durable"
+    );
+}
