@@ -883,6 +883,9 @@ const fn set(list: &[NodeId]) -> Members {
     set
 }
 
+/// Add replica 3 as a learner, then make it a voter in place of 2.
+const ADD_THEN_PROMOTE: &[(Members, Members)] =
+    &[(set(&[0, 1, 2]), set(&[3])), (set(&[0, 1, 3]), 0)];
 /// Add replica 3 as a learner.
 const ADD_LEARNER: &[(Members, Members)] = &[(set(&[0, 1, 2]), set(&[3]))];
 /// Leave replica 0 the one voter, the others learners.
@@ -955,6 +958,25 @@ fn model_check_membership_change_to_one_voter_with_a_crash() {
             proposals: 0,
             crashes: 1,
             crash_only: Some(0),
+            ticks: 0,
+            ..BASE
+        },
+    );
+}
+
+/// By hand (over 5 million states): `cargo test -p shardkv --test paxos
+/// model_check_membership_promotion -- --ignored --nocapture`.
+#[test]
+#[ignore = "long: two membership changes pass 5 million states"]
+fn model_check_membership_promotion() {
+    // Add replica 3 as a learner, then make it a voter in place of 2:
+    // two stop signs, two new epochs' elections, the learner's catch-up.
+    check(
+        "2 membership changes (add a learner, promote it in place of a voter)",
+        Bounds {
+            spares: 1,
+            changes: ADD_THEN_PROMOTE,
+            proposals: 0,
             ticks: 0,
             ..BASE
         },
