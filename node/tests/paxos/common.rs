@@ -1,7 +1,7 @@
 //! Helpers shared by the Paxos tests.
 
 use shardkv::paxos::sim::Sim;
-use shardkv::paxos::{NodeId, ProposeError};
+use shardkv::paxos::{NodeId, Paxos, ProposeError, Ready};
 
 /// Ticks to wait for something that must happen: generous, since timeouts
 /// are 10-20 ticks, but finite so a liveness bug fails instead of hanging.
@@ -58,6 +58,12 @@ pub fn await_decided(sim: &mut Sim, data: &str, count: usize) {
 /// A leader has nothing in flight or queued, and every live replica has
 /// applied everything it committed (which covers every slot decided anywhere).
 pub fn all_caught_up(sim: &Sim) -> bool {
+    caught_up_among(sim, &(0..sim.len()).collect::<Vec<_>>())
+}
+
+/// As `all_caught_up`, for the live replicas among `ids` (the members of
+/// the membership in force, say).
+pub fn caught_up_among(sim: &Sim, ids: &[NodeId]) -> bool {
     let Some(leader) = sim.leader().and_then(|l| sim.node(l)) else {
         return false;
     };
@@ -66,22 +72,28 @@ pub fn all_caught_up(sim: &Sim) -> bool {
     leader.inflight_slots() == 0
         && leader.queued_commands() == 0
         && top <= commit
-        && (0..sim.len())
-            .filter(|id| sim.is_up(*id))
-            .all(|id| sim.applied[id as usize].last_slot >= commit)
+        && (ids.iter())
+            .filter(|id| sim.is_up(**id))
+            .all(|id| sim.applied[*id as usize].last_slot >= commit)
 }
 
 /// Runs until everyone has caught up, then checks that every live replica's
 /// state machine holds exactly the same commands.
 pub fn assert_converged(sim: &mut Sim) {
+    let all: Vec<NodeId> = (0..sim.len()).collect();
+    assert_converged_among(sim, &all);
+}
+
+/// As `assert_converged`, for the live replicas among `ids`.
+pub fn assert_converged_among(sim: &mut Sim, ids: &[NodeId]) {
     assert!(
-        sim.run_until(PATIENCE_TICKS, all_caught_up),
+        sim.run_until(PATIENCE_TICKS, |s| caught_up_among(s, ids)),
         "seed {}: replicas never caught up",
         sim.seed
     );
-    let live: Vec<usize> = (0..sim.len())
-        .filter(|id| sim.is_up(*id))
-        .map(|id| id as usize)
+    let live: Vec<usize> = (ids.iter())
+        .filter(|id| sim.is_up(**id))
+        .map(|id| *id as usize)
         .collect();
     for id in &live[1..] {
         assert_eq!(
@@ -89,5 +101,29 @@ pub fn assert_converged(sim: &mut Sim) {
             "seed {}: replica {id} diverged from replica {}",
             sim.seed, live[0]
         );
+    }
+}
+
+/// Delivers every message between `nodes` (ids are their positions) in
+/// order until the network is quiet, with no simulator in between: for
+/// tests that look at each `Ready`. `observe` sees each one first and says
+/// whether that replica's messages are delivered (false: lost).
+pub fn settle_nodes(nodes: &mut [Paxos], mut observe: impl FnMut(NodeId, &Ready) -> bool) {
+    loop {
+        let mut sent = Vec::new();
+        for (id, node) in nodes.iter_mut().enumerate() {
+            let ready = node.ready();
+            if observe(id as NodeId, &ready) {
+                for (to, msg) in ready.messages.into_iter().chain(ready.persisted_messages) {
+                    sent.push((id as NodeId, to, msg));
+                }
+            }
+        }
+        if sent.is_empty() {
+            return;
+        }
+        for (from, to, msg) in sent {
+            nodes[to as usize].step(from, msg);
+        }
     }
 }

@@ -153,23 +153,9 @@ fn a_leader_ignores_a_late_snapshot_and_still_decides_its_window() {
     let mut nodes: Vec<Paxos> = (0..3)
         .map(|id| Paxos::new(Config::new_group(id, 3), DurableState::default()))
         .collect();
-    // Deliver everything in order until the network is quiet.
-    let settle = |nodes: &mut Vec<Paxos>, drop_from_leader: bool| loop {
-        let mut sent = Vec::new();
-        for (id, node) in nodes.iter_mut().enumerate() {
-            let ready = node.ready();
-            for (to, msg) in ready.messages.into_iter().chain(ready.persisted_messages) {
-                if !(drop_from_leader && id == 0) {
-                    sent.push((id as u32, to, msg));
-                }
-            }
-        }
-        if sent.is_empty() {
-            return;
-        }
-        for (from, to, msg) in sent {
-            nodes[to as usize].step(from, msg);
-        }
+    // Everything delivered in order, or the leader's messages lost.
+    let settle = |nodes: &mut Vec<Paxos>, drop_from_leader: bool| {
+        settle_nodes(nodes, |id, _| !(drop_from_leader && id == 0))
     };
     while !nodes[0].is_leader() {
         nodes[0].tick();

@@ -169,18 +169,9 @@ impl Paxos {
                 }
             }
         }
-        for id in next.members() {
-            self.cover_incarnations(id);
-        }
         self.memberships.push(next.clone());
         self.prune_memberships();
-        self.out.persist.memberships = Some(self.memberships.clone());
-        let floor = Ballot::floor_of_epoch(next.epoch);
-        self.max_round_seen = self.max_round_seen.max(floor.round);
-        self.set_promised(floor);
-        self.catchup_sent_tick = None;
-        self.out.membership = Some(next.clone());
-        self.reset_election_deadline();
+        self.begin_epoch();
         // The new epoch has no leader yet: the old leader, if it still
         // votes, stands at once rather than after a timeout.
         if next.is_voter(me) && (was_leader || next.voters == 1 << me) {
@@ -198,20 +189,31 @@ impl Paxos {
         if at_index.epoch <= self.membership().epoch {
             return;
         }
-        let at_index = at_index.clone();
+        let epoch = at_index.epoch;
+        self.memberships = vec![at_index.clone()];
         self.step_down(None);
-        // What older epochs accepted in this one's slots is never decided.
+        // What older epochs accepted in this one's slots (all above the
+        // snapshot, which cut the log there) is never decided.
         self.log
-            .retain(|slot, e| e.decided || *slot <= index || e.ballot.epoch() >= at_index.epoch);
-        for id in at_index.members() {
+            .retain(|_, e| e.decided || e.ballot.epoch() >= epoch);
+        self.begin_epoch();
+    }
+
+    /// What entering the membership now last in `memberships` takes, by a
+    /// stop sign or a snapshot: room for its members' incarnations, the
+    /// memberships durable with a promise at the epoch's floor (so every
+    /// ballot of an earlier epoch is refused), and the news for the driver.
+    fn begin_epoch(&mut self) {
+        let current = self.membership().clone();
+        for id in current.members() {
             self.cover_incarnations(id);
         }
-        self.memberships = vec![at_index.clone()];
         self.out.persist.memberships = Some(self.memberships.clone());
-        let floor = Ballot::floor_of_epoch(at_index.epoch);
+        let floor = Ballot::floor_of_epoch(current.epoch);
         self.max_round_seen = self.max_round_seen.max(floor.round);
         self.set_promised(floor);
-        self.out.membership = Some(at_index);
+        self.catchup_sent_tick = None;
+        self.out.membership = Some(current);
         self.reset_election_deadline();
     }
 
