@@ -74,8 +74,15 @@ struct NodeArgs {
     #[arg(long, env = "SHARDKV_ID")]
     id: String,
     /// Every replica of the group, host:port, comma-separated, in id order.
+    /// Once the group has changed its members, the membership it recorded
+    /// decides; this list only says where to find them at first.
     #[arg(long, env = "SHARDKV_PEERS", value_delimiter = ',', required = true)]
     peers: Vec<String>,
+    /// Join a running group as a new member (a new id, or a replica whose
+    /// disk was lost): on blank storage it votes in nothing until
+    /// `shardkvctl member add` adds it. Ignored once it holds state.
+    #[arg(long, env = "SHARDKV_JOIN")]
+    join: bool,
     #[arg(long, env = "SHARDKV_DATA_DIR")]
     data_dir: PathBuf,
     /// Where to listen (default: this replica's entry in --peers).
@@ -158,6 +165,7 @@ impl NodeArgs {
                 engine_threads: self.store_engine_threads as usize,
                 journal_bytes_max: self.store_journal_mib.saturating_mul(1 << 20),
             },
+            join: self.join,
         })
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
+use shardkv::replica::members::MembersAdmin;
 use shardkv::shardkv::clerk::{Clerk, ClerkOptions};
 use shardkv::shardkv::key_to_shard;
 use shardkv::shardmaster::Config;
@@ -55,6 +56,24 @@ enum Command {
     /// Exit 0 if the node at ADDR (host:port) reports SERVING on the gRPC
     /// health service: a readiness probe.
     Health { addr: String },
+    /// List, add or remove the members of a replica group (GROUP: a gid,
+    /// or `master` for the shardmaster's own group).
+    Member {
+        #[command(subcommand)]
+        action: MemberCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum MemberCommand {
+    /// Print each member: id, address, role, incarnation, and how far
+    /// behind the leader it is.
+    List { group: String },
+    /// Add the replica at ADDR (a node started with `--join`): as a learner,
+    /// then as a voter once it has caught up.
+    Add { group: String, addr: String },
+    /// Remove the member at ADDR from the group.
+    Remove { group: String, addr: String },
 }
 
 fn bytes_of(arg: OsString) -> Bytes {
@@ -115,8 +134,12 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     if cli.masters.is_empty() {
         anyhow::bail!("--masters (or SHARDKV_MASTERS) is required");
     }
+    let timeout = options.timeout;
     let clerk = Clerk::new(&cli.masters, options)?;
     match cli.command {
+        Command::Member { action } => {
+            member(&clerk, &cli.masters, action, timeout).await?;
+        }
         Command::Get { key } => match clerk.get(bytes_of(key)).await? {
             Some(value) => print_line(&value)?,
             None => return Ok(Outcome::NotFound),
@@ -157,6 +180,67 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Health { .. } => unreachable!("answered above"),
     }
     Ok(Outcome::Done)
+}
+
+/// `member list|add|remove`.
+async fn member(
+    clerk: &Clerk,
+    masters: &[String],
+    action: MemberCommand,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let group = match &action {
+        MemberCommand::List { group }
+        | MemberCommand::Add { group, .. }
+        | MemberCommand::Remove { group, .. } => group.clone(),
+    };
+    let (name, servers) = if group == "master" {
+        ("shardmaster".to_string(), masters.to_vec())
+    } else {
+        let gid: u64 = group
+            .parse()
+            .map_err(|_| anyhow::anyhow!("GROUP is a gid (a number) or `master`, not {group:?}"))?;
+        let config = clerk.masters().query(None).await?;
+        let Some(servers) = config.groups.get(&gid) else {
+            anyhow::bail!(
+                "group {gid} is not in the latest configuration ({})",
+                config.num
+            );
+        };
+        (format!("kv-{gid}"), servers.clone())
+    };
+    let admin = MembersAdmin::new(servers, Duration::from_secs(5));
+    let deadline = tokio::time::Instant::now() + timeout;
+    let members = match action {
+        MemberCommand::List { .. } => admin.list().await,
+        MemberCommand::Add { addr, .. } => admin.add(&addr, &name, deadline).await,
+        MemberCommand::Remove { addr, .. } => admin.remove(&addr, deadline).await,
+    }
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let mut out = format!(
+        "epoch {}\nID  ADDRESS  ROLE  INCARNATION  BEHIND\n",
+        members.epoch
+    );
+    for m in &members.members {
+        let role = if members.has_leader && m.id == members.leader {
+            "leader"
+        } else if m.voter {
+            "voter"
+        } else {
+            "learner"
+        };
+        let behind = if m.has_progress {
+            m.behind_slots.to_string()
+        } else {
+            "?".to_string()
+        };
+        out.push_str(&format!(
+            "{}  {}  {role}  {}  {behind}\n",
+            m.id, m.address, m.incarnation
+        ));
+    }
+    print_line(out.trim_end().as_bytes())?;
+    Ok(())
 }
 
 async fn health(addr: &str, timeout: Duration) -> anyhow::Result<Outcome> {

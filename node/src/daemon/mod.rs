@@ -20,6 +20,7 @@ use tonic_health::ServingStatus;
 
 use crate::paxos::{Config as PaxosConfig, WalOptions, WalStorage};
 use crate::replica::grpc::{GrpcTransport, PaxosPeerService};
+use crate::replica::members::MembersService;
 use crate::replica::{Replica, ReplicaOptions, StateMachine, Status};
 use crate::shardkv::server::{KvServer, KvServerOptions, Unreliable};
 use crate::shardkv::state::{KvState, SharedKvState};
@@ -72,6 +73,10 @@ pub struct NodeOptions {
     /// A kvserver's store memory (cache and memtables): what bounds its
     /// RSS whatever the data size. The shardmaster has no store.
     pub store: StoreOptions,
+    /// Joins a running group: on blank storage, this replica is a new
+    /// member that votes in nothing until `shardkvctl member add` (or the
+    /// operator) adds it. Ignored once the data directory holds state.
+    pub join: bool,
 }
 
 /// A node's Paxos tick unless told otherwise: heartbeats every 100 ms and
@@ -98,6 +103,7 @@ impl NodeOptions {
             snapshot_every_slots: ReplicaOptions::default().snapshot_every_slots,
             log_retain_slots: PaxosConfig::new(0, 1).log_retain_slots_max,
             store: StoreOptions::default(),
+            join: false,
         }
     }
 
@@ -145,13 +151,18 @@ impl NodeOptions {
 }
 
 /// What a data directory belongs to. Written on first start; a later start
-/// with other settings is refused rather than mixing two groups' data.
+/// with another role, group, id or shard count is refused rather than
+/// mixing two groups' data.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     pub role: String,
     /// 0 for the shardmaster.
     pub gid: Gid,
     pub id: u32,
+    /// Replicas in `--peers` at the first start: the group's first voters
+    /// (ids below it) when it was created. Later starts may name another
+    /// peer list (members change): the membership the group recorded is
+    /// what counts.
     pub replicas: usize,
     /// The shardmaster's shard count, fixed for its life.
     pub shards: Option<usize>,
@@ -185,7 +196,11 @@ pub struct DataDirLock {
 
 /// Creates the data directory if needed, locks it, and checks it belongs
 /// to `identity`. Keep the lock until the node has stopped.
-pub fn claim_data_dir(dir: &Path, identity: &Identity) -> Result<DataDirLock, NodeError> {
+/// Returns the identity the directory holds (`replicas` as first started).
+pub fn claim_data_dir(
+    dir: &Path,
+    identity: &Identity,
+) -> Result<(DataDirLock, Identity), NodeError> {
     std::fs::create_dir_all(dir).map_err(|e| data_dir_error(dir, format!("cannot create: {e}")))?;
     let lock_path = dir.join(LOCK_FILE);
     let lock_file = std::fs::OpenOptions::new()
@@ -208,17 +223,21 @@ pub fn claim_data_dir(dir: &Path, identity: &Identity) -> Result<DataDirLock, No
         }
     }
     let lock = DataDirLock { _file: lock_file };
-    check_identity(dir, identity)?;
-    Ok(lock)
+    let found = check_identity(dir, identity)?;
+    Ok((lock, found))
 }
 
-fn check_identity(dir: &Path, identity: &Identity) -> Result<(), NodeError> {
+fn check_identity(dir: &Path, identity: &Identity) -> Result<Identity, NodeError> {
     let file = dir.join(IDENTITY_FILE);
     match std::fs::read(&file) {
         Ok(bytes) => {
             let found: Identity = serde_json::from_slice(&bytes)
                 .map_err(|e| data_dir_error(dir, format!("unreadable {IDENTITY_FILE}: {e}")))?;
-            if &found != identity {
+            let same_replica = Identity {
+                replicas: found.replicas,
+                ..identity.clone()
+            };
+            if found != same_replica {
                 return Err(data_dir_error(
                     dir,
                     format!(
@@ -227,7 +246,15 @@ fn check_identity(dir: &Path, identity: &Identity) -> Result<(), NodeError> {
                     ),
                 ));
             }
-            Ok(())
+            if found.replicas != identity.replicas {
+                tracing::info!(
+                    first_peers = found.replicas,
+                    peers = identity.replicas,
+                    "--peers names another number of replicas than at the first start: \
+                     the group's recorded membership decides who its members are"
+                );
+            }
+            Ok(found)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             // Write then rename: a crash leaves either no file or a whole one.
@@ -242,7 +269,9 @@ fn check_identity(dir: &Path, identity: &Identity) -> Result<(), NodeError> {
                 std::fs::rename(&tmp, &file)?;
                 std::fs::File::open(dir)?.sync_all()
             };
-            write().map_err(|e| data_dir_error(dir, format!("cannot write {IDENTITY_FILE}: {e}")))
+            write()
+                .map_err(|e| data_dir_error(dir, format!("cannot write {IDENTITY_FILE}: {e}")))?;
+            Ok(identity.clone())
         }
         Err(e) => Err(data_dir_error(
             dir,
@@ -273,6 +302,7 @@ async fn bind_metrics(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, N
 fn start_replica<M: StateMachine>(
     group: &str,
     options: &NodeOptions,
+    identity: &Identity,
     machine: M,
 ) -> Result<(Replica, std::thread::JoinHandle<()>), NodeError> {
     // Storage of the versions before the write-ahead log. Opening the new
@@ -293,10 +323,37 @@ fn start_replica<M: StateMachine>(
         snapshot_every_slots: options.snapshot_every_slots,
         ..Default::default()
     };
-    let mut paxos_config = PaxosConfig::new(options.id, options.peers.len() as u32);
+    // The group's first voters are the peer list it was created with; a
+    // replica beyond it can only have joined.
+    let first_voters = u32::try_from(identity.replicas).unwrap_or(u32::MAX);
+    let mut paxos_config = PaxosConfig::new(options.id, first_voters);
+    paxos_config.joining = options.join || options.id >= first_voters;
     paxos_config.log_retain_slots_max = options.log_retain_slots;
-    Replica::start(paxos_config, storage, machine, transport, replica_options)
-        .map_err(|e| NodeError::Replica(e.to_string()))
+    let started = Replica::start(paxos_config, storage, machine, transport, replica_options)
+        .map_err(|e| NodeError::Replica(e.to_string()))?;
+    let membership = started.0.status().membership;
+    for (id, member) in &membership.members {
+        if options.peers.get(*id as usize) != Some(&member.address) {
+            tracing::warn!(
+                replica = id,
+                recorded = %member.address,
+                peers = ?options.peers.get(*id as usize),
+                epoch = membership.epoch,
+                "--peers disagrees with the group's recorded membership: following the recorded one"
+            );
+        }
+    }
+    Ok(started)
+}
+
+fn members_service(group: &str, options: &NodeOptions, replica: &Replica) -> MembersService {
+    MembersService::new(
+        group,
+        options.peers[options.id as usize].clone(),
+        options.peers.clone(),
+        options.tick,
+        replica.clone(),
+    )
 }
 
 /// A future that resolves once `rx` turns true.
@@ -420,7 +477,7 @@ pub async fn run_master(
     if shards == 0 {
         return Err(NodeError::Config("--shards must be at least 1".into()));
     }
-    let _lock = claim_data_dir(
+    let (_lock, identity) = claim_data_dir(
         &options.data_dir,
         &Identity {
             role: "master".into(),
@@ -434,17 +491,19 @@ pub async fn run_master(
     let listener = bind(&listen).await?;
     let metrics_listener = bind_metrics(options.metrics_addr).await?;
     let state = SharedMasterState::new(ShardMasterState::new(shards));
-    let (replica, thread) = start_replica("shardmaster", &options, state.clone())?;
+    let (replica, thread) = start_replica("shardmaster", &options, &identity, state.clone())?;
     let service = ShardMasterService::new(replica.clone(), state, &options.peers)
         .map_err(NodeError::Config)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
-    let peers = PaxosPeerService::new("shardmaster", options.peers.len() as u32, replica.clone());
+    let peers = PaxosPeerService::new("shardmaster", replica.clone());
+    let members = members_service("shardmaster", &options, &replica);
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(peers.into_server())
+        .add_service(members.into_server())
         .add_service(service.into_server());
     let metrics = Metrics::new("master", "shardmaster", options.id);
     tracing::info!(id = options.id, %listen, shards, "shardmaster replica started");
@@ -483,7 +542,7 @@ pub async fn run_kv(
             "--masters must name at least one shardmaster".into(),
         ));
     }
-    let _lock = claim_data_dir(
+    let (_lock, identity) = claim_data_dir(
         &options.data_dir,
         &Identity {
             role: "kv".into(),
@@ -526,7 +585,7 @@ pub async fn run_kv(
         ..Default::default()
     };
     let state = SharedKvState::new(kv_state);
-    let (replica, thread) = start_replica(&group, &options, state.clone())?;
+    let (replica, thread) = start_replica(&group, &options, &identity, state.clone())?;
     let metrics = Metrics::new("kv", &group, options.id);
     let server = KvServer::new(
         gid,
@@ -542,10 +601,12 @@ pub async fn run_kv(
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
-    let peers = PaxosPeerService::new(group.clone(), options.peers.len() as u32, replica.clone());
+    let peers = PaxosPeerService::new(group.clone(), replica.clone());
+    let members = members_service(&group, &options, &replica);
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(peers.into_server())
+        .add_service(members.into_server())
         .add_service(server.into_server());
     tracing::info!(gid, id = options.id, %listen, "kvserver started");
     let extra = move |m: &Metrics| {

@@ -11,10 +11,13 @@ pub mod storage;
 pub mod types;
 pub mod wal_storage;
 
-pub use self::core::{Config, MembershipError, Paxos, ProposeError, Ready, RoleKind, Stats};
+pub use self::core::{
+    Config, MemberProgress, MembershipChange, MembershipError, Paxos, ProposeError, Ready,
+    RoleKind, Stats,
+};
 pub use storage::{DurableState, MemStorage, PersistBatch, Storage, StorageError};
 pub use types::{
-    Ballot, Batch, Command, Incarnation, Incarnations, Members, Membership, Message, NodeId,
-    PromisedEntry, Slot, Snapshot, NODE_ID_LIMIT, STOP_SIGN_ORIGIN,
+    Ballot, Batch, Command, Incarnation, Incarnations, Member, Members, Membership, Message,
+    NodeId, PromisedEntry, Slot, Snapshot, NODE_ID_LIMIT, STOP_SIGN_ORIGIN,
 };
 pub use wal_storage::{WalOptions, WalStorage};

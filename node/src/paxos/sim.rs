@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 
-use super::core::{Config, MembershipError, Paxos, ProposeError, Ready};
+use super::core::{Config, MembershipChange, MembershipError, Paxos, ProposeError, Ready};
 use super::storage::{MemStorage, Storage};
 use super::types::{Batch, Members, Membership, Message, NodeId, Slot};
 
@@ -280,10 +280,46 @@ impl Sim {
         voters: Members,
         learners: Members,
     ) -> Result<Membership, MembershipError> {
+        // Replicas new to the proposer's membership join as they run now.
+        let current = match &self.nodes[id as usize] {
+            Some(node) => node.membership().clone(),
+            None => return Err(MembershipError::NotLeader { leader: None }),
+        };
+        let joiners =
+            crate::paxos::types::ids((voters | learners) & !(current.voters | current.learners))
+                .filter_map(|new| {
+                    let node = self.nodes[new as usize].as_ref()?;
+                    Some((
+                        new,
+                        crate::paxos::Member {
+                            incarnation: node.incarnation(),
+                            address: format!("sim-{new}"),
+                        },
+                    ))
+                })
+                .collect();
+        self.propose_change(
+            id,
+            MembershipChange {
+                voters,
+                learners,
+                joiners,
+                addresses: Default::default(),
+            },
+        )
+    }
+
+    /// Proposes `change` at replica `id` as given (see
+    /// `Paxos::propose_membership`).
+    pub fn propose_change(
+        &mut self,
+        id: NodeId,
+        change: MembershipChange,
+    ) -> Result<Membership, MembershipError> {
         let node = self.nodes[id as usize]
             .as_mut()
             .ok_or(MembershipError::NotLeader { leader: None })?;
-        let result = node.propose_membership(voters, learners);
+        let result = node.propose_membership(change);
         if let Ok(next) = &result {
             self.proposed
                 .insert(Batch::stop_sign(next).commands[0].data.clone());
@@ -355,10 +391,22 @@ impl Sim {
         let mut config = self.configs[id as usize].clone();
         config.seed = self.seed ^ self.restarts.wrapping_mul(0x9E37_79B9);
         config.proposal_id_start = self.restarts << 40;
-        config.blank_incarnation = self.restarts;
+        // Unique per life: the first lives took 1.
+        config.blank_incarnation = self.restarts + 1;
         let durable = self.storages[id as usize].load().expect("memory storage");
         self.nodes[id as usize] = Some(Paxos::new(config, durable));
         self.drain(id);
+    }
+
+    /// Crashes replica `id` (if up) and wipes its storage: its next
+    /// `restart` starts blank, as a joiner if `rejoin` (a new member under
+    /// the same id), or recovering its votes from its peers if not.
+    pub fn lose_disk(&mut self, id: NodeId, rejoin: bool) {
+        if self.nodes[id as usize].is_some() {
+            self.crash(id);
+        }
+        self.storages[id as usize] = MemStorage::new();
+        self.configs[id as usize].joining = rejoin;
     }
 
     /// Has the state machine of `id` compact its log at what it has applied.

@@ -1,5 +1,7 @@
 //! Values and messages of the Multi-Paxos protocol.
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -85,6 +87,23 @@ pub struct Membership {
     /// Replicas that receive the log but do not vote (new members catching
     /// up, to be promoted by a later change).
     pub learners: Members,
+    /// Who each member is and where it is reached, recorded by the change
+    /// that made this membership (empty for the group as first started,
+    /// whose members are its peer list). A member is one life of a
+    /// replica's storage: a replica whose incarnation differs from its
+    /// record (it started again from a blank disk) is not that member,
+    /// neither voting nor counted, until a change records it anew.
+    pub members: BTreeMap<NodeId, Member>,
+}
+
+/// One member's identity in a [`Membership`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Member {
+    /// The life of its storage that is the member (see [`Incarnation`]).
+    pub incarnation: Incarnation,
+    /// Where its peers and clients reach it (`host:port`), for the
+    /// drivers: the core only carries it.
+    pub address: String,
 }
 
 impl Membership {
@@ -96,7 +115,15 @@ impl Membership {
             first_slot: 1,
             voters: members_below(replicas),
             learners: 0,
+            members: BTreeMap::new(),
         }
+    }
+
+    /// Whether `incarnation` is the life of replica `id` this membership
+    /// means: the recorded one, or any if nothing is recorded (the group
+    /// as first started).
+    pub fn is_recorded(&self, id: NodeId, incarnation: Incarnation) -> bool {
+        self.members.is_empty() || self.members.get(&id).map(|m| m.incarnation) == Some(incarnation)
     }
 
     pub fn is_voter(&self, id: NodeId) -> bool {

@@ -6,6 +6,7 @@
 //! bounded channel per peer; when it is full (peer slow or down) new messages
 //! are dropped, which Paxos tolerates by retrying.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -14,7 +15,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Replica, Transport};
-use crate::paxos::{Message, NodeId};
+use crate::paxos::{Membership, Message, NodeId, NODE_ID_LIMIT};
 use crate::proto::paxos_peer_client::PaxosPeerClient;
 use crate::proto::paxos_peer_server::{PaxosPeer, PaxosPeerServer};
 use crate::proto::{DeliverAck, PeerMessage};
@@ -28,35 +29,62 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Sends one replica's messages to its peers over gRPC.
 pub struct GrpcTransport {
-    /// One queue per peer (None for ourselves).
-    queues: Vec<Option<mpsc::Sender<Message>>>,
+    /// Names the group in every envelope, so a misrouted stream is refused.
+    group: String,
+    me: NodeId,
+    /// One queue per peer, with the address its sender task reaches. A
+    /// member removed keeps its queue (the core stops sending to it once
+    /// it is told); one whose address changes gets a new task.
+    queues: HashMap<NodeId, (String, mpsc::Sender<Message>)>,
+    /// The runtime the sender tasks run on: a new member's task is
+    /// started from the replica's own thread, which has none.
+    runtime: tokio::runtime::Handle,
 }
 
 impl GrpcTransport {
-    /// Starts a sender task per peer on the current tokio runtime.
+    /// Starts a sender task per peer on the current tokio runtime (the
+    /// caller must be in one).
     /// `peers[i]` is replica i's `host:port`; `group` names the replica group.
     pub fn start(group: &str, me: NodeId, peers: &[String]) -> Self {
-        let queues = peers
-            .iter()
-            .enumerate()
-            .map(|(i, addr)| {
-                if i == me as usize {
-                    return None;
-                }
-                let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
-                tokio::spawn(peer_sender(addr.clone(), group.to_string(), me, rx));
-                Some(tx)
-            })
-            .collect();
-        GrpcTransport { queues }
+        let mut transport = GrpcTransport {
+            group: group.to_string(),
+            me,
+            queues: HashMap::new(),
+            runtime: tokio::runtime::Handle::current(),
+        };
+        for (id, addr) in peers.iter().enumerate() {
+            transport.reach(id as NodeId, addr);
+        }
+        transport
+    }
+
+    /// Sends to `id` at `addr` from now on.
+    fn reach(&mut self, id: NodeId, addr: &str) {
+        if id == self.me || addr.is_empty() {
+            return;
+        }
+        if self.queues.get(&id).is_some_and(|(known, _)| known == addr) {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+        // The previous task, if any, ends when its queue closes.
+        let sender = peer_sender(addr.to_string(), self.group.clone(), self.me, rx);
+        self.runtime.spawn(sender);
+        self.queues.insert(id, (addr.to_string(), tx));
     }
 }
 
 impl Transport for GrpcTransport {
     fn send(&self, to: NodeId, msg: Message) {
-        if let Some(Some(queue)) = self.queues.get(to as usize) {
+        if let Some((_, queue)) = self.queues.get(&to) {
             // Full or closed: drop; the protocol resends what it needs.
             let _ = queue.try_send(msg);
+        }
+    }
+
+    fn update_members(&mut self, membership: &Membership) {
+        for (id, member) in &membership.members {
+            self.reach(*id, &member.address);
         }
     }
 }
@@ -77,6 +105,9 @@ async fn peer_sender(addr: String, group: String, me: NodeId, mut rx: mpsc::Rece
                 tracing::debug!(%addr, error = %e, "peer unreachable");
                 // What queued while the peer was away is stale: discard it.
                 while rx.try_recv().is_ok() {}
+                if rx.is_closed() {
+                    return; // the peer has a new address, or the node stops
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
                 continue;
@@ -119,16 +150,13 @@ async fn peer_sender(addr: String, group: String, me: NodeId, mut rx: mpsc::Rece
 pub struct PaxosPeerService {
     /// Must match the sender's group: a misrouted stream is refused.
     group: String,
-    /// Group size, to refuse senders that cannot be members.
-    peers: u32,
     replica: Replica,
 }
 
 impl PaxosPeerService {
-    pub fn new(group: impl Into<String>, peers: u32, replica: Replica) -> Self {
+    pub fn new(group: impl Into<String>, replica: Replica) -> Self {
         PaxosPeerService {
             group: group.into(),
-            peers,
             replica,
         }
     }
@@ -154,10 +182,12 @@ impl PaxosPeer for PaxosPeerService {
                     envelope.group, self.group
                 )));
             }
-            if envelope.from >= self.peers {
+            if envelope.from >= NODE_ID_LIMIT {
+                // The core checks membership; this only refuses what
+                // cannot be a replica id at all.
                 return Err(Status::invalid_argument(format!(
-                    "sender {} is not a member of a {}-replica group",
-                    envelope.from, self.peers
+                    "sender {} is not a replica id (they are below {NODE_ID_LIMIT})",
+                    envelope.from
                 )));
             }
             let msg: Message = postcard::from_bytes(&envelope.payload)

@@ -12,6 +12,7 @@
 
 pub mod grpc;
 pub mod local;
+pub mod members;
 
 use std::collections::HashMap;
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
@@ -23,7 +24,8 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
 use crate::paxos::{
-    Ballot, Config, Message, NodeId, Paxos, ProposeError, RoleKind, Slot, Storage, StorageError,
+    Ballot, Config, Incarnation, MemberProgress, Membership, MembershipChange, MembershipError,
+    Message, NodeId, Paxos, ProposeError, RoleKind, Slot, Storage, StorageError,
 };
 
 /// The replicated application. Called only from the replica's thread, in
@@ -196,6 +198,11 @@ impl<T: StateMachine> StateMachine for SharedMachine<T> {
 /// retries what matters).
 pub trait Transport: Send + 'static {
     fn send(&self, to: NodeId, msg: Message);
+    /// The group's membership is now `membership` (at start, and after
+    /// each change): reach its members at their recorded addresses.
+    fn update_members(&mut self, membership: &Membership) {
+        let _ = membership;
+    }
 }
 
 /// Driver settings.
@@ -242,6 +249,8 @@ pub enum ReplicaError {
     Storage(String),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("membership change refused: {0}")]
+    Membership(MembershipError),
 }
 
 impl From<ProposeError> for ReplicaError {
@@ -274,12 +283,35 @@ pub struct Status {
     pub campaigns: u64,
     /// False once the replica thread has stopped (shut down or failed).
     pub running: bool,
+    /// The membership in force here: who votes and who learns.
+    pub membership: Membership,
+    /// The life of this replica's storage, which a change records when it
+    /// adds this replica.
+    pub incarnation: Incarnation,
+    /// As leader, each other member's progress (empty otherwise), for
+    /// `member list` and for promoting a learner once it has caught up.
+    pub members_progress: Vec<MemberProgress>,
+}
+
+impl Status {
+    /// The leader's address, if the group's membership records it (after
+    /// its first change; before, a member's address is its place in the
+    /// peer list the group was created with).
+    pub fn leader_address(&self) -> Option<&str> {
+        let leader = self.leader?;
+        let member = self.membership.members.get(&leader)?;
+        Some(member.address.as_str()).filter(|a| !a.is_empty())
+    }
 }
 
 enum Input {
     Message(NodeId, Message),
     Propose(Bytes, oneshot::Sender<Result<Bytes, ReplicaError>>),
     ReadBarrier(oneshot::Sender<Result<(), ReplicaError>>),
+    ChangeMembership(
+        MembershipChange,
+        oneshot::Sender<Result<Membership, ReplicaError>>,
+    ),
     Shutdown,
 }
 
@@ -289,7 +321,7 @@ impl Input {
         match self {
             Input::Message(_, msg) => msg.payload_bytes(),
             Input::Propose(command, _) => command.len(),
-            Input::ReadBarrier(_) | Input::Shutdown => 0,
+            Input::ReadBarrier(_) | Input::ChangeMembership(..) | Input::Shutdown => 0,
         }
     }
 }
@@ -378,6 +410,7 @@ impl Replica {
                     waiters: HashMap::new(),
                     read_waiters: HashMap::new(),
                     reads_applying: Vec::new(),
+                    membership_waiters: Vec::new(),
                     status: status_tx,
                     handle,
                     syncs: 0,
@@ -424,6 +457,18 @@ impl Replica {
     /// answers; a leadership change first gives `NotLeader`.
     pub async fn read_barrier(&self) -> Result<(), ReplicaError> {
         self.ask(Input::ReadBarrier).await
+    }
+
+    /// Asks this replica, as leader, to change the group's membership;
+    /// resolves once the change is decided and in force here (the new
+    /// membership), or with why it was refused. A leadership change before
+    /// then is `OutcomeUnknown`: read the membership to see.
+    pub async fn change_membership(
+        &self,
+        change: MembershipChange,
+    ) -> Result<Membership, ReplicaError> {
+        self.ask(|reply| Input::ChangeMembership(change, reply))
+            .await
     }
 
     /// Queues a request for the replica thread and awaits its answer; a
@@ -497,6 +542,9 @@ fn status_of(paxos: &Paxos, dropped: u64, syncs: u64, running: bool) -> Status {
         syncs,
         campaigns: paxos.stats().pre_votes_started + paxos.stats().elections_started,
         running,
+        membership: paxos.membership().clone(),
+        incarnation: paxos.incarnation(),
+        members_progress: paxos.members_progress(),
     }
 }
 
@@ -513,6 +561,8 @@ struct Driver<S, M, T> {
     /// Confirmed reads waiting for the state machine to reach their index
     /// (only after a new leader's takeover; otherwise it already has).
     reads_applying: Vec<(Slot, oneshot::Sender<Result<(), ReplicaError>>)>,
+    /// Callers of `change_membership`, by the epoch their change starts.
+    membership_waiters: Vec<(u64, oneshot::Sender<Result<Membership, ReplicaError>>)>,
     status: watch::Sender<Status>,
     handle: Replica,
     syncs: u64,
@@ -529,6 +579,7 @@ struct Driver<S, M, T> {
 impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
     fn run(&mut self, rx: mpsc::Receiver<Input>) -> Result<(), StorageError> {
         let mut next_tick = Instant::now() + self.options.tick;
+        self.transport.update_members(self.paxos.membership());
         self.handle_ready()?;
         loop {
             let timeout = next_tick.saturating_duration_since(Instant::now());
@@ -588,6 +639,12 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e.into()));
+                }
+            },
+            Input::ChangeMembership(change, reply) => match self.paxos.propose_membership(change) {
+                Ok(next) => self.membership_waiters.push((next.epoch, reply)),
+                Err(e) => {
+                    let _ = reply.send(Err(ReplicaError::Membership(e)));
                 }
             },
             Input::Shutdown => return false,
@@ -686,6 +743,18 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
                 .end_turn()
                 .map_err(|e| StorageError::Io(format!("state machine: {e}")))?;
         }
+        if let Some(membership) = &ready.membership {
+            // After this turn's messages, which may still tell removed
+            // members of their removal.
+            self.transport.update_members(membership);
+            let (done, waiting) = std::mem::take(&mut self.membership_waiters)
+                .into_iter()
+                .partition::<Vec<_>, _>(|(epoch, _)| *epoch <= membership.epoch);
+            self.membership_waiters = waiting;
+            for (_, waiter) in done {
+                let _ = waiter.send(Ok(membership.clone()));
+            }
+        }
         let leader = self.paxos.leader_hint();
         let mut read_answers = Vec::new();
         for id in ready.dropped {
@@ -716,6 +785,9 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
             // leader, or not: the caller must retry with deduplication.
             for (_, waiter) in self.waiters.drain() {
                 answers.push((waiter, Err(ReplicaError::OutcomeUnknown)));
+            }
+            for (_, waiter) in self.membership_waiters.drain(..) {
+                let _ = waiter.send(Err(ReplicaError::OutcomeUnknown));
             }
         }
         self.led_in = leading;
@@ -797,6 +869,9 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
 
     fn stop(&mut self) {
         for (_, waiter) in self.waiters.drain() {
+            let _ = waiter.send(Err(ReplicaError::Stopped));
+        }
+        for (_, waiter) in self.membership_waiters.drain(..) {
             let _ = waiter.send(Err(ReplicaError::Stopped));
         }
         let reads = self.read_waiters.drain().map(|(_, w)| w);

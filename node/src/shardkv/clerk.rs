@@ -22,7 +22,7 @@ use super::{key_to_shard, InvalidRequest, Limits};
 use crate::proto::kv as pb;
 use crate::proto::kv::shard_kv_client::ShardKvClient;
 use crate::shardmaster::client::{ClientError, ShardMasterClient};
-use crate::shardmaster::service::leader_hint;
+use crate::shardmaster::service::next_server;
 use crate::shardmaster::{Config, Gid};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
@@ -380,9 +380,7 @@ impl Clerk {
                 }
                 Ok(Err(status)) => {
                     last_error = format!("{addr}: {}", status.message());
-                    index = leader_hint(&status)
-                        .filter(|h| *h < n && *h != index)
-                        .unwrap_or((index + 1) % n);
+                    index = next_server(&status, servers, index);
                 }
                 Err(_) => {
                     last_error = format!("{addr}: no answer within {attempt:?}");

@@ -11,7 +11,7 @@ use tonic::transport::Channel;
 use tonic::{Response, Status};
 
 use crate::proto::kv::shard_kv_client::ShardKvClient;
-use crate::shardmaster::service::leader_hint;
+use crate::shardmaster::service::next_server;
 
 /// Past this many addresses the pool is cleared: configurations name few
 /// servers, so this only guards against unbounded growth under churn.
@@ -86,9 +86,7 @@ impl ChannelPool {
                 Ok(Ok(response)) => return Ok(response.into_inner()),
                 Ok(Err(status)) => {
                     last_error = format!("{addr}: {}", status.message());
-                    index = leader_hint(&status)
-                        .filter(|h| *h < servers.len() && *h != index)
-                        .unwrap_or((index + 1) % servers.len());
+                    index = next_server(&status, servers, index);
                 }
                 Err(_) => {
                     last_error = format!("{addr}: no answer");

@@ -23,7 +23,7 @@ use crate::proto::kv as pb;
 use crate::proto::kv::shard_kv_server::{ShardKv, ShardKvServer};
 use crate::replica::{Replica, ReplicaError};
 use crate::shardmaster::client::{ClientError, ShardMasterClient};
-use crate::shardmaster::service::not_leader;
+use crate::shardmaster::service::{not_leader, not_leader_at};
 use crate::shardmaster::{Config, Gid};
 
 /// Shard transfers can be large; client requests are bounded by [`Limits`].
@@ -125,6 +125,9 @@ struct Shared {
     /// the copy for the owner's stragglers up to `straggler_grace` longer,
     /// and whether the last look found one still lacking it.
     installed_seen: Mutex<BTreeMap<(u64, u64), (tokio::time::Instant, bool)>>,
+    /// The server list this replica last had the shardmaster record for
+    /// the group (see `report_members`): reported once, not every round.
+    members_reported: Mutex<Option<Vec<String>>>,
     /// When this process last proposed a Clock: the pace of logged time.
     last_clock: Mutex<Option<tokio::time::Instant>>,
 }
@@ -176,6 +179,7 @@ impl KvServer {
                 departed_failing: Mutex::new(BTreeMap::new()),
                 releasing: Mutex::new(BTreeMap::new()),
                 installed_seen: Mutex::new(BTreeMap::new()),
+                members_reported: Mutex::new(None),
                 last_clock: Mutex::new(None),
             }),
         }
@@ -289,9 +293,24 @@ impl KvServer {
             .replica
             .propose(Bytes::from(bytes))
             .await
-            .map_err(replica_status)?;
+            .map_err(|e| self.replica_error(e))?;
         postcard::from_bytes(&reply)
             .map_err(|e| Status::internal(format!("undecodable reply: {e}")))
+    }
+
+    /// A replica's refusal as the client sees it: "not the leader" names
+    /// the leader by id and, once the group records it, by address.
+    fn replica_error(&self, e: ReplicaError) -> Status {
+        match e {
+            ReplicaError::NotLeader { leader } => {
+                let status = self.inner.replica.status();
+                not_leader_at(
+                    leader,
+                    status.leader_address().filter(|_| status.leader == leader),
+                )
+            }
+            e => replica_status(e),
+        }
     }
 
     /// A Get: linearizable through a read barrier (the leader confirms it
@@ -302,7 +321,7 @@ impl KvServer {
             .replica
             .read_barrier()
             .await
-            .map_err(replica_status)?;
+            .map_err(|e| self.replica_error(e))?;
         let reply = self.inner.state.lock().get(key);
         reply.map(CommandReply::Op).map_err(|e| {
             if e.is_corrupt() {
@@ -314,6 +333,53 @@ impl KvServer {
             }
             store_status(e)
         })
+    }
+
+    /// After the group changes its members, has the shardmaster record its
+    /// voters as the group's servers (a Join of the gid with the new list:
+    /// a logged step there, as the change is in the group's own log), so
+    /// clerks and other groups find them. Any leader of the group does it,
+    /// from the membership it has applied; once per list.
+    async fn report_members(&self) {
+        let status = self.inner.replica.status();
+        let membership = &status.membership;
+        if membership.members.is_empty() {
+            return; // never changed: the servers the group joined with
+        }
+        let servers: Vec<String> = membership
+            .voter_ids()
+            .filter_map(|id| membership.members.get(&id))
+            .map(|m| m.address.clone())
+            .collect();
+        let recorded = {
+            let s = self.inner.state.lock();
+            match s.config.groups.get(&self.inner.gid) {
+                Some(recorded) => recorded.clone(),
+                // Not joined, or left: a Join would add it.
+                None => return,
+            }
+        };
+        if recorded == servers || lock(&self.inner.members_reported).as_ref() == Some(&servers) {
+            return;
+        }
+        match self
+            .inner
+            .masters
+            .join(self.inner.gid, servers.clone())
+            .await
+        {
+            Ok(config) => {
+                tracing::info!(
+                    gid = self.inner.gid,
+                    epoch = membership.epoch,
+                    ?servers,
+                    config = config.num,
+                    "the shardmaster records the group's new members"
+                );
+                *lock(&self.inner.members_reported) = Some(servers);
+            }
+            Err(e) => tracing::debug!(error = %e, "could not report the group's members"),
+        }
     }
 
     /// One round of the leader's work: take the next configuration if the
@@ -330,6 +396,7 @@ impl KvServer {
             }
         };
         self.advance_clock().await;
+        self.report_members().await;
         let (num, ready) = {
             let s = self.inner.state.lock();
             (s.config.num, s.ready_for_next_config())
@@ -1366,5 +1433,6 @@ fn replica_status(e: ReplicaError) -> Status {
         ReplicaError::Storage(e) | ReplicaError::Config(e) => {
             Status::internal(format!("replica failure: {e}"))
         }
+        ReplicaError::Membership(e) => Status::failed_precondition(e.to_string()),
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use super::service::{from_proto, leader_hint};
+use super::service::{from_proto, next_server};
 use super::{Config, Gid};
 use crate::proto::shardmaster as pb;
 use crate::proto::shardmaster::shard_master_client::ShardMasterClient as PbClient;
@@ -38,6 +38,9 @@ struct Inner {
     /// Lazily connected channels, one per replica; reconnect (and re-resolve
     /// the name) on their own after a failure.
     channels: Vec<Channel>,
+    /// The replicas' addresses, as `channels`: a refusal names the leader
+    /// by address.
+    servers: Vec<String>,
     /// Random per client: with `seq` it makes every request unique, so a
     /// retried request is applied once.
     client_id: u64,
@@ -73,6 +76,7 @@ impl ShardMasterClient {
             inner: std::sync::Arc::new(Inner {
                 preferred: AtomicUsize::new(client_id as usize % channels.len()),
                 channels,
+                servers: servers.to_vec(),
                 client_id,
                 seq: AtomicU64::new(1),
                 timeout,
@@ -158,8 +162,7 @@ impl ShardMasterClient {
                 }
                 Ok(Err(status)) => {
                     last_error = format!("replica {index}: {}", status.message());
-                    let hint = leader_hint(&status).filter(|h| *h < n && *h != index);
-                    index = hint.unwrap_or((index + 1) % n);
+                    index = next_server(&status, &self.inner.servers, index);
                 }
                 Err(_) => {
                     last_error = format!("replica {index}: no answer within {ATTEMPT_TIMEOUT:?}");

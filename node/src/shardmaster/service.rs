@@ -3,6 +3,8 @@
 //! follower forwards either to the leader (one hop), so any replica may be
 //! asked.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,6 +22,8 @@ use crate::replica::{Replica, ReplicaError};
 const FORWARDED: &str = "x-shardkv-forwarded";
 /// Metadata naming the leader's index when a request is refused.
 pub const LEADER_HINT: &str = "x-shardkv-leader";
+/// Metadata naming the leader's address when a request is refused.
+pub const LEADER_ADDRESS_HINT: &str = "x-shardkv-leader-address";
 /// How long a forwarded request may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -30,9 +34,12 @@ pub struct ShardMasterService {
     replica: Replica,
     /// What the replica has applied, for queries after a read barrier.
     state: SharedMasterState,
-    /// Client-API channels to every replica, by id, for forwarding to the
-    /// leader. Lazy: connected (and the name resolved) on first use.
-    peers: Vec<Channel>,
+    /// The peer list the replica was started with: replica i's address
+    /// until the group records its members' addresses (its first change).
+    peers: Vec<String>,
+    /// Client-API channels to the leaders forwarded to, by address. Lazy:
+    /// connected (and the name resolved) on first use.
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl ShardMasterService {
@@ -42,19 +49,38 @@ impl ShardMasterService {
         state: SharedMasterState,
         peers: &[String],
     ) -> Result<Self, String> {
-        let peers = peers
-            .iter()
-            .map(|addr| {
-                crate::net::endpoint(addr)
-                    .map(|e| e.connect_timeout(Duration::from_secs(2)).connect_lazy())
-                    .map_err(|e| format!("invalid address {addr}: {e}"))
-            })
-            .collect::<Result<_, _>>()?;
+        for addr in peers {
+            crate::net::endpoint(addr).map_err(|e| format!("invalid address {addr}: {e}"))?;
+        }
         Ok(ShardMasterService {
             replica,
             state,
-            peers,
+            peers: peers.to_vec(),
+            channels: Default::default(),
         })
+    }
+
+    /// A channel to replica `leader`, at its recorded address or, before
+    /// the group records any, its place in the peer list.
+    fn channel_to(&self, leader: u32) -> Option<(String, Channel)> {
+        let status = self.replica.status();
+        let address = match status.membership.members.get(&leader) {
+            Some(member) => member.address.clone(),
+            None if status.membership.members.is_empty() => {
+                self.peers.get(leader as usize)?.clone()
+            }
+            None => return None,
+        };
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(channel) = channels.get(&address) {
+            return Some((address, channel.clone()));
+        }
+        let channel = crate::net::endpoint(&address)
+            .ok()?
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        channels.insert(address.clone(), channel.clone());
+        Some((address, channel))
     }
 
     pub fn into_server(self) -> ShardMasterServer<Self> {
@@ -125,7 +151,7 @@ impl ShardMasterService {
             Err(ReplicaError::NotLeader {
                 leader: Some(leader),
             }) if !forwarded => {
-                let Some(channel) = self.peers.get(leader as usize) else {
+                let Some((_, channel)) = self.channel_to(leader) else {
                     return Err(not_leader(Some(leader)));
                 };
                 let mut inner = GrpcRequest::new(grpc.into_inner());
@@ -135,12 +161,16 @@ impl ShardMasterService {
                 inner.set_timeout(FORWARD_TIMEOUT);
                 forward(PbClient::new(channel.clone()), inner).await
             }
-            Err(ReplicaError::NotLeader { leader }) => Err(not_leader(leader)),
+            Err(ReplicaError::NotLeader { leader }) => {
+                let address = leader.and_then(|l| self.channel_to(l)).map(|(a, _)| a);
+                Err(not_leader_at(leader, address.as_deref()))
+            }
             Err(ReplicaError::Busy) => Err(Status::resource_exhausted("shardmaster is overloaded")),
             Err(ReplicaError::OutcomeUnknown) => Err(Status::unavailable(
                 "leader changed before the request was decided; retry with the same tag",
             )),
             Err(ReplicaError::Stopped) => Err(Status::unavailable("replica is shutting down")),
+            Err(ReplicaError::Membership(e)) => Err(Status::failed_precondition(e.to_string())),
             Err(ReplicaError::Storage(e) | ReplicaError::Config(e)) => {
                 Err(Status::internal(format!("replica failure: {e}")))
             }
@@ -160,6 +190,17 @@ pub fn not_leader(leader: Option<u32>) -> Status {
     status
 }
 
+/// "Not the leader", naming the leader's id and, where known, its address
+/// (ids index a client's server list only while the group has the members
+/// it was created with).
+pub fn not_leader_at(leader: Option<u32>, address: Option<&str>) -> Status {
+    let mut status = not_leader(leader);
+    if let Some(v) = address.and_then(|a| a.parse().ok()) {
+        status.metadata_mut().insert(LEADER_ADDRESS_HINT, v);
+    }
+    status
+}
+
 /// The leader index a refusal names, if any.
 pub fn leader_hint(status: &Status) -> Option<usize> {
     status
@@ -167,6 +208,23 @@ pub fn leader_hint(status: &Status) -> Option<usize> {
         .get(LEADER_HINT)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
+}
+
+/// Which of `servers` to try after `tried` refused with `status`: the
+/// leader it names, by address if it gives one, else by index; the next
+/// one in turn if it names none (or itself, or one not in the list).
+pub fn next_server(status: &Status, servers: &[String], tried: usize) -> usize {
+    let n = servers.len().max(1);
+    let by_address = status
+        .metadata()
+        .get(LEADER_ADDRESS_HINT)
+        .and_then(|v| v.to_str().ok())
+        .map(|addr| servers.iter().position(|s| s == addr));
+    let hinted = match by_address {
+        Some(position) => position,
+        None => leader_hint(status).filter(|h| *h < n),
+    };
+    hinted.filter(|h| *h != tried).unwrap_or((tried + 1) % n)
 }
 
 /// Converts a configuration to its wire form.

@@ -6,7 +6,7 @@
 
 use crate::common::*;
 use shardkv::paxos::sim::{test_seed, Sim};
-use shardkv::paxos::{Members, MembershipError, NodeId, RoleKind};
+use shardkv::paxos::{Members, MembershipChange, MembershipError, NodeId, RoleKind};
 
 fn set(ids: &[NodeId]) -> Members {
     ids.iter().fold(0, |set, id| set | 1 << id)
@@ -98,6 +98,78 @@ fn a_group_grows_from_3_to_5_through_learners_and_shrinks_to_another_3() {
     sim.crash(1);
     write(&mut sim, "after", 5, 3);
     assert_converged_among(&mut sim, &[2, 3, 4]);
+}
+
+#[test]
+fn a_member_started_again_from_a_blank_disk_counts_for_nothing_until_added_anew() {
+    let mut sim = Sim::with_spares(3, 1, test_seed("blank_member"), |_| {});
+    await_leader(&mut sim);
+    change(&mut sim, &[0, 1, 2], &[3]);
+    change(&mut sim, &[0, 1, 3], &[]);
+    write(&mut sim, "three", 3, 3);
+    let lost_life = sim.node(3).map(|n| n.incarnation());
+
+    // Replica 3 loses its disk and starts again as a joiner under its id.
+    sim.lose_disk(3, true);
+    sim.restart(3);
+    assert_ne!(sim.node(3).map(|n| n.incarnation()), lost_life);
+    sim.crash(2); // removed already: out of the way
+    let led = sim.run_until(PATIENCE_TICKS, |s| matches!(s.leader(), Some(0 | 1)));
+    assert!(led, "seed {}: neither 0 nor 1 leads", sim.seed);
+    let leader = sim.leader().unwrap_or_default();
+    let other = 1 - leader;
+    sim.crash(other);
+    // Voters `leader` and 3 of {0, 1, 3} are up, but 3 is not the life
+    // the membership records: nothing can be decided.
+    sim.propose(leader, "blank-vote")
+        .expect("the leader takes it");
+    sim.run(PATIENCE_TICKS);
+    assert_eq!(
+        sim.decided_count(b"blank-vote"),
+        0,
+        "seed {}: a replica that lost its disk voted as the member it was",
+        sim.seed
+    );
+    assert_eq!(sim.node(3).map(|n| n.role()), Some(RoleKind::NotMember));
+
+    // Replaced: removed as the old life, added as the new, promoted.
+    sim.restart(other);
+    let new_life = sim.node(3).map(|n| n.incarnation()).unwrap_or_default();
+    let mut proposed = None;
+    sim.run_until(PATIENCE_TICKS, |s| s.leader().is_some());
+    for _ in 0..PATIENCE_TICKS {
+        if let Some(leader) = sim.leader() {
+            let replace = shardkv::paxos::MembershipChange {
+                voters: set(&[0, 1]),
+                learners: set(&[3]),
+                joiners: [(
+                    3,
+                    shardkv::paxos::Member {
+                        incarnation: new_life,
+                        address: "sim-3".into(),
+                    },
+                )]
+                .into(),
+                addresses: Default::default(),
+            };
+            if let Ok(next) = sim.propose_change(leader, replace) {
+                proposed = Some(next);
+                break;
+            }
+        }
+        sim.run(1);
+    }
+    let replaced = proposed.expect("a leader takes the replacement");
+    assert!(sim.run_until(PATIENCE_TICKS, |s| {
+        s.node(3).is_some_and(|n| {
+            n.membership().epoch >= replaced.epoch && n.role() == RoleKind::Learner
+        })
+    }));
+    change(&mut sim, &[0, 1, 3], &[]);
+    write(&mut sim, "replaced", 3, 3);
+    sim.crash(1);
+    write(&mut sim, "with-the-new-life", 3, 2);
+    assert_converged_among(&mut sim, &[0, 3]);
 }
 
 #[test]
@@ -236,7 +308,11 @@ fn a_single_voter_sends_nothing_of_its_new_ballot_before_its_promise_is_durable(
     }
     outputs.clear();
     let next = nodes[0]
-        .propose_membership(set(&[0]), set(&[1, 2]))
+        .propose_membership(MembershipChange {
+            voters: set(&[0]),
+            learners: set(&[1, 2]),
+            ..Default::default()
+        })
         .expect("the leader takes it");
     settle(&mut nodes, &mut outputs);
     assert_eq!(nodes[0].membership(), &next);
@@ -257,7 +333,11 @@ fn a_single_voter_sends_nothing_of_its_new_ballot_before_its_promise_is_durable(
     outputs.clear();
     nodes[0].propose("alone".into()).expect("the voter leads");
     let back = nodes[0]
-        .propose_membership(set(&[0, 1]), set(&[2]))
+        .propose_membership(MembershipChange {
+            voters: set(&[0, 1]),
+            learners: set(&[2]),
+            ..Default::default()
+        })
         .expect("learner 1 has caught up");
     settle(&mut nodes, &mut outputs);
     assert_eq!(

@@ -36,8 +36,10 @@ use std::hash::{Hash, Hasher};
 use std::time::Instant;
 
 use bytes::Bytes;
+use shardkv::paxos::types::{ids, members_below};
 use shardkv::paxos::{
-    Batch, Config, DurableState, Members, Message, NodeId, Paxos, PersistBatch, RoleKind, Slot,
+    Batch, Config, DurableState, Member, Members, MembershipChange, Message, NodeId, Paxos,
+    PersistBatch, RoleKind, Slot,
 };
 
 /// A replica blocked in its sync: what completes when the sync does.
@@ -133,6 +135,27 @@ const BASE: Bounds = Bounds {
     cut: &[],
     goal: None,
 };
+
+/// The change to `voters` and `learners`, the replicas beyond the first
+/// `peers` joining as the life they start as (the config's blank
+/// incarnation: the model never loses a joiner's disk).
+fn change_to(voters: Members, learners: Members, bounds: &Bounds) -> MembershipChange {
+    let spares = (voters | learners) & !members_below(bounds.peers);
+    MembershipChange {
+        voters,
+        learners,
+        joiners: ids(spares)
+            .map(|id| {
+                let member = Member {
+                    incarnation: config(id, bounds).blank_incarnation,
+                    address: format!("model-{id}"),
+                };
+                (id, member)
+            })
+            .collect(),
+        addresses: Default::default(),
+    }
+}
 
 fn config(id: NodeId, bounds: &Bounds) -> Config {
     let mut c = Config::new_group(id, bounds.peers);
@@ -341,7 +364,7 @@ fn successors(state: &State, bounds: &Bounds) -> Result<Vec<State>, String> {
                     let taken = s.nodes[i]
                         .as_mut()
                         .unwrap()
-                        .propose_membership(voters, learners);
+                        .propose_membership(change_to(voters, learners, bounds));
                     if taken.is_ok() {
                         s.changes_made += 1;
                         drain(&mut s, id, bounds)?;

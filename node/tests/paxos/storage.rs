@@ -607,6 +607,15 @@ fn memberships_survive_reopens_and_the_deletion_of_the_segment_that_recorded_the
                 first_slot: 11,
                 voters: 0b111,
                 learners: 0b1000,
+                members: (0..4)
+                    .map(|id| {
+                        let member = shardkv::paxos::Member {
+                            incarnation: 100 + u64::from(id),
+                            address: format!("node-{id}.example:7000"),
+                        };
+                        (id, member)
+                    })
+                    .collect(),
             },
         ]),
         ..Default::default()

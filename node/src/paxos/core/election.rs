@@ -209,6 +209,11 @@ impl Paxos {
             );
             return;
         }
+        if !self.is_voter(self.config.id) {
+            // A learner, or a life of this replica the membership does not
+            // record: its promise is no vote.
+            return;
+        }
         if ballot > self.promised {
             self.step_down(Some(ballot.node));
             self.set_promised(ballot);

@@ -17,7 +17,23 @@
 //! how a new member learns it is one, and a removed one that it is not.
 
 use super::*;
-use crate::paxos::types::ids;
+use crate::paxos::types::{ids, Member};
+
+/// A membership change, as asked of the leader.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MembershipChange {
+    /// Who votes after the change.
+    pub voters: Members,
+    /// Who receives the log without voting after the change.
+    pub learners: Members,
+    /// Each replica new to the group, or a new life of one (it started
+    /// again from a blank disk): the incarnation it runs as, and its
+    /// address. Every member without a record needs one.
+    pub joiners: BTreeMap<NodeId, Member>,
+    /// Addresses of members the group has no record of yet (a group
+    /// started from a peer list, at its first change).
+    pub addresses: BTreeMap<NodeId, String>,
+}
 
 /// Why a membership change was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -32,6 +48,10 @@ pub enum MembershipError {
     VoterAndLearner { id: NodeId },
     #[error("the membership is already that")]
     Unchanged,
+    #[error("replica {id} is new to the group: its incarnation and address are needed")]
+    UnknownIdentity { id: NodeId },
+    #[error("replica {id} votes as another life of its storage: remove it first, then add the new one as a learner")]
+    VoterReplaced { id: NodeId },
     #[error("replica {id} is not a learner of the group: add it as a learner first, and promote it once it has caught up")]
     NotALearner { id: NodeId },
     #[error(
@@ -51,9 +71,24 @@ pub enum MembershipError {
 }
 
 impl Paxos {
-    /// Whether `id` votes in the current epoch.
+    /// Whether `id` votes in the current epoch. For this replica, also that
+    /// its storage is the life the membership records: one started again
+    /// from a blank disk is a new replica until a change adds it. (A peer's
+    /// votes are checked against the record as they arrive, in `step`.)
     pub(super) fn is_voter(&self, id: NodeId) -> bool {
-        self.membership().is_voter(id)
+        self.membership().is_voter(id) && (id != self.config.id || self.is_recorded_self())
+    }
+
+    /// Whether this replica is a member (voter or learner) of the current
+    /// epoch, as the life of its storage the membership records.
+    pub(super) fn is_member_self(&self) -> bool {
+        self.membership().is_member(self.config.id) && self.is_recorded_self()
+    }
+
+    fn is_recorded_self(&self) -> bool {
+        let me = self.config.id;
+        self.membership()
+            .is_recorded(me, self.incarnations[me as usize])
     }
 
     /// Votes that decide in the current epoch.
@@ -172,9 +207,18 @@ impl Paxos {
         self.memberships.push(next.clone());
         self.prune_memberships();
         self.begin_epoch();
+        if next.is_member(me) && !self.is_recorded_self() {
+            tracing::warn!(
+                replica = me,
+                incarnation = self.incarnations[me as usize],
+                recorded = ?next.members.get(&me).map(|m| m.incarnation),
+                "the group's membership records another life of this replica (its storage \
+                 was lost and started again): it takes no part until a change adds it anew"
+            );
+        }
         // The new epoch has no leader yet: the old leader, if it still
         // votes, stands at once rather than after a timeout.
-        if next.is_voter(me) && (was_leader || next.voters == 1 << me) {
+        if self.is_voter(me) && (was_leader || next.voters == 1 << me) {
             self.start_election();
         }
     }
@@ -243,24 +287,62 @@ impl Paxos {
         self.request_catchup(pick);
     }
 
-    /// Proposes that the group's members become `voters` and `learners`
-    /// (sets of ids). Only the leader takes it, one change at a time; a new
-    /// voter must be a learner that has caught up, and a majority of the
-    /// new voters must be up. The change is decided as a stop sign in the
-    /// next slot; commands queued behind it are dropped when the epoch
-    /// ends, for their clients to retry with the new epoch's leader.
-    /// Returns the membership proposed.
+    /// Proposes the membership `change` describes. Only the leader takes
+    /// it, one change at a time; a new voter must be a learner that has
+    /// caught up, and a majority of the new voters must be up. The change
+    /// is decided as a stop sign in the next slot; commands queued behind
+    /// it are dropped when the epoch ends, for their clients to retry with
+    /// the new epoch's leader. Returns the membership proposed.
     pub fn propose_membership(
         &mut self,
-        voters: Members,
-        learners: Members,
+        change: MembershipChange,
     ) -> Result<Membership, MembershipError> {
+        let MembershipChange {
+            voters,
+            learners,
+            joiners,
+            addresses,
+        } = change;
         let current = self.membership().clone();
         let me = self.config.id;
         let now = self.now_tick;
         let commit = self.commit;
         let heard_within = self.config.election_timeout_max_ticks;
         let allowed = self.config.promote_lag_slots_max;
+        // Each member's record: a joiner's as given; a continuing member's
+        // as recorded, or (the first change of a group started from a
+        // peer list) the incarnation this leader knows it by.
+        let mut members = BTreeMap::new();
+        for id in ids(voters | learners) {
+            let recorded = current.members.get(&id).cloned().or_else(|| {
+                (current.members.is_empty() && current.is_member(id)).then(|| Member {
+                    incarnation: self.incarnations.get(id as usize).copied().unwrap_or(0),
+                    address: addresses.get(&id).cloned().unwrap_or_default(),
+                })
+            });
+            let member = match (joiners.get(&id), recorded) {
+                (Some(joiner), Some(recorded)) if joiner.incarnation == recorded.incarnation => {
+                    Member {
+                        address: joiner.address.clone(),
+                        ..recorded
+                    }
+                }
+                (Some(joiner), recorded) => {
+                    // A new life of the replica: it cannot go on voting
+                    // as the old one, whose votes it does not hold.
+                    if recorded.is_some() && current.is_voter(id) && voters & (1 << id) != 0 {
+                        return Err(MembershipError::VoterReplaced { id });
+                    }
+                    if recorded.is_some() && voters & !current.voters & (1 << id) != 0 {
+                        return Err(MembershipError::NotALearner { id });
+                    }
+                    joiner.clone()
+                }
+                (None, Some(recorded)) => recorded,
+                (None, None) => return Err(MembershipError::UnknownIdentity { id }),
+            };
+            members.insert(id, member);
+        }
         let l = leading(&mut self.role).map_err(|e| match e {
             ProposeError::NotLeader { leader } => MembershipError::NotLeader { leader },
             ProposeError::Busy { .. } => MembershipError::NotLeader { leader: Some(me) },
@@ -274,7 +356,10 @@ impl Paxos {
         if let Some(id) = ids(voters & learners).next() {
             return Err(MembershipError::VoterAndLearner { id });
         }
-        if voters == current.voters && learners == current.learners {
+        if voters == current.voters
+            && learners == current.learners
+            && (current.members.is_empty() || members == current.members)
+        {
             return Err(MembershipError::Unchanged);
         }
         for id in ids(voters & !current.voters) {
@@ -315,6 +400,7 @@ impl Paxos {
             first_slot: slot + 1,
             voters,
             learners,
+            members,
         };
         let batch = Batch::stop_sign(&next);
         let bytes = batch.size_bytes();

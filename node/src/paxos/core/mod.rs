@@ -70,7 +70,7 @@ use super::types::{
     PromisedEntry, Slot, Snapshot, NODE_ID_LIMIT,
 };
 
-pub use membership::MembershipError;
+pub use membership::{MembershipChange, MembershipError};
 
 /// Tunables. Timeouts count ticks: the driver decides how long a tick is.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -80,9 +80,11 @@ pub struct Config {
     /// Number of replicas the group started with (its first voters are
     /// `0..peers`). Later memberships are in the log and storage.
     pub peers: u32,
-    /// This replica is not among the first voters: it joins a running
-    /// group, and waits to be told its membership by a peer (it is added
-    /// as a learner first, see [`Paxos::propose_membership`]).
+    /// This replica joins a running group: started from blank storage, it
+    /// is a new member (a new id, or a new life of a replaced one), takes
+    /// part in nothing until a change records it, and waits to hear its
+    /// membership from a peer (it is added as a learner first, see
+    /// [`Paxos::propose_membership`]). Ignored once storage holds state.
     pub joining: bool,
     /// A learner may become a voter only once its commit index is within
     /// this many slots of the leader's.
@@ -192,13 +194,11 @@ impl Config {
                 self.id
             ));
         }
-        if (self.id >= self.peers) != self.joining {
+        if self.id >= self.peers && !self.joining {
             return Err(format!(
-                "replica id {} is {} the first voters (0 to {}), so it {} joining",
+                "replica id {} is not among the first voters (0 to {}), so it must be joining",
                 self.id,
-                if self.joining { "among" } else { "not among" },
                 self.peers - 1,
-                if self.joining { "cannot be" } else { "must be" },
             ));
         }
         if self.election_timeout_min_ticks == 0
@@ -211,6 +211,16 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A leader's view of one member (see [`Paxos::members_progress`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct MemberProgress {
+    pub id: NodeId,
+    /// Its commit index as it last reported it.
+    pub commit: Slot,
+    /// Ticks since the leader last heard from it.
+    pub heard_ticks_ago: u64,
 }
 
 /// Why a proposal was not taken.
@@ -634,8 +644,20 @@ impl Paxos {
         if blank {
             if paxos.config.joining {
                 // A new member has voted in nothing, so it has nothing to
-                // recover: it waits to hear from the group.
+                // recover: it waits to hear from the group. It is a new
+                // life, recorded by the change that adds it; until then it
+                // knows of no epoch that counts it, not even the first
+                // group's (whose members are ids, not lives: under a
+                // replaced member's id it would otherwise vote blank).
+                let me = paxos.config.id as usize;
+                paxos.incarnations[me] = paxos.config.blank_incarnation.max(1);
+                paxos.memberships = vec![Membership {
+                    voters: 0,
+                    ..Membership::initial(paxos.config.peers)
+                }];
                 paxos.out.persist.initialized = true;
+                paxos.out.persist.incarnations = Some(paxos.incarnations.clone());
+                paxos.out.persist.memberships = Some(paxos.memberships.clone());
                 return paxos;
             }
             if paxos.config.recover_when_empty && paxos.config.peers > 1 {
@@ -677,7 +699,7 @@ impl Paxos {
                     let me = self.config.id;
                     if self.is_voter(me) {
                         self.campaign();
-                    } else if self.membership().is_member(me) {
+                    } else if self.is_member_self() {
                         // A learner never stands. Silence may mean its epoch
                         // ended without it hearing: it asks a voter.
                         self.reset_election_deadline();
@@ -765,9 +787,19 @@ impl Paxos {
         }
         if let Some(known) = msg.incarnations() {
             let reported_mine = known.get(self.config.id as usize).copied();
+            let sender = known.get(from as usize).copied().unwrap_or(0);
             if !self.learn_incarnations(from, known) && msg.is_vote() {
                 // Sent by an incarnation of `from` that has since lost its
                 // disk: its vote may contradict what the new one gives.
+                self.stats.stale_votes_ignored += 1;
+                return;
+            }
+            if msg.is_vote()
+                && !matches!(self.role, Role::Recovering(_))
+                && !self.membership().is_recorded(from, sender)
+            {
+                // Not the life of `from` the membership counts (a replaced
+                // member, or one not yet added): its vote is not one.
                 self.stats.stale_votes_ignored += 1;
                 return;
             }
@@ -932,18 +964,38 @@ impl Paxos {
         self.config.id
     }
 
+    /// The life of this replica's storage (see [`Incarnation`]): what a
+    /// membership change records when it adds this replica.
+    pub fn incarnation(&self) -> Incarnation {
+        self.incarnations[self.config.id as usize]
+    }
+
     pub fn role(&self) -> RoleKind {
         match self.role {
             Role::Recovering(_) => RoleKind::Recovering,
-            Role::Follower { .. } if !self.membership().is_member(self.config.id) => {
-                RoleKind::NotMember
-            }
+            Role::Follower { .. } if !self.is_member_self() => RoleKind::NotMember,
             Role::Follower { .. } if !self.is_voter(self.config.id) => RoleKind::Learner,
             Role::Follower { .. } => RoleKind::Follower,
             Role::PreCandidate(_) => RoleKind::PreCandidate,
             Role::Candidate(_) => RoleKind::Candidate,
             Role::Leader(_) => RoleKind::Leader,
         }
+    }
+
+    /// As leader: how far each other member of the epoch has come, by
+    /// what it last reported. Empty on a replica that does not lead.
+    pub fn members_progress(&self) -> Vec<MemberProgress> {
+        let Role::Leader(l) = &self.role else {
+            return Vec::new();
+        };
+        (l.peers.iter())
+            .filter(|(id, _)| **id != self.config.id)
+            .map(|(id, p)| MemberProgress {
+                id: *id,
+                commit: p.commit,
+                heard_ticks_ago: self.now_tick.saturating_sub(p.heard_tick),
+            })
+            .collect()
     }
 
     pub fn is_leader(&self) -> bool {

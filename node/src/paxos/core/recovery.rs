@@ -47,6 +47,11 @@ impl Paxos {
         incarnation: Incarnation,
         from_slot: Slot,
     ) {
+        if !self.is_member_self() {
+            // Not a member this replica's storage can answer for (a joiner
+            // not yet added, a replaced life): its answer is no vote.
+            return;
+        }
         // Recorded durably before the reply leaves (it reports acceptor
         // state, so it waits for the sync): from now on this replica never
         // counts a vote of `from`'s older incarnations, and says so in its

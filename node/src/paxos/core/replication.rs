@@ -161,6 +161,16 @@ impl Paxos {
             );
             return;
         }
+        if !self.is_member_self() {
+            // A life of this replica the membership does not record: it
+            // accepts nothing (its acceptance would count as the recorded
+            // member's), but keeps up with what is decided, so it is ready
+            // when a change adds it.
+            if commit > self.commit {
+                self.request_catchup(from);
+            }
+            return;
+        }
         if ballot > self.promised || !matches!(self.role, Role::Follower { .. }) {
             self.step_down(Some(from));
         }

@@ -1,0 +1,497 @@
+//! The `Members` gRPC service: a replica group's membership, inspected
+//! and changed one step at a time (add a learner, promote it, remove a
+//! member), as `shardkvctl member` and the operator use it. Both roles
+//! serve it on their one port; a change is taken by the leader only.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::{Replica, ReplicaError, Status as ReplicaStatus};
+use crate::paxos::types::ids;
+use crate::paxos::{Member, Membership, MembershipChange, NodeId, RoleKind};
+use crate::proto::change_members_request::Change;
+use crate::proto::members_client::MembersClient;
+use crate::proto::members_server::{Members, MembersServer};
+use crate::proto::{
+    AddLearner, ChangeMembersRequest, IdentifyReply, IdentifyRequest, ListMembersReply,
+    ListMembersRequest, MemberInfo,
+};
+use crate::shardmaster::service::{not_leader, not_leader_at};
+
+/// How long a change may take to be decided before the caller is told
+/// its outcome is unknown (it may still take effect: list to see).
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Serves one replica's membership API.
+#[derive(Clone)]
+pub struct MembersService {
+    /// Names the group in `Identify`, so a replica is never added to
+    /// another group by a wrong address.
+    group: String,
+    /// Where the peers reach this replica, recorded when it is added.
+    address: String,
+    /// The peer list the node was started with: the addresses of members
+    /// the group has not recorded yet (before its first change).
+    peers: Vec<String>,
+    /// Length of one Paxos tick, to report silences in milliseconds.
+    tick: Duration,
+    replica: Replica,
+}
+
+impl MembersService {
+    pub fn new(
+        group: impl Into<String>,
+        address: impl Into<String>,
+        peers: Vec<String>,
+        tick: Duration,
+        replica: Replica,
+    ) -> Self {
+        MembersService {
+            group: group.into(),
+            address: address.into(),
+            peers,
+            tick,
+            replica,
+        }
+    }
+
+    pub fn into_server(self) -> MembersServer<Self> {
+        MembersServer::new(self)
+    }
+
+    /// The address of member `id`: recorded, or from the peer list.
+    fn address_of(&self, membership: &Membership, id: NodeId) -> String {
+        membership
+            .members
+            .get(&id)
+            .map(|m| m.address.clone())
+            .filter(|a| !a.is_empty())
+            .or_else(|| self.peers.get(id as usize).cloned())
+            .unwrap_or_default()
+    }
+
+    fn list(&self, status: &ReplicaStatus) -> ListMembersReply {
+        let m = &status.membership;
+        let tick_ms = self.tick.as_millis() as u64;
+        let members = m
+            .members()
+            .map(|id| {
+                let progress = status.members_progress.iter().find(|p| p.id == id);
+                let own = id == status.id && status.role == RoleKind::Leader;
+                let (has_progress, commit, heard) = match progress {
+                    Some(p) => (true, p.commit, p.heard_ticks_ago * tick_ms),
+                    None if own => (true, status.commit, 0),
+                    None => (false, 0, 0),
+                };
+                MemberInfo {
+                    id,
+                    address: self.address_of(m, id),
+                    incarnation: m.members.get(&id).map_or(0, |r| r.incarnation),
+                    voter: m.is_voter(id),
+                    has_progress,
+                    commit,
+                    behind_slots: if has_progress {
+                        status.commit.saturating_sub(commit)
+                    } else {
+                        0
+                    },
+                    heard_ms_ago: heard,
+                }
+            })
+            .collect();
+        ListMembersReply {
+            epoch: m.epoch,
+            has_leader: status.leader.is_some(),
+            leader: status.leader.unwrap_or_default(),
+            leader_address: status
+                .leader
+                .map(|l| self.address_of(m, l))
+                .unwrap_or_default(),
+            commit: status.commit,
+            members,
+            answered_by: status.id,
+        }
+    }
+
+    /// The change one request asks for, from the membership in force.
+    fn change_from(
+        &self,
+        current: &Membership,
+        change: Change,
+    ) -> Result<MembershipChange, Status> {
+        let mut voters = current.voters;
+        let mut learners = current.learners;
+        let mut joiners = BTreeMap::new();
+        match change {
+            Change::AddLearner(AddLearner {
+                id,
+                incarnation,
+                address,
+            }) => {
+                check_id(id)?;
+                if address.is_empty() {
+                    return Err(Status::invalid_argument("a new member needs an address"));
+                }
+                if !current.is_voter(id) {
+                    learners |= 1 << id;
+                }
+                joiners.insert(
+                    id,
+                    Member {
+                        incarnation,
+                        address,
+                    },
+                );
+            }
+            Change::Promote(id) => {
+                check_id(id)?;
+                voters |= 1 << id;
+                learners &= !(1 << id);
+            }
+            Change::Remove(id) => {
+                check_id(id)?;
+                if !current.is_member(id) {
+                    return Err(Status::not_found(format!(
+                        "replica {id} is not a member of the group"
+                    )));
+                }
+                voters &= !(1 << id);
+                learners &= !(1 << id);
+                if voters == 0 {
+                    return Err(Status::failed_precondition(format!(
+                        "replica {id} is the group's last voter: a group cannot be left \
+                         without members (delete the group instead)"
+                    )));
+                }
+            }
+        }
+        // A group started from a peer list records its members' addresses
+        // at its first change.
+        let addresses = ids(current.voters | current.learners)
+            .filter(|id| !current.members.contains_key(id))
+            .filter_map(|id| Some((id, self.peers.get(id as usize)?.clone())))
+            .collect();
+        Ok(MembershipChange {
+            voters,
+            learners,
+            joiners,
+            addresses,
+        })
+    }
+}
+
+fn check_id(id: NodeId) -> Result<(), Status> {
+    if id >= crate::paxos::NODE_ID_LIMIT {
+        return Err(Status::invalid_argument(format!(
+            "replica ids are below {}, not {id}",
+            crate::paxos::NODE_ID_LIMIT
+        )));
+    }
+    Ok(())
+}
+
+/// A role as `member list` prints it.
+pub fn role_name(role: RoleKind) -> &'static str {
+    match role {
+        RoleKind::Recovering => "recovering",
+        RoleKind::Follower => "follower",
+        RoleKind::PreCandidate | RoleKind::Candidate => "candidate",
+        RoleKind::Leader => "leader",
+        RoleKind::Learner => "learner",
+        RoleKind::NotMember => "not-member",
+    }
+}
+
+#[tonic::async_trait]
+impl Members for MembersService {
+    async fn identify(
+        &self,
+        _: Request<IdentifyRequest>,
+    ) -> Result<Response<IdentifyReply>, Status> {
+        let status = self.replica.status();
+        Ok(Response::new(IdentifyReply {
+            group: self.group.clone(),
+            id: status.id,
+            incarnation: status.incarnation,
+            address: self.address.clone(),
+            role: role_name(status.role).to_string(),
+        }))
+    }
+
+    async fn list(
+        &self,
+        _: Request<ListMembersRequest>,
+    ) -> Result<Response<ListMembersReply>, Status> {
+        Ok(Response::new(self.list(&self.replica.status())))
+    }
+
+    async fn change(
+        &self,
+        request: Request<ChangeMembersRequest>,
+    ) -> Result<Response<ListMembersReply>, Status> {
+        let Some(change) = request.into_inner().change else {
+            return Err(Status::invalid_argument("no change given"));
+        };
+        let status = self.replica.status();
+        if status.role != RoleKind::Leader {
+            let address = status
+                .leader
+                .map(|l| self.address_of(&status.membership, l));
+            return Err(not_leader_at(status.leader, address.as_deref()));
+        }
+        let change = self.change_from(&status.membership, change)?;
+        let changed = tokio::time::timeout(CHANGE_TIMEOUT, self.replica.change_membership(change))
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(
+                    "the change was not decided in time; it may still take effect: list the \
+                     members to see",
+                )
+            })?;
+        match changed {
+            Ok(_) => Ok(Response::new(self.list(&self.replica.status()))),
+            Err(ReplicaError::NotLeader { leader }) => Err(not_leader(leader)),
+            Err(ReplicaError::Membership(e)) => Err(Status::failed_precondition(e.to_string())),
+            Err(ReplicaError::OutcomeUnknown) => Err(Status::unavailable(
+                "leadership changed before the change was decided; it may or may not take \
+                 effect: list the members to see",
+            )),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+}
+
+/// Calls the `Members` API of the group whose replicas are `servers`,
+/// following the leader as the replicas name it.
+pub struct MembersAdmin {
+    servers: Vec<String>,
+    call_timeout: Duration,
+}
+
+impl MembersAdmin {
+    pub fn new(servers: Vec<String>, call_timeout: Duration) -> Self {
+        MembersAdmin {
+            servers,
+            call_timeout,
+        }
+    }
+
+    async fn client(&self, addr: &str) -> Result<MembersClient<tonic::transport::Channel>, String> {
+        let channel = crate::net::endpoint(addr)
+            .map_err(|e| format!("{addr}: {e}"))?
+            .connect_timeout(self.call_timeout)
+            .timeout(CHANGE_TIMEOUT + self.call_timeout)
+            .connect()
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        Ok(MembersClient::new(channel))
+    }
+
+    /// Who the replica at `addr` is.
+    pub async fn identify(&self, addr: &str) -> Result<IdentifyReply, String> {
+        let mut client = self.client(addr).await?;
+        client
+            .identify(IdentifyRequest {})
+            .await
+            .map(Response::into_inner)
+            .map_err(|e| format!("{addr}: {}", e.message()))
+    }
+
+    /// The membership as the leader knows it (with each member's progress),
+    /// or as the first replica that answers knows it if none leads.
+    pub async fn list(&self) -> Result<ListMembersReply, String> {
+        let mut fallback = None;
+        let mut errors = Vec::new();
+        for addr in self.servers.clone() {
+            match self.client(&addr).await {
+                Ok(mut client) => match client.list(ListMembersRequest {}).await {
+                    Ok(reply) => {
+                        let reply = reply.into_inner();
+                        if reply.has_leader && reply.leader == reply.answered_by {
+                            return Ok(reply);
+                        }
+                        if reply.has_leader && !reply.leader_address.is_empty() {
+                            if let Ok(mut leader) = self.client(&reply.leader_address).await {
+                                if let Ok(answer) = leader.list(ListMembersRequest {}).await {
+                                    return Ok(answer.into_inner());
+                                }
+                            }
+                        }
+                        fallback.get_or_insert(reply);
+                    }
+                    Err(e) => errors.push(format!("{addr}: {}", e.message())),
+                },
+                Err(e) => errors.push(e),
+            }
+        }
+        fallback.ok_or_else(|| format!("no replica answered: {}", errors.join("; ")))
+    }
+
+    /// Asks the leader for one step; retries while the group elects a
+    /// leader, until `deadline`. A refusal (`FailedPrecondition`) is
+    /// returned as is, for the caller to judge.
+    pub async fn change(
+        &self,
+        change: Change,
+        deadline: tokio::time::Instant,
+    ) -> Result<ListMembersReply, tonic::Status> {
+        let mut last = tonic::Status::unavailable("no replica reached");
+        let mut leader_address: Option<String> = None;
+        loop {
+            let mut targets: Vec<String> = leader_address.take().into_iter().collect();
+            targets.extend(self.servers.iter().cloned());
+            for addr in targets {
+                let mut client = match self.client(&addr).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last = tonic::Status::unavailable(e);
+                        continue;
+                    }
+                };
+                let request = ChangeMembersRequest {
+                    change: Some(change.clone()),
+                };
+                match client.change(request).await {
+                    Ok(reply) => return Ok(reply.into_inner()),
+                    Err(e)
+                        if matches!(
+                            e.code(),
+                            tonic::Code::FailedPrecondition
+                                | tonic::Code::InvalidArgument
+                                | tonic::Code::NotFound
+                                | tonic::Code::DeadlineExceeded
+                        ) =>
+                    {
+                        return Err(e)
+                    }
+                    Err(e) => {
+                        // Not the leader: ask the one it names next.
+                        if let Ok(members) = client.list(ListMembersRequest {}).await {
+                            let members = members.into_inner();
+                            if members.has_leader && !members.leader_address.is_empty() {
+                                leader_address = Some(members.leader_address);
+                            }
+                        }
+                        last = tonic::Status::new(e.code(), format!("{addr}: {}", e.message()));
+                        if leader_address.is_some() {
+                            break;
+                        }
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(last);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Whether `reply` shows `id` as a member with `incarnation`, a voter if
+/// `voter`.
+fn holds(reply: &ListMembersReply, id: NodeId, incarnation: u64, voter: bool) -> bool {
+    reply
+        .members
+        .iter()
+        .any(|m| m.id == id && m.incarnation == incarnation && (m.voter || !voter))
+}
+
+impl MembersAdmin {
+    /// Adds the replica at `addr` (started with `--join`) to the group
+    /// named `group`: as a learner first, then, once it has caught up, as
+    /// a voter. Each step is taken once: a step found already done (an
+    /// earlier attempt that timed out) is not taken again.
+    pub async fn add(
+        &self,
+        addr: &str,
+        group: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<ListMembersReply, String> {
+        let who = self.identify(addr).await?;
+        if who.group != group {
+            return Err(format!(
+                "{addr} is a replica of {:?}, not of {group:?}",
+                who.group
+            ));
+        }
+        let members = self.list().await?;
+        if !holds(&members, who.id, who.incarnation, false) {
+            if let Some(other) = members.members.iter().find(|m| m.id == who.id && m.voter) {
+                return Err(format!(
+                    "replica {} votes as {} (incarnation {}): remove it first (`member remove`), \
+                     then add the replica at {addr} (incarnation {})",
+                    who.id, other.address, other.incarnation, who.incarnation
+                ));
+            }
+            let add = Change::AddLearner(AddLearner {
+                id: who.id,
+                incarnation: who.incarnation,
+                address: who.address.clone(),
+            });
+            self.step(add, deadline, |m| holds(m, who.id, who.incarnation, false))
+                .await?;
+        }
+        // Promotion is refused until the learner is close enough to the
+        // leader: ask again until then.
+        loop {
+            let promote = Change::Promote(who.id);
+            match self
+                .step(promote, deadline, |m| {
+                    holds(m, who.id, who.incarnation, true)
+                })
+                .await
+            {
+                Ok(members) => return Ok(members),
+                Err(e) if e.contains("behind") && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Removes the member at `addr` from the group.
+    pub async fn remove(
+        &self,
+        addr: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<ListMembersReply, String> {
+        let members = self.list().await?;
+        let Some(member) = members.members.iter().find(|m| m.address == addr) else {
+            return Err(format!(
+                "no member of the group is at {addr} (members: {})",
+                members
+                    .members
+                    .iter()
+                    .map(|m| format!("{} at {}", m.id, m.address))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        };
+        let id = member.id;
+        self.step(Change::Remove(id), deadline, |m| {
+            m.members.iter().all(|m| m.id != id)
+        })
+        .await
+    }
+
+    /// Takes one step; a refusal or a lost answer is checked against the
+    /// membership (`done`), since a step whose answer was lost may have
+    /// been taken.
+    async fn step(
+        &self,
+        change: Change,
+        deadline: tokio::time::Instant,
+        done: impl Fn(&ListMembersReply) -> bool,
+    ) -> Result<ListMembersReply, String> {
+        match self.change(change, deadline).await {
+            Ok(members) => Ok(members),
+            Err(e) => match self.list().await {
+                Ok(members) if done(&members) => Ok(members),
+                _ => Err(e.message().to_string()),
+            },
+        }
+    }
+}
