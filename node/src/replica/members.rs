@@ -409,7 +409,14 @@ impl MembersAdmin {
         group: &str,
         deadline: tokio::time::Instant,
     ) -> Result<ListMembersReply, String> {
-        let who = self.identify(addr).await?;
+        // A replica just started may not listen yet: ask until it answers.
+        let who = loop {
+            match self.identify(addr).await {
+                Ok(who) => break who,
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
         if who.group != group {
             return Err(format!(
                 "{addr} is a replica of {:?}, not of {group:?}",
