@@ -197,7 +197,7 @@ async fn bench_grpc(args: &Args) {
         let storage =
             WalStorage::open(dir.path().join(format!("{id}")), WalOptions::default()).expect("wal");
         let replica = start(id, storage, GrpcTransport::start("bench", id, &peers));
-        let service = PaxosPeerService::new("bench", 3, replica.clone());
+        let service = PaxosPeerService::new("bench", replica.clone());
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(service.into_server())

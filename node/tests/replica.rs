@@ -175,7 +175,7 @@ async fn start_grpc_node(id: u32, listener: TcpListener, peers: &[String], dir: 
         options(),
     )
     .unwrap();
-    let service = PaxosPeerService::new("test-group", peers.len() as u32, replica.clone());
+    let service = PaxosPeerService::new("test-group", replica.clone());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(
         tonic::transport::Server::builder()

@@ -107,10 +107,8 @@ async fn with_leader_killed<F: std::future::Future<Output = String> + Send + 'st
     started: impl Fn(&ListMembersReply) -> bool,
     change: F,
 ) -> String {
-    let change = tokio::spawn(async move {
-        // Not awaited here: the kill happens while it runs.
-        change.await
-    });
+    // Runs on its own: the kill happens while it does.
+    let change = tokio::spawn(change);
     await_members(servers, "the change under way", &started).await;
     let victim = leader(servers).await;
     let node = nodes
@@ -173,7 +171,7 @@ async fn a_group_goes_from_3_to_5_to_another_3_and_replaces_a_lost_disk_while_cl
                 i += 1;
                 let key = Bytes::from(format!("key-{}", i as usize % KEYS));
                 let call = history.now();
-                let (input, output, ok) = if i % 3 == 0 {
+                let (input, output, ok) = if i.is_multiple_of(3) {
                     match clerk.get(key.clone()).await {
                         Ok(v) => (Input::Get, v, true),
                         Err(_) => (Input::Get, None, false),

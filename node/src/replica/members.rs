@@ -23,6 +23,8 @@ use crate::shardmaster::service::{not_leader, not_leader_at};
 /// How long a change may take to be decided before the caller is told
 /// its outcome is unknown (it may still take effect: list to see).
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Replicas one `list` asks at most, following the names they give.
+const LIST_ASKED_MAX: usize = 64;
 
 /// Serves one replica's membership API.
 #[derive(Clone)]
@@ -300,30 +302,43 @@ impl MembersAdmin {
     }
 
     /// The membership as the leader knows it (with each member's progress),
-    /// or as the first replica that answers knows it if none leads.
+    /// or as the most recent epoch any replica reached knows it if none
+    /// leads. Replicas name others (the leader, the members of the latest
+    /// membership they know), which are asked in turn: the servers given
+    /// may all have been removed since, and a removed replica is told the
+    /// membership that removed it.
     pub async fn list(&self) -> Result<ListMembersReply, String> {
-        let mut fallback = None;
+        let mut fallback: Option<ListMembersReply> = None;
         let mut errors = Vec::new();
-        for addr in self.servers.clone() {
-            match self.client(&addr).await {
-                Ok(mut client) => match client.list(ListMembersRequest {}).await {
-                    Ok(reply) => {
-                        let reply = reply.into_inner();
-                        if reply.has_leader && reply.leader == reply.answered_by {
-                            return Ok(reply);
-                        }
-                        if reply.has_leader && !reply.leader_address.is_empty() {
-                            if let Ok(mut leader) = self.client(&reply.leader_address).await {
-                                if let Ok(answer) = leader.list(ListMembersRequest {}).await {
-                                    return Ok(answer.into_inner());
-                                }
-                            }
-                        }
-                        fallback.get_or_insert(reply);
-                    }
-                    Err(e) => errors.push(format!("{addr}: {}", e.message())),
-                },
-                Err(e) => errors.push(e),
+        let mut asked = std::collections::HashSet::new();
+        let mut queue: std::collections::VecDeque<String> = self.servers.iter().cloned().collect();
+        while let Some(addr) = queue.pop_front() {
+            if !asked.insert(addr.clone()) || asked.len() > LIST_ASKED_MAX {
+                continue;
+            }
+            let reply = match self.client(&addr).await {
+                Ok(mut client) => client.list(ListMembersRequest {}).await,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let reply = match reply {
+                Ok(reply) => reply.into_inner(),
+                Err(e) => {
+                    errors.push(format!("{addr}: {}", e.message()));
+                    continue;
+                }
+            };
+            if reply.has_leader && reply.leader == reply.answered_by {
+                return Ok(reply);
+            }
+            if reply.has_leader && !reply.leader_address.is_empty() {
+                queue.push_front(reply.leader_address.clone());
+            }
+            queue.extend(reply.members.iter().map(|m| m.address.clone()));
+            if fallback.as_ref().is_none_or(|f| f.epoch < reply.epoch) {
+                fallback = Some(reply);
             }
         }
         fallback.ok_or_else(|| format!("no replica answered: {}", errors.join("; ")))
@@ -340,6 +355,13 @@ impl MembersAdmin {
         let mut last = tonic::Status::unavailable("no replica reached");
         let mut leader_address: Option<String> = None;
         loop {
+            // The leader first, as the group names it: the servers given
+            // may all have been removed since.
+            if leader_address.is_none() {
+                leader_address = (self.list().await.ok())
+                    .filter(|m| m.has_leader && !m.leader_address.is_empty())
+                    .map(|m| m.leader_address);
+            }
             let mut targets: Vec<String> = leader_address.take().into_iter().collect();
             targets.extend(self.servers.iter().cloned());
             for addr in targets {
