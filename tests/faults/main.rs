@@ -10,7 +10,8 @@
 //! majority ring in every group, a node cut off one way only),
 //! resets connections at random, kills and restarts nodes, pauses them with
 //! SIGSTOP, and, at the same time, moves shards and joins and leaves a
-//! group. After the faults heal, every key is read back: every acknowledged
+//! group, and removes a replica of group 1 from its members and adds it
+//! back. After the faults heal, every key is read back: every acknowledged
 //! append must be there, and the history must be linearizable per key.
 //!
 //! ```text
@@ -33,6 +34,7 @@ use shardkv::linearizability::{check, Input, Operation, Verdict};
 use shardkv::paxos::sim::SimRng;
 use shardkv::proto::kv::shard_kv_client::ShardKvClient;
 use shardkv::proto::kv::{GroupStatusReply, GroupStatusRequest};
+use shardkv::replica::members::MembersAdmin;
 use shardkv::shardkv::clerk::{Clerk, ClerkError, ClerkOptions};
 use shardkv::shardkv::key_to_shard;
 use shardkv::shardmaster::client::ClientError;
@@ -402,6 +404,62 @@ async fn run(opts: Opts) -> ExitCode {
         })
     };
 
+    // A third nemesis: group 1's members change. One replica at a time is
+    // removed from the group and, a while later, added again (the same
+    // life: its storage is kept), as a rolling replacement does, while the
+    // other nemeses partition, kill and pause nodes.
+    let membership = {
+        let log = log.clone();
+        let servers: Vec<String> = (0..replicas).map(|i| member(1, i)).collect();
+        let mut rng = SimRng::new(seed ^ 0x3e3b_e125);
+        tokio::spawn(async move {
+            let admin = MembersAdmin::new(servers.clone(), Duration::from_secs(2));
+            let is_member = async |admin: &MembersAdmin, addr: &str| {
+                (admin.list().await.ok()).map(|m| m.members.iter().any(|m| m.address == addr))
+            };
+            let mut changes = 0usize;
+            let mut out: Option<String> = None;
+            while start.elapsed() < run_for {
+                tokio::time::sleep(Duration::from_millis(1000 + rng.below(2000))).await;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                match out.take() {
+                    None => {
+                        let addr = servers[rng.below(servers.len() as u64) as usize].clone();
+                        log(format!("remove {addr} from group 1"));
+                        match admin.remove(&addr, deadline).await {
+                            Ok(_) => changes += 1,
+                            Err(e) => log(format!("  (not removed: {e})")),
+                        }
+                        // An answer lost is no refusal: the group says.
+                        if is_member(&admin, &addr).await == Some(false) {
+                            out = Some(addr);
+                        }
+                    }
+                    Some(addr) => {
+                        log(format!("add {addr} to group 1 again"));
+                        match admin.add(&addr, "kv-1", deadline).await {
+                            Ok(_) => changes += 1,
+                            Err(e) => {
+                                log(format!("  (not added yet: {e})"));
+                                out = Some(addr);
+                            }
+                        }
+                    }
+                }
+            }
+            // The group ends whole: a replica still out is added back.
+            if let Some(addr) = out {
+                log(format!("add {addr} to group 1 again (end of run)"));
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+                match admin.add(&addr, "kv-1", deadline).await {
+                    Ok(_) => changes += 1,
+                    Err(e) => log(format!("  (could not add {addr} back: {e})")),
+                }
+            }
+            changes
+        })
+    };
+
     let mut rng = SimRng::new(seed);
     let servers: Vec<String> = cluster
         .masters
@@ -521,6 +579,10 @@ async fn run(opts: Opts) -> ExitCode {
     let (mut rejoined, leave_tried, left_acknowledged) =
         reconfig.await.expect("reconfiguration task");
     let (short_written, short_failed) = short_lived.await.expect("short-lived clients");
+    let membership_changes = membership.await.expect("membership task");
+    log(format!(
+        "{membership_changes} membership changes of group 1 taken"
+    ));
     log("all faults healed; reading every key".into());
 
     // Read back every key, with time to recover.

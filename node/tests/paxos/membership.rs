@@ -172,6 +172,42 @@ fn a_member_started_again_from_a_blank_disk_counts_for_nothing_until_added_anew(
     assert_converged_among(&mut sim, &[0, 3]);
 }
 
+/// A group first started with one replica has no peers to recover a lost
+/// disk from: a blank start is a new group's. Once the group has grown,
+/// that start must still not vote as the member the replica was.
+#[test]
+fn a_replica_first_alone_and_started_again_blank_is_not_the_member_it_was() {
+    let mut sim = Sim::with_spares(1, 2, test_seed("first_alone"), |_| {});
+    await_leader(&mut sim);
+    change(&mut sim, &[0], &[1, 2]);
+    change(&mut sim, &[0, 1, 2], &[]);
+    write(&mut sim, "grown", 2, 3);
+    // One of the new members leads.
+    sim.crash(0);
+    let led = sim.run_until(PATIENCE_TICKS, |s| matches!(s.leader(), Some(1 | 2)));
+    assert!(led, "seed {}: neither 1 nor 2 leads", sim.seed);
+    sim.restart(0);
+    let leader = sim.leader().unwrap_or(1);
+    let other = 3 - leader;
+    // `v` is decided by the leader and replica 0; `other` never hears it.
+    sim.cut_one_way(leader, other);
+    propose(&mut sim, "v");
+    await_decided(&mut sim, "v", 2);
+    // The leader goes down, and replica 0 loses its disk.
+    sim.crash(leader);
+    sim.lose_disk(0, false);
+    sim.restart(0);
+    sim.heal();
+    // `other` and the blank replica are two of the three voters, but the
+    // blank one is not the life the membership records: they decide
+    // nothing (were its vote counted, they could decide another value in
+    // `v`'s slot, which the simulator's agreement check catches).
+    sim.run(PATIENCE_TICKS);
+    sim.restart(leader);
+    write(&mut sim, "after", 2, 2);
+    assert_converged_among(&mut sim, &[leader, other]);
+}
+
 #[test]
 fn membership_changes_keep_agreement_under_faults() {
     let mut sim = Sim::with_spares(3, 2, test_seed("membership_faults"), |_| {});
@@ -191,6 +227,32 @@ fn membership_changes_keep_agreement_under_faults() {
     write(&mut sim, "e", 3, 2);
     sim.faults = Default::default();
     assert_converged_among(&mut sim, &[0, 1, 3]);
+}
+
+/// The first change records each member's incarnation as the member
+/// itself reported it to the leader, not as others gossiped it: one this
+/// leader has not heard from yet is not recorded on hearsay.
+#[test]
+fn a_first_change_waits_to_hear_each_member_itself() {
+    let mut sim = Sim::with_spares(3, 1, test_seed("first_change_heard"), |_| {});
+    let leader = await_leader(&mut sim);
+    let silent = (0..3).find(|id| *id != leader).expect("a follower");
+    sim.crash(silent);
+    // A new leadership that has not heard from `silent`.
+    sim.crash(leader);
+    sim.restart(leader);
+    let led = sim.run_until(PATIENCE_TICKS, |s| {
+        s.leader()
+            .is_some_and(|l| l != silent && s.node(l).is_some_and(|n| n.is_leader()))
+    });
+    assert!(led, "seed {}: no leader without {silent}", sim.seed);
+    let new_leader = sim.leader().unwrap_or_default();
+    assert_eq!(
+        sim.propose_membership(new_leader, set(&[0, 1, 2]), set(&[3])),
+        Err(MembershipError::NotHeardFrom { id: silent })
+    );
+    sim.restart(silent);
+    change(&mut sim, &[0, 1, 2], &[3]);
 }
 
 #[test]

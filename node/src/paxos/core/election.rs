@@ -19,6 +19,13 @@ impl Paxos {
 
     /// The election timeout ran out: stand, after a pre-vote if enabled.
     pub(super) fn campaign(&mut self) {
+        if !self.is_voter(self.config.id) {
+            // It stopped voting meanwhile (a change, or a later
+            // incarnation of it that the membership does not record).
+            self.step_down(None);
+            self.reset_election_deadline();
+            return;
+        }
         if self.config.pre_vote && self.membership().voters.count_ones() > 1 {
             self.start_pre_vote();
         } else {
@@ -77,7 +84,10 @@ impl Paxos {
     }
 
     pub(super) fn on_pre_vote(&mut self, from: NodeId, ballot: Ballot) {
-        let granted = ballot > self.promised && !self.hears_live_leader();
+        // Not binding, but a replica that does not vote does not say how
+        // the voters would.
+        let granted =
+            ballot > self.promised && !self.hears_live_leader() && self.is_voter(self.config.id);
         self.send(
             from,
             Message::PreVoteReply {

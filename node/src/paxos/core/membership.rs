@@ -48,6 +48,8 @@ pub enum MembershipError {
     VoterAndLearner { id: NodeId },
     #[error("the membership is already that")]
     Unchanged,
+    #[error("replica {id} has not answered this leader yet, so the life of its storage to record is not known: retry once it has")]
+    NotHeardFrom { id: NodeId },
     #[error("replica {id} is new to the group: its incarnation and address are needed")]
     UnknownIdentity { id: NodeId },
     #[error("replica {id} votes as another life of its storage: remove it first, then add the new one as a learner")]
@@ -305,21 +307,41 @@ impl Paxos {
         } = change;
         let current = self.membership().clone();
         let me = self.config.id;
+        let own_incarnation = self.incarnation();
         let now = self.now_tick;
         let commit = self.commit;
         let heard_within = self.config.election_timeout_max_ticks;
         let allowed = self.config.promote_lag_slots_max;
+        let l = leading(&mut self.role).map_err(|e| match e {
+            ProposeError::NotLeader { leader } => MembershipError::NotLeader { leader },
+            ProposeError::Busy { .. } => MembershipError::NotLeader { leader: Some(me) },
+        })?;
         // Each member's record: a joiner's as given; a continuing member's
         // as recorded, or (the first change of a group started from a
-        // peer list) the incarnation this leader knows it by.
+        // peer list) the incarnation it reported to this leader itself.
         let mut members = BTreeMap::new();
         for id in ids(voters | learners) {
-            let recorded = current.members.get(&id).cloned().or_else(|| {
-                (current.members.is_empty() && current.is_member(id)).then(|| Member {
-                    incarnation: self.incarnations.get(id as usize).copied().unwrap_or(0),
+            let first_record = |id: NodeId| {
+                let incarnation = if id == me {
+                    Some(own_incarnation)
+                } else {
+                    l.peers.get(&id).and_then(|p| p.incarnation)
+                };
+                incarnation.map(|incarnation| Member {
+                    incarnation,
                     address: addresses.get(&id).cloned().unwrap_or_default(),
                 })
-            });
+            };
+            let recorded = match current.members.get(&id) {
+                Some(recorded) => Some(recorded.clone()),
+                None if current.members.is_empty() && current.is_member(id) => {
+                    match first_record(id) {
+                        Some(record) => Some(record),
+                        None => return Err(MembershipError::NotHeardFrom { id }),
+                    }
+                }
+                None => None,
+            };
             let member = match (joiners.get(&id), recorded) {
                 (Some(joiner), Some(recorded)) if joiner.incarnation == recorded.incarnation => {
                     Member {
@@ -343,10 +365,6 @@ impl Paxos {
             };
             members.insert(id, member);
         }
-        let l = leading(&mut self.role).map_err(|e| match e {
-            ProposeError::NotLeader { leader } => MembershipError::NotLeader { leader },
-            ProposeError::Busy { .. } => MembershipError::NotLeader { leader: Some(me) },
-        })?;
         if let Some(slot) = l.stop_slot {
             return Err(MembershipError::InProgress { slot });
         }

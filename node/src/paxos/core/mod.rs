@@ -414,6 +414,10 @@ struct PeerProgress {
     /// Its commit index, as it last reported: a learner is promoted only
     /// once this is close to the leader's.
     commit: Slot,
+    /// Its own incarnation, as its acceptances to this leader report it:
+    /// what a group's first change records for it (not what this leader
+    /// heard of it from others, which may be a life it no longer has).
+    incarnation: Option<Incarnation>,
 }
 
 impl PeerProgress {
@@ -428,6 +432,7 @@ impl PeerProgress {
             read_round_acked: 0,
             read_round_sent: 0,
             commit: 0,
+            incarnation: None,
         }
     }
 }
@@ -673,10 +678,16 @@ impl Paxos {
                 paxos.send_recover_requests();
                 return paxos;
             }
-            // A member of a new group: it may vote from the start.
+            // A member of a new group: it may vote from the start. It takes
+            // a life of its own all the same: were the group not new after
+            // all (one first started alone, grown since), no membership
+            // that recorded its lost life counts it.
+            let me = paxos.config.id as usize;
+            paxos.incarnations[me] = paxos.config.blank_incarnation.max(1);
+            paxos.out.persist.incarnations = Some(paxos.incarnations.clone());
             paxos.out.persist.initialized = true;
         }
-        if paxos.membership().voters == 1 << paxos.config.id {
+        if paxos.is_voter(paxos.config.id) && paxos.membership().voters == 1 << paxos.config.id {
             // Alone, there is nobody to wait for.
             paxos.start_election();
         }
@@ -802,6 +813,11 @@ impl Paxos {
                 // member, or one not yet added): its vote is not one.
                 self.stats.stale_votes_ignored += 1;
                 return;
+            }
+            if let (Message::Accepted { .. }, Role::Leader(l)) = (&msg, &mut self.role) {
+                if let Some(progress) = l.peers.get_mut(&from) {
+                    progress.incarnation = Some(sender);
+                }
             }
             if !self.check_own_incarnation(reported_mine.unwrap_or(0)) {
                 return;
