@@ -400,10 +400,11 @@ impl Sim {
 
     /// Crashes replica `id` (if up) and wipes its storage: its next
     /// `restart` starts blank, as a joiner if `rejoin` (a new member under
-    /// the same id). If not, it starts as its config says: recovering its
-    /// votes from its peers with `recover_when_empty`, or (the simulator's
-    /// default, `Config::new_group`) as a member of a new group, with a
-    /// new incarnation.
+    /// the same id). If not, it starts as its config says: with
+    /// `recover_when_empty`, recovering its votes from its peers (or, the
+    /// group's only first member, as a new group's with a new incarnation);
+    /// without (the simulator's default, `Config::new_group`), as a member
+    /// of a new group under its old incarnation, which no real node does.
     pub fn lose_disk(&mut self, id: NodeId, rejoin: bool) {
         if self.nodes[id as usize].is_some() {
             self.crash(id);

@@ -172,12 +172,75 @@ fn a_member_started_again_from_a_blank_disk_counts_for_nothing_until_added_anew(
     assert_converged_among(&mut sim, &[0, 3]);
 }
 
+/// A replica that lost its disk after the group changed its members cannot
+/// recover its votes (the rule needs the voters it voted with): it starts
+/// over as a new member, votes in nothing, and is replaced by a change.
+#[test]
+fn a_disk_lost_after_a_change_starts_over_as_a_new_member() {
+    let mut sim = Sim::with_spares(3, 1, test_seed("lost_after_change"), |c| {
+        c.recover_when_empty = true;
+    });
+    await_leader(&mut sim);
+    change(&mut sim, &[0, 1, 2], &[3]);
+    change(&mut sim, &[0, 1, 2, 3], &[]);
+    write(&mut sim, "four", 3, 4);
+    let lost = (0..3).find(|id| Some(*id) != sim.leader()).unwrap_or(1);
+    sim.lose_disk(lost, false);
+    sim.restart(lost);
+    let out = sim.run_until(PATIENCE_TICKS, |s| {
+        s.node(lost).map(|n| n.role()) == Some(RoleKind::NotMember)
+    });
+    assert!(
+        out,
+        "seed {}: replica {lost} never gave up recovering ({:?})",
+        sim.seed,
+        sim.node(lost).map(|n| n.role())
+    );
+    write(&mut sim, "without-it", 3, 3);
+    let voters: Vec<NodeId> = (0..4).filter(|id| *id != lost).collect();
+    let new_life = sim.node(lost).map(|n| n.incarnation()).unwrap_or_default();
+    let mut replaced = None;
+    for _ in 0..PATIENCE_TICKS {
+        if let Some(leader) = sim.leader() {
+            let replace = shardkv::paxos::MembershipChange {
+                voters: set(&voters),
+                learners: set(&[lost]),
+                joiners: [(
+                    lost,
+                    shardkv::paxos::Member {
+                        incarnation: new_life,
+                        address: format!("sim-{lost}"),
+                    },
+                )]
+                .into(),
+                addresses: Default::default(),
+            };
+            if let Ok(next) = sim.propose_change(leader, replace) {
+                replaced = Some(next);
+                break;
+            }
+        }
+        sim.run(1);
+    }
+    assert!(
+        replaced.is_some(),
+        "seed {}: no leader took the replacement",
+        sim.seed
+    );
+    change(&mut sim, &[0, 1, 2, 3], &[]);
+    write(&mut sim, "replaced", 3, 4);
+    assert_converged_among(&mut sim, &[0, 1, 2, 3]);
+}
+
 /// A group first started with one replica has no peers to recover a lost
 /// disk from: a blank start is a new group's. Once the group has grown,
 /// that start must still not vote as the member the replica was.
 #[test]
 fn a_replica_first_alone_and_started_again_blank_is_not_the_member_it_was() {
-    let mut sim = Sim::with_spares(1, 2, test_seed("first_alone"), |_| {});
+    // As a node starts: a blank start may be a lost disk.
+    let mut sim = Sim::with_spares(1, 2, test_seed("first_alone"), |c| {
+        c.recover_when_empty = true;
+    });
     await_leader(&mut sim);
     change(&mut sim, &[0], &[1, 2]);
     change(&mut sim, &[0, 1, 2], &[]);

@@ -225,6 +225,23 @@ impl Paxos {
         }
     }
 
+    /// Starts this (blank) replica as a new member, under its current
+    /// incarnation: it knows of no epoch that counts it, not even the
+    /// group's first (whose members are ids, not lives: under a replaced
+    /// member's id it would otherwise vote blank), and waits to hear its
+    /// membership from a peer.
+    pub(super) fn start_as_joiner(&mut self) {
+        self.memberships = vec![Membership {
+            voters: 0,
+            ..Membership::initial(self.config.peers)
+        }];
+        self.role = Role::Follower { leader: None };
+        self.out.persist.initialized = true;
+        self.out.persist.incarnations = Some(self.incarnations.clone());
+        self.out.persist.memberships = Some(self.memberships.clone());
+        self.reset_election_deadline();
+    }
+
     /// Takes the membership a snapshot at `index` was taken in, from the
     /// memberships its sender sent along (from the one at its own snapshot
     /// on), if it is later than this replica's.

@@ -649,20 +649,10 @@ impl Paxos {
         if blank {
             if paxos.config.joining {
                 // A new member has voted in nothing, so it has nothing to
-                // recover: it waits to hear from the group. It is a new
-                // life, recorded by the change that adds it; until then it
-                // knows of no epoch that counts it, not even the first
-                // group's (whose members are ids, not lives: under a
-                // replaced member's id it would otherwise vote blank).
+                // recover: a new life, recorded by the change that adds it.
                 let me = paxos.config.id as usize;
                 paxos.incarnations[me] = paxos.config.blank_incarnation.max(1);
-                paxos.memberships = vec![Membership {
-                    voters: 0,
-                    ..Membership::initial(paxos.config.peers)
-                }];
-                paxos.out.persist.initialized = true;
-                paxos.out.persist.incarnations = Some(paxos.incarnations.clone());
-                paxos.out.persist.memberships = Some(paxos.memberships.clone());
+                paxos.start_as_joiner();
                 return paxos;
             }
             if paxos.config.recover_when_empty && paxos.config.peers > 1 {
@@ -678,13 +668,16 @@ impl Paxos {
                 paxos.send_recover_requests();
                 return paxos;
             }
-            // A member of a new group: it may vote from the start. It takes
-            // a life of its own all the same: were the group not new after
-            // all (one first started alone, grown since), no membership
-            // that recorded its lost life counts it.
-            let me = paxos.config.id as usize;
-            paxos.incarnations[me] = paxos.config.blank_incarnation.max(1);
-            paxos.out.persist.incarnations = Some(paxos.incarnations.clone());
+            // A member of a new group: it may vote from the start. Unless
+            // the caller knows the group is new, it takes a life of its own
+            // all the same: were the group not new after all (one first
+            // started alone, grown since, and this its lost disk), no
+            // membership that recorded its lost life counts it.
+            if paxos.config.recover_when_empty {
+                let me = paxos.config.id as usize;
+                paxos.incarnations[me] = paxos.config.blank_incarnation.max(1);
+                paxos.out.persist.incarnations = Some(paxos.incarnations.clone());
+            }
             paxos.out.persist.initialized = true;
         }
         if paxos.is_voter(paxos.config.id) && paxos.membership().voters == 1 << paxos.config.id {

@@ -97,9 +97,8 @@ impl Paxos {
     }
 
     pub(super) fn on_recover_reply(&mut self, from: NodeId, page: Option<PeerState>, more: bool) {
-        // The voters as this replica knows them: a recovery after a
-        // membership change is not supported yet (a replica whose disk is
-        // lost must rejoin as a new member), see `Config::joining`.
+        // The voters as this replica knows them (the group's first: after
+        // a change, a lost disk rejoins as a new member).
         let peers = self.membership().voters.count_ones() as usize;
         let Role::Recovering(r) = &mut self.role else {
             return;
@@ -116,15 +115,19 @@ impl Paxos {
         }) {
             // The group has changed its members since it started, or may
             // have (a stop sign was accepted): the argument above needs the
-            // voters this replica voted with, which it no longer knows.
-            // Such an answer never counts, so the replica stays out; the
-            // acceptors of the first stop sign, but for this replica, meet
-            // every majority of the others, so no recovery completes.
-            tracing::error!(
+            // voters this replica voted with, which it no longer knows. So
+            // no answer counts (the acceptors of the first stop sign, but
+            // for this replica, meet every majority of the others), and
+            // the replica starts over as a new member instead: it votes in
+            // nothing until a change records its new life.
+            tracing::warn!(
                 replica = self.config.id,
-                "this replica lost its disk after a membership change: it cannot recover \
-                 its votes; remove it from the group and add a new member under a new id"
+                incarnation = self.incarnation(),
+                "this replica lost its disk after the group changed its members: it starts \
+                 over as a new member, which takes part in nothing until it is added \
+                 (`shardkvctl member remove` its old life, then `member add` it)"
             );
+            self.start_as_joiner();
             return;
         }
         let state = match page {
