@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use shardkv::paxos::{Config, MemStorage, RoleKind, Slot, Storage, WalOptions, WalStorage};
-use shardkv::replica::grpc::{GrpcTransport, PaxosPeerService};
+use shardkv::replica::grpc::{AddressBook, GrpcTransport, PaxosPeerService};
 use shardkv::replica::local::LocalNetwork;
 use shardkv::replica::{ApplyError, Replica, ReplicaOptions, StateMachine, Transport};
 use tokio::net::TcpListener;
@@ -196,7 +196,11 @@ async fn bench_grpc(args: &Args) {
         let id = id as u32;
         let storage =
             WalStorage::open(dir.path().join(format!("{id}")), WalOptions::default()).expect("wal");
-        let replica = start(id, storage, GrpcTransport::start("bench", id, &peers));
+        let replica = start(
+            id,
+            storage,
+            GrpcTransport::start("bench", id, &AddressBook::from_peers(&peers)),
+        );
         let service = PaxosPeerService::new("bench", replica.clone());
         tokio::spawn(
             tonic::transport::Server::builder()

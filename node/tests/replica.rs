@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use shardkv::paxos::{Config, MemStorage, RoleKind, Slot, WalOptions, WalStorage};
-use shardkv::replica::grpc::{GrpcTransport, PaxosPeerService};
+use shardkv::replica::grpc::{AddressBook, GrpcTransport, PaxosPeerService};
 use shardkv::replica::local::LocalNetwork;
 use shardkv::replica::{ApplyError, Replica, ReplicaError, ReplicaOptions, StateMachine};
 use tokio::net::TcpListener;
@@ -166,7 +166,7 @@ async fn start_grpc_node(id: u32, listener: TcpListener, peers: &[String], dir: 
         WalStorage::open(dir.join(format!("replica-{id}")), WalOptions::default()).unwrap();
     let machine = Recorder::default();
     let shared = machine.shared.clone();
-    let transport = GrpcTransport::start("test-group", id, peers);
+    let transport = GrpcTransport::start("test-group", id, &AddressBook::from_peers(peers));
     let (replica, thread) = Replica::start(
         Config::new_group(id, peers.len() as u32),
         storage,

@@ -19,7 +19,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::paxos::{Config as PaxosConfig, WalOptions, WalStorage};
-use crate::replica::grpc::{GrpcTransport, PaxosPeerService};
+use crate::replica::grpc::{AddressBook, GrpcTransport, PaxosPeerService};
 use crate::replica::members::MembersService;
 use crate::replica::{Replica, ReplicaOptions, StateMachine, Status};
 use crate::shardkv::server::{KvServer, KvServerOptions, Unreliable};
@@ -303,6 +303,7 @@ fn start_replica<M: StateMachine>(
     group: &str,
     options: &NodeOptions,
     identity: &Identity,
+    book: &AddressBook,
     machine: M,
 ) -> Result<(Replica, std::thread::JoinHandle<()>), NodeError> {
     // Storage of the versions before the write-ahead log. Opening the new
@@ -317,7 +318,7 @@ fn start_replica<M: StateMachine>(
     }
     let storage = WalStorage::open(options.data_dir.join("paxos"), WalOptions::default())
         .map_err(|e| data_dir_error(&options.data_dir, format!("cannot open storage: {e}")))?;
-    let transport = GrpcTransport::start(group, options.id, &options.peers);
+    let transport = GrpcTransport::start(group, options.id, book);
     let replica_options = ReplicaOptions {
         tick: options.tick,
         snapshot_every_slots: options.snapshot_every_slots,
@@ -491,7 +492,9 @@ pub async fn run_master(
     let listener = bind(&listen).await?;
     let metrics_listener = bind_metrics(options.metrics_addr).await?;
     let state = SharedMasterState::new(ShardMasterState::new(shards));
-    let (replica, thread) = start_replica("shardmaster", &options, &identity, state.clone())?;
+    let book = AddressBook::from_peers(&options.peers);
+    let (replica, thread) =
+        start_replica("shardmaster", &options, &identity, &book, state.clone())?;
     let service = ShardMasterService::new(replica.clone(), state, &options.peers)
         .map_err(NodeError::Config)?;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -556,10 +559,11 @@ pub async fn run_kv(
     let listener = bind(&listen).await?;
     let metrics_listener = bind_metrics(options.metrics_addr).await?;
     let group = format!("kv-{gid}");
+    let book = AddressBook::from_peers(&options.peers);
     let source = crate::shardkv::snapshot::GrpcSnapshotSource {
         gid,
         me: options.id,
-        peers: options.peers.clone(),
+        peers: book.clone(),
         chunk_timeout: Duration::from_secs(10),
         rounds: 6,
     };
@@ -585,7 +589,7 @@ pub async fn run_kv(
         ..Default::default()
     };
     let state = SharedKvState::new(kv_state);
-    let (replica, thread) = start_replica(&group, &options, &identity, state.clone())?;
+    let (replica, thread) = start_replica(&group, &options, &identity, &book, state.clone())?;
     let metrics = Metrics::new("kv", &group, options.id);
     let server = KvServer::new(
         gid,

@@ -6,7 +6,8 @@
 //! bounded channel per peer; when it is full (peer slow or down) new messages
 //! are dropped, which Paxos tolerates by retrying.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -27,6 +28,37 @@ const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(20);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Where each replica of the group is reached, by id: the peer list the
+/// node started with, then the addresses its membership records. Shared by
+/// the transport, which keeps it current, and the other callers of peers
+/// (snapshot fetches). Cheap to clone; clones share it.
+#[derive(Clone, Debug, Default)]
+pub struct AddressBook {
+    inner: Arc<RwLock<BTreeMap<NodeId, String>>>,
+}
+
+impl AddressBook {
+    /// `peers[i]` is replica i's address.
+    pub fn from_peers(peers: &[String]) -> Self {
+        let book = AddressBook::default();
+        for (id, addr) in peers.iter().enumerate() {
+            book.set(id as NodeId, addr);
+        }
+        book
+    }
+
+    fn set(&self, id: NodeId, addr: &str) {
+        let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        map.insert(id, addr.to_string());
+    }
+
+    /// Every replica known, in id order.
+    pub fn all(&self) -> Vec<(NodeId, String)> {
+        let map = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        map.iter().map(|(id, addr)| (*id, addr.clone())).collect()
+    }
+}
+
 /// Sends one replica's messages to its peers over gRPC.
 pub struct GrpcTransport {
     /// Names the group in every envelope, so a misrouted stream is refused.
@@ -39,21 +71,24 @@ pub struct GrpcTransport {
     /// The runtime the sender tasks run on: a new member's task is
     /// started from the replica's own thread, which has none.
     runtime: tokio::runtime::Handle,
+    /// Kept current for the group's other callers of peers.
+    book: AddressBook,
 }
 
 impl GrpcTransport {
-    /// Starts a sender task per peer on the current tokio runtime (the
-    /// caller must be in one).
-    /// `peers[i]` is replica i's `host:port`; `group` names the replica group.
-    pub fn start(group: &str, me: NodeId, peers: &[String]) -> Self {
+    /// Starts a sender task per peer in `book` on the current tokio
+    /// runtime (the caller must be in one); `group` names the replica
+    /// group. The book follows the membership from then on.
+    pub fn start(group: &str, me: NodeId, book: &AddressBook) -> Self {
         let mut transport = GrpcTransport {
             group: group.to_string(),
             me,
             queues: HashMap::new(),
             runtime: tokio::runtime::Handle::current(),
+            book: book.clone(),
         };
-        for (id, addr) in peers.iter().enumerate() {
-            transport.reach(id as NodeId, addr);
+        for (id, addr) in book.all() {
+            transport.reach(id, &addr);
         }
         transport
     }
@@ -66,6 +101,7 @@ impl GrpcTransport {
         if self.queues.get(&id).is_some_and(|(known, _)| known == addr) {
             return;
         }
+        self.book.set(id, addr);
         let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
         // The previous task, if any, ends when its queue closes.
         let sender = peer_sender(addr.to_string(), self.group.clone(), self.me, rx);

@@ -399,8 +399,8 @@ pub struct GrpcSnapshotSource {
     pub gid: Gid,
     /// This replica's id: it is not asked.
     pub me: NodeId,
-    /// The group's replicas, by id.
-    pub peers: Vec<String>,
+    /// The group's replicas, by id, as the membership has them now.
+    pub peers: crate::replica::grpc::AddressBook,
     /// Give up on one peer after this long without a chunk.
     pub chunk_timeout: Duration,
     /// Rounds over every peer before the install fails (the replica then
@@ -450,11 +450,11 @@ impl PeerSource for GrpcSnapshotSource {
         let runtime = own_runtime()?;
         let mut errors = Vec::new();
         for round in 0..self.rounds {
-            for (id, peer) in self.peers.iter().enumerate() {
-                if id as NodeId == self.me {
+            for (id, peer) in self.peers.all() {
+                if id == self.me {
                     continue;
                 }
-                match runtime.block_on(self.fetch_from(peer, min_applied, import)) {
+                match runtime.block_on(self.fetch_from(&peer, min_applied, import)) {
                     Ok(summary) => return Ok(summary),
                     Err(e) => {
                         tracing::warn!(gid = self.gid, peer = %peer, round, error = %e, "snapshot fetch failed");

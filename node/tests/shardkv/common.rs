@@ -181,7 +181,7 @@ impl Cluster {
         let source = GrpcSnapshotSource {
             gid: group.gid,
             me: i as u32,
-            peers: group.addrs.clone(),
+            peers: shardkv::replica::grpc::AddressBook::from_peers(&group.addrs),
             chunk_timeout: Duration::from_secs(5),
             rounds: 3,
         };
