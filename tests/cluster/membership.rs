@@ -1,8 +1,9 @@
 //! Changing a replica group's members on real processes, with
 //! `shardkvctl member`: a group of 3 goes to 5 and then to a different 3,
-//! and a member whose data directory was deleted is replaced, each change
-//! with a `kill -9` of the group's leader in the middle, while clients
-//! write. Every acknowledged write reads back, and the history is
+//! and a member whose data directory was deleted is replaced, with a
+//! `kill -9` of the group's leader between the steps of three changes
+//! (after a learner is added, before it is promoted; between two
+//! removals), while clients write. Every acknowledged write reads back, and the history is
 //! linearizable.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,15 +88,16 @@ async fn await_members(servers: &[String], what: &str, done: impl Fn(&ListMember
 
 /// The address of the group's leader, as a member reports it.
 async fn leader(servers: &[String]) -> String {
-    let mut address = String::new();
-    await_members(servers, "a leader", |m| {
-        m.has_leader && !m.leader_address.is_empty()
-    })
-    .await;
-    if let Ok(m) = admin(servers).list().await {
-        address = m.leader_address;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(m) = admin(servers).list().await {
+            if m.has_leader && !m.leader_address.is_empty() {
+                return m.leader_address;
+            }
+        }
+        assert!(Instant::now() < deadline, "the group elected no leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    address
 }
 
 /// Runs `change` (a `shardkvctl member` call) while the group's leader is
@@ -260,19 +262,7 @@ async fn a_group_goes_from_3_to_5_to_another_3_and_replaces_a_lost_disk_while_cl
     await_members(&servers, "members 2, 3 and 4", three).await;
     // The shardmaster learns the group's servers from the group.
     let admin_client = cluster.admin();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let config = admin_client.query(None).await.expect("query");
-        if config.groups.get(&1) == Some(&vec![addr(2), addr(3), addr(4)]) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the shardmaster never recorded the group's new servers: {:?}",
-            config.groups
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    await_recorded(&admin_client, &[addr(2), addr(3), addr(4)]).await;
     // The removed replicas take no part: stopped, the group serves on.
     for id in [0, 1] {
         if let Some(mut node) = nodes[id].take() {
@@ -313,6 +303,9 @@ async fn a_group_goes_from_3_to_5_to_another_3_and_replaces_a_lost_disk_while_cl
     for client in clients {
         client.await.expect("client");
     }
+    // The shardmaster names the group's servers as they are now: no late
+    // report of an earlier list stays in their place.
+    await_recorded(&admin_client, &[addr(2), addr(3), addr(4)]).await;
     let acked = history.acked.lock().unwrap().clone();
     assert!(
         acked.len() >= 20,
@@ -348,6 +341,26 @@ async fn a_group_goes_from_3_to_5_to_another_3_and_replaces_a_lost_disk_while_cl
         acked.len(),
         history.failed.load(Ordering::Relaxed)
     );
+}
+
+/// Waits until the shardmaster records `servers` as group 1's.
+async fn await_recorded(
+    admin: &shardkv::shardmaster::client::ShardMasterClient,
+    servers: &[String],
+) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let config = admin.query(None).await.expect("query");
+        if config.groups.get(&1).map(Vec::as_slice) == Some(servers) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shardmaster never recorded {servers:?} as group 1's servers: {:?}",
+            config.groups
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits until the node at `addr` answers at all (a replaced member is not

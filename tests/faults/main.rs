@@ -414,49 +414,63 @@ async fn run(opts: Opts) -> ExitCode {
         let mut rng = SimRng::new(seed ^ 0x3e3b_e125);
         tokio::spawn(async move {
             let admin = MembersAdmin::new(servers.clone(), Duration::from_secs(2));
-            let is_member = async |admin: &MembersAdmin, addr: &str| {
-                (admin.list().await.ok()).map(|m| m.members.iter().any(|m| m.address == addr))
+            // The replicas the group does not count as voters now, by its
+            // own account (a step whose answer was lost may have been
+            // taken): None if no member answered.
+            let outside = async |admin: &MembersAdmin| {
+                let members = admin.list().await.ok()?;
+                let out: Vec<String> = (servers.iter())
+                    .filter(|s| !members.members.iter().any(|m| m.address == **s && m.voter))
+                    .cloned()
+                    .collect();
+                Some(out)
             };
             let mut changes = 0usize;
-            let mut out: Option<String> = None;
             while start.elapsed() < run_for {
                 tokio::time::sleep(Duration::from_millis(1000 + rng.below(2000))).await;
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-                match out.take() {
-                    None => {
-                        let addr = servers[rng.below(servers.len() as u64) as usize].clone();
-                        log(format!("remove {addr} from group 1"));
-                        match admin.remove(&addr, deadline).await {
-                            Ok(_) => changes += 1,
-                            Err(e) => log(format!("  (not removed: {e})")),
-                        }
-                        // An answer lost is no refusal: the group says.
-                        if is_member(&admin, &addr).await == Some(false) {
-                            out = Some(addr);
-                        }
+                let Some(out) = outside(&admin).await else {
+                    log("  (no member of group 1 answered)".into());
+                    continue;
+                };
+                if let Some(addr) = out.first() {
+                    log(format!("add {addr} to group 1 again"));
+                    match admin.add(addr, "kv-1", deadline).await {
+                        Ok(_) => changes += 1,
+                        Err(e) => log(format!("  (not added yet: {e})")),
                     }
-                    Some(addr) => {
-                        log(format!("add {addr} to group 1 again"));
-                        match admin.add(&addr, "kv-1", deadline).await {
-                            Ok(_) => changes += 1,
-                            Err(e) => {
-                                log(format!("  (not added yet: {e})"));
-                                out = Some(addr);
-                            }
-                        }
+                } else {
+                    let addr = servers[rng.below(servers.len() as u64) as usize].clone();
+                    log(format!("remove {addr} from group 1"));
+                    match admin.remove(&addr, deadline).await {
+                        Ok(_) => changes += 1,
+                        Err(e) => log(format!("  (not removed: {e})")),
                     }
                 }
             }
-            // The group ends whole: a replica still out is added back.
-            if let Some(addr) = out {
-                log(format!("add {addr} to group 1 again (end of run)"));
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-                match admin.add(&addr, "kv-1", deadline).await {
-                    Ok(_) => changes += 1,
-                    Err(e) => log(format!("  (could not add {addr} back: {e})")),
+            // The group ends whole: every replica a voter again.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                match outside(&admin).await {
+                    Some(out) if out.is_empty() => return Ok(changes),
+                    Some(out) => {
+                        log(format!("add {} to group 1 again (end of run)", out[0]));
+                        if let Err(e) = admin.add(&out[0], "kv-1", deadline).await {
+                            log(format!("  (not added yet: {e})"));
+                        } else {
+                            changes += 1;
+                        }
+                    }
+                    None => log("  (no member of group 1 answered)".into()),
                 }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(format!(
+                        "group 1 did not get every replica back as a voter after the faults \
+                         ({changes} membership changes taken)"
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            changes
         })
     };
 
@@ -579,10 +593,7 @@ async fn run(opts: Opts) -> ExitCode {
     let (mut rejoined, leave_tried, left_acknowledged) =
         reconfig.await.expect("reconfiguration task");
     let (short_written, short_failed) = short_lived.await.expect("short-lived clients");
-    let membership_changes = membership.await.expect("membership task");
-    log(format!(
-        "{membership_changes} membership changes of group 1 taken"
-    ));
+    let membership_outcome = membership.await.expect("membership task");
     log("all faults healed; reading every key".into());
 
     // Read back every key, with time to recover.
@@ -596,6 +607,10 @@ async fn run(opts: Opts) -> ExitCode {
     .expect("clerk");
     let mut history = std::mem::take(&mut *shared.history.lock().unwrap());
     let mut problems = Vec::new();
+    match membership_outcome {
+        Ok(changes) => log(format!("{changes} membership changes of group 1 taken")),
+        Err(e) => problems.push(e),
+    }
     for k in 0..KEYS {
         let key = Bytes::from(format!("f{k}"));
         let call = now();

@@ -324,11 +324,11 @@ fn start_replica<M: StateMachine>(
         snapshot_every_slots: options.snapshot_every_slots,
         ..Default::default()
     };
-    // The group's first voters are the peer list it was created with; a
-    // replica beyond it can only have joined.
+    // The group's first voters: the peer list at this directory's first
+    // start (a later start's --peers may differ: members change).
     let first_voters = u32::try_from(identity.replicas).unwrap_or(u32::MAX);
     let mut paxos_config = PaxosConfig::new(options.id, first_voters);
-    paxos_config.joining = options.join || options.id >= first_voters;
+    paxos_config.joining = options.join;
     paxos_config.log_retain_slots_max = options.log_retain_slots;
     let started = Replica::start(paxos_config, storage, machine, transport, replica_options)
         .map_err(|e| NodeError::Replica(e.to_string()))?;

@@ -305,6 +305,7 @@ impl Sim {
                 learners,
                 joiners,
                 addresses: Default::default(),
+                expected_epoch: None,
             },
         )
     }

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Replica, ReplicaError, Status as ReplicaStatus};
 use crate::paxos::types::ids;
-use crate::paxos::{Member, Membership, MembershipChange, NodeId, RoleKind};
+use crate::paxos::{Member, Membership, MembershipChange, MembershipError, NodeId, RoleKind};
 use crate::proto::change_members_request::Change;
 use crate::proto::members_client::MembersClient;
 use crate::proto::members_server::{Members, MembersServer};
@@ -18,7 +18,7 @@ use crate::proto::{
     AddLearner, ChangeMembersRequest, IdentifyReply, IdentifyRequest, ListMembersReply,
     ListMembersRequest, MemberInfo,
 };
-use crate::shardmaster::service::{not_leader, not_leader_at};
+use crate::shardmaster::service::not_leader_at;
 
 /// How long a change may take to be decided before the caller is told
 /// its outcome is unknown (it may still take effect: list to see).
@@ -180,7 +180,29 @@ impl MembersService {
             learners,
             joiners,
             addresses,
+            expected_epoch: Some(current.epoch),
         })
+    }
+}
+
+/// A refusal as the caller sees it: `Unavailable` for what passes (a
+/// change in flight, a learner catching up, members not heard from yet,
+/// another change first), which callers retry until their deadline;
+/// `FailedPrecondition` for what asking again cannot change.
+fn membership_refusal(e: MembershipError) -> Status {
+    match e {
+        MembershipError::InProgress { .. }
+        | MembershipError::LearnerBehind { .. }
+        | MembershipError::NoQuorumUp { .. }
+        | MembershipError::NotHeardFrom { .. }
+        | MembershipError::EpochChanged { .. }
+        | MembershipError::NotLeader { .. } => Status::unavailable(e.to_string()),
+        MembershipError::NoVoters
+        | MembershipError::VoterAndLearner { .. }
+        | MembershipError::Unchanged
+        | MembershipError::UnknownIdentity { .. }
+        | MembershipError::VoterReplaced { .. }
+        | MembershipError::NotALearner { .. } => Status::failed_precondition(e.to_string()),
     }
 }
 
@@ -253,9 +275,19 @@ impl Members for MembersService {
                 )
             })?;
         match changed {
-            Ok(_) => Ok(Response::new(self.list(&self.replica.status()))),
-            Err(ReplicaError::NotLeader { leader }) => Err(not_leader(leader)),
-            Err(ReplicaError::Membership(e)) => Err(Status::failed_precondition(e.to_string())),
+            Ok(entered) => {
+                // Answered as the replica's status shows it, once that has
+                // the new membership (published after the answer).
+                let shown = |s: &ReplicaStatus| s.membership.epoch >= entered.epoch;
+                self.replica.wait_for(CHANGE_TIMEOUT, shown).await;
+                Ok(Response::new(self.list(&self.replica.status())))
+            }
+            Err(ReplicaError::NotLeader { leader }) => {
+                let status = self.replica.status();
+                let address = leader.map(|l| self.address_of(&status.membership, l));
+                Err(not_leader_at(leader, address.as_deref()))
+            }
+            Err(ReplicaError::Membership(e)) => Err(membership_refusal(e)),
             Err(ReplicaError::OutcomeUnknown) => Err(Status::unavailable(
                 "leadership changed before the change was decided; it may or may not take \
                  effect: list the members to see",
@@ -301,14 +333,13 @@ impl MembersAdmin {
             .map_err(|e| format!("{addr}: {}", e.message()))
     }
 
-    /// The membership as the leader knows it (with each member's progress),
-    /// or as the most recent epoch any replica reached knows it if none
-    /// leads. Replicas name others (the leader, the members of the latest
+    /// The membership of the latest epoch any replica reached, as its
+    /// leader knows it (with each member's progress) if one answers. Replicas name others (the leader, the members of the latest
     /// membership they know), which are asked in turn: the servers given
     /// may all have been removed since, and a removed replica is told the
     /// membership that removed it.
     pub async fn list(&self) -> Result<ListMembersReply, String> {
-        let mut fallback: Option<ListMembersReply> = None;
+        let mut best: Option<ListMembersReply> = None;
         let mut errors = Vec::new();
         let mut asked = std::collections::HashSet::new();
         let mut queue: std::collections::VecDeque<String> = self.servers.iter().cloned().collect();
@@ -317,7 +348,14 @@ impl MembersAdmin {
                 continue;
             }
             let reply = match self.client(&addr).await {
-                Ok(mut client) => client.list(ListMembersRequest {}).await,
+                Ok(mut client) => {
+                    let call = client.list(ListMembersRequest {});
+                    tokio::time::timeout(self.call_timeout, call)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(tonic::Status::deadline_exceeded("no answer in time"))
+                        })
+                }
                 Err(e) => {
                     errors.push(e);
                     continue;
@@ -330,22 +368,29 @@ impl MembersAdmin {
                     continue;
                 }
             };
-            if reply.has_leader && reply.leader == reply.answered_by {
-                return Ok(reply);
-            }
             if reply.has_leader && !reply.leader_address.is_empty() {
                 queue.push_front(reply.leader_address.clone());
             }
             queue.extend(reply.members.iter().map(|m| m.address.clone()));
-            if fallback.as_ref().is_none_or(|f| f.epoch < reply.epoch) {
-                fallback = Some(reply);
+            // A leader of the latest epoch heard, not the first replica
+            // that says it leads (a deposed one may not know yet).
+            let leads = reply.has_leader && reply.leader == reply.answered_by;
+            let better = match &best {
+                None => true,
+                Some(b) => {
+                    (reply.epoch, leads) > (b.epoch, b.has_leader && b.leader == b.answered_by)
+                }
+            };
+            if better {
+                best = Some(reply);
             }
         }
-        fallback.ok_or_else(|| format!("no replica answered: {}", errors.join("; ")))
+        best.ok_or_else(|| format!("no replica answered: {}", errors.join("; ")))
     }
 
-    /// Asks the leader for one step; retries while the group elects a
-    /// leader, until `deadline`. A refusal (`FailedPrecondition`) is
+    /// Asks the leader for one step; retries what passes (no leader, a
+    /// change in flight, a learner behind: `Unavailable`) until `deadline`.
+    /// A refusal (`FailedPrecondition`) is
     /// returned as is, for the caller to judge.
     pub async fn change(
         &self,
@@ -375,7 +420,18 @@ impl MembersAdmin {
                 let request = ChangeMembersRequest {
                     change: Some(change.clone()),
                 };
-                match client.change(request).await {
+                // A replica that does not answer (paused, partitioned) must
+                // not hold the caller past its deadline.
+                let patience = deadline.saturating_duration_since(tokio::time::Instant::now())
+                    + self.call_timeout;
+                let answer = tokio::time::timeout(patience, client.change(request))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(tonic::Status::deadline_exceeded(format!(
+                            "{addr}: no answer in time"
+                        )))
+                    });
+                match answer {
                     Ok(reply) => return Ok(reply.into_inner()),
                     Err(e)
                         if matches!(
@@ -390,7 +446,10 @@ impl MembersAdmin {
                     }
                     Err(e) => {
                         // Not the leader: ask the one it names next.
-                        if let Ok(members) = client.list(ListMembersRequest {}).await {
+                        let named = client.list(ListMembersRequest {});
+                        if let Ok(Ok(members)) =
+                            tokio::time::timeout(self.call_timeout, named).await
+                        {
                             let members = members.into_inner();
                             if members.has_leader && !members.leader_address.is_empty() {
                                 leader_address = Some(members.leader_address);
@@ -462,23 +521,13 @@ impl MembersAdmin {
             self.step(add, deadline, |m| holds(m, who.id, who.incarnation, false))
                 .await?;
         }
-        // Promotion is refused until the learner is close enough to the
-        // leader: ask again until then.
-        loop {
-            let promote = Change::Promote(who.id);
-            match self
-                .step(promote, deadline, |m| {
-                    holds(m, who.id, who.incarnation, true)
-                })
-                .await
-            {
-                Ok(members) => return Ok(members),
-                Err(e) if e.contains("behind") && tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        // Promotion is refused (and retried) until the learner is close
+        // enough to the leader.
+        let promote = Change::Promote(who.id);
+        self.step(promote, deadline, |m| {
+            holds(m, who.id, who.incarnation, true)
+        })
+        .await
     }
 
     /// Removes the member at `addr` from the group.

@@ -561,8 +561,11 @@ struct Driver<S, M, T> {
     /// Confirmed reads waiting for the state machine to reach their index
     /// (only after a new leader's takeover; otherwise it already has).
     reads_applying: Vec<(Slot, oneshot::Sender<Result<(), ReplicaError>>)>,
-    /// Callers of `change_membership`, by the epoch their change starts.
-    membership_waiters: Vec<(u64, oneshot::Sender<Result<Membership, ReplicaError>>)>,
+    /// Callers of `change_membership`, with the membership each proposed.
+    membership_waiters: Vec<(
+        Membership,
+        oneshot::Sender<Result<Membership, ReplicaError>>,
+    )>,
     status: watch::Sender<Status>,
     handle: Replica,
     syncs: u64,
@@ -642,7 +645,10 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
                 }
             },
             Input::ChangeMembership(change, reply) => match self.paxos.propose_membership(change) {
-                Ok(next) => self.membership_waiters.push((next.epoch, reply)),
+                Ok(next) => self.membership_waiters.push((next, reply)),
+                Err(MembershipError::NotLeader { leader }) => {
+                    let _ = reply.send(Err(ReplicaError::NotLeader { leader }));
+                }
                 Err(e) => {
                     let _ = reply.send(Err(ReplicaError::Membership(e)));
                 }
@@ -743,16 +749,24 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
                 .end_turn()
                 .map_err(|e| StorageError::Io(format!("state machine: {e}")))?;
         }
+        let mut membership_answers = Vec::new();
         if let Some(membership) = &ready.membership {
             // After this turn's messages, which may still tell removed
             // members of their removal.
             self.transport.update_members(membership);
             let (done, waiting) = std::mem::take(&mut self.membership_waiters)
                 .into_iter()
-                .partition::<Vec<_>, _>(|(epoch, _)| *epoch <= membership.epoch);
+                .partition::<Vec<_>, _>(|(proposed, _)| proposed.epoch <= membership.epoch);
             self.membership_waiters = waiting;
-            for (_, waiter) in done {
-                let _ = waiter.send(Ok(membership.clone()));
+            for (proposed, waiter) in done {
+                // Another leader's change may have taken the epoch this
+                // one was proposed for.
+                let answer = if &proposed == membership {
+                    Ok(proposed)
+                } else {
+                    Err(ReplicaError::OutcomeUnknown)
+                };
+                membership_answers.push((waiter, answer));
             }
         }
         let leader = self.paxos.leader_hint();
@@ -847,6 +861,9 @@ impl<S: Storage, M: StateMachine, T: Transport> Driver<S, M, T> {
             let _ = waiter.send(answer);
         }
         for (waiter, answer) in read_answers {
+            let _ = waiter.send(answer);
+        }
+        for (waiter, answer) in membership_answers {
             let _ = waiter.send(answer);
         }
         Ok(())

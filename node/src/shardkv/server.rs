@@ -125,9 +125,11 @@ struct Shared {
     /// the copy for the owner's stragglers up to `straggler_grace` longer,
     /// and whether the last look found one still lacking it.
     installed_seen: Mutex<BTreeMap<(u64, u64), (tokio::time::Instant, bool)>>,
-    /// The server list this replica last had the shardmaster record for
-    /// the group (see `report_members`): reported once, not every round.
-    members_reported: Mutex<Option<Vec<String>>>,
+    /// The server list this replica last reported for the group (see
+    /// `report_members`), and the configuration the shardmaster answered
+    /// with (its number if it took it, or the group's at a refusal): not
+    /// reported again until the group has taken a later one.
+    members_reported: Mutex<Option<(Vec<String>, u64)>>,
     /// When this process last proposed a Clock: the pace of logged time.
     last_clock: Mutex<Option<tokio::time::Instant>>,
 }
@@ -351,34 +353,44 @@ impl KvServer {
             .filter_map(|id| membership.members.get(&id))
             .map(|m| m.address.clone())
             .collect();
-        let recorded = {
+        let (recorded, num) = {
             let s = self.inner.state.lock();
             match s.config.groups.get(&self.inner.gid) {
-                Some(recorded) => recorded.clone(),
+                Some(recorded) => (recorded.clone(), s.config.num),
                 // Not joined, or left: a Join would add it.
                 None => return,
             }
         };
-        if recorded == servers || lock(&self.inner.members_reported).as_ref() == Some(&servers) {
+        if recorded == servers {
             return;
         }
-        match self
-            .inner
-            .masters
-            .join(self.inner.gid, servers.clone())
-            .await
-        {
+        // Reported already, and the group has not yet taken the answer (or
+        // a later configuration: one that still names other servers, a
+        // late report of an earlier leader's, is corrected).
+        let reported = lock(&self.inner.members_reported).clone();
+        if reported.is_some_and(|(list, answer)| list == servers && num < answer) {
+            return;
+        }
+        let gid = self.inner.gid;
+        match self.inner.masters.join(gid, servers.clone()).await {
             Ok(config) => {
                 tracing::info!(
-                    gid = self.inner.gid,
+                    gid,
                     epoch = membership.epoch,
                     ?servers,
                     config = config.num,
                     "the shardmaster records the group's new members"
                 );
-                *lock(&self.inner.members_reported) = Some(servers);
+                *lock(&self.inner.members_reported) = Some((servers, config.num.max(num + 1)));
             }
-            Err(e) => tracing::debug!(error = %e, "could not report the group's members"),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not report the group's members");
+                if matches!(e, crate::shardmaster::client::ClientError::Rejected(_)) {
+                    // Refused (a gid that left): not again before the
+                    // group takes another configuration.
+                    *lock(&self.inner.members_reported) = Some((servers, num + 1));
+                }
+            }
         }
     }
 

@@ -151,6 +151,7 @@ fn a_member_started_again_from_a_blank_disk_counts_for_nothing_until_added_anew(
                 )]
                 .into(),
                 addresses: Default::default(),
+                expected_epoch: None,
             };
             if let Ok(next) = sim.propose_change(leader, replace) {
                 proposed = Some(next);
@@ -214,6 +215,7 @@ fn a_disk_lost_after_a_change_starts_over_as_a_new_member() {
                 )]
                 .into(),
                 addresses: Default::default(),
+                expected_epoch: None,
             };
             if let Ok(next) = sim.propose_change(leader, replace) {
                 replaced = Some(next);

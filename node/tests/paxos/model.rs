@@ -154,6 +154,7 @@ fn change_to(voters: Members, learners: Members, bounds: &Bounds) -> MembershipC
             })
             .collect(),
         addresses: Default::default(),
+        expected_epoch: None,
     }
 }
 

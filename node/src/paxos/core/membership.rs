@@ -33,6 +33,10 @@ pub struct MembershipChange {
     /// Addresses of members the group has no record of yet (a group
     /// started from a peer list, at its first change).
     pub addresses: BTreeMap<NodeId, String>,
+    /// The epoch the change was computed from, if it was: refused if the
+    /// membership has changed since (two changes computed from one
+    /// membership would otherwise undo each other's).
+    pub expected_epoch: Option<u64>,
 }
 
 /// Why a membership change was refused.
@@ -48,6 +52,8 @@ pub enum MembershipError {
     VoterAndLearner { id: NodeId },
     #[error("the membership is already that")]
     Unchanged,
+    #[error("the change was computed from epoch {expected}, but the group is in epoch {current}: compute it again")]
+    EpochChanged { expected: u64, current: u64 },
     #[error("replica {id} has not answered this leader yet, so the life of its storage to record is not known: retry once it has")]
     NotHeardFrom { id: NodeId },
     #[error("replica {id} is new to the group: its incarnation and address are needed")]
@@ -321,8 +327,15 @@ impl Paxos {
             learners,
             joiners,
             addresses,
+            expected_epoch,
         } = change;
         let current = self.membership().clone();
+        if let Some(expected) = expected_epoch.filter(|e| *e != current.epoch) {
+            return Err(MembershipError::EpochChanged {
+                expected,
+                current: current.epoch,
+            });
+        }
         let me = self.config.id;
         let own_incarnation = self.incarnation();
         let now = self.now_tick;
