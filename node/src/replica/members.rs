@@ -1,6 +1,6 @@
 //! The `Members` gRPC service: a replica group's membership, inspected
 //! and changed one step at a time (add a learner, promote it, remove a
-//! member), as `shardkvctl member` and the operator use it. Both roles
+//! member), as `shardkvctl member` does it. Both roles
 //! serve it on their one port; a change is taken by the leader only.
 
 use std::collections::BTreeMap;
