@@ -74,8 +74,8 @@ pub struct NodeOptions {
     /// RSS whatever the data size. The shardmaster has no store.
     pub store: StoreOptions,
     /// Joins a running group: on blank storage, this replica is a new
-    /// member that votes in nothing until `shardkvctl member add` (or the
-    /// operator) adds it. Ignored once the data directory holds state.
+    /// member that votes in nothing until `shardkvctl member add` adds it.
+    /// Ignored once the data directory holds state.
     pub join: bool,
 }
 
