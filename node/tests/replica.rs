@@ -6,7 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use shardkv::paxos::{Config, MemStorage, RoleKind, Slot, WalOptions, WalStorage};
+use shardkv::paxos::{
+    Config, MemStorage, MembershipChange, MembershipError, RoleKind, Slot, WalOptions, WalStorage,
+};
 use shardkv::replica::grpc::{AddressBook, GrpcTransport, PaxosPeerService};
 use shardkv::replica::local::LocalNetwork;
 use shardkv::replica::{ApplyError, Replica, ReplicaError, ReplicaOptions, StateMachine};
@@ -116,6 +118,47 @@ async fn propose(replicas: &[Replica], command: &str) -> Bytes {
         }
     }
     panic!("propose {command}: no leader took it");
+}
+
+/// A membership change is answered with the membership it made; the group
+/// goes on deciding without the member it removed; and a second change
+/// computed from the old epoch is refused rather than undoing the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_change_is_answered_once_in_force() {
+    let (_network, replicas, logs) = local_group();
+    propose(&replicas, "before").await;
+    let leader = await_leader(&replicas).await;
+    let me = leader.status().id;
+    let removed = (0..3).find(|id| *id != me).expect("a follower");
+    let voters = (0..3u32)
+        .filter(|id| *id != removed)
+        .fold(0u64, |set, id| set | 1 << id);
+    let epoch = leader.status().membership.epoch;
+    let change = MembershipChange {
+        voters,
+        expected_epoch: Some(epoch),
+        ..Default::default()
+    };
+    let entered = leader
+        .change_membership(change.clone())
+        .await
+        .expect("the change");
+    assert_eq!(entered.voters, voters);
+    assert_eq!(entered.epoch, epoch + 1);
+    // The same change again, computed from the epoch before: refused.
+    let leader = await_leader(&replicas).await;
+    match leader.change_membership(change).await {
+        Err(ReplicaError::Membership(MembershipError::EpochChanged { expected, current })) => {
+            assert_eq!((expected, current), (epoch, epoch + 1));
+        }
+        other => panic!("a change from an old epoch gave {other:?}"),
+    }
+    propose(&replicas, "after").await;
+    let removed_log = logs[removed as usize].lock().unwrap().clone();
+    assert!(
+        !removed_log.iter().any(|c| c == "after"),
+        "the removed replica applied a command decided after its removal"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
