@@ -83,6 +83,16 @@ struct NodeArgs {
     /// `shardkvctl member add` adds it. Ignored once it holds state.
     #[arg(long, env = "SHARDKV_JOIN")]
     join: bool,
+    /// The group's size when it was created (default: every replica in
+    /// --peers). Replicas with ids from here up join as new members, so
+    /// --peers may name every replica the group may grow to.
+    #[arg(long, env = "SHARDKV_INITIAL_REPLICAS")]
+    initial_replicas: Option<u32>,
+    /// `new` while the group is being created, `existing` after (as
+    /// etcd's flag): a replica of an existing group that starts from a
+    /// blank disk never takes itself for a new group.
+    #[arg(long, env = "SHARDKV_INITIAL_CLUSTER_STATE", value_enum, default_value_t = ClusterState::New)]
+    initial_cluster_state: ClusterState,
     #[arg(long, env = "SHARDKV_DATA_DIR")]
     data_dir: PathBuf,
     /// Where to listen (default: this replica's entry in --peers).
@@ -120,6 +130,12 @@ struct NodeArgs {
     #[arg(long, env = "SHARDKV_STORE_JOURNAL_MIB", default_value_t = StoreOptions::default().journal_bytes_max >> 20,
           value_parser = clap::value_parser!(u64).range(64..=65536))]
     store_journal_mib: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ClusterState {
+    New,
+    Existing,
 }
 
 fn parse_id(id: &str) -> anyhow::Result<u32> {
@@ -166,6 +182,8 @@ impl NodeArgs {
                 journal_bytes_max: self.store_journal_mib.saturating_mul(1 << 20),
             },
             join: self.join,
+            initial_replicas: self.initial_replicas,
+            existing_group: self.initial_cluster_state == ClusterState::Existing,
         })
     }
 }

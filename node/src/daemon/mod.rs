@@ -77,6 +77,19 @@ pub struct NodeOptions {
     /// member that votes in nothing until `shardkvctl member add` adds it.
     /// Ignored once the data directory holds state.
     pub join: bool,
+    /// The group's size when it was created: replicas with ids below it
+    /// were its first voters; a replica at or above it is a new member on
+    /// blank storage (as with `join`). `None`: every replica in `peers`.
+    /// Lets `peers` name every replica the group may grow to (an operator
+    /// lists them all, so its pod template never changes with the size).
+    pub initial_replicas: Option<u32>,
+    /// The group already exists (etcd's `--initial-cluster-state
+    /// existing`): blank storage is never a new group. A group first
+    /// started alone would otherwise, on a lost disk, start alone again
+    /// and serve nothing under the group's name; this way the replica
+    /// waits to be added as a new member. (A group first started with
+    /// more replicas recovers the lost disk from its peers either way.)
+    pub existing_group: bool,
 }
 
 /// A node's Paxos tick unless told otherwise: heartbeats every 100 ms and
@@ -104,6 +117,8 @@ impl NodeOptions {
             log_retain_slots: PaxosConfig::new(0, 1).log_retain_slots_max,
             store: StoreOptions::default(),
             join: false,
+            initial_replicas: None,
+            existing_group: false,
         }
     }
 
@@ -131,6 +146,14 @@ impl NodeOptions {
                 self.peers.len()
             )));
         }
+        if let Some(n) = self.initial_replicas {
+            if n == 0 || n as usize > self.peers.len() {
+                return Err(NodeError::Config(format!(
+                    "--initial-replicas {n} must be between 1 and the {} replicas --peers names",
+                    self.peers.len()
+                )));
+            }
+        }
         for p in &self.peers {
             if p.rsplit_once(':')
                 .is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err())
@@ -141,6 +164,20 @@ impl NodeOptions {
             }
         }
         Ok(())
+    }
+
+    /// The group's first voters: ids below this.
+    fn first_voters(&self) -> usize {
+        self.initial_replicas
+            .map_or(self.peers.len(), |n| n as usize)
+    }
+
+    /// Whether blank storage makes this replica a new member waiting to be
+    /// added, rather than one of the group's first voters.
+    fn joins_when_blank(&self) -> bool {
+        self.join
+            || self.id as usize >= self.first_voters()
+            || (self.existing_group && self.first_voters() == 1)
     }
 
     fn listen_addr(&self) -> String {
@@ -328,7 +365,7 @@ fn start_replica<M: StateMachine>(
     // start (a later start's --peers may differ: members change).
     let first_voters = u32::try_from(identity.replicas).unwrap_or(u32::MAX);
     let mut paxos_config = PaxosConfig::new(options.id, first_voters);
-    paxos_config.joining = options.join;
+    paxos_config.joining = options.joins_when_blank();
     paxos_config.log_retain_slots_max = options.log_retain_slots;
     let started = Replica::start(paxos_config, storage, machine, transport, replica_options)
         .map_err(|e| NodeError::Replica(e.to_string()))?;
@@ -484,7 +521,7 @@ pub async fn run_master(
             role: "master".into(),
             gid: 0,
             id: options.id,
-            replicas: options.peers.len(),
+            replicas: options.first_voters(),
             shards: Some(shards),
         },
     )?;
@@ -551,7 +588,7 @@ pub async fn run_kv(
             role: "kv".into(),
             gid,
             id: options.id,
-            replicas: options.peers.len(),
+            replicas: options.first_voters(),
             shards: None,
         },
     )?;
