@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{watcher, Controller};
@@ -23,10 +23,15 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::cluster;
-use crate::crd::{ReplicaGroup, ReplicaGroupStatus, ALLOW_DATA_LOSS_ANNOTATION, FINALIZER};
+use crate::crd::{
+    MemberStatus, ReplicaGroup, ReplicaGroupStatus, ALLOW_DATA_LOSS_ANNOTATION, FINALIZER,
+};
 use crate::decide::{self, decide, merge_conditions, GroupView, Observed, Step};
 use crate::metrics::Metrics;
 use crate::resources::{self, Settings};
+use crate::scale::{MembershipView, RemoveReason, ScaleStep, REPLICAS_MAX};
+use shardkv::proto::change_members_request::Change;
+use shardkv::proto::AddLearner;
 
 /// The field manager for server-side apply, and the events' reporter.
 pub const MANAGER: &str = "shardkv-operator";
@@ -48,8 +53,9 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     /// A failpoint for tests: exit the process right after this step
-    /// ("join" or "leave") succeeds, before the status records it, to show
-    /// that a restarted operator converges. Set by
+    /// ("join", "leave", "add-learner", "promote", "remove-member",
+    /// "resize") succeeds, before the status records it, to show that a
+    /// restarted operator converges. Set by
     /// `SHARDKV_OPERATOR_CRASH_AFTER`; never in production.
     pub crash_after: Option<String>,
 }
@@ -146,12 +152,13 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
     }
 
     let masters = resources::master_addresses(rg, &ctx.settings);
-    let mut observed = observe(rg, ctx, deleting, &masters).await?;
+    let (mut observed, extra) = observe(rg, ctx, deleting, &masters).await?;
     let mut decision = decide(&observed);
 
     // A usable spec (which apply_children requires) has valid masters.
     if let (true, Ok(masters)) = (decision.apply_children, &masters) {
-        observed.pdb_api_missing = !apply_children(rg, ctx, &decision, &observed, masters).await?;
+        observed.pdb_api_missing =
+            !apply_children(rg, ctx, &decision, &observed, &extra, masters).await?;
         decision = decide(&observed);
     }
 
@@ -161,6 +168,7 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
     let servers = resources::group_addresses(rg, decision.gid, decision.replicas, &ctx.settings);
+    let possible = resources::group_addresses(rg, decision.gid, REPLICAS_MAX, &ctx.settings);
     match (&decision.step, &masters) {
         (Step::Join | Step::Leave, Ok(masters)) => {
             let joining = decision.step == Step::Join;
@@ -204,7 +212,7 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
                         )
                     };
                     publish(ctx, rg, EventType::Normal, done_reason, action, note).await;
-                    observed.master = Ok(cluster::view_of(&config, gid, &servers));
+                    observed.master = Ok(cluster::view_of(&config, gid, &possible));
                 }
                 Err(e) => {
                     let note = format!("could not {step} gid {gid}: {e}");
@@ -244,6 +252,20 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
             .await;
             return Ok(Action::await_change());
         }
+        (Step::Nothing, Ok(masters)) => {
+            if let Some(step) = decision.scale.clone() {
+                let resized = resize(rg, ctx, &step, &servers, &extra, masters).await?;
+                if resized {
+                    // The status must show the step's result: observe again.
+                    let (again, _) = observe(rg, ctx, deleting, &Ok(masters.clone())).await?;
+                    observed = Observed {
+                        pdb_api_missing: observed.pdb_api_missing,
+                        ..again
+                    };
+                    decision = decide(&observed);
+                }
+            }
+        }
         _ => {}
     }
 
@@ -272,10 +294,21 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
     }
 
     let now = Timestamp::now().to_string();
+    let members = match &observed.membership {
+        Some(Ok(m)) => member_statuses(rg, m),
+        // Unknown now: what the status said before stands.
+        _ => rg
+            .status
+            .as_ref()
+            .map(|s| s.members.clone())
+            .unwrap_or_default(),
+    };
     let status = ReplicaGroupStatus {
         observed_generation: observed.generation,
         gid: Some(decision.gid),
-        replicas: decision.replicas,
+        replicas: decision.voters.unwrap_or(decision.replicas),
+        selector: Some(resources::selector(rg)),
+        members,
         ready_replicas: observed.ready_replicas,
         joined: decision.joined,
         config_num: decision.config_num,
@@ -302,12 +335,20 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
     Ok(Action::requeue(decision.requeue))
 }
 
+/// What the reconcile needs beyond what [`decide`] looks at.
+struct Extra {
+    /// The group's size at creation (its StatefulSet's, or the spec's).
+    initial_replicas: u32,
+    /// The cluster-state ConfigMap says the group exists.
+    existing: bool,
+}
+
 async fn observe(
     rg: &ReplicaGroup,
     ctx: &Context,
     deleting: bool,
     masters: &Result<Vec<String>, resources::BadShardmasterRef>,
-) -> Result<Observed, Error> {
+) -> Result<(Observed, Extra), Error> {
     let ns = rg.namespace().ok_or(Error::NoNamespace)?;
     let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
     let sts = statefulsets.get_opt(&rg.name_any()).await?;
@@ -328,11 +369,48 @@ async fn observe(
     let invalid_spec = masters.as_ref().err().map(|e| e.to_string());
     let replicas = existing_replicas.unwrap_or(rg.spec.replicas);
     let servers = resources::group_addresses(rg, gid, replicas, &ctx.settings);
+    let possible = resources::group_addresses(rg, gid, REPLICAS_MAX, &ctx.settings);
     let master = match masters {
         Ok(m) => cluster::latest_config(m)
             .await
-            .map(|c| cluster::view_of(&c, gid, &servers)),
+            .map(|c| cluster::view_of(&c, gid, &possible)),
         Err(e) => Err(e.to_string()),
+    };
+    let initial_replicas = sts
+        .as_ref()
+        .and_then(resources::initial_replicas_of)
+        .unwrap_or(rg.spec.replicas)
+        .clamp(1, REPLICAS_MAX);
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let existing = config_maps
+        .get_opt(&resources::cluster_state_name(rg))
+        .await?
+        .is_some_and(|cm| resources::says_existing(&cm));
+    // The membership and the pods, for resizing: a live group whose pods
+    // exist.
+    let (membership, pods, stale_claims) = match existing_replicas {
+        Some(statefulset) if !deleting => {
+            let group_name = format!("kv-{gid}");
+            let (membership, pods) = futures::join!(
+                cluster::membership(&servers),
+                cluster::identify_pods(&servers, &group_name)
+            );
+            let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+            let selector = format!(
+                "app.kubernetes.io/instance={},app.kubernetes.io/component=kvserver",
+                rg.name_any()
+            );
+            let mut stale: Vec<u32> = claims
+                .list(&ListParams::default().labels(&selector))
+                .await?
+                .iter()
+                .filter_map(|c| resources::claim_ordinal(rg, &c.name_any()))
+                .filter(|&o| o >= statefulset)
+                .collect();
+            stale.sort_unstable();
+            (Some(membership), pods, stale)
+        }
+        _ => (None, Default::default(), Vec::new()),
     };
     let joined = master.as_ref().is_ok_and(|m| m.joined);
     let last_group = master.as_ref().is_ok_and(|m| m.groups == 1);
@@ -350,7 +428,7 @@ async fn observe(
     } else {
         GroupView::NotAsked
     };
-    Ok(Observed {
+    let observed = Observed {
         generation: rg.meta().generation,
         deleting,
         allow_data_loss: rg
@@ -368,7 +446,17 @@ async fn observe(
         group,
         pdb_api_missing: false,
         join_refused: refused_before(&status),
-    })
+        membership,
+        pods,
+        stale_claims,
+    };
+    Ok((
+        observed,
+        Extra {
+            initial_replicas,
+            existing,
+        },
+    ))
 }
 
 /// Applies the Service, StatefulSet and PodDisruptionBudget. Returns whether
@@ -378,16 +466,34 @@ async fn apply_children(
     ctx: &Context,
     decision: &decide::Decision,
     observed: &Observed,
+    extra: &Extra,
     masters: &[String],
 ) -> Result<bool, Error> {
     let ns = rg.namespace().ok_or(Error::NoNamespace)?;
     let name = rg.name_any();
     let params = PatchParams::apply(MANAGER).force();
     let created = observed.existing_replicas.is_none();
+    // First: the pods read it when they start. Never back to "new" once
+    // the group has had a leader.
+    let had_leader = matches!(&observed.membership, Some(Ok(m)) if m.leader.is_some());
+    let cluster_state = resources::cluster_state_config_map(rg, extra.existing || had_leader);
+    Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
+        .patch(
+            &resources::cluster_state_name(rg),
+            &params,
+            &Patch::Apply(&cluster_state),
+        )
+        .await?;
     Api::<Service>::namespaced(ctx.client.clone(), &ns)
         .patch(&name, &params, &Patch::Apply(&resources::service(rg)))
         .await?;
-    let sts = resources::statefulset(rg, decision.replicas, masters, &ctx.settings);
+    let sts = resources::statefulset(
+        rg,
+        decision.replicas,
+        extra.initial_replicas,
+        masters,
+        &ctx.settings,
+    );
     Api::<StatefulSet>::namespaced(ctx.client.clone(), &ns)
         .patch(&name, &params, &Patch::Apply(&sts))
         .await?;
@@ -405,7 +511,7 @@ async fn apply_children(
         )
         .await;
     }
-    let pdb = resources::pod_disruption_budget(rg, decision.replicas);
+    let pdb = resources::pod_disruption_budget(rg, decision.voters.unwrap_or(decision.replicas));
     match Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), &ns)
         .patch(&name, &params, &Patch::Apply(&pdb))
         .await
@@ -414,6 +520,165 @@ async fn apply_children(
         Err(kube::Error::Api(s)) if s.is_not_found() => Ok(false),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Carries out one resize step. Returns whether anything was changed.
+/// A membership change that fails is reported in an event and tried again
+/// at the next reconcile; a Kubernetes API failure fails the reconcile.
+async fn resize(
+    rg: &ReplicaGroup,
+    ctx: &Context,
+    step: &ScaleStep,
+    servers: &[String],
+    extra: &Extra,
+    masters: &[String],
+) -> Result<bool, Error> {
+    let ns = rg.namespace().ok_or(Error::NoNamespace)?;
+    let name = rg.name_any();
+    let gid = rg
+        .status
+        .as_ref()
+        .and_then(|s| s.gid)
+        .unwrap_or(rg.spec.gid);
+    let address_of = |id: u32| {
+        resources::group_addresses(rg, gid, id + 1, &ctx.settings)
+            .pop()
+            .unwrap_or_default()
+    };
+    let (failpoint, reason, change, note) = match step {
+        ScaleStep::AddLearner { id, incarnation } => {
+            let (id, incarnation) = (*id, *incarnation);
+            let change = Change::AddLearner(AddLearner {
+                id,
+                incarnation,
+                address: address_of(id),
+            });
+            let done =
+                move |m: &MembershipView| m.get(id).is_some_and(|m| m.incarnation == incarnation);
+            let result = cluster::change_members(servers, change, done).await;
+            ("add-learner", "MemberAdded", result, format!("added replica {id} (pod {name}-{id}) as a learner; it votes once it has caught up"))
+        }
+        ScaleStep::Promote { id } => {
+            let id = *id;
+            let done = move |m: &MembershipView| m.get(id).is_some_and(|m| m.voter);
+            let result = cluster::change_members(servers, Change::Promote(id), done).await;
+            (
+                "promote",
+                "MemberPromoted",
+                result,
+                format!("learner {id} caught up and is now a voter"),
+            )
+        }
+        ScaleStep::Remove { id, reason } => {
+            let id = *id;
+            let done = move |m: &MembershipView| m.get(id).is_none();
+            let result = cluster::change_members(servers, Change::Remove(id), done).await;
+            let why = match reason {
+                RemoveReason::Surplus => "the group is scaled down",
+                RemoveReason::Stray => "a learner not needed at this size",
+                RemoveReason::Replaced => "its pod came back from a blank volume and is added anew",
+            };
+            (
+                "remove-member",
+                "MemberRemoved",
+                result,
+                format!("removed replica {id} from the group: {why}"),
+            )
+        }
+        ScaleStep::Resize { from, to } => {
+            let sts =
+                resources::statefulset(rg, *to, extra.initial_replicas, masters, &ctx.settings);
+            Api::<StatefulSet>::namespaced(ctx.client.clone(), &ns)
+                .patch(
+                    &name,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&sts),
+                )
+                .await?;
+            let why = if to > from {
+                "a pod for the next member"
+            } else {
+                "its removed members' pods go"
+            };
+            (
+                "resize",
+                "Resized",
+                Ok(()),
+                format!("StatefulSet {name} from {from} to {to} pods: {why}"),
+            )
+        }
+        ScaleStep::DeleteClaims { ordinals } => {
+            let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+            for &ordinal in ordinals {
+                match claims
+                    .delete(
+                        &resources::claim_name(rg, ordinal),
+                        &DeleteParams::default(),
+                    )
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.is_not_found() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            (
+                "delete-claims",
+                "VolumesDeleted",
+                Ok(()),
+                format!("deleted the volume claims of removed pods {ordinals:?}"),
+            )
+        }
+        ScaleStep::Settled
+        | ScaleStep::WaitForLeader
+        | ScaleStep::WaitForPod { .. }
+        | ScaleStep::WaitForCatchUp { .. } => return Ok(false),
+    };
+    match change {
+        Ok(()) => {
+            info!(group = %name, step = failpoint, "{note}");
+            ctx.metrics.step(failpoint);
+            crash_point(ctx, failpoint);
+            publish(ctx, rg, EventType::Normal, reason, "Scale", note).await;
+            Ok(true)
+        }
+        Err(e) => {
+            let note = format!("{failpoint} failed (tried again at the next reconcile): {e}");
+            warn!(group = %name, "{note}");
+            publish(
+                ctx,
+                rg,
+                EventType::Warning,
+                "ScaleStepFailed",
+                "Scale",
+                note,
+            )
+            .await;
+            Ok(false)
+        }
+    }
+}
+
+/// The members as the status shows them.
+fn member_statuses(rg: &ReplicaGroup, m: &MembershipView) -> Vec<MemberStatus> {
+    m.members
+        .iter()
+        .map(|member| MemberStatus {
+            id: member.id,
+            pod: format!("{}-{}", rg.name_any(), member.id),
+            address: member.address.clone(),
+            role: if m.leader == Some(member.id) {
+                "leader"
+            } else if member.voter {
+                "voter"
+            } else {
+                "learner"
+            }
+            .into(),
+            behind_slots: member.behind_slots,
+            incarnation: member.incarnation,
+        })
+        .collect()
 }
 
 fn crash_point(ctx: &Context, step: &str) {

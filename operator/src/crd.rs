@@ -21,7 +21,15 @@ pub const ALLOW_DATA_LOSS_ANNOTATION: &str = "shardkv.io/allow-data-loss";
     namespaced,
     shortname = "rg",
     status = "ReplicaGroupStatus",
+    // `kubectl scale rg NAME --replicas=N`, and autoscalers, through the
+    // scale subresource.
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     printcolumn = r#"{"name":"GID","type":"integer","jsonPath":".spec.gid"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.replicas"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.readyReplicas"}"#,
     printcolumn = r#"{"name":"Shards","type":"string","jsonPath":".status.shards"}"#,
     printcolumn = r#"{"name":"Joined","type":"boolean","jsonPath":".status.joined"}"#,
@@ -35,9 +43,13 @@ pub struct ReplicaGroupSpec {
     /// rejects `x-kubernetes-validations`.)
     #[schemars(range(min = 1))]
     pub gid: u64,
-    /// Replicas in the Paxos group: 1, 3 or 5. Fixed once the group exists.
+    /// Voting replicas in the Paxos group, 1 to 7 (odd sizes tolerate as
+    /// many failures as the even size above them, with fewer votes to
+    /// wait for). A change is carried out one member at a time: a new
+    /// replica catches up as a learner before it votes; a removed one
+    /// leaves the group before its pod and volume go.
     #[serde(default = "default_replicas")]
-    #[schemars(extend("enum" = [1, 3, 5]))]
+    #[schemars(range(min = 1, max = 7))]
     pub replicas: u32,
     /// The shardkv image; the operator's default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,10 +121,18 @@ pub struct ReplicaGroupStatus {
     /// The gid this resource was created with: a changed `spec.gid` is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gid: Option<u64>,
+    /// The group's voting members (what `kubectl scale` compares with
+    /// spec.replicas); the StatefulSet's size until the members are known.
     #[serde(default)]
     pub replicas: u32,
+    /// The pods' label selector, for the scale subresource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     #[serde(default)]
     pub ready_replicas: u32,
+    /// The group's members as its leader reports them, in id order.
+    #[serde(default)]
+    pub members: Vec<MemberStatus>,
     /// The gid is in the shardmaster's latest configuration.
     #[serde(default)]
     pub joined: bool,
@@ -126,7 +146,26 @@ pub struct ReplicaGroupStatus {
     pub conditions: Vec<Condition>,
 }
 
-/// A Kubernetes-style condition: `Ready`, `Joined`, `Leaving` or `Degraded`.
+/// One member of the group's Paxos membership.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberStatus {
+    /// The replica id: the pod's ordinal.
+    pub id: u32,
+    pub pod: String,
+    pub address: String,
+    /// "leader", "voter" or "learner".
+    pub role: String,
+    /// Slots it is behind the leader, when the leader has heard from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behind_slots: Option<u64>,
+    /// The life of its storage: a pod started again from a blank volume is
+    /// a new incarnation, and a new member.
+    pub incarnation: u64,
+}
+
+/// A Kubernetes-style condition: `Ready`, `Joined`, `Scaled`, `Leaving`
+/// or `Degraded`.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {

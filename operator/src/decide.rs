@@ -5,8 +5,11 @@
 
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use crate::crd::{Condition, ALLOW_DATA_LOSS_ANNOTATION};
 use crate::resources::majority;
+use crate::scale::{self, MembershipView, PodIdentity, RemoveReason, ScaleInput, ScaleStep};
 
 /// How often a group that is converging is looked at again.
 pub const REQUEUE_BUSY: Duration = Duration::from_secs(2);
@@ -103,6 +106,13 @@ pub struct Observed {
     /// The shardmaster refused to join this group (a retired gid, say):
     /// its words. Final: the gid cannot change, so no Join is tried again.
     pub join_refused: Option<String>,
+    /// The group's membership from its leader; `None` when not asked (no
+    /// StatefulSet yet, or the group is being deleted).
+    pub membership: Option<Result<MembershipView, String>>,
+    /// What the pods below the StatefulSet's size said of themselves.
+    pub pods: BTreeMap<u32, PodIdentity>,
+    /// Ordinals at or above the StatefulSet's size that keep a volume claim.
+    pub stale_claims: Vec<u32>,
 }
 
 /// The one thing to do now.
@@ -120,8 +130,14 @@ pub struct Decision {
     pub step: Step,
     /// Apply the Service, StatefulSet and PodDisruptionBudget.
     pub apply_children: bool,
-    /// The group's size: the existing StatefulSet's, not a refused change.
+    /// The StatefulSet's size: the existing one's (a resize changes it a
+    /// pod at a time, through [`Decision::scale`]), or the spec's for a new
+    /// group.
     pub replicas: u32,
+    /// The group's voters, when its membership is known.
+    pub voters: Option<u32>,
+    /// The resize step to take when there is no Join or Leave to make.
+    pub scale: Option<ScaleStep>,
     /// The gid to record; a changed spec.gid does not replace it.
     pub gid: u64,
     pub joined: bool,
@@ -169,17 +185,6 @@ pub fn decide(o: &Observed) -> Decision {
                 "spec.gid was changed from {gid} to {}; a group's gid cannot change. \
                  Set it back to {gid}, or create a new ReplicaGroup for gid {}",
                 o.spec_gid, o.spec_gid
-            ),
-        ));
-    }
-    if o.spec_replicas != replicas {
-        degraded.push((
-            "ReplicasImmutable",
-            format!(
-                "spec.replicas was changed from {replicas} to {}; a Paxos group cannot change \
-                 its membership yet, so the group stays at {replicas}. Set it back to \
-                 {replicas}, or add a new ReplicaGroup of the size you want and delete this one",
-                o.spec_replicas
             ),
         ));
     }
@@ -447,6 +452,47 @@ pub fn decide(o: &Observed) -> Decision {
         };
     }
 
+    // Resizing: only a live group with a usable spec whose pods exist.
+    let voters = match &o.membership {
+        Some(Ok(m)) => Some(m.voters().count() as u32),
+        _ => None,
+    };
+    let (scale_step, scaled) = match (&o.membership, o.existing_replicas) {
+        _ if o.deleting || !spec_usable => (None, None),
+        (Some(Ok(membership)), Some(statefulset)) => {
+            let step = scale::plan(&ScaleInput {
+                desired: o.spec_replicas,
+                statefulset,
+                membership: membership.clone(),
+                pods: o.pods.clone(),
+                stale_claims: o.stale_claims.clone(),
+            });
+            let condition = scaled_condition(&step, o.spec_replicas, voters.unwrap_or(0));
+            (Some(step), Some(condition))
+        }
+        (Some(Err(e)), Some(_)) => (
+            None,
+            Some(cond(
+                "Scaled",
+                None,
+                "MembersUnknown",
+                format!("cannot read the group's membership: {e}"),
+            )),
+        ),
+        _ => (None, None),
+    };
+    let scaled = scaled.unwrap_or_else(|| {
+        cond(
+            "Scaled",
+            None,
+            "MembersUnknown",
+            "the group's membership is not known yet",
+        )
+    });
+    if scale_step.as_ref().is_some_and(ScaleStep::busy) {
+        busy = true;
+    }
+
     let degraded_cond = if degraded.is_empty() {
         cond("Degraded", Some(false), "Healthy", "nothing to report")
     } else {
@@ -465,13 +511,81 @@ pub fn decide(o: &Observed) -> Decision {
         step,
         apply_children: spec_usable && !o.deleting,
         replicas,
+        voters,
+        scale: scale_step,
         gid,
         joined,
         config_num,
         shards,
-        conditions: vec![ready, joined_cond, leaving, degraded_cond],
+        conditions: vec![ready, joined_cond, scaled, leaving, degraded_cond],
         requeue: if busy { REQUEUE_BUSY } else { REQUEUE_SETTLED },
     }
+}
+
+/// The `Scaled` condition for a resize step: what the group is doing to
+/// reach `desired` voters.
+fn scaled_condition(step: &ScaleStep, desired: u32, voters: u32) -> ConditionState {
+    let progress = format!("{voters} of {desired} voters");
+    let (reason, message) = match step {
+        ScaleStep::Settled => {
+            return cond(
+                "Scaled",
+                Some(true),
+                "AtSize",
+                format!("the group has the {desired} voters asked for"),
+            )
+        }
+        ScaleStep::WaitForLeader => (
+            "WaitingForLeader",
+            format!("{progress}; no leader answered, so no member can be changed"),
+        ),
+        ScaleStep::WaitForPod { id } => (
+            "WaitingForPod",
+            format!("{progress}; waiting for pod {id} to start and answer"),
+        ),
+        ScaleStep::AddLearner { id, .. } => (
+            "AddingMember",
+            format!("{progress}; adding replica {id} as a learner"),
+        ),
+        ScaleStep::WaitForCatchUp { id, behind_slots } => (
+            "CatchingUp",
+            match behind_slots {
+                Some(b) => format!(
+                    "{progress}; learner {id} is {b} slots behind the leader (it votes once \
+                     within {})",
+                    scale::PROMOTE_LAG_SLOTS_MAX
+                ),
+                None => format!("{progress}; learner {id} has not reported its progress yet"),
+            },
+        ),
+        ScaleStep::Promote { id } => (
+            "PromotingMember",
+            format!("{progress}; learner {id} has caught up: making it a voter"),
+        ),
+        ScaleStep::Remove { id, reason } => (
+            "RemovingMember",
+            match reason {
+                RemoveReason::Surplus => format!("{progress}; removing voter {id}"),
+                RemoveReason::Stray => format!("{progress}; removing learner {id}, not needed"),
+                RemoveReason::Replaced => format!(
+                    "{progress}; replica {id} came back from a blank volume: removing the \
+                     member it was, to add it anew"
+                ),
+            },
+        ),
+        ScaleStep::Resize { from, to } => (
+            "ResizingStatefulSet",
+            format!("{progress}; the StatefulSet goes from {from} to {to} pods"),
+        ),
+        ScaleStep::DeleteClaims { ordinals } => (
+            "DeletingVolumes",
+            format!(
+                "{progress}; deleting the volume claims of removed pods {ordinals:?} before \
+                 any pod could start on one again"
+            ),
+        ),
+    };
+    cond("Scaled", Some(false), reason, message)
 }
 
 /// The new conditions, keeping each one's transition time while its status
@@ -532,6 +646,21 @@ mod tests {
             group: GroupView::NotAsked,
             pdb_api_missing: false,
             join_refused: None,
+            membership: Some(Ok(MembershipView {
+                epoch: 0,
+                leader: Some(0),
+                members: (0..3)
+                    .map(|id| crate::scale::MemberView {
+                        id,
+                        address: format!("g-{id}:7000"),
+                        incarnation: 0,
+                        voter: true,
+                        behind_slots: Some(0),
+                    })
+                    .collect(),
+            })),
+            pods: BTreeMap::new(),
+            stale_claims: Vec::new(),
         }
     }
 
@@ -618,15 +747,46 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_replica_count_is_refused_not_applied() {
+    fn a_changed_replica_count_is_carried_out_a_pod_at_a_time() {
         let mut o = observed();
         o.spec_replicas = 5;
         let d = decide(&o);
-        assert_eq!(d.replicas, 3, "the StatefulSet keeps its size");
+        assert_eq!(
+            d.replicas, 3,
+            "the StatefulSet grows through the scale step"
+        );
+        assert_eq!(d.scale, Some(ScaleStep::Resize { from: 3, to: 4 }));
         assert!(d.apply_children);
-        let deg = condition(&d, "Degraded");
-        assert_eq!((deg.status, deg.reason), (Some(true), "ReplicasImmutable"));
-        assert!(deg.message.contains("from 3 to 5"));
+        assert_eq!(d.requeue, REQUEUE_BUSY);
+        let scaled = condition(&d, "Scaled");
+        assert_eq!(
+            (scaled.status, scaled.reason),
+            (Some(false), "ResizingStatefulSet")
+        );
+        assert!(
+            scaled.message.contains("3 of 5 voters"),
+            "{}",
+            scaled.message
+        );
+        assert_eq!(condition(&d, "Degraded").status, Some(false));
+        assert_eq!(condition(&decide(&observed()), "Scaled").reason, "AtSize");
+    }
+
+    #[test]
+    fn no_resize_while_deleting_or_with_the_members_unknown() {
+        let mut o = observed();
+        o.spec_replicas = 5;
+        o.deleting = true;
+        assert_eq!(decide(&o).scale, None);
+        let mut o = observed();
+        o.spec_replicas = 5;
+        o.membership = Some(Err("no replica answered".into()));
+        let d = decide(&o);
+        assert_eq!(d.scale, None);
+        assert_eq!(condition(&d, "Scaled").reason, "MembersUnknown");
+        assert!(condition(&d, "Scaled")
+            .message
+            .contains("no replica answered"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! - [`crd`]: the `ReplicaGroup` resource.
 //! - [`resources`]: the objects a group owns, built from its spec (pure).
 //! - [`decide`]: the Join / Leave / drain decision table (pure).
+//! - [`scale`]: resizing a group one member at a time (pure).
 //! - [`cluster`]: calls to the shardmaster and the kvservers.
 //! - [`controller`]: the reconcile loop that ties them to the API server.
 //! - [`lease`]: optional leader election; [`metrics`]: `/metrics`, `/healthz`.
@@ -14,3 +15,4 @@ pub mod decide;
 pub mod lease;
 pub mod metrics;
 pub mod resources;
+pub mod scale;

@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, ObjectFieldSelector,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe,
-    SecurityContext, Service, ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements,
+    ConfigMap, ConfigMapKeySelector, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction,
+    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec,
+    PodTemplateSpec, Probe, SecurityContext, Service, ServicePort, ServiceSpec, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -16,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use crate::crd::ReplicaGroup;
+use crate::scale::REPLICAS_MAX;
 
 /// The port every node serves Paxos, the client API and health on.
 pub const GRPC_PORT: u16 = 7000;
@@ -24,6 +26,8 @@ pub const METRICS_PORT: u16 = 9100;
 /// Where each pod's PersistentVolumeClaim is mounted.
 pub const DATA_DIR: &str = "/data";
 const DATA_VOLUME: &str = "data";
+/// The key of the group's cluster-state ConfigMap that pods read at start.
+const CLUSTER_STATE_KEY: &str = "state";
 const CONTAINER: &str = "kvserver";
 
 /// How the operator forms addresses and fills in what a spec leaves out.
@@ -185,15 +189,87 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
     }
 }
 
-/// The StatefulSet running the group's kvservers. `replicas` is the size the
-/// group has, which may differ from a (refused) change in the spec.
+/// The ConfigMap that tells a starting pod whether its group is new or
+/// exists (etcd's `--initial-cluster-state`): read when a container
+/// starts, so turning it to `existing` restarts no pod. `existing` once the
+/// group has had a leader: from then on a pod on a blank volume is a new
+/// member to add, never a new group.
+pub fn cluster_state_config_map(rg: &ReplicaGroup, existing: bool) -> ConfigMap {
+    let state = if existing { "existing" } else { "new" };
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(cluster_state_name(rg)),
+            ..metadata(rg)
+        },
+        data: Some(BTreeMap::from([(CLUSTER_STATE_KEY.into(), state.into())])),
+        ..ConfigMap::default()
+    }
+}
+
+pub fn cluster_state_name(rg: &ReplicaGroup) -> String {
+    format!("{}-cluster-state", rg.name_any())
+}
+
+/// Whether the ConfigMap says the group exists.
+pub fn says_existing(cm: &ConfigMap) -> bool {
+    cm.data
+        .as_ref()
+        .and_then(|d| d.get(CLUSTER_STATE_KEY))
+        .is_some_and(|s| s == "existing")
+}
+
+/// The volume claim the StatefulSet made for pod `ordinal`.
+pub fn claim_name(rg: &ReplicaGroup, ordinal: u32) -> String {
+    format!("{DATA_VOLUME}-{}-{ordinal}", rg.name_any())
+}
+
+/// The ordinal of one of this group's volume claims, from its name.
+pub fn claim_ordinal(rg: &ReplicaGroup, claim: &str) -> Option<u32> {
+    let prefix = format!("{DATA_VOLUME}-{}-", rg.name_any());
+    claim.strip_prefix(&prefix)?.parse().ok()
+}
+
+/// The label selector of the group's pods, as the scale subresource
+/// reports it.
+pub fn selector(rg: &ReplicaGroup) -> String {
+    labels(rg)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The group's size at creation, as an existing StatefulSet's pods are
+/// told it (a StatefulSet from before resizing named only its first
+/// replicas in SHARDKV_PEERS).
+pub fn initial_replicas_of(sts: &StatefulSet) -> Option<u32> {
+    let pod = sts.spec.as_ref()?.template.spec.as_ref()?;
+    let env = pod.containers.first()?.env.as_ref()?;
+    let value = |name: &str| {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    match value("SHARDKV_INITIAL_REPLICAS") {
+        Some(n) => n.parse().ok(),
+        None => value("SHARDKV_PEERS").map(|p| p.split(',').count() as u32),
+    }
+}
+
+/// The StatefulSet running the group's kvservers, `replicas` pods of it.
+/// Its pod template does not depend on the size, so resizing restarts no
+/// pod: SHARDKV_PEERS names every pod the group may grow to, and
+/// `initial_replicas` (the size it was created with) says which of them
+/// formed the group; the others join as new members.
 pub fn statefulset(
     rg: &ReplicaGroup,
     replicas: u32,
+    initial_replicas: u32,
     masters: &[String],
     settings: &Settings,
 ) -> StatefulSet {
-    let peers = group_addresses(rg, rg.spec.gid, replicas, settings).join(",");
+    debug_assert!((1..=REPLICAS_MAX).contains(&initial_replicas));
+    let peers = group_addresses(rg, rg.spec.gid, REPLICAS_MAX, settings).join(",");
     let image = rg
         .spec
         .image
@@ -218,6 +294,19 @@ pub fn statefulset(
             },
             env("SHARDKV_GID", rg.spec.gid.to_string()),
             env("SHARDKV_PEERS", peers),
+            env("SHARDKV_INITIAL_REPLICAS", initial_replicas.to_string()),
+            EnvVar {
+                name: "SHARDKV_INITIAL_CLUSTER_STATE".into(),
+                value_from: Some(EnvVarSource {
+                    config_map_key_ref: Some(ConfigMapKeySelector {
+                        name: cluster_state_name(rg),
+                        key: CLUSTER_STATE_KEY.into(),
+                        optional: Some(false),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            },
             env("SHARDKV_MASTERS", masters.join(",")),
             env("SHARDKV_DATA_DIR", DATA_DIR),
             env("SHARDKV_LISTEN", format!("0.0.0.0:{GRPC_PORT}")),
@@ -291,7 +380,9 @@ pub fn statefulset(
             replicas: Some(replicas as i32),
             service_name: Some(rg.name_any()),
             // All at once: a new Paxos group needs every member up once, and
-            // a pod is not ready until a majority is.
+            // a pod is not ready until a majority is. (A resize adds or
+            // removes one pod at a time all the same: the operator steps
+            // the size.)
             pod_management_policy: Some("Parallel".into()),
             selector: LabelSelector {
                 match_labels: Some(labels(rg)),
@@ -325,8 +416,10 @@ pub fn majority(replicas: u32) -> u32 {
     replicas / 2 + 1
 }
 
-/// Voluntary disruptions (drains, upgrades) keep a majority up.
-pub fn pod_disruption_budget(rg: &ReplicaGroup, replicas: u32) -> PodDisruptionBudget {
+/// Voluntary disruptions (drains, upgrades) keep a majority of the
+/// group's voters up: `voters` is their number now, which a resize changes.
+pub fn pod_disruption_budget(rg: &ReplicaGroup, voters: u32) -> PodDisruptionBudget {
+    let replicas = voters;
     PodDisruptionBudget {
         metadata: metadata(rg),
         spec: Some(PodDisruptionBudgetSpec {
@@ -390,8 +483,12 @@ mod tests {
             .flatten()
             .map(|e| {
                 let v = e.value.clone().unwrap_or_else(|| {
-                    let f = e.value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
-                    format!("fieldRef:{}", f.field_path)
+                    let from = e.value_from.as_ref().unwrap();
+                    match (&from.field_ref, &from.config_map_key_ref) {
+                        (Some(f), _) => format!("fieldRef:{}", f.field_path),
+                        (_, Some(c)) => format!("configMap:{}/{}", c.name, c.key),
+                        _ => panic!("unexpected env source {from:?}"),
+                    }
                 });
                 (e.name.clone(), v)
             })
@@ -452,7 +549,7 @@ mod tests {
         let rg = group(by_service());
         let s = settings(DEFAULT_POD_ADDRESS_TEMPLATE);
         let masters = master_addresses(&rg, &s).unwrap();
-        let sts = statefulset(&rg, 3, &masters, &s);
+        let sts = statefulset(&rg, 3, 3, &masters, &s);
         let spec = sts.spec.as_ref().unwrap();
         assert_eq!(spec.replicas, Some(3));
         assert_eq!(spec.service_name.as_deref(), Some("g1"));
@@ -462,8 +559,22 @@ mod tests {
         assert_eq!(env["SHARDKV_GID"], "4");
         assert_eq!(
             env["SHARDKV_PEERS"],
-            group_addresses(&rg, 4, 3, &s).join(",")
+            group_addresses(&rg, 4, REPLICAS_MAX, &s).join(","),
+            "every pod the group may grow to"
         );
+        assert_eq!(env["SHARDKV_INITIAL_REPLICAS"], "3");
+        assert_eq!(
+            env["SHARDKV_INITIAL_CLUSTER_STATE"],
+            "configMap:g1-cluster-state/state"
+        );
+        assert_eq!(initial_replicas_of(&sts), Some(3));
+        // Resizing changes the size, not the pods' template: no restart.
+        let resized = statefulset(&rg, 5, 3, &masters, &s);
+        assert_eq!(
+            resized.spec.as_ref().unwrap().template,
+            sts.spec.as_ref().unwrap().template
+        );
+        assert_eq!(resized.spec.as_ref().unwrap().replicas, Some(5));
         assert_eq!(env["SHARDKV_MASTERS"], masters.join(","));
         assert_eq!(env["SHARDKV_DATA_DIR"], DATA_DIR);
         let pod = spec.template.spec.as_ref().unwrap();
@@ -508,7 +619,7 @@ mod tests {
         let mut rg = group(by_service());
         rg.spec.image = Some("registry/shardkv:1.2".into());
         let s = settings(DEFAULT_POD_ADDRESS_TEMPLATE);
-        let sts = statefulset(&rg, 3, &["m:7000".into()], &s);
+        let sts = statefulset(&rg, 3, 3, &["m:7000".into()], &s);
         let pod = sts.spec.unwrap().template.spec.unwrap();
         assert_eq!(
             pod.containers[0].image.as_deref(),
@@ -524,8 +635,49 @@ mod tests {
     }
 
     #[test]
+    fn an_older_statefulset_tells_its_initial_size_by_its_peers() {
+        let rg = group(by_service());
+        let mut sts = statefulset(&rg, 3, 5, &["m:7000".into()], &settings("{pod}:{port}"));
+        assert_eq!(initial_replicas_of(&sts), Some(5));
+        let env = sts
+            .spec
+            .as_mut()
+            .unwrap()
+            .template
+            .spec
+            .as_mut()
+            .unwrap()
+            .containers[0]
+            .env
+            .as_mut()
+            .unwrap();
+        env.retain(|e| e.name != "SHARDKV_INITIAL_REPLICAS");
+        for e in env.iter_mut().filter(|e| e.name == "SHARDKV_PEERS") {
+            e.value = Some("a:1,b:1,c:1".into());
+        }
+        assert_eq!(initial_replicas_of(&sts), Some(3));
+    }
+
+    #[test]
+    fn claims_and_the_selector_are_named_as_kubernetes_names_them() {
+        let rg = group(by_service());
+        assert_eq!(claim_name(&rg, 4), "data-g1-4");
+        assert_eq!(claim_ordinal(&rg, "data-g1-4"), Some(4));
+        assert_eq!(claim_ordinal(&rg, "data-g10-4"), None);
+        assert_eq!(claim_ordinal(&rg, "data-g1-x"), None);
+        let selector = selector(&rg);
+        assert!(
+            selector.contains("app.kubernetes.io/instance=g1"),
+            "{selector}"
+        );
+        assert_eq!(selector.split(',').count(), labels(&rg).len());
+        assert!(says_existing(&cluster_state_config_map(&rg, true)));
+        assert!(!says_existing(&cluster_state_config_map(&rg, false)));
+    }
+
+    #[test]
     fn the_disruption_budget_keeps_a_majority() {
-        for (n, keep) in [(1, 1), (3, 2), (5, 3)] {
+        for (n, keep) in [(1, 1), (2, 2), (3, 2), (4, 3), (5, 3), (7, 4)] {
             let pdb = pod_disruption_budget(&group(by_service()), n).spec.unwrap();
             assert_eq!(
                 pdb.min_available,

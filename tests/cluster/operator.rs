@@ -4,9 +4,12 @@
 //! There is no kubelet: this test stands in for it. It starts the processes
 //! each StatefulSet describes, on loopback addresses formed by the same
 //! pod-address template the operator and the chart are given, and patches
-//! the StatefulSet's status with the replicas that report SERVING. There is
-//! no garbage collector either, so owned objects are checked for their owner
-//! references, not for their cascading deletion.
+//! the StatefulSet's status with the replicas that report SERVING. As the
+//! StatefulSet controller would, it makes a volume claim per pod (a data
+//! directory), stops the pods above the StatefulSet's size, and removes a
+//! volume once its claim is deleted. There is no garbage collector, so owned
+//! objects are checked for their owner references, not for their cascading
+//! deletion.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -16,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Event, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Event, PersistentVolumeClaim, Service, ServiceAccount,
+};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -139,12 +144,16 @@ impl Kubelet {
     /// The StatefulSet's pods as processes: the container's command with
     /// its environment, the pod's address where it would bind 0.0.0.0, and
     /// a data directory of its own where the volume would be mounted.
-    fn start_pods(&self, sts: &StatefulSet) {
+    /// `config_maps` resolves environment taken from ConfigMaps, as the
+    /// kubelet does when a container starts. Pods above the size stop.
+    fn start_pods(&self, sts: &StatefulSet, config_maps: &BTreeMap<String, ConfigMap>) {
         let name = sts.name_any();
         let spec = sts.spec.as_ref().expect("spec");
         let replicas = spec.replicas.unwrap_or(1) as usize;
         let mut pods = self.pods.lock().unwrap();
         let running = pods.entry(name.clone()).or_default();
+        // Highest ordinal first, as the StatefulSet controller scales down.
+        running.truncate(replicas);
         let container = &spec.template.spec.as_ref().expect("pod spec").containers[0];
         let command = container.command.clone().expect("command");
         for ordinal in running.len()..replicas {
@@ -153,11 +162,24 @@ impl Kubelet {
             for e in container.env.iter().flatten() {
                 let value = match (&e.value, &e.value_from) {
                     (Some(v), _) => v.clone(),
-                    (None, Some(from)) => {
-                        let field = &from.field_ref.as_ref().expect("fieldRef").field_path;
-                        assert_eq!(field, "metadata.name");
-                        pod.clone()
-                    }
+                    (None, Some(from)) => match (&from.field_ref, &from.config_map_key_ref) {
+                        (Some(field), _) => {
+                            assert_eq!(field.field_path, "metadata.name");
+                            pod.clone()
+                        }
+                        (_, Some(key)) => {
+                            // Missing: the kubelet would not start the
+                            // container; try again at the next round.
+                            let Some(value) = config_maps
+                                .get(&key.name)
+                                .and_then(|cm| cm.data.as_ref()?.get(&key.key).cloned())
+                            else {
+                                return;
+                            };
+                            value
+                        }
+                        _ => panic!("unexpected env source {from:?}"),
+                    },
                     (None, None) => String::new(),
                 };
                 env.insert(e.name.clone(), value);
@@ -210,14 +232,75 @@ impl Kubelet {
         self.pods.lock().unwrap().remove(sts);
     }
 
+    /// Makes each pod's volume claim, as the StatefulSet controller does,
+    /// and removes the volume (the data directory) of a claim deleted while
+    /// no pod uses it, as the PVC-protection controller and the volume's
+    /// reclaim policy would.
+    async fn volumes(&self, claims: &Api<PersistentVolumeClaim>, sts: &StatefulSet) {
+        let name = sts.name_any();
+        let spec = sts.spec.as_ref().expect("spec");
+        let Some(template) = spec.volume_claim_templates.as_ref().and_then(|t| t.first()) else {
+            return;
+        };
+        let running = self.addrs(&name).len();
+        for ordinal in 0..running {
+            let claim_name = format!("{}-{name}-{ordinal}", template.name_any());
+            if matches!(claims.get_opt(&claim_name).await, Ok(None)) {
+                let mut claim = template.clone();
+                claim.metadata.name = Some(claim_name);
+                claim.metadata.namespace = Some(NS.into());
+                let _ = claims.create(&PostParams::default(), &claim).await;
+            }
+        }
+        let selector = format!("app.kubernetes.io/instance={name}");
+        let Ok(list) = claims.list(&ListParams::default().labels(&selector)).await else {
+            return;
+        };
+        let prefix = format!("{}-{name}-", template.name_any());
+        let mut kept = std::collections::BTreeSet::new();
+        for claim in list {
+            let Some(ordinal) =
+                (claim.name_any().strip_prefix(&prefix)).and_then(|o| o.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            if claim.metadata.deletion_timestamp.is_none() || ordinal < running {
+                kept.insert(ordinal);
+            } else {
+                let patch = json!({"metadata": {"finalizers": null}});
+                let _ = claims
+                    .patch(
+                        &claim.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await;
+            }
+        }
+        // A volume whose claim is gone goes with it.
+        for ordinal in running..16 {
+            if !kept.contains(&ordinal) {
+                let _ = std::fs::remove_dir_all(self.dir.join(format!("{name}-{ordinal}")));
+            }
+        }
+    }
+
     /// Starts pods and reports readiness until the test ends.
     async fn run(self, client: Client) {
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), NS);
+        let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
         let api: Api<StatefulSet> = Api::namespaced(client, NS);
         let params = ListParams::default().labels("app.kubernetes.io/name=shardkv");
         loop {
+            let maps: BTreeMap<String, ConfigMap> =
+                match config_maps.list(&ListParams::default()).await {
+                    Ok(list) => list.into_iter().map(|cm| (cm.name_any(), cm)).collect(),
+                    Err(_) => BTreeMap::new(),
+                };
             if let Ok(list) = api.list(&params).await {
                 for sts in list {
-                    self.start_pods(&sts);
+                    self.start_pods(&sts, &maps);
+                    self.volumes(&claims, &sts).await;
                     let mut ready = 0;
                     for (addr, paused) in self.addrs(&sts.name_any()) {
                         if !paused && serving(&addr).await {
@@ -410,6 +493,203 @@ async fn events_with_reason(client: &Client, object: &str, reason: &str) -> usiz
         .count()
 }
 
+/// Writes keys `w0`, `w1`, ... one after another through `shardkvctl`
+/// until stopped; returns the keys whose write was acknowledged and the
+/// number of writes that failed.
+fn writer(
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(Vec<usize>, usize)> {
+    std::thread::spawn(move || {
+        let (mut acked, mut failed) = (Vec::new(), 0);
+        let mut i = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let out = ctl(
+                &masters(),
+                &["put", &format!("w{i}"), &format!("v{i}")],
+                None,
+            );
+            if out.status.success() {
+                acked.push(i);
+            } else {
+                failed += 1;
+                eprintln!(
+                    "[operator test] put w{i} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            i += 1;
+        }
+        (acked, failed)
+    })
+}
+
+/// `kubectl scale` semantics: a patch of the scale subresource.
+async fn scale(groups: &Api<ReplicaGroup>, name: &str, replicas: u32) {
+    let patch = json!({"spec": {"replicas": replicas}});
+    groups
+        .patch_scale(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap_or_else(|e| panic!("scale {name} to {replicas}: {e}"));
+}
+
+/// The voters' ids in the status, once it shows `replicas` voters and the
+/// group settled at that size (Scaled: AtSize, the StatefulSet resized).
+async fn await_scaled(
+    groups: &Api<ReplicaGroup>,
+    statefulsets: &Api<StatefulSet>,
+    op: &Operator,
+    name: &str,
+    replicas: u32,
+) -> Vec<u32> {
+    until(&format!("{name} scaled to {replicas}"), op, || async {
+        let g = groups.get(name).await.ok()?;
+        let status = g.status.as_ref()?;
+        let settled = condition(&g, "Scaled")?.1 == "AtSize";
+        let sts = statefulsets.get(name).await.ok()?;
+        let pods = sts.spec.as_ref()?.replicas? as u32;
+        let voters: Vec<u32> = (status.members.iter())
+            .filter(|m| m.role != "learner")
+            .map(|m| m.id)
+            .collect();
+        (settled
+            && status.replicas == replicas
+            && pods == replicas
+            && voters.len() == replicas as usize)
+            .then_some(voters)
+    })
+    .await
+}
+
+/// g2 goes 3 → 5 → 3 through the scale subresource while a client writes,
+/// with the operator crashed right after adding a learner on the way up
+/// and right after removing a member on the way down. Every acknowledged
+/// write reads back; the removed pods' volume claims are deleted; the
+/// scale subresource reports the size and the pods' selector.
+async fn scale_a_group_under_writes(
+    admin: &Client,
+    groups: &Api<ReplicaGroup>,
+    op: &mut Operator,
+    started: &Instant,
+) {
+    let statefulsets: Api<StatefulSet> = Api::namespaced(admin.clone(), NS);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), NS);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writes = writer(stop.clone());
+
+    op.kill9();
+    op.start(Some("add-learner"));
+    scale(groups, "g2", 5).await;
+    op.await_crash();
+    log("operator crashed right after adding a learner; restarting");
+    op.start(None);
+    let voters = await_scaled(groups, &statefulsets, op, "g2", 5).await;
+    assert_eq!(voters, [0, 1, 2, 3, 4]);
+    // The group's leader reports its new voters to the shardmaster, so
+    // clients and other groups find them.
+    let servers = |n: usize| {
+        (0..n)
+            .map(|i| format!("127.60.2.{i}:7000"))
+            .collect::<Vec<_>>()
+    };
+    until("the shardmaster lists g2's 5 voters", op, || async {
+        (config()["groups"]["2"] == json!(servers(5))).then_some(())
+    })
+    .await;
+    log(&format!("g2 scaled to 5 ({:?})", started.elapsed()));
+
+    op.kill9();
+    op.start(Some("remove-member"));
+    scale(groups, "g2", 3).await;
+    op.await_crash();
+    log("operator crashed right after removing a member; restarting");
+    op.start(None);
+    let voters = await_scaled(groups, &statefulsets, op, "g2", 3).await;
+    assert_eq!(voters, [0, 1, 2]);
+    until("the shardmaster lists g2's 3 voters", op, || async {
+        (config()["groups"]["2"] == json!(servers(3))).then_some(())
+    })
+    .await;
+    until("the removed pods' volume claims deleted", op, || async {
+        let left: Vec<String> = claims
+            .list(&ListParams::default().labels("app.kubernetes.io/instance=g2"))
+            .await
+            .ok()?
+            .iter()
+            .map(|c| c.name_any())
+            .collect();
+        (left == ["data-g2-0", "data-g2-1", "data-g2-2"]).then_some(())
+    })
+    .await;
+    log(&format!("g2 scaled back to 3 ({:?})", started.elapsed()));
+
+    let scale_now = groups.get_scale("g2").await.expect("the scale subresource");
+    assert_eq!(scale_now.spec.and_then(|s| s.replicas), Some(3));
+    let scale_status = scale_now.status.expect("scale status");
+    assert_eq!(scale_status.replicas, 3);
+    assert!(
+        (scale_status.selector.as_deref())
+            .is_some_and(|s| s.contains("app.kubernetes.io/instance=g2")),
+        "{scale_status:?}"
+    );
+    // The steps as `kubectl describe rg g2` shows them.
+    let events: Api<Event> = Api::namespaced(admin.clone(), NS);
+    let mut steps: Vec<Event> = (events
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items)
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some("g2"))
+        .collect();
+    steps.sort_by_key(|e| e.metadata.creation_timestamp.clone());
+    for e in &steps {
+        log(&format!(
+            "  g2 event {}: {}",
+            e.reason.as_deref().unwrap_or(""),
+            e.message.as_deref().unwrap_or("")
+        ));
+    }
+    for reason in [
+        "MemberAdded",
+        "MemberPromoted",
+        "MemberRemoved",
+        "Resized",
+        "VolumesDeleted",
+    ] {
+        assert!(
+            events_with_reason(admin, "g2", reason).await > 0,
+            "no {reason} event"
+        );
+    }
+    let members = shardkv_cluster_tests::ctl(&masters(), &["member", "list", "2"], None);
+    assert!(
+        members.status.success(),
+        "{}",
+        String::from_utf8_lossy(&members.stderr)
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, failed) = writes.join().expect("the writer");
+    assert!(
+        acked.len() >= 10,
+        "only {} writes acknowledged",
+        acked.len()
+    );
+    for i in &acked {
+        let out = ctl(&masters(), &["get", &format!("w{i}")], None);
+        assert!(
+            out.status.success(),
+            "w{i} lost: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("v{i}"));
+    }
+    log(&format!(
+        "{} writes acknowledged during the resizes, all read back; {failed} failed",
+        acked.len()
+    ));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_on_a_real_api_server() {
     let started = Instant::now();
@@ -531,10 +811,10 @@ async fn operator_on_a_real_api_server() {
         .flatten()
         .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
         .collect();
-    assert_eq!(
-        env_vars["SHARDKV_PEERS"],
-        "127.60.1.0:7000,127.60.1.1:7000,127.60.1.2:7000"
-    );
+    // Every pod the group may grow to; the first 3 formed it.
+    let every_pod: Vec<String> = (0..7).map(|i| format!("127.60.1.{i}:7000")).collect();
+    assert_eq!(env_vars["SHARDKV_PEERS"], every_pod.join(","));
+    assert_eq!(env_vars["SHARDKV_INITIAL_REPLICAS"], "3");
     assert_eq!(env_vars["SHARDKV_MASTERS"], masters());
     let svc: Api<Service> = Api::namespaced(admin.clone(), NS);
     let svc = svc.get("g1").await.expect("Service g1");
@@ -601,11 +881,13 @@ async fn operator_on_a_real_api_server() {
     .await;
     log(&format!("shards split ({:?})", started.elapsed()));
 
+    scale_a_group_under_writes(&admin, &groups, &mut op, &started).await;
+
     // Invalid resources: the schema rejects some, the operator reports the
     // rest and keeps running.
     for (bad, field) in [
         (json!({"gid": 0}), "gid"),
-        (json!({"replicas": 4}), "replicas"),
+        (json!({"replicas": 8}), "replicas"),
     ] {
         let mut rg = group("bad", 9);
         for (k, v) in bad.as_object().unwrap() {
