@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, PersistentVolumeClaim, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -27,6 +27,7 @@ use crate::crd::{
     MemberStatus, ReplicaGroup, ReplicaGroupStatus, ALLOW_DATA_LOSS_ANNOTATION, FINALIZER,
 };
 use crate::decide::{self, decide, merge_conditions, GroupView, Observed, Step};
+use crate::master;
 use crate::metrics::Metrics;
 use crate::resources::{self, Settings};
 use crate::scale::{MembershipView, RemoveReason, ScaleStep, REPLICAS_MAX};
@@ -84,37 +85,53 @@ impl Context {
     }
 }
 
-/// Runs the controller until `shutdown` resolves.
+/// Runs the controllers (ReplicaGroups, and the shardmaster's size) until
+/// `shutdown` resolves.
 pub async fn run(
     ctx: Arc<Context>,
     namespace: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let (groups, statefulsets, services) = match &namespace {
+    let (groups, statefulsets, services, masters) = match &namespace {
         Some(ns) => (
             Api::<ReplicaGroup>::namespaced(client.clone(), ns),
             Api::<StatefulSet>::namespaced(client.clone(), ns),
-            Api::<Service>::namespaced(client, ns),
+            Api::<Service>::namespaced(client.clone(), ns),
+            Api::<StatefulSet>::namespaced(client, ns),
         ),
         None => (
+            Api::all(client.clone()),
             Api::all(client.clone()),
             Api::all(client.clone()),
             Api::all(client),
         ),
     };
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=shardkv-operator");
-    Controller::new(groups, watcher::Config::default())
+    let replica_groups = Controller::new(groups, watcher::Config::default())
         .owns(statefulsets, owned.clone())
         .owns(services, owned)
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .graceful_shutdown_on(shutdown.clone())
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
             if let Err(e) = result {
                 warn!("reconcile failed: {e}");
             }
-        })
-        .await;
+        });
+    let shardmaster = Controller::new(masters, watcher::Config::default().labels(master::SELECTOR))
+        .graceful_shutdown_on(shutdown)
+        .run(master::reconcile, master_error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                warn!("shardmaster reconcile failed: {e}");
+            }
+        });
+    futures::join!(replica_groups, shardmaster);
+}
+
+fn master_error_policy(_sts: Arc<StatefulSet>, _error: &Error, _ctx: Arc<Context>) -> Action {
+    Action::requeue(RETRY_AFTER_ERROR)
 }
 
 /// The failure itself is logged once, by [`run`]'s stream.
@@ -254,7 +271,19 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
         }
         (Step::Nothing, Ok(masters)) => {
             if let Some(step) = decision.scale.clone() {
-                let resized = resize(rg, ctx, &step, &servers, &extra, masters).await?;
+                let target = ResizeTarget {
+                    ns: &ns,
+                    statefulset: &name,
+                    possible: &possible,
+                    servers: &servers,
+                    set_size: SetSize::Owned {
+                        rg,
+                        initial_replicas: extra.initial_replicas,
+                        masters,
+                    },
+                    object: rg.object_ref(&()),
+                };
+                let resized = resize(ctx, &target, &step).await?;
                 if resized {
                     // The status must show the step's result: observe again.
                     let (again, _) = observe(rg, ctx, deleting, &Ok(masters.clone())).await?;
@@ -395,19 +424,7 @@ async fn observe(
                 cluster::membership(&servers),
                 cluster::identify_pods(&servers, &group_name)
             );
-            let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-            let selector = format!(
-                "app.kubernetes.io/instance={},app.kubernetes.io/component=kvserver",
-                rg.name_any()
-            );
-            let mut stale: Vec<u32> = claims
-                .list(&ListParams::default().labels(&selector))
-                .await?
-                .iter()
-                .filter_map(|c| resources::claim_ordinal(rg, &c.name_any()))
-                .filter(|&o| o >= statefulset)
-                .collect();
-            stale.sort_unstable();
+            let stale = stale_claims(ctx, &ns, &rg.name_any(), statefulset).await?;
             (Some(membership), pods, stale)
         }
         _ => (None, Default::default(), Vec::new()),
@@ -522,27 +539,49 @@ async fn apply_children(
     }
 }
 
+/// What a resize acts on: a ReplicaGroup's StatefulSet, or the
+/// shardmaster's.
+pub(crate) struct ResizeTarget<'a> {
+    pub ns: &'a str,
+    /// The StatefulSet's name (its pods are `<name>-<ordinal>`).
+    pub statefulset: &'a str,
+    /// Every pod's address, by ordinal: the one a new member is added with.
+    pub possible: &'a [String],
+    /// The addresses of the pods there are now, to reach the group.
+    pub servers: &'a [String],
+    pub set_size: SetSize<'a>,
+    /// Where the events go.
+    pub object: ObjectReference,
+}
+
+/// How the StatefulSet's size is changed.
+pub(crate) enum SetSize<'a> {
+    /// The operator owns the whole StatefulSet: applied whole, at the new
+    /// size (a partial apply would drop the fields left out).
+    Owned {
+        rg: &'a ReplicaGroup,
+        initial_replicas: u32,
+        masters: &'a [String],
+    },
+    /// Someone else (Helm) owns the StatefulSet: only its size is patched.
+    ReplicasOnly,
+}
+
 /// Carries out one resize step. Returns whether anything was changed.
 /// A membership change that fails is reported in an event and tried again
 /// at the next reconcile; a Kubernetes API failure fails the reconcile.
-async fn resize(
-    rg: &ReplicaGroup,
+pub(crate) async fn resize(
     ctx: &Context,
+    target: &ResizeTarget<'_>,
     step: &ScaleStep,
-    servers: &[String],
-    extra: &Extra,
-    masters: &[String],
 ) -> Result<bool, Error> {
-    let ns = rg.namespace().ok_or(Error::NoNamespace)?;
-    let name = rg.name_any();
-    let gid = rg
-        .status
-        .as_ref()
-        .and_then(|s| s.gid)
-        .unwrap_or(rg.spec.gid);
+    let name = target.statefulset;
+    let servers = target.servers;
     let address_of = |id: u32| {
-        resources::group_addresses(rg, gid, id + 1, &ctx.settings)
-            .pop()
+        target
+            .possible
+            .get(id as usize)
+            .cloned()
             .unwrap_or_default()
     };
     let (failpoint, reason, change, note) = match step {
@@ -556,7 +595,15 @@ async fn resize(
             let done =
                 move |m: &MembershipView| m.get(id).is_some_and(|m| m.incarnation == incarnation);
             let result = cluster::change_members(servers, change, done).await;
-            ("add-learner", "MemberAdded", result, format!("added replica {id} (pod {name}-{id}) as a learner; it votes once it has caught up"))
+            (
+                "add-learner",
+                "MemberAdded",
+                result,
+                format!(
+                    "added replica {id} (pod {name}-{id}) as a learner; it votes once it has \
+                     caught up"
+                ),
+            )
         }
         ScaleStep::Promote { id } => {
             let id = *id;
@@ -586,15 +633,27 @@ async fn resize(
             )
         }
         ScaleStep::Resize { from, to } => {
-            let sts =
-                resources::statefulset(rg, *to, extra.initial_replicas, masters, &ctx.settings);
-            Api::<StatefulSet>::namespaced(ctx.client.clone(), &ns)
-                .patch(
-                    &name,
-                    &PatchParams::apply(MANAGER).force(),
-                    &Patch::Apply(&sts),
-                )
-                .await?;
+            let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), target.ns);
+            match &target.set_size {
+                SetSize::Owned {
+                    rg,
+                    initial_replicas,
+                    masters,
+                } => {
+                    let sts =
+                        resources::statefulset(rg, *to, *initial_replicas, masters, &ctx.settings);
+                    let params = PatchParams::apply(MANAGER).force();
+                    statefulsets
+                        .patch(name, &params, &Patch::Apply(&sts))
+                        .await?;
+                }
+                SetSize::ReplicasOnly => {
+                    let patch = json!({"spec": {"replicas": to}});
+                    statefulsets
+                        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await?;
+                }
+            }
             let why = if to > from {
                 "a pod for the next member"
             } else {
@@ -608,15 +667,10 @@ async fn resize(
             )
         }
         ScaleStep::DeleteClaims { ordinals } => {
-            let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+            let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), target.ns);
             for &ordinal in ordinals {
-                match claims
-                    .delete(
-                        &resources::claim_name(rg, ordinal),
-                        &DeleteParams::default(),
-                    )
-                    .await
-                {
+                let claim = resources::claim_name_of(name, ordinal);
+                match claims.delete(&claim, &DeleteParams::default()).await {
                     Ok(_) => {}
                     Err(kube::Error::Api(s)) if s.is_not_found() => {}
                     Err(e) => return Err(e.into()),
@@ -636,20 +690,29 @@ async fn resize(
     };
     match change {
         Ok(()) => {
-            info!(group = %name, step = failpoint, "{note}");
+            info!(statefulset = %name, step = failpoint, "{note}");
             ctx.metrics.step(failpoint);
             crash_point(ctx, failpoint);
-            publish(ctx, rg, EventType::Normal, reason, "Scale", note).await;
+            publish_to(
+                ctx,
+                &target.object,
+                EventType::Normal,
+                reason,
+                "Scale",
+                note,
+            )
+            .await;
             Ok(true)
         }
         Err(e) => {
             let note = format!("{failpoint} failed (tried again at the next reconcile): {e}");
-            warn!(group = %name, "{note}");
-            publish(
+            warn!(statefulset = %name, "{note}");
+            let reason = "ScaleStepFailed";
+            publish_to(
                 ctx,
-                rg,
+                &target.object,
                 EventType::Warning,
-                "ScaleStepFailed",
+                reason,
                 "Scale",
                 note,
             )
@@ -657,6 +720,26 @@ async fn resize(
             Ok(false)
         }
     }
+}
+
+/// The volume claims of `statefulset`'s pods at or above `size`, by
+/// ordinal: those of removed pods, not deleted yet.
+pub(crate) async fn stale_claims(
+    ctx: &Context,
+    ns: &str,
+    statefulset: &str,
+    size: u32,
+) -> Result<Vec<u32>, Error> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let mut stale: Vec<u32> = claims
+        .list(&ListParams::default())
+        .await?
+        .iter()
+        .filter_map(|c| resources::claim_ordinal_of(statefulset, &c.name_any()))
+        .filter(|&o| o >= size)
+        .collect();
+    stale.sort_unstable();
+    Ok(stale)
 }
 
 /// The members as the status shows them.
@@ -696,6 +779,17 @@ async fn publish(
     action: &str,
     note: String,
 ) {
+    publish_to(ctx, &rg.object_ref(&()), type_, reason, action, note).await
+}
+
+pub(crate) async fn publish_to(
+    ctx: &Context,
+    object: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
     let event = Event {
         type_,
         reason: reason.into(),
@@ -705,8 +799,9 @@ async fn publish(
     };
     // An event is a record for people; failing to write one must not stop
     // the reconcile, but it is logged.
-    if let Err(e) = ctx.recorder.publish(&event, &rg.object_ref(&())).await {
-        warn!(group = %rg.name_any(), "could not publish event {reason}: {e}");
+    if let Err(e) = ctx.recorder.publish(&event, object).await {
+        let name = object.name.as_deref().unwrap_or_default();
+        warn!(object = %name, "could not publish event {reason}: {e}");
     }
 }
 

@@ -220,13 +220,29 @@ pub fn says_existing(cm: &ConfigMap) -> bool {
 
 /// The volume claim the StatefulSet made for pod `ordinal`.
 pub fn claim_name(rg: &ReplicaGroup, ordinal: u32) -> String {
-    format!("{DATA_VOLUME}-{}-{ordinal}", rg.name_any())
+    claim_name_of(&rg.name_any(), ordinal)
 }
 
 /// The ordinal of one of this group's volume claims, from its name.
 pub fn claim_ordinal(rg: &ReplicaGroup, claim: &str) -> Option<u32> {
-    let prefix = format!("{DATA_VOLUME}-{}-", rg.name_any());
-    claim.strip_prefix(&prefix)?.parse().ok()
+    claim_ordinal_of(&rg.name_any(), claim)
+}
+
+/// The claim of the `data` volume of StatefulSet `statefulset`'s pod
+/// `ordinal`, as the StatefulSet controller names it (the chart's
+/// shardmaster names its volume `data` too).
+pub fn claim_name_of(statefulset: &str, ordinal: u32) -> String {
+    format!("{DATA_VOLUME}-{statefulset}-{ordinal}")
+}
+
+pub fn claim_ordinal_of(statefulset: &str, claim: &str) -> Option<u32> {
+    let prefix = format!("{DATA_VOLUME}-{statefulset}-");
+    let ordinal = claim.strip_prefix(&prefix)?;
+    // "data-g1-4" is not a claim of "g1-4"'s... nor "data-g10-4" of "g1".
+    if ordinal.is_empty() || !ordinal.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    ordinal.parse().ok()
 }
 
 /// The label selector of the group's pods, as the scale subresource

@@ -168,15 +168,17 @@ impl Kubelet {
                             pod.clone()
                         }
                         (_, Some(key)) => {
-                            // Missing: the kubelet would not start the
-                            // container; try again at the next round.
-                            let Some(value) = config_maps
+                            let value = config_maps
                                 .get(&key.name)
-                                .and_then(|cm| cm.data.as_ref()?.get(&key.key).cloned())
-                            else {
-                                return;
-                            };
-                            value
+                                .and_then(|cm| cm.data.as_ref()?.get(&key.key).cloned());
+                            match value {
+                                Some(value) => value,
+                                // Optional: the variable is left unset.
+                                None if key.optional == Some(true) => continue,
+                                // The kubelet would not start the container:
+                                // try again at the next round.
+                                None => return,
+                            }
                         }
                         _ => panic!("unexpected env source {from:?}"),
                     },
@@ -252,8 +254,8 @@ impl Kubelet {
                 let _ = claims.create(&PostParams::default(), &claim).await;
             }
         }
-        let selector = format!("app.kubernetes.io/instance={name}");
-        let Ok(list) = claims.list(&ListParams::default().labels(&selector)).await else {
+        // By name: the chart's claims carry no labels.
+        let Ok(list) = claims.list(&ListParams::default()).await else {
             return;
         };
         let prefix = format!("{}-{name}-", template.name_any());
@@ -690,6 +692,112 @@ async fn scale_a_group_under_writes(
     ));
 }
 
+/// The shardmaster's voters, by id, as its leader reports them.
+async fn master_voters() -> Option<Vec<u32>> {
+    let addresses: Vec<String> = masters().split(',').map(str::to_string).collect();
+    let admin = shardkv::replica::members::MembersAdmin::new(addresses, Duration::from_secs(2));
+    let members = admin.list().await.ok()?;
+    let leads = members.has_leader && members.leader == members.answered_by;
+    leads.then(|| {
+        members
+            .members
+            .iter()
+            .filter(|m| m.voter)
+            .map(|m| m.id)
+            .collect()
+    })
+}
+
+/// `helm upgrade --set shardmaster.replicas=5`, then back to 3, while a
+/// client writes: the operator resizes the shardmaster one member at a
+/// time, Helm leaves the StatefulSet's size to it, and the removed pods'
+/// volume claims go.
+async fn resize_the_shardmaster_by_helm_upgrade(
+    env: &Envtest,
+    admin: &Client,
+    op: &Operator,
+    started: &Instant,
+) {
+    let statefulsets: Api<StatefulSet> = Api::namespaced(admin.clone(), NS);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), NS);
+    let master = format!("{RELEASE}-master");
+    let chart = repo().join("charts/shardkv");
+    let kubeconfig = env.kubeconfig.to_str().unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writes = writer(stop.clone());
+    for (replicas, voters) in [(5u32, vec![0, 1, 2, 3, 4]), (3, vec![0, 1, 2])] {
+        let values = json!({"podAddressTemplate": TEMPLATE, "shardmaster": {"replicas": replicas}});
+        let out = env.helm(&[
+            "upgrade",
+            kubeconfig,
+            chart.to_str().unwrap(),
+            RELEASE,
+            NS,
+            &values.to_string(),
+        ]);
+        assert!(
+            out.status.success(),
+            "helm upgrade: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        until(
+            &format!("the shardmaster resized to {replicas}"),
+            op,
+            || async {
+                let sts = statefulsets.get(&master).await.ok()?;
+                let pods = sts.spec.as_ref()?.replicas? as u32;
+                let now = master_voters().await?;
+                (pods == replicas && now == voters).then_some(())
+            },
+        )
+        .await;
+        log(&format!(
+            "shardmaster resized to {replicas} by helm upgrade ({:?})",
+            started.elapsed()
+        ));
+    }
+    until(
+        "the removed shardmaster pods' volume claims deleted",
+        op,
+        || async {
+            let left: Vec<String> = (claims.list(&ListParams::default()).await.ok()?.iter())
+                .map(|c| c.name_any())
+                .filter(|n| n.starts_with(&format!("data-{master}-")))
+                .collect();
+            (left.len() == 3 && !left.iter().any(|n| n.ends_with("-3") || n.ends_with("-4")))
+                .then_some(())
+        },
+    )
+    .await;
+    for reason in [
+        "MemberAdded",
+        "MemberPromoted",
+        "MemberRemoved",
+        "Resized",
+        "VolumesDeleted",
+    ] {
+        assert!(
+            events_with_reason(admin, &master, reason).await > 0,
+            "no {reason} event on {master}"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, failed) = writes.join().expect("the writer");
+    for i in &acked {
+        let out = ctl(&masters(), &["get", &format!("w{i}")], None);
+        assert!(
+            out.status.success(),
+            "w{i} lost: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("v{i}"));
+    }
+    log(&format!(
+        "{} writes acknowledged during the shardmaster's resizes, all read back; {failed} failed",
+        acked.len()
+    ));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_on_a_real_api_server() {
     let started = Instant::now();
@@ -882,6 +990,7 @@ async fn operator_on_a_real_api_server() {
     log(&format!("shards split ({:?})", started.elapsed()));
 
     scale_a_group_under_writes(&admin, &groups, &mut op, &started).await;
+    resize_the_shardmaster_by_helm_upgrade(&env, &admin, &op, &started).await;
 
     // Invalid resources: the schema rejects some, the operator reports the
     // rest and keeps running.

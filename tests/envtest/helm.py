@@ -4,6 +4,7 @@ so no helm binary is needed.
   helm.py lint CHART [VALUES_JSON]
   helm.py template CHART RELEASE NAMESPACE [VALUES_JSON]       rendered manifest on stdout
   helm.py install KUBECONFIG CHART RELEASE NAMESPACE [VALUES_JSON]
+  helm.py upgrade KUBECONFIG CHART RELEASE NAMESPACE [VALUES_JSON]
   helm.py uninstall KUBECONFIG RELEASE NAMESPACE
 
 Exits 1 with the findings on stderr when lint reports errors or warnings.
@@ -37,6 +38,11 @@ def main(args):
     if cmd == "install":
         cfg = helm.Config(kubeconfig_path=args[1], namespace=args[4])
         release = cfg.install(args[2], args[3], values(args, 5), namespace=args[4], timeout=60)
+        print(json.dumps({"name": args[3], "status": release.get("info", {}).get("status")}))
+        return 0
+    if cmd == "upgrade":
+        cfg = helm.Config(kubeconfig_path=args[1], namespace=args[4])
+        release = cfg.upgrade(args[2], args[3], values(args, 5), namespace=args[4], timeout=60)
         print(json.dumps({"name": args[3], "status": release.get("info", {}).get("status")}))
         return 0
     if cmd == "uninstall":
