@@ -781,6 +781,8 @@ async fn resize_the_shardmaster_by_helm_upgrade(
             "no {reason} event on {master}"
         );
     }
+    // The operator set the size (3 → 4 → 5, then 5 → 3), not Helm.
+    assert!(events_with_reason(admin, &master, "Resized").await >= 3);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (acked, failed) = writes.join().expect("the writer");
     for i in &acked {
