@@ -87,8 +87,9 @@ pub struct NodeOptions {
     /// existing`): blank storage is never a new group. A group first
     /// started alone would otherwise, on a lost disk, start alone again
     /// and serve nothing under the group's name; this way the replica
-    /// waits to be added as a new member. (A group first started with
-    /// more replicas recovers the lost disk from its peers either way.)
+    /// waits to be added as a new member. A group first started with more
+    /// replicas recovers a lost disk from its first voters, unless they all
+    /// answer blank: then too the replica waits to be added.
     pub existing_group: bool,
 }
 
@@ -366,6 +367,7 @@ fn start_replica<M: StateMachine>(
     let first_voters = u32::try_from(identity.replicas).unwrap_or(u32::MAX);
     let mut paxos_config = PaxosConfig::new(options.id, first_voters);
     paxos_config.joining = options.joins_when_blank();
+    paxos_config.existing_group = options.existing_group;
     paxos_config.log_retain_slots_max = options.log_retain_slots;
     let started = Replica::start(paxos_config, storage, machine, transport, replica_options)
         .map_err(|e| NodeError::Replica(e.to_string()))?;

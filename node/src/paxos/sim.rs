@@ -414,6 +414,12 @@ impl Sim {
         self.configs[id as usize].joining = rejoin;
     }
 
+    /// Changes the configuration replica `id` starts with from its next
+    /// restart on.
+    pub fn reconfigure(&mut self, id: NodeId, change: impl FnOnce(&mut Config)) {
+        change(&mut self.configs[id as usize]);
+    }
+
     /// Has the state machine of `id` compact its log at what it has applied.
     pub fn compact(&mut self, id: NodeId) {
         let applied = &self.applied[id as usize];
@@ -586,6 +592,9 @@ impl Sim {
     /// Hands messages to the network, applying the faults.
     fn send_all(&mut self, id: NodeId, messages: Vec<(NodeId, Message)>) {
         for (to, msg) in messages {
+            if to as usize >= self.nodes.len() {
+                continue; // no such replica: a real transport drops it too
+            }
             *self.sent.entry(msg.kind()).or_default() += 1;
             let is_reply = matches!(
                 msg,

@@ -234,6 +234,54 @@ fn a_disk_lost_after_a_change_starts_over_as_a_new_member() {
     assert_converged_among(&mut sim, &[0, 1, 2, 3]);
 }
 
+/// A group first started with 2 replicas and grown to 5: its two first
+/// voters lose their disks at once. Each asks only the first voters, finds
+/// the other blank, and, were the group new, would start it again: a second
+/// group deciding again in slots the first decided (the agreement check
+/// trips). Known to exist (`existing_group`, as the operator's pods are once
+/// the group has had a leader), they start over as new members instead,
+/// and the group goes on in its 3 other voters.
+#[test]
+fn the_first_voters_all_blank_in_an_existing_group_start_no_second_group() {
+    let mut sim = Sim::with_spares(2, 3, test_seed("first_voters_blank"), |c| {
+        c.recover_when_empty = true;
+    });
+    await_leader(&mut sim);
+    change(&mut sim, &[0, 1], &[2, 3, 4]);
+    change(&mut sim, &[0, 1, 2, 3, 4], &[]);
+    write(&mut sim, "five", 20, 5);
+    for lost in [0, 1] {
+        sim.lose_disk(lost, false);
+        sim.reconfigure(lost, |c| c.existing_group = true);
+    }
+    // Cut off from the rest, as a zone would be: were they to start a new
+    // group, it would lead and decide here.
+    sim.partition(&[&[0, 1], &[2, 3, 4]]);
+    sim.restart(0);
+    sim.restart(1);
+    for i in 0..PATIENCE_TICKS / 10 {
+        if let Some(&rogue) = sim.leaders().iter().find(|id| **id < 2) {
+            let _ = sim.propose(rogue, format!("rogue-{i}"));
+        }
+        sim.run(10);
+    }
+    sim.heal();
+    let gave_up = sim.run_until(PATIENCE_TICKS, |s| {
+        [0, 1]
+            .iter()
+            .all(|id| s.node(*id).map(|n| n.role()) == Some(RoleKind::NotMember))
+    });
+    assert!(
+        gave_up,
+        "seed {}: the blank first voters did not wait to be added ({:?}, {:?})",
+        sim.seed,
+        sim.node(0).map(|n| n.role()),
+        sim.node(1).map(|n| n.role())
+    );
+    write(&mut sim, "three-left", 10, 3);
+    assert_converged_among(&mut sim, &[2, 3, 4]);
+}
+
 /// A group first started with one replica has no peers to recover a lost
 /// disk from: a blank start is a new group's. Once the group has grown,
 /// that start must still not vote as the member the replica was.

@@ -86,6 +86,13 @@ pub struct Config {
     /// membership from a peer (it is added as a learner first, see
     /// [`Paxos::propose_membership`]). Ignored once storage holds state.
     pub joining: bool,
+    /// The group is known to exist (etcd's `--initial-cluster-state
+    /// existing`): blank storage is never a new group's. Recovery that
+    /// finds every other first voter blank too (the group's first voters
+    /// all lost their disks, the group living on in members added since)
+    /// starts over as a new member instead of as a new group, which would
+    /// decide again in slots the group has decided.
+    pub existing_group: bool,
     /// A learner may become a voter only once its commit index is within
     /// this many slots of the leader's.
     pub promote_lag_slots_max: u64,
@@ -152,6 +159,7 @@ impl Config {
             id,
             peers,
             joining: false,
+            existing_group: false,
             promote_lag_slots_max: 64,
             heartbeat_interval_ticks: 2,
             election_timeout_min_ticks: 10,

@@ -10,7 +10,9 @@
 //! initialised but empty), no value can have been chosen: the group is new,
 //! and the replica starts with the highest promise it heard. A new group
 //! therefore needs all its members up once; a lost disk needs a majority of
-//! the others.
+//! the others. (Unless the group is known to exist, `existing_group`: then
+//! blank answers from every other first voter make this replica a new
+//! member, since the group may live on in members added since.)
 //!
 
 use super::*;
@@ -18,7 +20,16 @@ use super::*;
 impl Paxos {
     pub(super) fn send_recover_requests(&mut self) {
         let now = self.now_tick;
-        let voters: Vec<NodeId> = self.membership().voter_ids().collect();
+        // The first voters answer for the group's state. In a group known
+        // to exist, every replica it may have is asked too: any member
+        // added since answers with a membership that makes this replica a
+        // new member (were the first voters all blank, they could not tell
+        // it). The transport drops what it has no address for.
+        let voters: Vec<NodeId> = if self.config.existing_group {
+            (0..crate::paxos::types::NODE_ID_LIMIT).collect()
+        } else {
+            self.membership().voter_ids().collect()
+        };
         let Role::Recovering(r) = &mut self.role else {
             return;
         };
@@ -130,6 +141,14 @@ impl Paxos {
             self.start_as_joiner();
             return;
         }
+        if !self.membership().is_voter(from) {
+            // Asked only for a change it may know of (above), which it did
+            // not show: its answer is no first voter's.
+            return;
+        }
+        let Role::Recovering(r) = &mut self.role else {
+            return;
+        };
         let state = match page {
             None => {
                 r.partial.remove(&from);
@@ -164,6 +183,20 @@ impl Paxos {
         if initialized.len() > peers / 2 {
             self.adopt(initialized);
         } else if r.replies.len() == peers - 1 && nothing_accepted {
+            if self.config.existing_group {
+                // The group exists, so the first voters' blank answers mean
+                // they all lost their disks: the group, if it lives on, does
+                // in members added since, which no first voter asks.
+                tracing::warn!(
+                    replica = self.config.id,
+                    incarnation = self.incarnation(),
+                    "every first voter of this existing group answered blank: this replica \
+                     starts over as a new member, which takes part in nothing until it is \
+                     added"
+                );
+                self.start_as_joiner();
+                return;
+            }
             // No other replica has ever accepted anything, so no value was
             // ever chosen: a new group (or one that has lost a majority of
             // its disks, which nothing can repair). Start from the promises.
