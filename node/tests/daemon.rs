@@ -110,6 +110,8 @@ async fn replicas_beyond_the_initial_size_wait_to_be_added() {
     ));
     await_role(&peers[2], "not-member").await;
     let admin = MembersAdmin::new(vec![peers[0].clone()], Duration::from_secs(2));
+    let waiting = admin.identify(&peers[2]).await.expect("identify");
+    assert_eq!(waiting.epoch, 0, "a new replica knows no membership");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let members = admin
         .add(&peers[2], "shardmaster", deadline)
@@ -122,6 +124,26 @@ async fn replicas_beyond_the_initial_size_wait_to_be_added() {
         .map(|m| m.id)
         .collect();
     assert_eq!(voters, [0, 2]);
+    // A change planned from an older membership is refused, not made.
+    let stale = admin
+        .change_in_epoch(
+            shardkv::proto::change_members_request::Change::Remove(2),
+            Some(0),
+            deadline,
+        )
+        .await
+        .expect_err("planned in epoch 0");
+    assert_eq!(stale.code(), tonic::Code::FailedPrecondition, "{stale:?}");
+    assert!(stale.message().contains("epoch 0"), "{}", stale.message());
+    // Removed, it says so: not a member, knowing the epoch that removed it
+    // (the operator never adds such a replica again with its old data).
+    admin
+        .remove(&peers[2], deadline)
+        .await
+        .expect("the replica is removed");
+    await_role(&peers[2], "not-member").await;
+    let removed = admin.identify(&peers[2]).await.expect("identify");
+    assert!(removed.epoch > 0, "{removed:?}");
     stop.send(true).unwrap();
     first.await.unwrap().expect("replica 0 ran");
     second.await.unwrap().expect("replica 2 ran");

@@ -177,11 +177,15 @@ pub async fn identify_pods(addresses: &[String], group: &str) -> BTreeMap<u32, P
         .enumerate()
         .filter_map(|(ordinal, answer)| {
             let who = answer.ok()?.ok()?;
+            let not_member = who.role == "not-member";
             (who.group == group && who.id as usize == ordinal).then_some((
                 who.id,
                 PodIdentity {
                     incarnation: who.incarnation,
-                    waiting: who.role == "not-member",
+                    // A new replica knows no epoch; a removed one knows the
+                    // one that removed it.
+                    waiting: not_member && who.epoch == 0,
+                    removed: not_member && who.epoch > 0,
                 },
             ))
         })
@@ -191,13 +195,17 @@ pub async fn identify_pods(addresses: &[String], group: &str) -> BTreeMap<u32, P
 /// One membership step at the group's leader. `done` says, from the
 /// membership, whether the step has been taken: a step whose answer was
 /// lost is then not reported as failed.
+/// `epoch` is the membership epoch the step was planned from: in another,
+/// the step is refused, and planned again at the next reconcile.
 pub async fn change_members(
     addresses: &[String],
     change: Change,
+    epoch: u64,
     done: impl Fn(&MembershipView) -> bool,
 ) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + CHANGE_TIMEOUT;
-    match members_admin(addresses).change(change, deadline).await {
+    let admin = members_admin(addresses);
+    match admin.change_in_epoch(change, Some(epoch), deadline).await {
         Ok(_) => Ok(()),
         Err(e) => match membership(addresses).await {
             Ok(m) if done(&m) => Ok(()),

@@ -282,6 +282,10 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
                         masters,
                     },
                     object: rg.object_ref(&()),
+                    epoch: match &observed.membership {
+                        Some(Ok(m)) => m.epoch,
+                        _ => 0,
+                    },
                 };
                 let resized = resize(ctx, &target, &step).await?;
                 if resized {
@@ -552,6 +556,9 @@ pub(crate) struct ResizeTarget<'a> {
     pub set_size: SetSize<'a>,
     /// Where the events go.
     pub object: ObjectReference,
+    /// The membership epoch the step was planned from: a membership change
+    /// is made in it or not at all.
+    pub epoch: u64,
 }
 
 /// How the StatefulSet's size is changed.
@@ -594,7 +601,7 @@ pub(crate) async fn resize(
             });
             let done =
                 move |m: &MembershipView| m.get(id).is_some_and(|m| m.incarnation == incarnation);
-            let result = cluster::change_members(servers, change, done).await;
+            let result = cluster::change_members(servers, change, target.epoch, done).await;
             (
                 "add-learner",
                 "MemberAdded",
@@ -608,7 +615,8 @@ pub(crate) async fn resize(
         ScaleStep::Promote { id } => {
             let id = *id;
             let done = move |m: &MembershipView| m.get(id).is_some_and(|m| m.voter);
-            let result = cluster::change_members(servers, Change::Promote(id), done).await;
+            let result =
+                cluster::change_members(servers, Change::Promote(id), target.epoch, done).await;
             (
                 "promote",
                 "MemberPromoted",
@@ -619,7 +627,8 @@ pub(crate) async fn resize(
         ScaleStep::Remove { id, reason } => {
             let id = *id;
             let done = move |m: &MembershipView| m.get(id).is_none();
-            let result = cluster::change_members(servers, Change::Remove(id), done).await;
+            let result =
+                cluster::change_members(servers, Change::Remove(id), target.epoch, done).await;
             let why = match reason {
                 RemoveReason::Surplus => "the group is scaled down",
                 RemoveReason::Stray => "a learner not needed at this size",
@@ -686,7 +695,8 @@ pub(crate) async fn resize(
         ScaleStep::Settled
         | ScaleStep::WaitForLeader
         | ScaleStep::WaitForPod { .. }
-        | ScaleStep::WaitForCatchUp { .. } => return Ok(false),
+        | ScaleStep::WaitForCatchUp { .. }
+        | ScaleStep::RemovedMemberInTheWay { .. } => return Ok(false),
     };
     match change {
         Ok(()) => {

@@ -193,6 +193,7 @@ async fn reconcile_inner(sts: &StatefulSet, ctx: &Context) -> Result<Action, Err
     }
 
     let stale = stale_claims(ctx, &ns, &name, size).await?;
+    let epoch = membership.epoch;
     let step = scale::plan(&ScaleInput {
         desired: asked.desired,
         statefulset: size,
@@ -207,6 +208,7 @@ async fn reconcile_inner(sts: &StatefulSet, ctx: &Context) -> Result<Action, Err
         servers,
         set_size: SetSize::ReplicasOnly,
         object,
+        epoch,
     };
     resize(ctx, &target, &step).await?;
     Ok(Action::requeue(if step.busy() {

@@ -55,11 +55,15 @@ impl MembershipView {
 }
 
 /// What a pod's replica said of itself.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct PodIdentity {
     pub incarnation: u64,
-    /// It says it is not a member: a new replica waiting to be added.
+    /// Not a member and knows no membership: a new replica waiting to be
+    /// added.
     pub waiting: bool,
+    /// Not a member, and knows the membership that removed it: its volume
+    /// holds a removed member's data, and is never added again as is.
+    pub removed: bool,
 }
 
 /// Everything [`plan`] looks at.
@@ -96,6 +100,12 @@ pub enum ScaleStep {
     WaitForLeader,
     /// Pod `id` exists but has not answered (or is recovering).
     WaitForPod {
+        id: u32,
+    },
+    /// Pod `id` holds a removed member's data below a member's pod, so the
+    /// StatefulSet cannot drop it: a person must delete its volume claim
+    /// and pod (it is then added anew).
+    RemovedMemberInTheWay {
         id: u32,
     },
     /// Pod `id` answers and is not a member: add it as a learner.
@@ -200,9 +210,23 @@ pub fn plan(input: &ScaleInput) -> ScaleStep {
             };
         }
     }
-    // Then the pods no member is on.
-    let highest_member = membership.members.iter().map(|m| m.id + 1).max();
-    let needed = highest_member.unwrap_or(0).max(*desired);
+    // Then the pods no member is on: those above the size, and those of
+    // removed members above every member (a scale-down reversed before its
+    // pods went), whose volumes must go before their ordinals are used again.
+    let above_members = membership
+        .members
+        .iter()
+        .map(|m| m.id + 1)
+        .max()
+        .unwrap_or(0);
+    let removed_above = pods
+        .iter()
+        .any(|(id, p)| p.removed && *id >= above_members && id < statefulset);
+    let needed = if removed_above {
+        above_members
+    } else {
+        above_members.max(*desired)
+    };
     if *statefulset > needed {
         return ScaleStep::Resize {
             from: *statefulset,
@@ -226,6 +250,7 @@ pub fn plan(input: &ScaleInput) -> ScaleStep {
                 id,
                 incarnation: pod.incarnation,
             },
+            Some(pod) if pod.removed => ScaleStep::RemovedMemberInTheWay { id },
             _ => ScaleStep::WaitForPod { id },
         };
     }
@@ -269,7 +294,7 @@ mod tests {
                     m.id,
                     PodIdentity {
                         incarnation: m.incarnation,
-                        waiting: false,
+                        ..PodIdentity::default()
                     },
                 )
             })
@@ -293,6 +318,7 @@ mod tests {
             PodIdentity {
                 incarnation,
                 waiting: true,
+                removed: false,
             },
         );
     }
@@ -427,6 +453,54 @@ mod tests {
                 reason: RemoveReason::Stray
             }
         );
+    }
+
+    /// 5 → 3 reversed to 5 after member 4 was removed but before its pod
+    /// went: pod 4 holds the removed member's data. It is dropped, its
+    /// volume deleted, and a fresh pod 4 added; never the old one.
+    #[test]
+    fn a_removed_members_pod_is_recycled_not_added_again() {
+        let mut state = input(5, 5, (0..4).map(voter).collect());
+        state.pods.insert(
+            4,
+            PodIdentity {
+                incarnation: 14,
+                removed: true,
+                ..PodIdentity::default()
+            },
+        );
+        assert_eq!(plan(&state), ScaleStep::Resize { from: 5, to: 4 });
+        state.statefulset = 4;
+        state.pods.remove(&4);
+        state.stale_claims = vec![4];
+        assert_eq!(plan(&state), ScaleStep::DeleteClaims { ordinals: vec![4] });
+        state.stale_claims.clear();
+        assert_eq!(plan(&state), ScaleStep::Resize { from: 4, to: 5 });
+        state.statefulset = 5;
+        waiting_pod(&mut state, 4, 99);
+        assert_eq!(
+            plan(&state),
+            ScaleStep::AddLearner {
+                id: 4,
+                incarnation: 99
+            }
+        );
+    }
+
+    /// A removed member below another member's pod cannot be dropped by
+    /// the StatefulSet: said, not added again.
+    #[test]
+    fn a_removed_member_below_another_is_reported() {
+        let mut state = input(3, 3, vec![voter(0), voter(2)]);
+        state.pods.insert(
+            1,
+            PodIdentity {
+                incarnation: 11,
+                removed: true,
+                ..PodIdentity::default()
+            },
+        );
+        assert_eq!(plan(&state), ScaleStep::RemovedMemberInTheWay { id: 1 });
     }
 
     #[test]

@@ -241,6 +241,7 @@ impl Members for MembersService {
             incarnation: status.incarnation,
             address: self.address.clone(),
             role: role_name(status.role).to_string(),
+            epoch: status.membership.epoch,
         }))
     }
 
@@ -255,7 +256,8 @@ impl Members for MembersService {
         &self,
         request: Request<ChangeMembersRequest>,
     ) -> Result<Response<ListMembersReply>, Status> {
-        let Some(change) = request.into_inner().change else {
+        let request = request.into_inner();
+        let Some(change) = request.change else {
             return Err(Status::invalid_argument("no change given"));
         };
         let status = self.replica.status();
@@ -265,7 +267,18 @@ impl Members for MembersService {
                 .map(|l| self.address_of(&status.membership, l));
             return Err(not_leader_at(status.leader, address.as_deref()));
         }
-        let change = self.change_from(&status.membership, change)?;
+        if let Some(expected) = request.expected_epoch {
+            if expected != status.membership.epoch {
+                return Err(Status::failed_precondition(format!(
+                    "the change was planned in membership epoch {expected}, and the group is \
+                     in epoch {} now: look at the members again",
+                    status.membership.epoch
+                )));
+            }
+        }
+        let mut change = self.change_from(&status.membership, change)?;
+        // The core refuses it too if another change gets in first.
+        change.expected_epoch = Some(request.expected_epoch.unwrap_or(status.membership.epoch));
         let changed = tokio::time::timeout(CHANGE_TIMEOUT, self.replica.change_membership(change))
             .await
             .map_err(|_| {
@@ -397,6 +410,18 @@ impl MembersAdmin {
         change: Change,
         deadline: tokio::time::Instant,
     ) -> Result<ListMembersReply, tonic::Status> {
+        self.change_in_epoch(change, None, deadline).await
+    }
+
+    /// [`MembersAdmin::change`], made only in membership epoch
+    /// `expected_epoch` when given: a change planned from a membership
+    /// that has moved on since is refused (`FailedPrecondition`), not made.
+    pub async fn change_in_epoch(
+        &self,
+        change: Change,
+        expected_epoch: Option<u64>,
+        deadline: tokio::time::Instant,
+    ) -> Result<ListMembersReply, tonic::Status> {
         let mut last = tonic::Status::unavailable("no replica reached");
         let mut leader_address: Option<String> = None;
         loop {
@@ -419,6 +444,7 @@ impl MembersAdmin {
                 };
                 let request = ChangeMembersRequest {
                     change: Some(change.clone()),
+                    expected_epoch,
                 };
                 // A replica that does not answer (paused, partitioned) must
                 // not hold the caller past its deadline.
