@@ -186,6 +186,18 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
         .unwrap_or_default();
     let servers = resources::group_addresses(rg, decision.gid, decision.replicas, &ctx.settings);
     let possible = resources::group_addresses(rg, decision.gid, REPLICAS_MAX, &ctx.settings);
+    // A Join names the group's voters: as its membership says, else its
+    // first voters (a pod above them may not be a member yet).
+    let join_servers: Vec<String> = match &observed.membership {
+        Some(Ok(m)) if m.voters().next().is_some() => (m.voters())
+            .filter_map(|v| possible.get(v.id as usize).cloned())
+            .collect(),
+        _ => servers
+            .iter()
+            .take(extra.initial_replicas as usize)
+            .cloned()
+            .collect(),
+    };
     match (&decision.step, &masters) {
         (Step::Join | Step::Leave, Ok(masters)) => {
             let joining = decision.step == Step::Join;
@@ -197,7 +209,7 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
                 ("leave", "Leave", "Left", "LeaveFailed")
             };
             let result = if joining {
-                match cluster::join(masters, decision.gid, servers.clone()).await {
+                match cluster::join(masters, decision.gid, join_servers.clone()).await {
                     // A retired gid stays retired: the refusal is final. Others
                     // (a bad address from the settings, say) are tried again.
                     Err(cluster::JoinError::Refused(why)) if why.contains("is retired") => {
@@ -340,6 +352,7 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
         observed_generation: observed.generation,
         gid: Some(decision.gid),
         replicas: decision.voters.unwrap_or(decision.replicas),
+        initial_replicas: Some(extra.initial_replicas),
         selector: Some(resources::selector(rg)),
         members,
         ready_replicas: observed.ready_replicas,
@@ -409,16 +422,24 @@ async fn observe(
             .map(|c| cluster::view_of(&c, gid, &possible)),
         Err(e) => Err(e.to_string()),
     };
-    let initial_replicas = sts
-        .as_ref()
-        .and_then(resources::initial_replicas_of)
+    // The size the group was created with: as recorded, else as its
+    // StatefulSet tells its pods, else (a new group) the spec's.
+    let initial_replicas = (status.initial_replicas)
+        .or_else(|| sts.as_ref().and_then(resources::initial_replicas_of))
         .unwrap_or(rg.spec.replicas)
         .clamp(1, REPLICAS_MAX);
+    let recorded_size = status.members.iter().map(|m| m.id + 1).max();
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    // Only this resource's: one of the same name deleted before may have
+    // left its ConfigMap behind.
     let existing = config_maps
         .get_opt(&resources::cluster_state_name(rg))
         .await?
-        .is_some_and(|cm| resources::says_existing(&cm));
+        .is_some_and(|cm| {
+            let ours = (cm.metadata.owner_references.iter().flatten())
+                .any(|o| Some(&o.uid) == rg.metadata.uid.as_ref());
+            ours && resources::says_existing(&cm)
+        });
     // The membership and the pods, for resizing: a live group whose pods
     // exist.
     let (membership, pods, stale_claims) = match existing_replicas {
@@ -460,6 +481,7 @@ async fn observe(
         recorded_gid,
         spec_replicas: rg.spec.replicas,
         existing_replicas,
+        recorded_size,
         ready_replicas,
         was_joined: status.joined,
         invalid_spec,
@@ -496,8 +518,12 @@ async fn apply_children(
     let created = observed.existing_replicas.is_none();
     // First: the pods read it when they start. Never back to "new" once
     // the group has had a leader.
+    // "existing" before the group takes its first write: at its first Join
+    // at the latest.
     let had_leader = matches!(&observed.membership, Some(Ok(m)) if m.leader.is_some());
-    let cluster_state = resources::cluster_state_config_map(rg, extra.existing || had_leader);
+    let joined = observed.was_joined || observed.master.as_ref().is_ok_and(|m| m.joined);
+    let existing = extra.existing || had_leader || joined || decision.step == Step::Join;
+    let cluster_state = resources::cluster_state_config_map(rg, existing);
     Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
         .patch(
             &resources::cluster_state_name(rg),
@@ -698,6 +724,10 @@ pub(crate) async fn resize(
         | ScaleStep::WaitForCatchUp { .. }
         | ScaleStep::RemovedMemberInTheWay { .. } => return Ok(false),
     };
+    // The recorder folds events of one action and reason into one (a
+    // count, the first note): each step is its own action, so that
+    // `kubectl describe` shows every step with its own words.
+    let action = step_action(step);
     match change {
         Ok(()) => {
             info!(statefulset = %name, step = failpoint, "{note}");
@@ -708,7 +738,7 @@ pub(crate) async fn resize(
                 &target.object,
                 EventType::Normal,
                 reason,
-                "Scale",
+                &action,
                 note,
             )
             .await;
@@ -723,12 +753,26 @@ pub(crate) async fn resize(
                 &target.object,
                 EventType::Warning,
                 reason,
-                "Scale",
+                &action,
                 note,
             )
             .await;
             Ok(false)
         }
+    }
+}
+
+/// An event action naming the step and what it acts on.
+fn step_action(step: &ScaleStep) -> String {
+    match step {
+        ScaleStep::AddLearner { id, .. } => format!("AddLearner{id}"),
+        ScaleStep::Promote { id } => format!("Promote{id}"),
+        ScaleStep::Remove { id, .. } => format!("Remove{id}"),
+        ScaleStep::Resize { to, .. } => format!("ResizeTo{to}"),
+        ScaleStep::DeleteClaims { ordinals } => {
+            format!("DeleteClaimsFrom{}", ordinals.first().unwrap_or(&0))
+        }
+        other => format!("{other:?}").chars().take(64).collect(),
     }
 }
 

@@ -125,6 +125,10 @@ pub struct ReplicaGroupStatus {
     /// spec.replicas); the StatefulSet's size until the members are known.
     #[serde(default)]
     pub replicas: u32,
+    /// The size the group was created with: its first voters. Kept here
+    /// so a StatefulSet deleted and made again tells its pods the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_replicas: Option<u32>,
     /// The pods' label selector, for the scale subresource.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,

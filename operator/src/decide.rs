@@ -94,6 +94,10 @@ pub struct Observed {
     pub spec_replicas: u32,
     /// The existing StatefulSet's size, if there is one.
     pub existing_replicas: Option<u32>,
+    /// The pods the group's members are on, as the status last recorded
+    /// them (the highest member's ordinal + 1): the size to make a lost
+    /// StatefulSet again at, not the spec's.
+    pub recorded_size: Option<u32>,
     pub ready_replicas: u32,
     /// The status said joined before: the group may have held data.
     pub was_joined: bool,
@@ -173,7 +177,9 @@ fn cond(
 
 pub fn decide(o: &Observed) -> Decision {
     let gid = o.recorded_gid.unwrap_or(o.spec_gid);
-    let replicas = o.existing_replicas.unwrap_or(o.spec_replicas);
+    let replicas = (o.existing_replicas)
+        .or(o.recorded_size)
+        .unwrap_or(o.spec_replicas);
     let mut degraded: Vec<(&'static str, String)> = Vec::new();
     if let Some(problem) = &o.invalid_spec {
         degraded.push(("InvalidSpec", problem.clone()));
@@ -640,6 +646,7 @@ mod tests {
             recorded_gid: Some(7),
             spec_replicas: 3,
             existing_replicas: Some(3),
+            recorded_size: Some(3),
             ready_replicas: 3,
             was_joined: true,
             invalid_spec: None,
@@ -731,6 +738,7 @@ mod tests {
         not_joined(&mut o);
         o.recorded_gid = None;
         o.existing_replicas = None;
+        o.recorded_size = None;
         o.spec_replicas = 5;
         o.ready_replicas = 0;
         let d = decide(&o);
@@ -777,6 +785,20 @@ mod tests {
         );
         assert_eq!(condition(&d, "Degraded").status, Some(false));
         assert_eq!(condition(&decide(&observed()), "Scaled").reason, "AtSize");
+    }
+
+    /// A StatefulSet deleted from under a group (`--cascade=orphan`) is
+    /// made again at the size its members are on, not at the spec's: the
+    /// resize then goes on a pod at a time.
+    #[test]
+    fn a_lost_statefulset_is_made_again_at_the_members_size() {
+        let mut o = observed();
+        o.existing_replicas = None;
+        o.recorded_size = Some(3);
+        o.spec_replicas = 5;
+        let d = decide(&o);
+        assert_eq!(d.replicas, 3);
+        assert!(d.apply_children);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::cluster;
 use crate::controller::{
     publish_to, resize, stale_claims, Context, Error, ResizeTarget, SetSize, MANAGER,
 };
-use crate::resources::{majority, says_existing};
+use crate::resources::{disruptions_allowed, says_existing};
 use crate::scale::{self, ScaleInput, REPLICAS_MAX};
 
 /// The annotation with the size asked for, set by the chart.
@@ -89,7 +89,7 @@ pub fn pod_disruption_budget(sts: &StatefulSet, voters: u32) -> PodDisruptionBud
             ..ObjectMeta::default()
         },
         spec: Some(PodDisruptionBudgetSpec {
-            min_available: Some(IntOrString::Int(majority(voters) as i32)),
+            max_unavailable: Some(IntOrString::Int(disruptions_allowed(voters) as i32)),
             selector: sts.spec.as_ref().map(|s| LabelSelector {
                 match_labels: s.selector.match_labels.clone(),
                 ..LabelSelector::default()
@@ -277,11 +277,11 @@ mod tests {
 
     #[test]
     fn the_budget_keeps_a_majority_of_the_voters() {
-        for (voters, keep) in [(1, 1), (3, 2), (4, 3), (5, 3), (7, 4)] {
+        for (voters, down) in [(1, 0), (3, 1), (4, 1), (5, 2), (7, 3)] {
             let pdb = pod_disruption_budget(&sts(Some("3"), 7), voters);
             assert_eq!(
-                pdb.spec.unwrap().min_available,
-                Some(IntOrString::Int(keep)),
+                pdb.spec.unwrap().max_unavailable,
+                Some(IntOrString::Int(down)),
                 "{voters} voters"
             );
         }

@@ -432,14 +432,20 @@ pub fn majority(replicas: u32) -> u32 {
     replicas / 2 + 1
 }
 
+/// How many of `voters` may be down with a majority still up.
+pub fn disruptions_allowed(voters: u32) -> u32 {
+    voters.saturating_sub(majority(voters))
+}
+
 /// Voluntary disruptions (drains, upgrades) keep a majority of the
 /// group's voters up: `voters` is their number now, which a resize changes.
+/// As the most pods that may be down, not the fewest that must be up: a
+/// learner's or a new pod's readiness must not count for a voter's.
 pub fn pod_disruption_budget(rg: &ReplicaGroup, voters: u32) -> PodDisruptionBudget {
-    let replicas = voters;
     PodDisruptionBudget {
         metadata: metadata(rg),
         spec: Some(PodDisruptionBudgetSpec {
-            min_available: Some(IntOrString::Int(majority(replicas) as i32)),
+            max_unavailable: Some(IntOrString::Int(disruptions_allowed(voters) as i32)),
             selector: Some(LabelSelector {
                 match_labels: Some(labels(rg)),
                 ..LabelSelector::default()
@@ -693,11 +699,12 @@ mod tests {
 
     #[test]
     fn the_disruption_budget_keeps_a_majority() {
-        for (n, keep) in [(1, 1), (2, 2), (3, 2), (4, 3), (5, 3), (7, 4)] {
+        for (n, down) in [(1, 0), (2, 0), (3, 1), (4, 1), (5, 2), (7, 3)] {
             let pdb = pod_disruption_budget(&group(by_service()), n).spec.unwrap();
+            assert_eq!(pdb.min_available, None);
             assert_eq!(
-                pdb.min_available,
-                Some(IntOrString::Int(keep)),
+                pdb.max_unavailable,
+                Some(IntOrString::Int(down)),
                 "{n} replicas"
             );
         }

@@ -484,6 +484,22 @@ fn in_config(gid: u64) -> bool {
     config()["groups"].get(gid.to_string()).is_some()
 }
 
+/// The notes of `object`'s events with `reason`, oldest first.
+async fn event_notes(client: &Client, object: &str, reason: &str) -> Vec<String> {
+    let api: Api<Event> = Api::namespaced(client.clone(), NS);
+    let list = api.list(&ListParams::default()).await.expect("events");
+    let mut events: Vec<&Event> = (list.items.iter())
+        .filter(|e| {
+            e.involved_object.name.as_deref() == Some(object) && e.reason.as_deref() == Some(reason)
+        })
+        .collect();
+    events.sort_by_key(|e| e.metadata.creation_timestamp.clone());
+    events
+        .iter()
+        .map(|e| e.message.clone().unwrap_or_default())
+        .collect()
+}
+
 async fn events_with_reason(client: &Client, object: &str, reason: &str) -> usize {
     let api: Api<Event> = Api::namespaced(client.clone(), NS);
     let list = api.list(&ListParams::default()).await.expect("events");
@@ -782,7 +798,11 @@ async fn resize_the_shardmaster_by_helm_upgrade(
         );
     }
     // The operator set the size (3 → 4 → 5, then 5 → 3), not Helm.
-    assert!(events_with_reason(admin, &master, "Resized").await >= 3);
+    let resized = event_notes(admin, &master, "Resized").await;
+    for note in &resized {
+        log(&format!("  {master} Resized: {note}"));
+    }
+    assert!(resized.len() >= 3, "{resized:?}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (acked, failed) = writes.join().expect("the writer");
     for i in &acked {
