@@ -742,6 +742,7 @@ async fn resize_the_shardmaster_by_helm_upgrade(
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writes = writer(stop.clone());
     for (replicas, voters) in [(5u32, vec![0, 1, 2, 3, 4]), (3, vec![0, 1, 2])] {
+        let asked = Instant::now();
         let values = json!({"podAddressTemplate": TEMPLATE, "shardmaster": {"replicas": replicas}});
         let out = env.helm(&[
             "upgrade",
@@ -768,7 +769,8 @@ async fn resize_the_shardmaster_by_helm_upgrade(
         )
         .await;
         log(&format!(
-            "shardmaster resized to {replicas} by helm upgrade ({:?})",
+            "shardmaster resized to {replicas} by helm upgrade in {:.1} s ({:?})",
+            asked.elapsed().as_secs_f64(),
             started.elapsed()
         ));
     }
