@@ -177,15 +177,11 @@ pub async fn identify_pods(addresses: &[String], group: &str) -> BTreeMap<u32, P
         .enumerate()
         .filter_map(|(ordinal, answer)| {
             let who = answer.ok()?.ok()?;
-            let not_member = who.role == "not-member";
             (who.group == group && who.id as usize == ordinal).then_some((
                 who.id,
                 PodIdentity {
                     incarnation: who.incarnation,
-                    // A new replica knows no epoch; a removed one knows the
-                    // one that removed it.
-                    waiting: not_member && who.epoch == 0,
-                    removed: not_member && who.epoch > 0,
+                    waiting: who.role == "not-member",
                 },
             ))
         })

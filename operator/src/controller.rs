@@ -87,24 +87,25 @@ impl Context {
 
 /// Runs the controllers (ReplicaGroups, and the shardmaster's size) until
 /// `shutdown` resolves.
+/// `shardmaster`: the shardmaster StatefulSet to resize (namespace, name),
+/// if any.
 pub async fn run(
     ctx: Arc<Context>,
     namespace: Option<String>,
+    shardmaster: Option<(String, String)>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let (groups, statefulsets, services, masters) = match &namespace {
+    let (groups, statefulsets, services) = match &namespace {
         Some(ns) => (
             Api::<ReplicaGroup>::namespaced(client.clone(), ns),
             Api::<StatefulSet>::namespaced(client.clone(), ns),
             Api::<Service>::namespaced(client.clone(), ns),
-            Api::<StatefulSet>::namespaced(client, ns),
         ),
         None => (
             Api::all(client.clone()),
             Api::all(client.clone()),
             Api::all(client.clone()),
-            Api::all(client),
         ),
     };
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
@@ -119,7 +120,15 @@ pub async fn run(
                 warn!("reconcile failed: {e}");
             }
         });
-    let shardmaster = Controller::new(masters, watcher::Config::default().labels(master::SELECTOR))
+    let Some((master_ns, master_name)) = shardmaster else {
+        replica_groups.await;
+        return;
+    };
+    // Only the one StatefulSet: another release's shardmaster is its own
+    // operator's.
+    let masters = Api::<StatefulSet>::namespaced(client, &master_ns);
+    let only = watcher::Config::default().fields(&format!("metadata.name={master_name}"));
+    let shardmaster = Controller::new(masters, only)
         .graceful_shutdown_on(shutdown)
         .run(master::reconcile, master_error_policy, ctx)
         .for_each(|result| async move {
@@ -721,8 +730,7 @@ pub(crate) async fn resize(
         ScaleStep::Settled
         | ScaleStep::WaitForLeader
         | ScaleStep::WaitForPod { .. }
-        | ScaleStep::WaitForCatchUp { .. }
-        | ScaleStep::RemovedMemberInTheWay { .. } => return Ok(false),
+        | ScaleStep::WaitForCatchUp { .. } => return Ok(false),
     };
     // The recorder folds events of one action and reason into one (a
     // count, the first note): each step is its own action, so that

@@ -549,13 +549,6 @@ fn scaled_condition(step: &ScaleStep, desired: u32, voters: u32) -> ConditionSta
             "WaitingForPod",
             format!("{progress}; waiting for pod {id} to start and answer"),
         ),
-        ScaleStep::RemovedMemberInTheWay { id } => (
-            "RemovedMemberInTheWay",
-            format!(
-                "{progress}; pod {id} holds the data of a member removed from the group, below \
-                 a member's pod: delete its volume claim and the pod, and it is added anew"
-            ),
-        ),
         ScaleStep::AddLearner { id, .. } => (
             "AddingMember",
             format!("{progress}; adding replica {id} as a learner"),

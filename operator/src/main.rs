@@ -28,8 +28,8 @@ struct Cli {
 enum Command {
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
-    /// Reconcile ReplicaGroups until SIGTERM.
-    Run(RunArgs),
+    /// Reconcile ReplicaGroups (and resize the shardmaster) until SIGTERM.
+    Run(Box<RunArgs>),
 }
 
 #[derive(clap::Args)]
@@ -67,6 +67,20 @@ struct RunArgs {
     identity: Option<String>,
     #[arg(long, env = "SHARDKV_OPERATOR_LEASE_SECONDS", default_value_t = 15)]
     lease_seconds: u64,
+    /// The shardmaster StatefulSet to resize, NAMESPACE/NAME: the chart
+    /// names its own release's. Its `shardkv.io/replicas` annotation says
+    /// the size asked for. Unset: the shardmaster is not resized.
+    #[arg(long, env = "SHARDKV_OPERATOR_SHARDMASTER", value_parser = parse_statefulset)]
+    shardmaster: Option<(String, String)>,
+}
+
+fn parse_statefulset(value: &str) -> Result<(String, String), String> {
+    match value.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_string(), name.to_string()))
+        }
+        _ => Err(format!("{value:?} is not NAMESPACE/NAME")),
+    }
 }
 
 #[tokio::main]
@@ -77,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", shardkv_operator::crd::crds_yaml());
             Ok(())
         }
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
     }
 }
 
@@ -122,7 +136,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
 
     if !args.leader_elect {
-        controller::run(ctx, args.namespace, stopped()).await;
+        controller::run(ctx, args.namespace, args.shardmaster, stopped()).await;
         return Ok(());
     }
     let lease_ns = args
@@ -140,7 +154,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = stopped() => return Ok(()),
     }
     tokio::select! {
-        _ = controller::run(ctx, args.namespace, stopped()) => Ok(()),
+        _ = controller::run(ctx, args.namespace, args.shardmaster, stopped()) => Ok(()),
         _ = elector.hold() => anyhow::bail!("lost the leader lease; exiting so that a restart rejoins as a follower"),
     }
 }

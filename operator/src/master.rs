@@ -28,8 +28,6 @@ use crate::scale::{self, ScaleInput, REPLICAS_MAX};
 
 /// The annotation with the size asked for, set by the chart.
 pub const REPLICAS_ANNOTATION: &str = "shardkv.io/replicas";
-/// The label selector of the StatefulSets this controller resizes.
-pub const SELECTOR: &str = "app.kubernetes.io/name=shardkv,app.kubernetes.io/component=shardmaster";
 /// The shardmaster's group name, as its replicas identify themselves.
 const GROUP: &str = "shardmaster";
 
@@ -78,11 +76,13 @@ pub fn asked(sts: &StatefulSet) -> Result<Option<Asked>, String> {
     Ok(Some(Asked { desired, possible }))
 }
 
-/// The shardmaster's disruption budget: a majority of its voters.
+/// The shardmaster's disruption budget: a majority of its voters. Named
+/// apart from the one the chart makes without the operator, so turning
+/// the operator on or off never has two owners for one object.
 pub fn pod_disruption_budget(sts: &StatefulSet, voters: u32) -> PodDisruptionBudget {
     PodDisruptionBudget {
         metadata: ObjectMeta {
-            name: Some(sts.name_any()),
+            name: Some(pdb_name(sts)),
             namespace: sts.namespace(),
             labels: sts.metadata.labels.clone(),
             owner_references: sts.controller_owner_ref(&()).map(|o| vec![o]),
@@ -98,6 +98,10 @@ pub fn pod_disruption_budget(sts: &StatefulSet, voters: u32) -> PodDisruptionBud
         }),
         ..PodDisruptionBudget::default()
     }
+}
+
+pub fn pdb_name(sts: &StatefulSet) -> String {
+    format!("{}-voters", sts.name_any())
 }
 
 /// The ConfigMap the shardmaster's pods read at start.
@@ -168,7 +172,13 @@ async fn reconcile_inner(sts: &StatefulSet, ctx: &Context) -> Result<Action, Err
     // Never back to "new" once the group has had a leader.
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     let cm_name = format!("{name}-cluster-state");
-    let was_existing = (config_maps.get_opt(&cm_name).await?).is_some_and(|cm| says_existing(&cm));
+    // Only this StatefulSet's: one of the same name deleted before may have
+    // left its ConfigMap behind.
+    let was_existing = (config_maps.get_opt(&cm_name).await?).is_some_and(|cm| {
+        let ours = (cm.metadata.owner_references.iter().flatten())
+            .any(|o| Some(&o.uid) == sts.metadata.uid.as_ref());
+        ours && says_existing(&cm)
+    });
     let existing = was_existing || membership.leader.is_some();
     config_maps
         .patch(
@@ -182,7 +192,7 @@ async fn reconcile_inner(sts: &StatefulSet, ctx: &Context) -> Result<Action, Err
     if voters > 0 {
         let pdb = pod_disruption_budget(sts, voters);
         match Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), &ns)
-            .patch(&name, &params, &Patch::Apply(&pdb))
+            .patch(&pdb_name(sts), &params, &Patch::Apply(&pdb))
             .await
         {
             Ok(_) => {}

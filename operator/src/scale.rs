@@ -58,12 +58,11 @@ impl MembershipView {
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct PodIdentity {
     pub incarnation: u64,
-    /// Not a member and knows no membership: a new replica waiting to be
-    /// added.
+    /// It says it is not a member: a new replica waiting to be added, a
+    /// new life of a member whose volume was lost, or a member removed
+    /// with its volume intact (added again as it is: its acceptor state
+    /// stopped at the change that removed it, so it is a slow member).
     pub waiting: bool,
-    /// Not a member, and knows the membership that removed it: its volume
-    /// holds a removed member's data, and is never added again as is.
-    pub removed: bool,
 }
 
 /// Everything [`plan`] looks at.
@@ -100,12 +99,6 @@ pub enum ScaleStep {
     WaitForLeader,
     /// Pod `id` exists but has not answered (or is recovering).
     WaitForPod {
-        id: u32,
-    },
-    /// Pod `id` holds a removed member's data below a member's pod, so the
-    /// StatefulSet cannot drop it: a person must delete its volume claim
-    /// and pod (it is then added anew).
-    RemovedMemberInTheWay {
         id: u32,
     },
     /// Pod `id` answers and is not a member: add it as a learner.
@@ -154,6 +147,21 @@ pub fn plan(input: &ScaleInput) -> ScaleStep {
     debug_assert!((1..=REPLICAS_MAX).contains(desired), "{desired}");
     if membership.leader.is_none() {
         return ScaleStep::WaitForLeader;
+    }
+    // A member's pod missing (the StatefulSet was shrunk by someone else):
+    // brought back before anything else, and its volume never taken for a
+    // removed pod's.
+    let above_members = membership
+        .members
+        .iter()
+        .map(|m| m.id + 1)
+        .max()
+        .unwrap_or(0);
+    if *statefulset < above_members {
+        return ScaleStep::Resize {
+            from: *statefulset,
+            to: above_members,
+        };
     }
     let keep = (*desired).min(*statefulset);
 
@@ -210,30 +218,17 @@ pub fn plan(input: &ScaleInput) -> ScaleStep {
             };
         }
     }
-    // Then the pods no member is on: those above the size, and those of
-    // removed members above every member (a scale-down reversed before its
-    // pods went), whose volumes must go before their ordinals are used again.
-    let above_members = membership
-        .members
-        .iter()
-        .map(|m| m.id + 1)
-        .max()
-        .unwrap_or(0);
-    let removed_above = pods
-        .iter()
-        .any(|(id, p)| p.removed && *id >= above_members && id < statefulset);
-    let needed = if removed_above {
-        above_members
-    } else {
-        above_members.max(*desired)
-    };
+    // Then the pods no member is on.
+    let needed = above_members.max(*desired);
     if *statefulset > needed {
         return ScaleStep::Resize {
             from: *statefulset,
             to: needed,
         };
     }
-    // Then their volumes, before any pod could start on one again.
+    // Then their volumes, before any pod could start on one again (never a
+    // member's: every member is below the size, checked above).
+    debug_assert!(stale_claims.iter().all(|o| membership.get(*o).is_none()));
     if !stale_claims.is_empty() {
         return ScaleStep::DeleteClaims {
             ordinals: stale_claims.clone(),
@@ -250,7 +245,6 @@ pub fn plan(input: &ScaleInput) -> ScaleStep {
                 id,
                 incarnation: pod.incarnation,
             },
-            Some(pod) if pod.removed => ScaleStep::RemovedMemberInTheWay { id },
             _ => ScaleStep::WaitForPod { id },
         };
     }
@@ -318,7 +312,6 @@ mod tests {
             PodIdentity {
                 incarnation,
                 waiting: true,
-                removed: false,
             },
         );
     }
@@ -456,51 +449,31 @@ mod tests {
     }
 
     /// 5 → 3 reversed to 5 after member 4 was removed but before its pod
-    /// went: pod 4 holds the removed member's data. It is dropped, its
-    /// volume deleted, and a fresh pod 4 added; never the old one.
+    /// went: pod 4 is added again as it is, a slow member (see
+    /// `a_removed_member_added_again_with_its_storage_keeps_agreement` in
+    /// the Paxos tests).
     #[test]
-    fn a_removed_members_pod_is_recycled_not_added_again() {
+    fn a_reversed_scale_down_adds_the_removed_member_back() {
         let mut state = input(5, 5, (0..4).map(voter).collect());
-        state.pods.insert(
-            4,
-            PodIdentity {
-                incarnation: 14,
-                removed: true,
-                ..PodIdentity::default()
-            },
-        );
-        assert_eq!(plan(&state), ScaleStep::Resize { from: 5, to: 4 });
-        state.statefulset = 4;
-        state.pods.remove(&4);
-        state.stale_claims = vec![4];
-        assert_eq!(plan(&state), ScaleStep::DeleteClaims { ordinals: vec![4] });
-        state.stale_claims.clear();
-        assert_eq!(plan(&state), ScaleStep::Resize { from: 4, to: 5 });
-        state.statefulset = 5;
-        waiting_pod(&mut state, 4, 99);
+        waiting_pod(&mut state, 4, 14);
         assert_eq!(
             plan(&state),
             ScaleStep::AddLearner {
                 id: 4,
-                incarnation: 99
+                incarnation: 14
             }
         );
     }
 
-    /// A removed member below another member's pod cannot be dropped by
-    /// the StatefulSet: said, not added again.
+    /// The StatefulSet shrunk by someone else below a member's pod: the pod
+    /// comes back first, and the member's volume is never deleted.
     #[test]
-    fn a_removed_member_below_another_is_reported() {
-        let mut state = input(3, 3, vec![voter(0), voter(2)]);
-        state.pods.insert(
-            1,
-            PodIdentity {
-                incarnation: 11,
-                removed: true,
-                ..PodIdentity::default()
-            },
-        );
-        assert_eq!(plan(&state), ScaleStep::RemovedMemberInTheWay { id: 1 });
+    fn a_members_pod_taken_away_is_brought_back_first() {
+        let state = input(3, 2, (0..3).map(voter).collect());
+        assert_eq!(plan(&state), ScaleStep::Resize { from: 2, to: 3 });
+        let mut bigger = input(5, 3, (0..5).map(voter).collect());
+        bigger.stale_claims = vec![3, 4];
+        assert_eq!(plan(&bigger), ScaleStep::Resize { from: 3, to: 5 });
     }
 
     #[test]

@@ -361,6 +361,8 @@ impl Operator {
         // The default 15 s lease: a shorter one can lapse on a loaded CI
         // machine, and the operator would rightly stop leading.
         .args(["--leader-elect", "--lease-namespace", NS])
+        // As the chart's Deployment names it.
+        .args(["--shardmaster", &format!("{NS}/{RELEASE}-master")])
         .args([
             "--identity",
             "operator-test",
