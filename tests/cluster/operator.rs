@@ -116,6 +116,26 @@ struct Pod {
     child: Child,
     addr: String,
     paused: bool,
+    /// How it was started, to start it again.
+    command: Vec<String>,
+    env: BTreeMap<String, String>,
+    log: PathBuf,
+}
+
+fn spawn_pod(command: &[String], env: &BTreeMap<String, String>, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(bin(&command[0]))
+        .args(&command[1..])
+        .envs(env)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start pod")
 }
 
 impl Drop for Pod {
@@ -195,21 +215,31 @@ impl Kubelet {
             let data = self.dir.join(&pod);
             std::fs::create_dir_all(&data).unwrap();
             env.insert("SHARDKV_DATA_DIR".into(), data.display().to_string());
-            let log = std::fs::File::create(self.dir.join(format!("{pod}.log"))).unwrap();
-            let child = Command::new(bin(&command[0]))
-                .args(&command[1..])
-                .envs(&env)
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("start pod");
+            let log = self.dir.join(format!("{pod}.log"));
+            let child = spawn_pod(&command, &env, &log);
             running.push(Pod {
                 child,
                 addr,
                 paused: false,
+                command: command.clone(),
+                env,
+                log,
             });
         }
+    }
+
+    /// Pod `ordinal` loses its volume: killed, its data directory wiped,
+    /// and started again on the blank directory, as a pod rescheduled onto
+    /// a new empty volume would be.
+    fn lose_volume(&self, sts: &str, ordinal: usize) {
+        let mut pods = self.pods.lock().unwrap();
+        let pod = &mut pods.get_mut(sts).expect("no such StatefulSet's pods")[ordinal];
+        let _ = pod.child.kill();
+        let _ = pod.child.wait();
+        let data = PathBuf::from(&pod.env["SHARDKV_DATA_DIR"]);
+        std::fs::remove_dir_all(&data).unwrap();
+        std::fs::create_dir_all(&data).unwrap();
+        pod.child = spawn_pod(&pod.command, &pod.env, &pod.log);
     }
 
     fn addrs(&self, sts: &str) -> Vec<(String, bool)> {
@@ -582,10 +612,12 @@ async fn await_scaled(
 
 /// g2 goes 3 → 5 → 3 through the scale subresource while a client writes,
 /// with the operator crashed right after adding a learner on the way up
-/// and right after removing a member on the way down. Every acknowledged
-/// write reads back; the removed pods' volume claims are deleted; the
-/// scale subresource reports the size and the pods' selector.
+/// and right after removing a member on the way down; then one pod loses
+/// its volume and the operator replaces the member it was. Every
+/// acknowledged write reads back; the removed pods' volume claims are
+/// deleted; the scale subresource reports the size and the pods' selector.
 async fn scale_a_group_under_writes(
+    kubelet: &Kubelet,
     admin: &Client,
     groups: &Api<ReplicaGroup>,
     op: &mut Operator,
@@ -681,6 +713,31 @@ async fn scale_a_group_under_writes(
             "no {reason} event"
         );
     }
+    // A pod loses its volume: the operator removes the member it was and
+    // adds the blank pod anew, a new incarnation.
+    let before = groups.get("g2").await.expect("g2").status.expect("status");
+    let old_life = (before.members.iter().find(|m| m.id == 1))
+        .expect("member 1")
+        .incarnation;
+    kubelet.lose_volume("g2", 1);
+    let replaced = Instant::now();
+    until("g2's member 1 replaced by its blank pod", op, || async {
+        let g = groups.get("g2").await.ok()?;
+        let status = g.status.as_ref()?;
+        let one = status.members.iter().find(|m| m.id == 1)?;
+        let settled = condition(&g, "Scaled")?.1 == "AtSize";
+        (settled && one.role != "learner" && one.incarnation != old_life).then_some(())
+    })
+    .await;
+    let notes = event_notes(admin, "g2", "MemberRemoved").await;
+    assert!(
+        notes.iter().any(|n| n.contains("blank volume")),
+        "{notes:?}"
+    );
+    log(&format!(
+        "g2's pod 1 lost its volume: replaced in {:.1} s",
+        replaced.elapsed().as_secs_f64()
+    ));
     let members = shardkv_cluster_tests::ctl(&masters(), &["member", "list", "2"], None);
     assert!(
         members.status.success(),
@@ -1015,7 +1072,7 @@ async fn operator_on_a_real_api_server() {
     .await;
     log(&format!("shards split ({:?})", started.elapsed()));
 
-    scale_a_group_under_writes(&admin, &groups, &mut op, &started).await;
+    scale_a_group_under_writes(&kubelet, &admin, &groups, &mut op, &started).await;
     resize_the_shardmaster_by_helm_upgrade(&env, &admin, &op, &started).await;
 
     // Invalid resources: the schema rejects some, the operator reports the
