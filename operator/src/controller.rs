@@ -86,9 +86,8 @@ impl Context {
 }
 
 /// Runs the controllers (ReplicaGroups, and the shardmaster's size) until
-/// `shutdown` resolves.
-/// `shardmaster`: the shardmaster StatefulSet to resize (namespace, name),
-/// if any.
+/// `shutdown` resolves. `shardmaster` names the shardmaster StatefulSet to
+/// resize (namespace, name), if any.
 pub async fn run(
     ctx: Arc<Context>,
     namespace: Option<String>,
@@ -392,7 +391,8 @@ async fn reconcile_inner(rg: &ReplicaGroup, ctx: &Context) -> Result<Action, Err
 
 /// What the reconcile needs beyond what [`decide`] looks at.
 struct Extra {
-    /// The group's size at creation (its StatefulSet's, or the spec's).
+    /// The group's size at creation: as the status recorded it, else as
+    /// its StatefulSet tells its pods, else (a new group) the spec's.
     initial_replicas: u32,
     /// The cluster-state ConfigMap says the group exists.
     existing: bool,
@@ -525,10 +525,9 @@ async fn apply_children(
     let name = rg.name_any();
     let params = PatchParams::apply(MANAGER).force();
     let created = observed.existing_replicas.is_none();
-    // First: the pods read it when they start. Never back to "new" once
-    // the group has had a leader.
-    // "existing" before the group takes its first write: at its first Join
-    // at the latest.
+    // First, since the pods read it when they start: "existing" once the
+    // group has had a leader, and at its first Join at the latest (before
+    // it takes a write); never back to "new".
     let had_leader = matches!(&observed.membership, Some(Ok(m)) if m.leader.is_some());
     let joined = observed.was_joined || observed.master.as_ref().is_ok_and(|m| m.joined);
     let existing = extra.existing || had_leader || joined || decision.step == Step::Join;
