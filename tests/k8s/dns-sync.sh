@@ -15,14 +15,14 @@ for p in json.load(sys.stdin)["items"]:
     ip, sub = st.get("podIP"), s.get("subdomain")
     if ip and sub:
         host = s.get("hostname", m["name"])
-        print(f"{ip} {host}.{sub}.{m[\"namespace\"]}.svc.cluster.local")
+        print("%s %s.%s.%s.svc.cluster.local" % (ip, host, sub, m["namespace"]))
 '
     kubectl --kubeconfig "$kubeconfig" get services -A -o json 2>/dev/null | python3 -c '
 import json, sys
 for svc in json.load(sys.stdin)["items"]:
     ip, m = svc["spec"].get("clusterIP"), svc["metadata"]
     if ip and ip != "None":
-        print(f"{ip} {m[\"name\"]}.{m[\"namespace\"]}.svc.cluster.local")
+        print("%s %s.%s.svc.cluster.local" % (ip, m["name"], m["namespace"]))
 '
   } >"$dir.tmp" && mv "$dir.tmp" "$dir/cluster"
   sleep 1

@@ -42,17 +42,17 @@ fi
 stop dockerd 20
 
 log "restoring the firewall and the sysctls"
-for table in filter nat mangle; do
-  for chain in $(iptables -t "$table" -S 2>/dev/null | awk '/^-N KUBE-|^-N DOCKER/ {print $2}'); do
-    iptables -t "$table" -F "$chain" 2>/dev/null
+# Every table back to empty, then to the snapshot taken before up.sh (an empty snapshot, as on
+# a host with no rules, restores nothing by itself: the kubelet's chains and Docker's FORWARD
+# DROP policy would stay).
+for table in filter nat mangle raw; do
+  iptables -t "$table" -F 2>/dev/null
+  iptables -t "$table" -X 2>/dev/null
+  for chain in $(iptables -t "$table" -S 2>/dev/null | awk '/^-P / {print $2}'); do
+    iptables -t "$table" -P "$chain" ACCEPT
   done
 done
 [[ -f $R/iptables.before ]] && iptables-restore <"$R/iptables.before"
-for table in filter nat mangle; do
-  for chain in $(iptables -t "$table" -S 2>/dev/null | awk '/^-N KUBE-|^-N DOCKER/ {print $2}'); do
-    iptables -t "$table" -X "$chain" 2>/dev/null
-  done
-done
 if [[ -f $R/sysctl.before ]]; then
   while IFS= read -r line; do sysctl -q -w "$line" >/dev/null; done <"$R/sysctl.before"
 fi
@@ -64,6 +64,7 @@ for root in /sys/fs/cgroup /sys/fs/cgroup/*; do
 done
 grep -q " /var/lib/kubelet" /proc/mounts && grep " /var/lib/kubelet" /proc/mounts | awk '{print $2}' | sort -r | xargs -r -n1 umount -l
 rm -rf /var/lib/kubelet /var/log/pods /var/log/containers /usr/libexec/kubernetes \
-  "$K8S_DIR/kubelet" "$K8S_DIR/dockershim" "$K8S_DIR/etcd-data" "$K8S_DIR/dns" "$R/apiserver-certs"
+  "$K8S_DIR/kubelet" "$K8S_DIR/dockershim" "$K8S_DIR/etcd-data" "$K8S_DIR/dns" "$K8S_DIR/volumes" \
+  "$R/apiserver-certs"
 rm -f "$R/up"
 log "down"

@@ -10,6 +10,7 @@
 # about 8 minutes on 2 cores, 17 with the apiserver. Needs root (apt-get).
 set -euo pipefail
 K8S_DIR=${K8S_DIR:-$HOME/.cache/shardkv-k8s}
+here=$(cd "$(dirname "$0")" && pwd)
 ENVTEST_DIR=${ENVTEST_DIR:-$HOME/.cache/shardkv-envtest}
 mkdir -p "$K8S_DIR/bin"
 log() { echo "k8s: $*" >&2; }
@@ -73,5 +74,5 @@ if [[ ! -x $K8S_DIR/bin/pause ]]; then
   log "the pause binary is missing: remove $K8S_DIR/bin/kubelet to rebuild"
   exit 1
 fi
-install -m 0755 "$(dirname "$0")/runc-nonneg-oom" "$K8S_DIR/bin/runc-nonneg-oom"
+install -m 0755 "$here/runc-nonneg-oom" "$K8S_DIR/bin/runc-nonneg-oom"
 log "ready: $K8S_DIR"

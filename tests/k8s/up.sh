@@ -100,7 +100,8 @@ start kube-proxy "$B/kube-proxy" --kubeconfig="$C/kube-proxy.kubeconfig" --proxy
   --cluster-cidr=10.200.0.0/24 --hostname-override=shardkv-node --bind-address=$IP \
   --healthz-bind-address=127.0.0.1:10256 --metrics-bind-address=127.0.0.1:10249 \
   --conntrack-max-per-core=0 --conntrack-tcp-timeout-established=0 --conntrack-tcp-timeout-close-wait=0
-start dnsmasq dnsmasq --keep-in-foreground --no-resolv --no-hosts --listen-address=$IP \
+# As root: it would drop to nobody, who cannot read a cache under /root.
+start dnsmasq dnsmasq --keep-in-foreground --user=root --log-facility=- --no-resolv --no-hosts --listen-address=$IP \
   --bind-interfaces --local=/cluster.local/ --hostsdir="$K8S_DIR/dns/hosts"
 start dns-sync "$here/dns-sync.sh" "$C/admin.kubeconfig" "$K8S_DIR/dns/hosts"
 ready() { "${K[@]}" get node shardkv-node -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' | grep -qx True; }
