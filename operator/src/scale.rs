@@ -324,25 +324,34 @@ mod tests {
         }
     }
 
-    /// 3 → 5 step by step, each step applied as the group would: a pod,
-    /// then a learner, then a voter, one member at a time.
-    #[test]
-    fn scaling_up_adds_one_pod_then_one_learner_then_promotes_it() {
-        let mut state = input(5, 3, (0..3).map(voter).collect());
+    /// Applies each planned step as the group and Kubernetes would, until
+    /// settled; returns the steps. A new pod answers with the incarnation
+    /// 100 + its ordinal, and a learner reports its lag one step after it
+    /// is added. Checks at every step that the group keeps a voter, that a
+    /// member is removed while its pod still runs, and that no member's pod
+    /// is dropped.
+    fn carry_out(state: &mut ScaleInput, steps_max: usize) -> Vec<ScaleStep> {
         let mut steps = Vec::new();
-        for _ in 0..20 {
-            let step = plan(&state);
+        for _ in 0..steps_max {
+            let step = plan(state);
             steps.push(step.clone());
-            match step {
-                ScaleStep::Settled => break,
-                ScaleStep::Resize { to, .. } => state.statefulset = to,
-                ScaleStep::WaitForPod { id } => waiting_pod(&mut state, id, 100 + id as u64),
+            match step.clone() {
+                ScaleStep::Settled => return steps,
+                ScaleStep::Resize { from, to } => {
+                    assert!(
+                        state.membership.members.iter().all(|m| m.id < to),
+                        "a member's pod would go: {steps:?}"
+                    );
+                    state.stale_claims.extend(to..from);
+                    state.statefulset = to;
+                }
+                ScaleStep::WaitForPod { id } => waiting_pod(state, id, 100 + id as u64),
                 ScaleStep::AddLearner { id, incarnation } => {
-                    assert_eq!(incarnation, 100 + id as u64);
                     state.membership.members.push(MemberView {
                         incarnation,
                         ..learner(id, None)
                     });
+                    state.membership.members.sort_by_key(|m| m.id);
                 }
                 ScaleStep::WaitForCatchUp { id, .. } => {
                     let m = state.membership.members.iter_mut().find(|m| m.id == id);
@@ -353,9 +362,29 @@ mod tests {
                     m.unwrap().voter = true;
                     state.pods.get_mut(&id).unwrap().waiting = false;
                 }
+                ScaleStep::Remove { id, .. } => {
+                    assert!(id < state.statefulset, "its pod still runs: {steps:?}");
+                    state.membership.members.retain(|m| m.id != id);
+                }
+                ScaleStep::DeleteClaims { ordinals } => {
+                    state.stale_claims.retain(|o| !ordinals.contains(o))
+                }
                 other => panic!("unexpected {other:?} after {steps:?}"),
             }
+            assert!(
+                state.membership.voters().count() >= 1,
+                "no voter left after {steps:?}"
+            );
         }
+        panic!("not settled after {steps_max} steps: {steps:?}");
+    }
+
+    /// 3 → 5 step by step: a pod, then a learner, then a voter, one member
+    /// at a time.
+    #[test]
+    fn scaling_up_adds_one_pod_then_one_learner_then_promotes_it() {
+        let mut state = input(5, 3, (0..3).map(voter).collect());
+        let steps = carry_out(&mut state, 20);
         use ScaleStep::*;
         let one_member = |id| {
             [
@@ -386,31 +415,7 @@ mod tests {
     #[test]
     fn scaling_down_removes_the_member_then_its_pod_then_its_volume() {
         let mut state = input(3, 5, (0..5).map(voter).collect());
-        let mut steps = Vec::new();
-        for _ in 0..20 {
-            let step = plan(&state);
-            steps.push(step.clone());
-            match step {
-                ScaleStep::Settled => break,
-                ScaleStep::Remove { id, reason } => {
-                    assert_eq!(reason, RemoveReason::Surplus);
-                    assert!(id < state.statefulset, "its pod still runs");
-                    state.membership.members.retain(|m| m.id != id);
-                }
-                ScaleStep::Resize { from, to } => {
-                    assert!(
-                        state.membership.members.iter().all(|m| m.id < to),
-                        "a member's pod would go"
-                    );
-                    state.stale_claims.extend(to..from);
-                    state.statefulset = to;
-                }
-                ScaleStep::DeleteClaims { ordinals } => {
-                    state.stale_claims.retain(|o| !ordinals.contains(o))
-                }
-                other => panic!("unexpected {other:?} after {steps:?}"),
-            }
-        }
+        let steps = carry_out(&mut state, 20);
         use ScaleStep::*;
         assert_eq!(
             steps,
@@ -553,43 +558,8 @@ mod tests {
         for from in 1..=REPLICAS_MAX {
             for to in 1..=REPLICAS_MAX {
                 let mut state = input(to, from, (0..from).map(voter).collect());
-                let mut last = None;
-                for _ in 0..100 {
-                    let step = plan(&state);
-                    match &step {
-                        ScaleStep::Settled => break,
-                        ScaleStep::Resize { to, .. } => {
-                            state.stale_claims.extend(*to..state.statefulset);
-                            state.statefulset = *to;
-                        }
-                        ScaleStep::WaitForPod { id } => waiting_pod(&mut state, *id, 500),
-                        ScaleStep::AddLearner { id, incarnation } => {
-                            state.membership.members.push(MemberView {
-                                incarnation: *incarnation,
-                                ..learner(*id, Some(0))
-                            });
-                            state.membership.members.sort_by_key(|m| m.id);
-                        }
-                        ScaleStep::Promote { id } => {
-                            let m = state.membership.members.iter_mut().find(|m| m.id == *id);
-                            m.unwrap().voter = true;
-                            state.pods.get_mut(id).unwrap().waiting = false;
-                        }
-                        ScaleStep::Remove { id, .. } => {
-                            state.membership.members.retain(|m| m.id != *id)
-                        }
-                        ScaleStep::DeleteClaims { ordinals } => {
-                            state.stale_claims.retain(|o| !ordinals.contains(o))
-                        }
-                        other => panic!("{from} → {to}: unexpected {other:?}"),
-                    }
-                    assert!(
-                        state.membership.voters().count() >= 1,
-                        "{from} → {to}: no voter left after {step:?}"
-                    );
-                    last = Some(step);
-                }
-                assert_eq!(plan(&state), ScaleStep::Settled, "{from} → {to}: {last:?}");
+                let steps = carry_out(&mut state, 100);
+                assert_eq!(plan(&state), ScaleStep::Settled, "{from} → {to}: {steps:?}");
                 let voters: Vec<u32> = state.membership.voters().map(|m| m.id).collect();
                 assert_eq!(voters, (0..to).collect::<Vec<_>>(), "{from} → {to}");
                 assert_eq!(state.statefulset, to);

@@ -543,6 +543,69 @@ async fn events_with_reason(client: &Client, object: &str, reason: &str) -> usiz
         .count()
 }
 
+/// Writes `{prefix}{i}` = `v{i}` for each `i`, each acknowledged.
+fn put_keys(prefix: &str, indices: impl IntoIterator<Item = usize>) {
+    for i in indices {
+        let out = ctl(
+            &masters(),
+            &["put", &format!("{prefix}{i}"), &format!("v{i}")],
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "put {prefix}{i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Reads back `{prefix}{i}` = `v{i}` for each `i`.
+fn read_back(prefix: &str, indices: impl IntoIterator<Item = usize>) {
+    for i in indices {
+        let out = ctl(&masters(), &["get", &format!("{prefix}{i}")], None);
+        assert!(
+            out.status.success(),
+            "{prefix}{i} lost: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("v{i}"));
+    }
+}
+
+/// Pod `id` of group `name` loses its volume; waits until the status
+/// shows member `id` as a voter of another incarnation, the group at its
+/// size.
+async fn lose_volume_and_await_replacement(
+    kubelet: &Kubelet,
+    groups: &Api<ReplicaGroup>,
+    op: &Operator,
+    name: &str,
+    id: u32,
+) {
+    let before = groups
+        .get(name)
+        .await
+        .expect("the group")
+        .status
+        .expect("status");
+    let old_life = (before.members.iter().find(|m| m.id == id))
+        .unwrap_or_else(|| panic!("{name} has no member {id}"))
+        .incarnation;
+    kubelet.lose_volume(name, id as usize);
+    until(
+        &format!("{name}'s member {id} replaced by its blank pod"),
+        op,
+        || async {
+            let g = groups.get(name).await.ok()?;
+            let status = g.status.as_ref()?;
+            let member = status.members.iter().find(|m| m.id == id)?;
+            let settled = condition(&g, "Scaled")?.1 == "AtSize";
+            (settled && member.role != "learner" && member.incarnation != old_life).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Writes keys `w0`, `w1`, ... one after another through `shardkvctl`
 /// until stopped; returns the keys whose write was acknowledged and the
 /// number of writes that failed.
@@ -715,20 +778,8 @@ async fn scale_a_group_under_writes(
     }
     // A pod loses its volume: the operator removes the member it was and
     // adds the blank pod anew, a new incarnation.
-    let before = groups.get("g2").await.expect("g2").status.expect("status");
-    let old_life = (before.members.iter().find(|m| m.id == 1))
-        .expect("member 1")
-        .incarnation;
-    kubelet.lose_volume("g2", 1);
     let replaced = Instant::now();
-    until("g2's member 1 replaced by its blank pod", op, || async {
-        let g = groups.get("g2").await.ok()?;
-        let status = g.status.as_ref()?;
-        let one = status.members.iter().find(|m| m.id == 1)?;
-        let settled = condition(&g, "Scaled")?.1 == "AtSize";
-        (settled && one.role != "learner" && one.incarnation != old_life).then_some(())
-    })
-    .await;
+    lose_volume_and_await_replacement(kubelet, groups, op, "g2", 1).await;
     let notes = event_notes(admin, "g2", "MemberRemoved").await;
     assert!(
         notes.iter().any(|n| n.contains("blank volume")),
@@ -752,15 +803,7 @@ async fn scale_a_group_under_writes(
         "only {} writes acknowledged",
         acked.len()
     );
-    for i in &acked {
-        let out = ctl(&masters(), &["get", &format!("w{i}")], None);
-        assert!(
-            out.status.success(),
-            "w{i} lost: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("v{i}"));
-    }
+    read_back("w", acked.iter().copied());
     log(&format!(
         "{} writes acknowledged during the resizes, all read back; {failed} failed",
         acked.len()
@@ -866,15 +909,7 @@ async fn resize_the_shardmaster_by_helm_upgrade(
     assert!(resized.len() >= 3, "{resized:?}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (acked, failed) = writes.join().expect("the writer");
-    for i in &acked {
-        let out = ctl(&masters(), &["get", &format!("w{i}")], None);
-        assert!(
-            out.status.success(),
-            "w{i} lost: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("v{i}"));
-    }
+    read_back("w", acked.iter().copied());
     log(&format!(
         "{} writes acknowledged during the shardmaster's resizes, all read back; {failed} failed",
         acked.len()
@@ -927,49 +962,14 @@ async fn grow_a_group_first_started_alone(
         Some("existing"),
         "a joined group exists"
     );
-    for i in 0..KEYS {
-        let out = ctl(
-            &masters(),
-            &["put", &format!("a{i}"), &format!("v{i}")],
-            None,
-        );
-        assert!(
-            out.status.success(),
-            "put: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    put_keys("a", 0..KEYS);
     scale(groups, "g4", 3).await;
     let voters = await_scaled(groups, &statefulsets, op, "g4", 3).await;
     assert_eq!(voters, [0, 1, 2]);
     log(&format!("g4 grew from 1 to 3 ({:?})", started.elapsed()));
 
-    let before = groups.get("g4").await.expect("g4").status.expect("status");
-    let old_life = (before.members.iter().find(|m| m.id == 0))
-        .expect("member 0")
-        .incarnation;
-    kubelet.lose_volume("g4", 0);
-    until(
-        "g4's first replica replaced by its blank pod",
-        op,
-        || async {
-            let g = groups.get("g4").await.ok()?;
-            let status = g.status.as_ref()?;
-            let first = status.members.iter().find(|m| m.id == 0)?;
-            let settled = condition(&g, "Scaled")?.1 == "AtSize";
-            (settled && first.role != "learner" && first.incarnation != old_life).then_some(())
-        },
-    )
-    .await;
-    for i in 0..KEYS {
-        let out = ctl(&masters(), &["get", &format!("a{i}")], None);
-        assert!(
-            out.status.success(),
-            "a{i} lost: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("v{i}"));
-    }
+    lose_volume_and_await_replacement(kubelet, groups, op, "g4", 0).await;
+    read_back("a", 0..KEYS);
     log(&format!(
         "g4's first pod lost its volume: replaced, every key readable ({:?})",
         started.elapsed()
@@ -1148,18 +1148,7 @@ async fn operator_on_a_real_api_server() {
         started.elapsed()
     ));
 
-    for i in 0..KEYS {
-        let out = ctl(
-            &masters(),
-            &["put", &format!("k{i}"), &format!("v{i}")],
-            None,
-        );
-        assert!(
-            out.status.success(),
-            "put: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    put_keys("k", 0..KEYS);
 
     // Group 2: the shards split.
     groups
@@ -1289,15 +1278,7 @@ async fn operator_on_a_real_api_server() {
     assert!(events_with_reason(&admin, "g1", "Drained").await > 0);
     // No garbage collector here: stop g1's pods as it would, then read back.
     kubelet.stop("g1");
-    for i in 0..KEYS {
-        let out = ctl(&masters(), &["get", &format!("k{i}")], None);
-        assert!(
-            out.status.success(),
-            "k{i} lost: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("v{i}"));
-    }
+    read_back("k", 0..KEYS);
     log(&format!(
         "g1 removed, every key readable ({:?})",
         started.elapsed()
